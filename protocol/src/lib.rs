@@ -1,0 +1,20 @@
+//! Sans-IO protocol layer of the gateway.
+//!
+//! Bytes (and, where it matters, time) go in; events and bytes come out. Nothing
+//! here opens a socket, reads a clock or spawns a task, so every behaviour can be
+//! tested and fuzzed without a network.
+//!
+//! - [`http`]: HTTP/1.1 request heads (httparse), request classification into
+//!   the gateway's endpoints, and the plain responses (errors, health).
+//! - [`ws`]: the RFC 6455 opening handshake, a streaming frame decoder that
+//!   unmasks in place, and a server frame encoder.
+//! - [`sse`]: Server-Sent Events encoding.
+//! - [`envelope`]: how one published message is written, once per transport
+//!   (WebSocket frame, SSE event, long-poll JSON), and the long-poll response.
+//! - [`limits`]: every default limit, with units in the names.
+
+pub mod envelope;
+pub mod http;
+pub mod limits;
+pub mod sse;
+pub mod ws;
