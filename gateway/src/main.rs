@@ -1,1 +1,219 @@
-fn main(){}
+//! The gateway binary: reads its configuration, opens one SO_REUSEPORT
+//! listener per core, starts one pinned monoio io_uring runtime per core and
+//! the ZeroMQ ingest thread, then prints one `READY …` line on stdout.
+
+mod config;
+mod conn;
+mod core;
+mod ingest;
+
+use std::io::{IsTerminal, Write};
+use std::net::SocketAddr;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::{mpsc, Arc};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use clap::Parser;
+use socket2::{Domain, Protocol, Socket, Type};
+use tracing::{error, info, warn};
+
+use crate::config::Config;
+use crate::core::Core;
+use crate::ingest::{CoreInbox, Message};
+
+/// Pending connections the kernel queues per listener before the core
+/// accepts them; reconnect storms arrive faster than one accept loop drains.
+const LISTEN_BACKLOG: i32 = 4096;
+
+fn main() {
+    let cfg = match config::Cli::parse().resolve() {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            eprintln!("gateway: {e}");
+            std::process::exit(2);
+        }
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(&cfg.log_level).unwrap_or_else(|e| {
+        eprintln!("gateway: bad log_level {:?}: {e}", cfg.log_level);
+        std::process::exit(2);
+    });
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_env_filter(filter)
+        .init();
+    if let Err(e) = run(Box::leak(Box::new(cfg))) {
+        error!("{e}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cfg: &'static Config) -> Result<(), String> {
+    raise_open_files_limit();
+    let cores = if cfg.cores == 0 {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    } else {
+        cfg.cores
+    };
+    let listeners = listeners(cfg.listen, cores).map_err(|e| format!("listen on {}: {e}", cfg.listen))?;
+    let listen_addr = listeners[0].local_addr().map_err(|e| e.to_string())?;
+
+    let ctx = zmq::Context::new();
+    let (sub, bound) = ingest::open(&ctx, cfg)?;
+
+    // Ids continue from the start time in microseconds, so they grow across
+    // restarts and a cursor from an earlier run is recognised as one (a gap),
+    // never mistaken for a position in this run.
+    let first_id = SystemTime::now().duration_since(UNIX_EPOCH).map_or(1, |d| d.as_micros() as u64);
+    let published_through = Arc::new(AtomicU64::new(first_id));
+    let conn_counts: Arc<[AtomicU64]> = (0..cores).map(|_| AtomicU64::new(0)).collect();
+    let cpu_ids = core_affinity::get_core_ids().unwrap_or_default();
+
+    let (ready_tx, ready_rx) = mpsc::channel::<Result<(), String>>();
+    let mut inboxes = Vec::with_capacity(cores);
+    let mut threads = Vec::with_capacity(cores);
+    for (index, listener) in listeners.into_iter().enumerate() {
+        let (tx, rx) = crossbeam_channel::bounded::<Arc<Message>>(cfg.core_queue_messages_max);
+        // SAFETY: eventfd returns a new descriptor or -1, checked below.
+        let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if efd < 0 {
+            return Err(format!("eventfd: {}", std::io::Error::last_os_error()));
+        }
+        // SAFETY: efd is a fresh descriptor owned by nothing else.
+        let doorbell = Arc::new(unsafe { OwnedFd::from_raw_fd(efd) });
+        let rung = Arc::new(AtomicBool::new(false));
+        inboxes.push(CoreInbox { tx, rung: rung.clone(), doorbell: doorbell.clone() });
+        let cpu = cpu_ids.get(index % cpu_ids.len().max(1)).copied();
+        let ready = ready_tx.clone();
+        let published = published_through.clone();
+        let counts = conn_counts.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("core-{index}"))
+            .spawn(move || {
+                if let Some(cpu) = cpu {
+                    if !core_affinity::set_for_current(cpu) {
+                        warn!(core = index, "could not pin thread to its CPU");
+                    }
+                }
+                let built = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+                    .with_entries(cfg.ring_entries)
+                    .enable_timer()
+                    .build();
+                let mut rt = match built {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = ready.send(Err(format!("core {index}: io_uring runtime: {e}")));
+                        return;
+                    }
+                };
+                rt.block_on(async move {
+                    let core = Rc::new(Core::new(index, cfg, first_id, published, counts));
+                    // monoio's listener must be made inside the runtime.
+                    let listener = match monoio::net::TcpListener::from_std(listener) {
+                        Ok(l) => l,
+                        Err(e) => {
+                            let _ = ready.send(Err(format!("core {index}: listener: {e}")));
+                            return;
+                        }
+                    };
+                    monoio::spawn(core::doorbell_loop(core.clone(), rx, rung, doorbell));
+                    monoio::spawn(core::sweep_loop(core.clone()));
+                    let _ = ready.send(Ok(()));
+                    drop(ready);
+                    accept_loop(core, listener).await;
+                });
+            })
+            .map_err(|e| format!("spawn core thread: {e}"))?;
+        threads.push(thread);
+    }
+    drop(ready_tx);
+    for _ in 0..cores {
+        match ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err("a core thread died during start-up".into()),
+        }
+    }
+
+    let ingest_thread = std::thread::Builder::new()
+        .name("ingest".into())
+        .spawn(move || {
+            let _ctx = ctx;
+            ingest::run(sub, cfg, inboxes, published_through)
+        })
+        .map_err(|e| format!("spawn ingest thread: {e}"))?;
+
+    info!(
+        listen = %listen_addr,
+        cores,
+        zmq_bind = bound.endpoint.as_deref().unwrap_or("-"),
+        zmq_connect = ?cfg.zmq_connect,
+        "gateway ready"
+    );
+    let mut stdout = std::io::stdout();
+    let _ = writeln!(stdout, "READY listen={listen_addr} zmq={}", bound.endpoint.as_deref().unwrap_or("-"));
+    let _ = stdout.flush();
+
+    let _ = ingest_thread.join();
+    for t in threads {
+        let _ = t.join();
+    }
+    Err("a core or the ingest thread stopped".into())
+}
+
+/// Accepts forever. The one `accept()` future is always awaited to
+/// completion: dropping a pending accept loses the connection the kernel
+/// has already handed to it.
+async fn accept_loop(core: Rc<Core>, listener: monoio::net::TcpListener) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _peer)) => {
+                monoio::spawn(conn::serve(core.clone(), stream));
+            }
+            Err(e) => {
+                // Out of descriptors or memory: back off briefly rather than
+                // spin; the kernel keeps the queue meanwhile.
+                warn!(core = core.index, error = %e, "accept failed");
+                monoio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// One listener per core on the same address (SO_REUSEPORT: the kernel
+/// spreads connections over them). Port 0 is resolved by the first bind and
+/// reused by the others.
+fn listeners(addr: SocketAddr, count: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
+    let mut addr = addr;
+    let mut out = Vec::with_capacity(count);
+    for _ in 0..count {
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        socket.set_reuse_address(true)?;
+        socket.set_reuse_port(true)?;
+        socket.set_nodelay(true)?;
+        socket.bind(&addr.into())?;
+        socket.listen(LISTEN_BACKLOG)?;
+        let listener: std::net::TcpListener = socket.into();
+        addr = listener.local_addr()?;
+        out.push(listener);
+    }
+    Ok(out)
+}
+
+/// Lifts the soft open-files limit to the hard one: each connection is a
+/// descriptor, and the soft default (often 1024) is far below what the host
+/// was tuned for.
+fn raise_open_files_limit() {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: get/setrlimit with a valid pointer to a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                warn!("could not raise the open files limit");
+            }
+        }
+    }
+}

@@ -4,6 +4,12 @@
 //! A partial head is a state ([`Parsed::Partial`]), not an error: the caller
 //! keeps the bytes and calls again with more.
 
+use std::borrow::Cow;
+
+use base64::Engine as _;
+
+use crate::limits;
+
 /// Limits applied while parsing a head. Defaults come from [`crate::limits`].
 #[derive(Debug, Clone, Copy)]
 pub struct HeadLimits {
@@ -15,7 +21,15 @@ pub struct HeadLimits {
 }
 
 impl Default for HeadLimits {
-    fn default() -> Self { todo!() }
+    fn default() -> Self {
+        HeadLimits {
+            head_bytes_max: limits::HEAD_BYTES_MAX,
+            headers_max: limits::HEADERS_MAX,
+            url_bytes_max: limits::URL_BYTES_MAX,
+            channel_name_bytes_max: limits::CHANNEL_NAME_BYTES_MAX,
+            channels_per_connection_max: limits::CHANNELS_PER_CONNECTION_MAX,
+        }
+    }
 }
 
 /// A cursor into the gateway's message sequence: "every message after this id".
@@ -33,9 +47,16 @@ pub enum Request {
     },
     /// `GET /events?channel=A` with `Accept: text/event-stream`; the resume
     /// point is the `Last-Event-ID` header, or a `since` query parameter.
-    Sse { channels: Vec<String>, last_event_id: Option<Cursor> },
+    Sse {
+        channels: Vec<String>,
+        last_event_id: Option<Cursor>,
+    },
     /// `GET /events?channel=A[&since=N]` without `Accept: text/event-stream`.
-    LongPoll { channels: Vec<String>, since: Option<Cursor>, keep_alive: bool },
+    LongPoll {
+        channels: Vec<String>,
+        since: Option<Cursor>,
+        keep_alive: bool,
+    },
     /// `GET /healthz`.
     Health { keep_alive: bool },
 }
@@ -88,11 +109,51 @@ pub enum Reject {
 
 impl Reject {
     /// The HTTP status code for this rule.
-    pub fn status(&self) -> u16 { todo!() }
+    pub fn status(&self) -> u16 {
+        match self {
+            Reject::HeadTooLarge | Reject::TooManyHeaders => 431,
+            Reject::UrlTooLong => 414,
+            Reject::NotFound => 404,
+            Reject::MethodNotAllowed => 405,
+            Reject::UnsupportedWebSocketVersion => 426,
+            Reject::MalformedHead
+            | Reject::BodyNotAllowed
+            | Reject::NotAnUpgrade
+            | Reject::BadWebSocketKey
+            | Reject::NoChannel
+            | Reject::TooManyChannels
+            | Reject::BadChannelName
+            | Reject::BadCursor
+            | Reject::BadQuery => 400,
+        }
+    }
+
     /// A short, stable, lowercase reason written in the response body and logs
     /// (e.g. "head too large").
-    pub fn reason(&self) -> &'static str { todo!() }
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Reject::MalformedHead => "malformed head",
+            Reject::HeadTooLarge => "head too large",
+            Reject::TooManyHeaders => "too many headers",
+            Reject::UrlTooLong => "url too long",
+            Reject::NotFound => "not found",
+            Reject::MethodNotAllowed => "method not allowed",
+            Reject::BodyNotAllowed => "body not allowed",
+            Reject::NotAnUpgrade => "not an upgrade",
+            Reject::UnsupportedWebSocketVersion => "unsupported websocket version",
+            Reject::BadWebSocketKey => "bad websocket key",
+            Reject::NoChannel => "no channel",
+            Reject::TooManyChannels => "too many channels",
+            Reject::BadChannelName => "bad channel name",
+            Reject::BadCursor => "bad cursor",
+            Reject::BadQuery => "bad query",
+        }
+    }
 }
+
+/// Header slots on the stack while parsing. `limits.headers_max` above this is
+/// capped to it (a head with more headers is refused as `TooManyHeaders`).
+const HEADER_SLOTS: usize = limits::HEADERS_MAX;
 
 /// Parses and classifies one request head at the start of `buf`.
 ///
@@ -101,22 +162,999 @@ impl Reject {
 /// Channel names are percent-decoded, then validated (1..=max bytes, charset
 /// [`crate::limits::CHANNEL_NAME_CHARSET`]); duplicates are removed keeping the
 /// first occurrence's order.
-pub fn parse_request(buf: &[u8], limits: &HeadLimits) -> Result<Parsed, Reject> { todo!() }
+pub fn parse_request(buf: &[u8], limits: &HeadLimits) -> Result<Parsed, Reject> {
+    // Only the first `head_bytes_max` bytes can hold an acceptable head, so
+    // httparse never looks further: this bounds the work per call however much
+    // the client sent.
+    let window = buf.get(..limits.head_bytes_max).unwrap_or(buf);
+
+    let mut slots = [httparse::EMPTY_HEADER; HEADER_SLOTS];
+    // Handing httparse exactly `headers_max` slots makes it enforce the limit.
+    let slots_used = limits.headers_max.min(HEADER_SLOTS);
+    let mut req = httparse::Request::new(&mut slots[..slots_used]);
+
+    let head_len = match req.parse(window) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => {
+            // The URL limit is checked before the size limit: it is the more
+            // precise answer when an over-long URL is what fills the head.
+            if partial_url_len(window, &req) > limits.url_bytes_max {
+                return Err(Reject::UrlTooLong);
+            }
+            // A head that has not ended within `head_bytes_max` bytes would be
+            // longer than that once it does end.
+            if buf.len() >= limits.head_bytes_max {
+                return Err(Reject::HeadTooLarge);
+            }
+            return Ok(Parsed::Partial);
+        }
+        Err(httparse::Error::TooManyHeaders) => return Err(Reject::TooManyHeaders),
+        Err(_) => return Err(Reject::MalformedHead),
+    };
+
+    // A complete parse fills method, path and version; treat anything else
+    // as malformed rather than trusting it.
+    let (Some(method), Some(target), Some(version)) = (req.method, req.path, req.version) else {
+        return Err(Reject::MalformedHead);
+    };
+    if target.len() > limits.url_bytes_max {
+        return Err(Reject::UrlTooLong);
+    }
+    let head = Head {
+        headers: req.headers,
+    };
+
+    let (path, query) = match target.split_once('?') {
+        Some((path, query)) => (path, query),
+        None => (target, ""),
+    };
+    let endpoint = match path {
+        "/ws" => Endpoint::WebSocket,
+        "/events" => Endpoint::Events,
+        "/healthz" => Endpoint::Health,
+        _ => return Err(Reject::NotFound),
+    };
+    if method != "GET" {
+        return Err(Reject::MethodNotAllowed);
+    }
+    if head.has_body() {
+        return Err(Reject::BodyNotAllowed);
+    }
+    let keep_alive = head.keep_alive(version);
+
+    let request = match endpoint {
+        Endpoint::Health => Request::Health { keep_alive },
+        Endpoint::WebSocket => {
+            // Order: upgrade headers, version, key, then the query (channels
+            // and cursor), so a non-WebSocket client learns that first.
+            if version != 1
+                || !head.has_token("upgrade", "websocket")
+                || !head.has_token("connection", "upgrade")
+            {
+                return Err(Reject::NotAnUpgrade);
+            }
+            match head.single("sec-websocket-version") {
+                Ok(Some(b"13")) => {}
+                _ => return Err(Reject::UnsupportedWebSocketVersion),
+            }
+            let key = match head.single("sec-websocket-key") {
+                Ok(Some(key)) if valid_websocket_key(key) => key,
+                _ => return Err(Reject::BadWebSocketKey),
+            };
+            let query = parse_query(query, limits)?;
+            Request::WebSocket {
+                channels: query.channels,
+                accept: crate::ws::accept_key(key),
+                since: query.since,
+            }
+        }
+        Endpoint::Events => {
+            let query = parse_query(query, limits)?;
+            let wants_stream = head
+                .values("accept")
+                .any(|v| contains_ignore_ascii_case(v, b"text/event-stream"));
+            if wants_stream {
+                let last_event_id = match head.single("last-event-id") {
+                    // Empty means "no id received yet": fall back to `since`.
+                    Ok(None) | Ok(Some(b"")) => query.since,
+                    Ok(Some(id)) => Some(parse_cursor(id).ok_or(Reject::BadCursor)?),
+                    Err(Repeated) => return Err(Reject::BadCursor),
+                };
+                Request::Sse {
+                    channels: query.channels,
+                    last_event_id,
+                }
+            } else {
+                Request::LongPoll {
+                    channels: query.channels,
+                    since: query.since,
+                    keep_alive,
+                }
+            }
+        }
+    };
+    Ok(Parsed::Complete { request, head_len })
+}
+
+/// The endpoints, before their specific checks.
+enum Endpoint {
+    WebSocket,
+    Events,
+    Health,
+}
+
+/// How many bytes of request target a partial head shows so far (0 if the
+/// request line has not reached the target yet). httparse fills `method` as
+/// soon as it is complete and `path` once the target is, so a target still
+/// being received is everything after the method and its space; httparse has
+/// already checked those bytes are URI characters, or it would have refused.
+fn partial_url_len(window: &[u8], req: &httparse::Request) -> usize {
+    if let Some(path) = req.path {
+        return path.len();
+    }
+    let Some(method) = req.method else {
+        return 0;
+    };
+    // `method` borrows from `window`; its offset accounts for any empty lines
+    // httparse skipped before the request line.
+    let method_end = (method.as_ptr() as usize)
+        .saturating_sub(window.as_ptr() as usize)
+        .saturating_add(method.len());
+    // +1 for the space after the method.
+    window.len().saturating_sub(method_end.saturating_add(1))
+}
+
+/// A header appeared more than once where only one is allowed.
+struct Repeated;
+
+/// The parsed headers, with the lookups the classification needs. Names are
+/// compared case-insensitively; values have optional whitespace trimmed.
+struct Head<'h, 'b> {
+    headers: &'h [httparse::Header<'b>],
+}
+
+impl<'b> Head<'_, 'b> {
+    /// Every value of header `name` (lowercase), in order.
+    fn values<'s>(&'s self, name: &'s str) -> impl Iterator<Item = &'b [u8]> + 's {
+        self.headers
+            .iter()
+            .filter(move |h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| trim_ows(h.value))
+    }
+
+    /// The value of a header that may appear at most once.
+    fn single(&self, name: &str) -> Result<Option<&'b [u8]>, Repeated> {
+        let mut values = self.values(name);
+        let first = values.next();
+        match values.next() {
+            Some(_) => Err(Repeated),
+            None => Ok(first),
+        }
+    }
+
+    /// Does any `name` header hold `token` in its comma-separated list
+    /// (case-insensitively)? E.g. `Connection: keep-alive, Upgrade`.
+    fn has_token(&self, name: &str, token: &str) -> bool {
+        self.values(name).any(|value| {
+            value
+                .split(|&b| b == b',')
+                .any(|t| trim_ows(t).eq_ignore_ascii_case(token.as_bytes()))
+        })
+    }
+
+    /// A body is announced by any Transfer-Encoding, or a Content-Length other
+    /// than 0 (an unparsable one included).
+    fn has_body(&self) -> bool {
+        self.values("transfer-encoding").next().is_some()
+            || self.values("content-length").any(|v| v != b"0")
+    }
+
+    /// HTTP/1.1 (`version` 1) keeps the connection by default, HTTP/1.0 does not.
+    fn keep_alive(&self, version: u8) -> bool {
+        if version == 1 {
+            !self.has_token("connection", "close")
+        } else {
+            self.has_token("connection", "keep-alive")
+        }
+    }
+}
+
+/// Strips optional whitespace (SP / HTAB, RFC 9110 §5.6.3) at both ends.
+fn trim_ows(mut s: &[u8]) -> &[u8] {
+    while let [b' ' | b'\t', rest @ ..] = s {
+        s = rest;
+    }
+    while let [rest @ .., b' ' | b'\t'] = s {
+        s = rest;
+    }
+    s
+}
+
+fn contains_ignore_ascii_case(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack
+        .windows(needle.len())
+        .any(|w| w.eq_ignore_ascii_case(needle))
+}
+
+/// RFC 6455 §4.2.1: the key is base64 of 16 bytes, i.e. 24 characters.
+fn valid_websocket_key(key: &[u8]) -> bool {
+    if key.len() != 24 {
+        return false;
+    }
+    // 24 base64 characters decode to at most 18 bytes.
+    let mut decoded = [0u8; 18];
+    matches!(
+        base64::engine::general_purpose::STANDARD.decode_slice(key, &mut decoded),
+        Ok(16)
+    )
+}
+
+/// The query parameters the endpoints use.
+struct Query {
+    channels: Vec<String>,
+    since: Option<Cursor>,
+}
+
+/// Reads `channel` (repeated, at least one) and `since` (at most once) from a
+/// query string; other parameters are ignored without being decoded.
+fn parse_query(query: &str, limits: &HeadLimits) -> Result<Query, Reject> {
+    let mut channels: Vec<String> = Vec::new();
+    let mut since = None;
+    for pair in query.split('&') {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        match key {
+            "channel" => {
+                let name = percent_decode_strict(value).ok_or(Reject::BadQuery)?;
+                if !valid_channel_name(name.as_bytes(), limits.channel_name_bytes_max) {
+                    return Err(Reject::BadChannelName);
+                }
+                if !channels.iter().any(|c| *c == *name) {
+                    // Refuse as soon as the limit is crossed, so a long query of
+                    // distinct names costs no more than the limit allows.
+                    if channels.len() >= limits.channels_per_connection_max {
+                        return Err(Reject::TooManyChannels);
+                    }
+                    channels.push(name.into_owned());
+                }
+            }
+            "since" => {
+                // Two resume points would be ambiguous.
+                if since.is_some() {
+                    return Err(Reject::BadCursor);
+                }
+                let value = percent_decode_strict(value).ok_or(Reject::BadQuery)?;
+                since = Some(parse_cursor(value.as_bytes()).ok_or(Reject::BadCursor)?);
+            }
+            _ => {}
+        }
+    }
+    if channels.is_empty() {
+        return Err(Reject::NoChannel);
+    }
+    Ok(Query { channels, since })
+}
+
+/// Percent-decodes `s`, refusing a `%` not followed by two hex digits (which
+/// `percent_decode` would pass through) and a result that is not UTF-8. `+` is
+/// kept as is: this is not form decoding.
+fn percent_decode_strict(s: &str) -> Option<Cow<'_, str>> {
+    let bytes = s.as_bytes();
+    for (i, _) in bytes.iter().enumerate().filter(|(_, &b)| b == b'%') {
+        match bytes.get(i + 1..i + 3) {
+            Some([a, b]) if a.is_ascii_hexdigit() && b.is_ascii_hexdigit() => {}
+            _ => return None,
+        }
+    }
+    percent_encoding::percent_decode(bytes).decode_utf8().ok()
+}
 
 /// Is `name` a valid channel name (length and charset)? Used by ingest too.
-pub fn valid_channel_name(name: &[u8], max_bytes: usize) -> bool { todo!() }
+pub fn valid_channel_name(name: &[u8], max_bytes: usize) -> bool {
+    !name.is_empty()
+        && name.len() <= max_bytes
+        && name.iter().all(|&b| {
+            b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':' | b'@' | b'/')
+        })
+}
 
 /// Parses a cursor (`since`, `Last-Event-ID`): a decimal u64, no sign, no
 /// spaces, at most 20 digits.
-pub fn parse_cursor(s: &[u8]) -> Option<Cursor> { todo!() }
+pub fn parse_cursor(s: &[u8]) -> Option<Cursor> {
+    if s.is_empty() || s.len() > 20 {
+        return None;
+    }
+    s.iter().try_fold(0u64, |acc, &b| {
+        if !b.is_ascii_digit() {
+            return None;
+        }
+        acc.checked_mul(10)?.checked_add(u64::from(b - b'0'))
+    })
+}
+
+/// The standard reason phrase for the statuses this module writes.
+fn status_line_reason(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        414 => "URI Too Long",
+        426 => "Upgrade Required",
+        431 => "Request Header Fields Too Large",
+        _ => "Error",
+    }
+}
 
 /// The complete response for a refused request: status line, `Content-Type:
 /// text/plain`, `Content-Length`, `Connection: close`, the extra header the
 /// rule needs (`Allow: GET`, `Sec-WebSocket-Version: 13`), and the reason plus
 /// "\n" as the body.
-pub fn reject_response(reject: &Reject) -> Vec<u8> { todo!() }
+pub fn reject_response(reject: &Reject) -> Vec<u8> {
+    let status = reject.status();
+    let reason = reject.reason();
+    let extra = match reject {
+        Reject::MethodNotAllowed => "Allow: GET\r\n",
+        Reject::UnsupportedWebSocketVersion => "Sec-WebSocket-Version: 13\r\n",
+        _ => "",
+    };
+    format!(
+        "HTTP/1.1 {status} {}\r\n\
+         Content-Type: text/plain\r\n\
+         Content-Length: {}\r\n\
+         Connection: close\r\n\
+         {extra}\r\n\
+         {reason}\n",
+        status_line_reason(status),
+        reason.len() + 1,
+    )
+    .into_bytes()
+}
 
 /// `200 OK` for `/healthz`, `Content-Type: application/json`, body
 /// `{"status":"ok","connections_per_core":[3,4]}` + "\n" (`Connection: close`
 /// when `!keep_alive`).
-pub fn health_response(connections_per_core: &[u64], keep_alive: bool) -> Vec<u8> { todo!() }
+pub fn health_response(connections_per_core: &[u64], keep_alive: bool) -> Vec<u8> {
+    let counts: Vec<String> = connections_per_core.iter().map(u64::to_string).collect();
+    let body = format!(
+        "{{\"status\":\"ok\",\"connections_per_core\":[{}]}}\n",
+        counts.join(",")
+    );
+    let connection = if keep_alive {
+        ""
+    } else {
+        "Connection: close\r\n"
+    };
+    format!(
+        "HTTP/1.1 200 OK\r\n\
+         Content-Type: application/json\r\n\
+         Content-Length: {}\r\n\
+         {connection}\r\n\
+         {body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// RFC 6455 §1.3's key and its accept value.
+    const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+    const ACCEPT: &str = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
+
+    fn ws_head(target: &str, extra: &str) -> String {
+        format!(
+            "GET {target} HTTP/1.1\r\nHost: example.com\r\nUpgrade: websocket\r\n\
+             Connection: Upgrade\r\nSec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n\
+             {extra}\r\n"
+        )
+    }
+
+    fn parse(head: &str) -> Result<Parsed, Reject> {
+        parse_request(head.as_bytes(), &HeadLimits::default())
+    }
+
+    /// Parses a head that must be complete, returning the request.
+    fn request(head: &str) -> Result<Request, Reject> {
+        match parse(head)? {
+            Parsed::Complete { request, head_len } => {
+                assert_eq!(head_len, head.len());
+                Ok(request)
+            }
+            Parsed::Partial => panic!("partial: {head:?}"),
+        }
+    }
+
+    fn channels(names: &[&str]) -> Vec<String> {
+        names.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn websocket_upgrade() {
+        let head = ws_head("/ws?channel=news&channel=sport&channel=news&since=41", "");
+        assert_eq!(
+            request(&head),
+            Ok(Request::WebSocket {
+                channels: channels(&["news", "sport"]),
+                accept: ACCEPT.to_string(),
+                since: Some(41),
+            })
+        );
+        // Bytes after the head are not part of it.
+        let mut buf = head.clone().into_bytes();
+        buf.extend_from_slice(&[0x81, 0x85, 1, 2, 3]);
+        let Ok(Parsed::Complete { head_len, .. }) = parse_request(&buf, &HeadLimits::default())
+        else {
+            panic!("not complete");
+        };
+        assert_eq!(head_len, head.len());
+    }
+
+    #[test]
+    fn websocket_header_variants_accepted() {
+        let head = "GET /ws?channel=a HTTP/1.1\r\nupgrade: WebSocket\r\n\
+                    connection: keep-alive, Upgrade\r\nsec-websocket-key:   {KEY}  \r\n\
+                    SEC-WEBSOCKET-VERSION: 13\r\n\r\n"
+            .replace("{KEY}", KEY);
+        assert!(
+            matches!(request(&head), Ok(Request::WebSocket { accept, .. }) if accept == ACCEPT)
+        );
+    }
+
+    #[test]
+    fn partial_head_byte_by_byte() {
+        let head = ws_head("/ws?channel=news", "");
+        for end in 0..head.len() {
+            assert_eq!(
+                parse(&head[..end]),
+                Ok(Parsed::Partial),
+                "prefix of {end} bytes"
+            );
+        }
+        assert_eq!(
+            parse(&head),
+            Ok(Parsed::Complete {
+                request: Request::WebSocket {
+                    channels: channels(&["news"]),
+                    accept: ACCEPT.to_string(),
+                    since: None,
+                },
+                head_len: head.len(),
+            })
+        );
+    }
+
+    #[test]
+    fn sse_and_longpoll() {
+        let sse = |extra: &str, query: &str| {
+            request(&format!(
+                "GET /events?{query} HTTP/1.1\r\nAccept: text/event-stream\r\n{extra}\r\n"
+            ))
+        };
+        let sse_ok = |names: &[&str], last_event_id| {
+            Ok(Request::Sse {
+                channels: channels(names),
+                last_event_id,
+            })
+        };
+        assert_eq!(sse("", "channel=a"), sse_ok(&["a"], None));
+        assert_eq!(sse("", "channel=a&since=5"), sse_ok(&["a"], Some(5)));
+        assert_eq!(
+            sse("Last-Event-ID: 9\r\n", "channel=a&since=5"),
+            sse_ok(&["a"], Some(9))
+        );
+        // Empty header: no cursor from it, `since` still counts.
+        assert_eq!(sse("Last-Event-ID:\r\n", "channel=a"), sse_ok(&["a"], None));
+        assert_eq!(
+            sse("Last-Event-ID: \r\n", "channel=a&since=5"),
+            sse_ok(&["a"], Some(5))
+        );
+        assert_eq!(
+            sse("Last-Event-ID: x\r\n", "channel=a"),
+            Err(Reject::BadCursor)
+        );
+        assert_eq!(
+            sse("Last-Event-ID: 1\r\nLast-Event-ID: 2\r\n", "channel=a"),
+            Err(Reject::BadCursor)
+        );
+        // Accept lists, any case.
+        assert_eq!(
+            request("GET /events?channel=a HTTP/1.1\r\nAccept: text/html, Text/Event-Stream;q=1\r\n\r\n"),
+            sse_ok(&["a"], None)
+        );
+
+        let cases = [
+            ("HTTP/1.1", "", true),
+            ("HTTP/1.1", "Connection: close\r\n", false),
+            ("HTTP/1.1", "Connection: Keep-Alive\r\n", true),
+            ("HTTP/1.0", "", false),
+            ("HTTP/1.0", "Connection: keep-alive\r\n", true),
+            ("HTTP/1.0", "Connection: foo, Keep-Alive\r\n", true),
+        ];
+        for (version, extra, keep_alive) in cases {
+            assert_eq!(
+                request(&format!(
+                    "GET /events?channel=x:y&since=0 {version}\r\n{extra}\r\n"
+                )),
+                Ok(Request::LongPoll {
+                    channels: channels(&["x:y"]),
+                    since: Some(0),
+                    keep_alive
+                }),
+                "{version} {extra:?}"
+            );
+            assert_eq!(
+                request(&format!("GET /healthz {version}\r\n{extra}\r\n")),
+                Ok(Request::Health { keep_alive }),
+                "{version} {extra:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn query_decoding() {
+        let lp = |query: &str| {
+            request(&format!("GET /events?{query} HTTP/1.1\r\n\r\n")).map(|r| match r {
+                Request::LongPoll {
+                    channels, since, ..
+                } => (channels, since),
+                other => panic!("{other:?}"),
+            })
+        };
+        assert_eq!(
+            lp("channel=a%2Fb&channel=%41"),
+            Ok((channels(&["a/b", "A"]), None))
+        );
+        assert_eq!(lp("x=%zz&&channel=a&=&y"), Ok((channels(&["a"]), None)));
+        assert_eq!(
+            lp("channel=a&since=%31%32"),
+            Ok((channels(&["a"]), Some(12)))
+        );
+        assert_eq!(
+            lp("channel=b&channel=a&channel=b"),
+            Ok((channels(&["b", "a"]), None))
+        );
+        assert_eq!(lp("channel=a+b"), Err(Reject::BadChannelName));
+        assert_eq!(lp("channel=a%20b"), Err(Reject::BadChannelName));
+        assert_eq!(lp("channel=a%zz"), Err(Reject::BadQuery));
+        assert_eq!(lp("channel=a%2"), Err(Reject::BadQuery));
+        assert_eq!(lp("channel=%FF"), Err(Reject::BadQuery));
+        assert_eq!(lp("channel=a&since=1&since=2"), Err(Reject::BadCursor));
+        assert_eq!(lp("channel=a&since=-1"), Err(Reject::BadCursor));
+        assert_eq!(lp("since=1"), Err(Reject::NoChannel));
+        let sixteen: Vec<String> = (0..16).map(|i| format!("channel=c{i}")).collect();
+        assert!(lp(&sixteen.join("&")).is_ok());
+        assert_eq!(
+            lp(&format!("{}&channel=c0", sixteen.join("&"))).map(|r| r.0.len()),
+            Ok(16)
+        );
+        assert_eq!(
+            lp(&format!("{}&channel=c16", sixteen.join("&"))),
+            Err(Reject::TooManyChannels)
+        );
+    }
+
+    #[test]
+    fn every_reject_with_status() {
+        let small = HeadLimits {
+            head_bytes_max: 64,
+            headers_max: 2,
+            url_bytes_max: 20,
+            ..HeadLimits::default()
+        };
+        let long_name = "a".repeat(129);
+        let cases: Vec<(&str, HeadLimits, String, Reject, u16)> = vec![
+            (
+                "bad token",
+                HeadLimits::default(),
+                "G(T / HTTP/1.1\r\n\r\n".into(),
+                Reject::MalformedHead,
+                400,
+            ),
+            (
+                "bad version",
+                HeadLimits::default(),
+                "GET /ws HTTP/2.0\r\n\r\n".into(),
+                Reject::MalformedHead,
+                400,
+            ),
+            (
+                "bad header",
+                HeadLimits::default(),
+                "GET /ws HTTP/1.1\r\nA B: c\r\n\r\n".into(),
+                Reject::MalformedHead,
+                400,
+            ),
+            (
+                "partial over the limit",
+                small,
+                format!("GET /healthz HTTP/1.1\r\nX: {}", "y".repeat(60)),
+                Reject::HeadTooLarge,
+                431,
+            ),
+            (
+                "complete over the limit",
+                small,
+                format!("GET /healthz HTTP/1.1\r\nX: {}\r\n\r\n", "y".repeat(40)),
+                Reject::HeadTooLarge,
+                431,
+            ),
+            (
+                "too many headers",
+                small,
+                "GET /healthz HTTP/1.1\r\nA: 1\r\nB: 2\r\nC: 3\r\n\r\n".into(),
+                Reject::TooManyHeaders,
+                431,
+            ),
+            (
+                "too many headers, default",
+                HeadLimits::default(),
+                format!("GET /healthz HTTP/1.1\r\n{}\r\n", "A: 1\r\n".repeat(49)),
+                Reject::TooManyHeaders,
+                431,
+            ),
+            (
+                "url too long",
+                small,
+                "GET /healthz?abcdefghijkl HTTP/1.1\r\n\r\n".into(),
+                Reject::UrlTooLong,
+                414,
+            ),
+            (
+                "url too long, partial",
+                small,
+                "GET /healthz?abcdefghijkl".into(),
+                Reject::UrlTooLong,
+                414,
+            ),
+            (
+                "url too long, partial, default",
+                HeadLimits::default(),
+                format!("GET /{}", "a".repeat(5000)),
+                Reject::UrlTooLong,
+                414,
+            ),
+            (
+                "not found",
+                HeadLimits::default(),
+                "GET /wss HTTP/1.1\r\n\r\n".into(),
+                Reject::NotFound,
+                404,
+            ),
+            (
+                "not found, prefix",
+                HeadLimits::default(),
+                "GET /ws/x HTTP/1.1\r\n\r\n".into(),
+                Reject::NotFound,
+                404,
+            ),
+            (
+                "post",
+                HeadLimits::default(),
+                "POST /events?channel=a HTTP/1.1\r\n\r\n".into(),
+                Reject::MethodNotAllowed,
+                405,
+            ),
+            (
+                "head",
+                HeadLimits::default(),
+                "HEAD /healthz HTTP/1.1\r\n\r\n".into(),
+                Reject::MethodNotAllowed,
+                405,
+            ),
+            (
+                "body",
+                HeadLimits::default(),
+                "GET /healthz HTTP/1.1\r\nContent-Length: 5\r\n\r\n".into(),
+                Reject::BodyNotAllowed,
+                400,
+            ),
+            (
+                "chunked",
+                HeadLimits::default(),
+                "GET /healthz HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n".into(),
+                Reject::BodyNotAllowed,
+                400,
+            ),
+            (
+                "no upgrade",
+                HeadLimits::default(),
+                "GET /ws?channel=a HTTP/1.1\r\nSec-WebSocket-Key: x\r\n\r\n".into(),
+                Reject::NotAnUpgrade,
+                400,
+            ),
+            (
+                "http/1.0 upgrade",
+                HeadLimits::default(),
+                ws_head("/ws?channel=a", "").replace("HTTP/1.1", "HTTP/1.0"),
+                Reject::NotAnUpgrade,
+                400,
+            ),
+            (
+                "connection without upgrade",
+                HeadLimits::default(),
+                ws_head("/ws?channel=a", "")
+                    .replace("Connection: Upgrade", "Connection: keep-alive"),
+                Reject::NotAnUpgrade,
+                400,
+            ),
+            (
+                "upgrade h2c",
+                HeadLimits::default(),
+                ws_head("/ws?channel=a", "").replace("Upgrade: websocket", "Upgrade: h2c"),
+                Reject::NotAnUpgrade,
+                400,
+            ),
+            (
+                "version 8",
+                HeadLimits::default(),
+                ws_head("/ws?channel=a", "").replace("Version: 13", "Version: 8"),
+                Reject::UnsupportedWebSocketVersion,
+                426,
+            ),
+            (
+                "no version",
+                HeadLimits::default(),
+                ws_head("/ws?channel=a", "").replace("Sec-WebSocket-Version: 13\r\n", ""),
+                Reject::UnsupportedWebSocketVersion,
+                426,
+            ),
+            (
+                "no key",
+                HeadLimits::default(),
+                ws_head("/ws?channel=a", "").replace(&format!("Sec-WebSocket-Key: {KEY}\r\n"), ""),
+                Reject::BadWebSocketKey,
+                400,
+            ),
+            (
+                "repeated key",
+                HeadLimits::default(),
+                ws_head("/ws?channel=a", &format!("Sec-WebSocket-Key: {KEY}\r\n")),
+                Reject::BadWebSocketKey,
+                400,
+            ),
+            (
+                "short key",
+                HeadLimits::default(),
+                ws_head("/ws?channel=a", "").replace(KEY, "dGhlIHNhbXBsZQ=="),
+                Reject::BadWebSocketKey,
+                400,
+            ),
+            (
+                "not base64",
+                HeadLimits::default(),
+                ws_head("/ws?channel=a", "").replace(KEY, "dGhlIHNhbXBsZSBub25jZ!=="),
+                Reject::BadWebSocketKey,
+                400,
+            ),
+            (
+                "no channel",
+                HeadLimits::default(),
+                ws_head("/ws", ""),
+                Reject::NoChannel,
+                400,
+            ),
+            (
+                "too many channels",
+                HeadLimits {
+                    channels_per_connection_max: 1,
+                    ..HeadLimits::default()
+                },
+                ws_head("/ws?channel=a&channel=b", ""),
+                Reject::TooManyChannels,
+                400,
+            ),
+            (
+                "empty channel",
+                HeadLimits::default(),
+                ws_head("/ws?channel=", ""),
+                Reject::BadChannelName,
+                400,
+            ),
+            (
+                "long channel",
+                HeadLimits::default(),
+                ws_head(&format!("/ws?channel={long_name}"), ""),
+                Reject::BadChannelName,
+                400,
+            ),
+            (
+                "bad cursor",
+                HeadLimits::default(),
+                ws_head("/ws?channel=a&since=18446744073709551616", ""),
+                Reject::BadCursor,
+                400,
+            ),
+            (
+                "bad query",
+                HeadLimits::default(),
+                ws_head("/ws?channel=%", ""),
+                Reject::BadQuery,
+                400,
+            ),
+        ];
+        for (name, limits, head, want, status) in cases {
+            assert_eq!(
+                parse_request(head.as_bytes(), &limits),
+                Err(want.clone()),
+                "{name}"
+            );
+            assert_eq!(want.status(), status, "{name}");
+        }
+    }
+
+    #[test]
+    fn header_count_at_the_limit_is_fine() {
+        let limits = HeadLimits {
+            headers_max: 2,
+            ..HeadLimits::default()
+        };
+        let head = "GET /healthz HTTP/1.1\r\nA: 1\r\nB: 2\r\n\r\n";
+        assert!(matches!(
+            parse_request(head.as_bytes(), &limits),
+            Ok(Parsed::Complete { .. })
+        ));
+        // A head of exactly head_bytes_max bytes is accepted; one byte short of
+        // complete at that size is refused.
+        let limits = HeadLimits {
+            head_bytes_max: head.len(),
+            ..HeadLimits::default()
+        };
+        assert!(matches!(
+            parse_request(head.as_bytes(), &limits),
+            Ok(Parsed::Complete { .. })
+        ));
+        let longer = head.replace("A: 1", "A: 12");
+        assert_eq!(
+            parse_request(&longer.as_bytes()[..head.len()], &limits),
+            Err(Reject::HeadTooLarge)
+        );
+        assert_eq!(
+            parse_request(longer.as_bytes(), &limits),
+            Err(Reject::HeadTooLarge)
+        );
+    }
+
+    #[test]
+    fn reject_responses() {
+        let text = |r: Reject| String::from_utf8(reject_response(&r)).unwrap();
+        assert_eq!(
+            text(Reject::MethodNotAllowed),
+            "HTTP/1.1 405 Method Not Allowed\r\nContent-Type: text/plain\r\nContent-Length: 19\r\n\
+             Connection: close\r\nAllow: GET\r\n\r\nmethod not allowed\n"
+        );
+        assert!(
+            text(Reject::UnsupportedWebSocketVersion).contains("\r\nSec-WebSocket-Version: 13\r\n")
+        );
+        let all = [
+            Reject::MalformedHead,
+            Reject::HeadTooLarge,
+            Reject::TooManyHeaders,
+            Reject::UrlTooLong,
+            Reject::NotFound,
+            Reject::MethodNotAllowed,
+            Reject::BodyNotAllowed,
+            Reject::NotAnUpgrade,
+            Reject::UnsupportedWebSocketVersion,
+            Reject::BadWebSocketKey,
+            Reject::NoChannel,
+            Reject::TooManyChannels,
+            Reject::BadChannelName,
+            Reject::BadCursor,
+            Reject::BadQuery,
+        ];
+        for r in all {
+            let response = text(r.clone());
+            let (head, body) = response.split_once("\r\n\r\n").unwrap();
+            assert!(
+                head.starts_with(&format!("HTTP/1.1 {} ", r.status())),
+                "{head}"
+            );
+            assert!(head.contains("\r\nConnection: close"), "{head}");
+            assert!(
+                head.contains(&format!("\r\nContent-Length: {}", body.len())),
+                "{head}"
+            );
+            assert_eq!(body, format!("{}\n", r.reason()));
+            assert!(r
+                .reason()
+                .bytes()
+                .all(|b| b == b' ' || b.is_ascii_lowercase()));
+        }
+    }
+
+    #[test]
+    fn health() {
+        let response = String::from_utf8(health_response(&[3, 4], true)).unwrap();
+        let body = "{\"status\":\"ok\",\"connections_per_core\":[3,4]}\n";
+        assert_eq!(
+            response,
+            format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+        );
+        let response = String::from_utf8(health_response(&[], false)).unwrap();
+        assert!(response.contains("\r\nConnection: close\r\n"));
+        assert!(response.ends_with("\r\n\r\n{\"status\":\"ok\",\"connections_per_core\":[]}\n"));
+    }
+
+    #[test]
+    fn cursors() {
+        let cases: &[(&[u8], Option<u64>)] = &[
+            (b"0", Some(0)),
+            (b"42", Some(42)),
+            (b"007", Some(7)),
+            (b"18446744073709551615", Some(u64::MAX)),
+            (b"18446744073709551616", None),
+            (b"99999999999999999999", None),
+            (b"000000000000000000001", None),
+            (b"", None),
+            (b"+1", None),
+            (b"-1", None),
+            (b" 1", None),
+            (b"1 ", None),
+            (b"1a", None),
+        ];
+        for (input, want) in cases {
+            assert_eq!(
+                parse_cursor(input),
+                *want,
+                "{:?}",
+                String::from_utf8_lossy(input)
+            );
+        }
+    }
+
+    #[test]
+    fn channel_names() {
+        let cases: &[(&[u8], bool)] = &[
+            (b"news", true),
+            (b"A-Z_a.z:0@9/x", true),
+            (b"", false),
+            (b"a b", false),
+            (b"a+b", false),
+            (b"a%2F", false),
+            (b"caf\xc3\xa9", false),
+            (b"a\0", false),
+        ];
+        for (name, want) in cases {
+            assert_eq!(valid_channel_name(name, 128), *want, "{name:?}");
+        }
+        assert!(valid_channel_name(&[b'a'; 128], 128));
+        assert!(!valid_channel_name(&[b'a'; 129], 128));
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic() {
+        let mut state: u64 = 0x2545_F491_4F6C_DD1D;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let seed = ws_head(
+            "/ws?channel=a%2Fb&since=1",
+            "Last-Event-ID: 3\r\nAccept: text/event-stream\r\n",
+        );
+        let limits = HeadLimits {
+            head_bytes_max: 200,
+            headers_max: 6,
+            url_bytes_max: 30,
+            ..HeadLimits::default()
+        };
+        for _ in 0..5000 {
+            // Mutate a few bytes of a valid head, and cut it anywhere.
+            let mut buf = seed.clone().into_bytes();
+            for _ in 0..(next() % 4) {
+                let i = (next() as usize) % buf.len();
+                buf[i] = next() as u8;
+            }
+            buf.truncate((next() as usize) % (buf.len() + 1));
+            let _ = parse_request(&buf, &HeadLimits::default());
+            let _ = parse_request(&buf, &limits);
+        }
+    }
+}

@@ -1,0 +1,297 @@
+//! Configuration: built-in defaults, then a TOML file, then command-line flags,
+//! each layer overriding the one before. Every limit has its unit in its name.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Parser;
+use protocol::limits;
+use serde::Deserialize;
+
+/// The whole configuration, as the TOML file spells it (every key optional).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Public listener for WebSocket, SSE, long-poll and /healthz.
+    pub listen: SocketAddr,
+    /// Runtimes (one per core, each pinned and with its own SO_REUSEPORT
+    /// listener); 0 means one per available CPU.
+    pub cores: usize,
+    /// io_uring submission queue entries per core. Readiness polls of idle
+    /// connections are re-armed through it, so a burst of activity on many
+    /// connections is submitted in fewer `io_uring_enter` calls with more.
+    pub ring_entries: u32,
+    /// Endpoint the ZeroMQ SUB socket binds for publishers to connect to;
+    /// empty means do not bind.
+    pub zmq_bind: String,
+    /// Publisher or forwarder endpoints the SUB socket connects to.
+    pub zmq_connect: Vec<String>,
+    /// ZeroMQ receive high-water mark (messages queued in libzmq before it drops).
+    pub zmq_rcvhwm_messages: i32,
+    /// Messages kept per channel for resume (SSE Last-Event-ID, long-poll
+    /// `since`, WebSocket `since`). Each costs one pointer per core; the
+    /// message bytes are shared.
+    pub history_messages: usize,
+    /// Channels whose history is kept; past this the oldest channel without
+    /// subscribers loses its history (resumes from it get the gap signal).
+    pub channels_max: usize,
+    /// How long a long-poll request is held before it is answered empty.
+    pub poll_timeout_ms: u64,
+    /// A request head must be complete within this time (slowloris).
+    pub head_timeout_ms: u64,
+    pub head_bytes_max: usize,
+    pub headers_max: usize,
+    pub url_bytes_max: usize,
+    pub channel_name_bytes_max: usize,
+    pub channels_per_connection_max: usize,
+    /// A WebSocket message from a client larger than this is closed with 1009.
+    pub ws_message_bytes_max: u64,
+    /// A published payload larger than this is dropped at ingest (and logged).
+    pub publish_payload_bytes_max: usize,
+    /// Bytes queued for one connection that its socket has not taken yet;
+    /// a client that lets more pile up is disconnected as a slow consumer.
+    pub outbound_queue_bytes_max: usize,
+    /// Messages in flight from the ingest thread to one core. When a core is
+    /// this far behind, ingest waits for it (and libzmq buffers, then drops).
+    pub core_queue_messages_max: usize,
+    /// Log filter (error, warn, info, debug, trace, or a tracing directive).
+    pub log_level: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            cores: 0,
+            ring_entries: 4096,
+            zmq_bind: "tcp://127.0.0.1:5560".to_string(),
+            zmq_connect: Vec::new(),
+            zmq_rcvhwm_messages: 100_000,
+            history_messages: 100,
+            channels_max: 100_000,
+            poll_timeout_ms: 30_000,
+            head_timeout_ms: 10_000,
+            head_bytes_max: limits::HEAD_BYTES_MAX,
+            headers_max: limits::HEADERS_MAX,
+            url_bytes_max: limits::URL_BYTES_MAX,
+            channel_name_bytes_max: limits::CHANNEL_NAME_BYTES_MAX,
+            channels_per_connection_max: limits::CHANNELS_PER_CONNECTION_MAX,
+            ws_message_bytes_max: limits::WS_MESSAGE_BYTES_MAX,
+            publish_payload_bytes_max: 1024 * 1024,
+            outbound_queue_bytes_max: 1024 * 1024,
+            core_queue_messages_max: 65_536,
+            log_level: "info".to_string(),
+        }
+    }
+}
+
+/// Real-time connection gateway: messages published over ZeroMQ are delivered
+/// to WebSocket, Server-Sent Events and long-poll clients.
+///
+/// Settings come from built-in defaults, then the TOML file given with
+/// --config (keys named like the flags, with underscores), then these flags.
+/// With no arguments it serves 127.0.0.1:8080 and binds tcp://127.0.0.1:5560
+/// for publishers.
+#[derive(Debug, Parser)]
+#[command(name = "gateway", version)]
+pub struct Cli {
+    /// TOML configuration file.
+    #[arg(short, long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Public listener address (WebSocket /ws, SSE and long-poll /events,
+    /// /healthz). Port 0 picks a free port, shared by every core. [default: 127.0.0.1:8080]
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+    /// Number of runtimes, one pinned per core; 0 = every available CPU. [default: 0]
+    #[arg(long, value_name = "N")]
+    pub cores: Option<usize>,
+    /// io_uring submission queue entries per core. [default: 4096]
+    #[arg(long, value_name = "N")]
+    pub ring_entries: Option<u32>,
+    /// ZeroMQ endpoint to bind for publishers (PUB sockets connect to it);
+    /// "" disables binding. A port of * picks a free one. [default: tcp://127.0.0.1:5560]
+    #[arg(long, value_name = "ENDPOINT")]
+    pub zmq_bind: Option<String>,
+    /// ZeroMQ publisher or forwarder endpoint to connect to; repeatable.
+    #[arg(long, value_name = "ENDPOINT")]
+    pub zmq_connect: Vec<String>,
+    /// ZeroMQ receive high-water mark, in messages. [default: 100000]
+    #[arg(long, value_name = "N")]
+    pub zmq_rcvhwm_messages: Option<i32>,
+    /// Messages kept per channel for resuming clients. [default: 100]
+    #[arg(long, value_name = "N")]
+    pub history_messages: Option<usize>,
+    /// Channels whose history is kept. [default: 100000]
+    #[arg(long, value_name = "N")]
+    pub channels_max: Option<usize>,
+    /// How long a long-poll request is held open, in milliseconds. [default: 30000]
+    #[arg(long, value_name = "MS")]
+    pub poll_timeout_ms: Option<u64>,
+    /// Time allowed for a request head to arrive, in milliseconds. [default: 10000]
+    #[arg(long, value_name = "MS")]
+    pub head_timeout_ms: Option<u64>,
+    /// Largest request head, in bytes (431 above). [default: 8192]
+    #[arg(long, value_name = "BYTES")]
+    pub head_bytes_max: Option<usize>,
+    /// Most request headers (431 above). [default: 48]
+    #[arg(long, value_name = "N")]
+    pub headers_max: Option<usize>,
+    /// Longest request target, in bytes (414 above). [default: 4096]
+    #[arg(long, value_name = "BYTES")]
+    pub url_bytes_max: Option<usize>,
+    /// Longest channel name, in bytes. [default: 128]
+    #[arg(long, value_name = "BYTES")]
+    pub channel_name_bytes_max: Option<usize>,
+    /// Most channels one connection subscribes to. [default: 16]
+    #[arg(long, value_name = "N")]
+    pub channels_per_connection_max: Option<usize>,
+    /// Largest WebSocket message a client may send, in bytes (closed 1009 above). [default: 65536]
+    #[arg(long, value_name = "BYTES")]
+    pub ws_message_bytes_max: Option<u64>,
+    /// Largest published payload, in bytes (dropped and logged above). [default: 1048576]
+    #[arg(long, value_name = "BYTES")]
+    pub publish_payload_bytes_max: Option<usize>,
+    /// Unsent bytes one connection may have queued before it is dropped as a
+    /// slow consumer. [default: 1048576]
+    #[arg(long, value_name = "BYTES")]
+    pub outbound_queue_bytes_max: Option<usize>,
+    /// Messages in flight from ingest to one core. [default: 65536]
+    #[arg(long, value_name = "N")]
+    pub core_queue_messages_max: Option<usize>,
+    /// Log level or tracing filter directive, e.g. "info" or "gateway=debug". [default: info]
+    #[arg(long, value_name = "FILTER")]
+    pub log_level: Option<String>,
+}
+
+impl Cli {
+    /// Defaults, overridden by the file, overridden by the flags.
+    pub fn resolve(self) -> Result<Config, String> {
+        let mut cfg = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| format!("reading {}: {e}", path.display()))?;
+                toml::from_str::<Config>(&text)
+                    .map_err(|e| format!("parsing {}: {e}", path.display()))?
+            }
+            None => Config::default(),
+        };
+        macro_rules! take {
+            ($($field:ident),*) => { $( if let Some(v) = self.$field { cfg.$field = v; } )* };
+        }
+        take!(
+            listen,
+            cores,
+            ring_entries,
+            zmq_bind,
+            zmq_rcvhwm_messages,
+            history_messages,
+            channels_max,
+            poll_timeout_ms,
+            head_timeout_ms,
+            head_bytes_max,
+            headers_max,
+            url_bytes_max,
+            channel_name_bytes_max,
+            channels_per_connection_max,
+            ws_message_bytes_max,
+            publish_payload_bytes_max,
+            outbound_queue_bytes_max,
+            core_queue_messages_max,
+            log_level
+        );
+        if !self.zmq_connect.is_empty() {
+            cfg.zmq_connect = self.zmq_connect;
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
+impl Config {
+    fn validate(&self) -> Result<(), String> {
+        if self.zmq_bind.is_empty() && self.zmq_connect.is_empty() {
+            return Err("no ZeroMQ endpoint: set zmq_bind or at least one zmq_connect".into());
+        }
+        let positive = [
+            ("history_messages", self.history_messages),
+            ("channels_max", self.channels_max),
+            ("head_bytes_max", self.head_bytes_max),
+            ("headers_max", self.headers_max),
+            ("url_bytes_max", self.url_bytes_max),
+            ("channel_name_bytes_max", self.channel_name_bytes_max),
+            ("channels_per_connection_max", self.channels_per_connection_max),
+            ("outbound_queue_bytes_max", self.outbound_queue_bytes_max),
+            ("core_queue_messages_max", self.core_queue_messages_max),
+        ];
+        for (name, value) in positive {
+            if value == 0 {
+                return Err(format!("{name} must be greater than 0"));
+            }
+        }
+        if self.headers_max > limits::HEADERS_MAX {
+            // Header slots are a fixed array on the parser's stack.
+            return Err(format!("headers_max must be at most {}", limits::HEADERS_MAX));
+        }
+        if self.ring_entries < 256 {
+            return Err("ring_entries must be at least 256".into());
+        }
+        if self.poll_timeout_ms == 0 || self.head_timeout_ms == 0 {
+            return Err("poll_timeout_ms and head_timeout_ms must be greater than 0".into());
+        }
+        Ok(())
+    }
+
+    pub fn head_limits(&self) -> protocol::http::HeadLimits {
+        protocol::http::HeadLimits {
+            head_bytes_max: self.head_bytes_max,
+            headers_max: self.headers_max,
+            url_bytes_max: self.url_bytes_max,
+            channel_name_bytes_max: self.channel_name_bytes_max,
+            channels_per_connection_max: self.channels_per_connection_max,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cli(args: &[&str]) -> Cli {
+        Cli::try_parse_from(std::iter::once("gateway").chain(args.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn defaults_make_a_single_host_gateway() {
+        let cfg = cli(&[]).resolve().unwrap();
+        assert_eq!(cfg.listen, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(cfg.zmq_bind, "tcp://127.0.0.1:5560");
+        assert!(cfg.zmq_connect.is_empty());
+    }
+
+    #[test]
+    fn flags_override_file_which_overrides_defaults() {
+        let dir = std::env::temp_dir().join(format!("gateway-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("gateway.toml");
+        std::fs::write(
+            &path,
+            "history_messages = 7\npoll_timeout_ms = 1234\nzmq_connect = [\"tcp://127.0.0.1:1\"]\n",
+        )
+        .unwrap();
+        let cfg = cli(&["-c", path.to_str().unwrap(), "--poll-timeout-ms", "99"])
+            .resolve()
+            .unwrap();
+        assert_eq!(cfg.history_messages, 7);
+        assert_eq!(cfg.poll_timeout_ms, 99);
+        assert_eq!(cfg.zmq_connect, vec!["tcp://127.0.0.1:1".to_string()]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn unknown_file_keys_and_bad_values_are_refused() {
+        assert!(toml::from_str::<Config>("no_such_key = 1").is_err());
+        assert!(cli(&["--zmq-bind", ""]).resolve().is_err());
+        assert!(cli(&["--history-messages", "0"]).resolve().is_err());
+        assert!(cli(&["--headers-max", "1000"]).resolve().is_err());
+    }
+}

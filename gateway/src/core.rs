@@ -1,0 +1,631 @@
+//! One core: a monoio io_uring runtime pinned to a CPU, its own SO_REUSEPORT
+//! listener, its connections, its channel registry and history, and the
+//! fan-out of the messages ingest hands it. Nothing here is shared with other
+//! cores except the inbound queue and the connection counter.
+
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, VecDeque};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::Waker;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use crossbeam_channel::Receiver;
+use indexmap::IndexSet;
+use slab::Slab;
+use tracing::{debug, warn};
+
+use crate::config::Config;
+use crate::ingest::Message;
+
+/// What a connection is doing, as far as fan-out is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// Reading a request head; not subscribed to anything.
+    Http,
+    WebSocket,
+    Sse,
+    /// A held long-poll request: the first message after its cursor answers it.
+    LongPoll,
+}
+
+/// Per-connection state the core keeps in its slab. Fan-out touches only
+/// this; the connection's task holds the rest (its socket, its decoder).
+pub struct Conn {
+    pub fd: RawFd,
+    pub transport: Transport,
+    /// Set when the socket failed, the client is too slow, or a deadline
+    /// passed: the task closes the connection at its next poll.
+    pub dead: bool,
+    /// The kernel refused part of the queue; the task waits for POLLOUT.
+    pub blocked: bool,
+    /// Already on this core's to-flush list for the current batch.
+    dirty: bool,
+    /// Long-poll: the answer is queued; no further messages are added.
+    pub poll_answered: bool,
+    /// Long-poll: the poll timeout passed before any message came.
+    pub poll_timed_out: bool,
+    /// Core clock second after which the sweep acts (0 = no deadline).
+    pub deadline_s: u32,
+    /// Bytes of `queue.front()` the kernel has already taken.
+    sent_of_front: u32,
+    /// Bytes queued and not yet sent.
+    pub queued_bytes: u32,
+    /// Messages with an id at or below this are not delivered: the client
+    /// already has them (it resumed from this cursor, which may be ahead of
+    /// this core by a message still in flight from ingest).
+    pub skip_through: u64,
+    /// Frames waiting for the socket. Shared `Bytes`, never copies. Empty
+    /// (and unallocated) for an idle connection.
+    pub queue: VecDeque<Bytes>,
+    pub waker: Option<Waker>,
+    /// Registry ids of the channels it is subscribed to.
+    pub channels: Box<[u32]>,
+}
+
+/// The per-connection byte budget of the core's slab entry. Raising it costs
+/// memory on every connection of the host; say why in the commit.
+const CONN_BYTES_MAX: usize = 128;
+const _: () = assert!(std::mem::size_of::<Conn>() <= CONN_BYTES_MAX);
+
+impl Conn {
+    fn new(fd: RawFd) -> Conn {
+        Conn {
+            fd,
+            transport: Transport::Http,
+            dead: false,
+            blocked: false,
+            dirty: false,
+            poll_answered: false,
+            poll_timed_out: false,
+            deadline_s: 0,
+            sent_of_front: 0,
+            queued_bytes: 0,
+            skip_through: 0,
+            queue: VecDeque::new(),
+            waker: None,
+            channels: Box::new([]),
+        }
+    }
+
+    pub fn wake(&mut self) {
+        if let Some(w) = self.waker.take() {
+            w.wake();
+        }
+    }
+
+    /// Queues bytes; a connection over its outbound budget is marked dead.
+    pub fn push(&mut self, frame: Bytes, bytes_max: usize) {
+        let total = self.queued_bytes as usize + frame.len();
+        if total > bytes_max {
+            if !self.dead {
+                warn!(fd = self.fd, queued_bytes = total, "slow consumer: outbound queue over its limit, closing");
+                self.dead = true;
+                self.wake();
+            }
+            return;
+        }
+        self.queued_bytes = total as u32;
+        self.queue.push_back(frame);
+    }
+
+    /// Writes as much of the queue as the socket takes now, in one `sendmsg`
+    /// per 64 frames. Never blocks: the accepted socket is in blocking mode
+    /// (io_uring), so every call passes MSG_DONTWAIT.
+    pub fn flush(&mut self) {
+        const IOV_MAX: usize = 64;
+        while !self.dead {
+            if self.queue.is_empty() {
+                self.blocked = false;
+                return;
+            }
+            let mut iov = [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; IOV_MAX];
+            let mut n = 0;
+            let mut total = 0;
+            for (i, frame) in self.queue.iter().take(IOV_MAX).enumerate() {
+                let skip = if i == 0 { self.sent_of_front as usize } else { 0 };
+                iov[i] = libc::iovec {
+                    iov_base: frame[skip..].as_ptr() as *mut libc::c_void,
+                    iov_len: frame.len() - skip,
+                };
+                total += frame.len() - skip;
+                n += 1;
+            }
+            // SAFETY: msghdr is plain data; zeroed is a valid empty header.
+            let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+            msg.msg_iov = iov.as_mut_ptr();
+            msg.msg_iovlen = n;
+            // SAFETY: the iovecs point into `Bytes` held by `self.queue`,
+            // which is not touched until the call returns.
+            let sent = unsafe {
+                libc::sendmsg(self.fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+            };
+            if sent < 0 {
+                let err = std::io::Error::last_os_error();
+                match err.kind() {
+                    std::io::ErrorKind::Interrupted => continue,
+                    std::io::ErrorKind::WouldBlock => self.blocked = true,
+                    _ => {
+                        debug!(fd = self.fd, error = %err, "send failed");
+                        self.dead = true;
+                    }
+                }
+                self.wake();
+                return;
+            }
+            self.advance(sent as usize);
+            if (sent as usize) < total {
+                // A short write: the socket buffer is full. The task waits
+                // for POLLOUT and calls flush again.
+                self.blocked = true;
+                self.wake();
+                return;
+            }
+        }
+    }
+
+    fn advance(&mut self, mut sent: usize) {
+        self.queued_bytes -= sent as u32;
+        while sent > 0 {
+            let front_left = self.queue[0].len() - self.sent_of_front as usize;
+            if sent >= front_left {
+                sent -= front_left;
+                self.queue.pop_front();
+                self.sent_of_front = 0;
+            } else {
+                self.sent_of_front += sent as u32;
+                sent = 0;
+            }
+        }
+    }
+}
+
+/// A channel as one core sees it: its local subscribers and its history.
+struct Channel {
+    name: Box<str>,
+    subscribers: IndexSet<u32>,
+    history: VecDeque<Arc<Message>>,
+    /// Highest id this channel's history has let go of: a cursor below it
+    /// cannot be served completely.
+    evicted_through: u64,
+}
+
+/// Channel name → local subscribers and history, for one core.
+pub struct Registry {
+    ids: HashMap<Box<str>, u32>,
+    channels: Slab<Channel>,
+    /// Channel ids in creation order, for evicting whole channels past
+    /// `channels_max`.
+    age: VecDeque<u32>,
+    /// Highest id of any message whose channel was evicted from the table, or
+    /// that was published before this process started: a cursor at or below
+    /// it on an unknown channel cannot be trusted.
+    forgotten_through: u64,
+}
+
+/// What a resuming client gets: messages after its cursor, and the channels
+/// whose history no longer reaches back to it.
+pub struct Resume {
+    pub messages: Vec<Arc<Message>>,
+    pub gaps: Vec<Box<str>>,
+}
+
+impl Registry {
+    fn new(first_id: u64) -> Registry {
+        Registry {
+            ids: HashMap::new(),
+            channels: Slab::new(),
+            age: VecDeque::new(),
+            forgotten_through: first_id,
+        }
+    }
+
+    fn id_of(&mut self, name: &str, channels_max: usize) -> u32 {
+        if let Some(&id) = self.ids.get(name) {
+            return id;
+        }
+        if self.channels.len() >= channels_max {
+            self.evict_one();
+        }
+        let id = self.channels.insert(Channel {
+            name: name.into(),
+            subscribers: IndexSet::new(),
+            history: VecDeque::new(),
+            evicted_through: 0,
+        }) as u32;
+        self.ids.insert(name.into(), id);
+        self.age.push_back(id);
+        id
+    }
+
+    /// Drops the oldest channel that has no subscribers. Bounded: looks at
+    /// each channel at most once.
+    fn evict_one(&mut self) {
+        for _ in 0..self.age.len() {
+            let Some(id) = self.age.pop_front() else { return };
+            let Some(ch) = self.channels.get(id as usize) else { continue };
+            if ch.subscribers.is_empty() {
+                self.remove(id);
+                return;
+            }
+            self.age.push_back(id);
+        }
+    }
+
+    fn remove(&mut self, id: u32) {
+        let ch = self.channels.remove(id as usize);
+        let last = ch.history.back().map_or(ch.evicted_through, |m| m.id);
+        self.forgotten_through = self.forgotten_through.max(last);
+        self.ids.remove(&ch.name);
+        self.age.retain(|&a| a != id);
+    }
+
+    /// Subscribes `conn` to `names` and returns what it missed after `since`.
+    /// Runs without yielding, so no message can slip between the history it
+    /// replays and the live messages that follow.
+    pub fn subscribe(
+        &mut self,
+        conn: u32,
+        names: &[String],
+        since: Option<u64>,
+        published_through: u64,
+        channels_max: usize,
+        replay_max: usize,
+    ) -> (Box<[u32]>, Resume) {
+        let mut ids = Vec::with_capacity(names.len());
+        let mut resume = Resume { messages: Vec::new(), gaps: Vec::new() };
+        for name in names {
+            let known = self.ids.contains_key(name.as_str());
+            let id = self.id_of(name, channels_max);
+            let ch = &mut self.channels[id as usize];
+            ch.subscribers.insert(conn);
+            ids.push(id);
+            let Some(since) = since else { continue };
+            // A cursor from the future (another process, an earlier run) or
+            // from before what this core remembers is a gap, never a guess.
+            let gap = since > published_through
+                || ch.evicted_through > since
+                || (!known && self.forgotten_through > since);
+            if gap {
+                resume.gaps.push(name.as_str().into());
+            }
+            resume.messages.extend(ch.history.iter().filter(|m| m.id > since).cloned());
+        }
+        // Several channels: deliver in id order, as live delivery would.
+        resume.messages.sort_by_key(|m| m.id);
+        resume.messages.truncate(replay_max);
+        (ids.into_boxed_slice(), resume)
+    }
+
+    pub fn unsubscribe(&mut self, conn: u32, channels: &[u32]) {
+        for &id in channels {
+            let Some(ch) = self.channels.get_mut(id as usize) else { continue };
+            ch.subscribers.swap_remove(&conn);
+            // A channel nobody listens to and nothing was published on would
+            // otherwise let clients grow the table with made-up names.
+            if ch.subscribers.is_empty() && ch.history.is_empty() && ch.evicted_through == 0 {
+                self.remove(id);
+            }
+        }
+    }
+}
+
+/// Everything one core owns. Lives in an `Rc`: only this core's thread sees it.
+pub struct Core {
+    pub index: usize,
+    pub cfg: &'static Config,
+    pub conns: RefCell<Slab<Conn>>,
+    pub registry: RefCell<Registry>,
+    /// The receive buffer every connection of this core reads into, right
+    /// after readiness: idle connections hold no read buffer of their own.
+    pub scratch: RefCell<Box<[u8]>>,
+    /// Highest message id this core has processed.
+    pub last_id: Cell<u64>,
+    /// Highest id ingest has assigned (all cores).
+    pub published_through: Arc<AtomicU64>,
+    pub conn_counts: Arc<[AtomicU64]>,
+    started: Instant,
+    /// Connections with frames queued by the current batch.
+    dirty: RefCell<Vec<u32>>,
+}
+
+/// Size of the per-core receive buffer.
+const SCRATCH_BYTES: usize = 64 * 1024;
+/// Messages handled before the dispatcher yields to connection tasks.
+const DISPATCH_BATCH_MESSAGES: usize = 256;
+
+impl Core {
+    pub fn new(
+        index: usize,
+        cfg: &'static Config,
+        first_id: u64,
+        published_through: Arc<AtomicU64>,
+        conn_counts: Arc<[AtomicU64]>,
+    ) -> Core {
+        Core {
+            index,
+            cfg,
+            conns: RefCell::new(Slab::new()),
+            registry: RefCell::new(Registry::new(first_id)),
+            scratch: RefCell::new(vec![0u8; SCRATCH_BYTES].into_boxed_slice()),
+            last_id: Cell::new(first_id),
+            published_through,
+            conn_counts,
+            started: Instant::now(),
+            dirty: RefCell::new(Vec::new()),
+        }
+    }
+
+    /// Seconds since this core started: the coarse clock of deadlines.
+    pub fn now_s(&self) -> u32 {
+        self.started.elapsed().as_secs() as u32
+    }
+
+    pub fn deadline_after_ms(&self, ms: u64) -> u32 {
+        // Rounded up so a deadline never fires early; +1 because the sweep
+        // runs once a second.
+        self.now_s().saturating_add(ms.div_ceil(1000) as u32).max(1)
+    }
+
+    pub fn register(&self, fd: RawFd) -> u32 {
+        self.conn_counts[self.index].fetch_add(1, Ordering::Relaxed);
+        self.conns.borrow_mut().insert(Conn::new(fd)) as u32
+    }
+
+    pub fn deregister(&self, key: u32) {
+        let conn = self.conns.borrow_mut().remove(key as usize);
+        self.registry.borrow_mut().unsubscribe(key, &conn.channels);
+        self.conn_counts[self.index].fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Takes one batch of messages from ingest, appends them to the history
+    /// and queues them on every local subscriber, then writes each touched
+    /// connection once.
+    fn dispatch(&self, rx: &Receiver<Arc<Message>>) -> usize {
+        let cfg = self.cfg;
+        let mut handled = 0;
+        let mut registry = self.registry.borrow_mut();
+        let mut conns = self.conns.borrow_mut();
+        let mut dirty = self.dirty.borrow_mut();
+        while handled < DISPATCH_BATCH_MESSAGES {
+            let Ok(msg) = rx.try_recv() else { break };
+            handled += 1;
+            self.last_id.set(msg.id);
+            let id = registry.id_of(&msg.channel, cfg.channels_max);
+            let ch = &mut registry.channels[id as usize];
+            if ch.history.len() >= cfg.history_messages {
+                if let Some(old) = ch.history.pop_front() {
+                    ch.evicted_through = old.id;
+                }
+            }
+            ch.history.push_back(msg.clone());
+            for &key in &ch.subscribers {
+                let Some(conn) = conns.get_mut(key as usize) else { continue };
+                if msg.id <= conn.skip_through || conn.dead {
+                    continue;
+                }
+                let frame = match conn.transport {
+                    Transport::WebSocket => msg.ws.clone(),
+                    Transport::Sse => msg.sse.clone(),
+                    Transport::LongPoll if !conn.poll_answered => {
+                        conn.poll_answered = true;
+                        conn.wake();
+                        msg.poll_response.clone()
+                    }
+                    Transport::LongPoll | Transport::Http => continue,
+                };
+                conn.push(frame, cfg.outbound_queue_bytes_max);
+                if !conn.dirty {
+                    conn.dirty = true;
+                    dirty.push(key);
+                }
+            }
+        }
+        for key in dirty.drain(..) {
+            if let Some(conn) = conns.get_mut(key as usize) {
+                conn.dirty = false;
+                if !conn.blocked {
+                    conn.flush();
+                }
+            }
+        }
+        handled
+    }
+
+    /// Once a second: expire deadlines. One pass over the slab instead of a
+    /// timer per connection (a monoio timer costs more than the connection).
+    fn sweep(&self) {
+        let now = self.now_s();
+        for (_, conn) in self.conns.borrow_mut().iter_mut() {
+            if conn.deadline_s == 0 || conn.deadline_s > now {
+                continue;
+            }
+            conn.deadline_s = 0;
+            match conn.transport {
+                Transport::LongPoll if !conn.poll_answered => conn.poll_timed_out = true,
+                Transport::LongPoll => {}
+                _ => {
+                    debug!(fd = conn.fd, "deadline passed, closing");
+                    conn.dead = true;
+                }
+            }
+            conn.wake();
+        }
+    }
+}
+
+/// Reads the core's doorbell through io_uring and dispatches whatever ingest
+/// queued. Yields between batches so connection tasks are not starved.
+pub async fn doorbell_loop(core: Rc<Core>, rx: Receiver<Arc<Message>>, rung: Arc<AtomicBool>, doorbell: Arc<OwnedFd>) {
+    // The eventfd travels as a monoio File: a plain io_uring read on it
+    // completes when ingest writes.
+    let fd = doorbell.as_raw_fd();
+    // SAFETY: `dup` gives this File its own descriptor, closed when it drops.
+    let dup = unsafe { libc::dup(fd) };
+    if dup < 0 {
+        warn!(core = core.index, "dup of doorbell failed; this core will not deliver");
+        return;
+    }
+    // SAFETY: `dup` is a fresh descriptor that nothing else owns.
+    let std_file = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(dup) };
+    let file = match monoio::fs::File::from_std(std_file) {
+        Ok(f) => f,
+        Err(e) => {
+            warn!(core = core.index, error = %e, "doorbell unusable; this core will not deliver");
+            return;
+        }
+    };
+    let mut buf = vec![0u8; 8];
+    loop {
+        let (res, b) = file.read_at(buf, 0).await;
+        buf = b;
+        if let Err(e) = res {
+            if e.kind() != std::io::ErrorKind::Interrupted && e.kind() != std::io::ErrorKind::WouldBlock {
+                warn!(core = core.index, error = %e, "doorbell read failed");
+                return;
+            }
+        }
+        // Clear before draining: a message queued after this point rings again.
+        rung.store(false, Ordering::Release);
+        loop {
+            let n = core.dispatch(&rx);
+            if n < DISPATCH_BATCH_MESSAGES {
+                break;
+            }
+            yield_now().await;
+        }
+    }
+}
+
+pub async fn sweep_loop(core: Rc<Core>) {
+    loop {
+        monoio::time::sleep(Duration::from_secs(1)).await;
+        core.sweep();
+    }
+}
+
+/// Lets every other ready task run once.
+pub async fn yield_now() {
+    let mut yielded = false;
+    std::future::poll_fn(|cx| {
+        if yielded {
+            std::task::Poll::Ready(())
+        } else {
+            yielded = true;
+            cx.waker().wake_by_ref();
+            std::task::Poll::Pending
+        }
+    })
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(id: u64, channel: &str) -> Arc<Message> {
+        Arc::new(Message::encode(id, channel, None, b"x"))
+    }
+
+    fn publish(reg: &mut Registry, m: Arc<Message>, history: usize) {
+        let id = reg.id_of(&m.channel, 100);
+        let ch = &mut reg.channels[id as usize];
+        if ch.history.len() >= history {
+            let old = ch.history.pop_front().unwrap();
+            ch.evicted_through = old.id;
+        }
+        ch.history.push_back(m);
+    }
+
+    #[test]
+    fn resume_replays_after_cursor_in_id_order_across_channels() {
+        let mut reg = Registry::new(10);
+        for (id, ch) in [(11, "a"), (12, "b"), (13, "a"), (14, "c"), (15, "b")] {
+            publish(&mut reg, msg(id, ch), 10);
+        }
+        let names = vec!["a".to_string(), "b".to_string()];
+        let (_, r) = reg.subscribe(1, &names, Some(11), 15, 100, 100);
+        let ids: Vec<u64> = r.messages.iter().map(|m| m.id).collect();
+        assert_eq!(ids, vec![12, 13, 15]);
+        assert!(r.gaps.is_empty());
+    }
+
+    #[test]
+    fn a_cursor_the_history_does_not_cover_is_a_gap() {
+        let mut reg = Registry::new(10);
+        for id in 11..=20 {
+            publish(&mut reg, msg(id, "a"), 3);
+        }
+        let names = vec!["a".to_string()];
+        let (_, r) = reg.subscribe(1, &names, Some(12), 20, 100, 100);
+        assert_eq!(&*r.gaps, &["a".into()] as &[Box<str>]);
+        assert_eq!(r.messages.iter().map(|m| m.id).collect::<Vec<_>>(), vec![18, 19, 20]);
+        // The cursor exactly at the eviction point is still covered.
+        let (_, r) = reg.subscribe(2, &names, Some(17), 20, 100, 100);
+        assert!(r.gaps.is_empty());
+        // From before this process started, or from the future: a gap.
+        let other = vec!["never".to_string()];
+        assert_eq!(reg.subscribe(3, &other, Some(5), 20, 100, 100).1.gaps.len(), 1);
+        assert_eq!(reg.subscribe(4, &names, Some(21), 20, 100, 100).1.gaps.len(), 1);
+        assert!(reg.subscribe(5, &other, Some(20), 20, 100, 100).1.gaps.is_empty());
+    }
+
+    #[test]
+    fn channel_table_is_bounded_and_remembers_what_it_forgot() {
+        let mut reg = Registry::new(0);
+        let keep = vec!["busy".to_string()];
+        reg.subscribe(1, &keep, None, 0, 2, 100);
+        publish(&mut reg, msg(1, "old"), 10);
+        // "busy" has a subscriber, so "old" is the one evicted.
+        let id = reg.id_of("new", 2);
+        assert!(reg.ids.contains_key("busy") && !reg.ids.contains_key("old"));
+        assert_eq!(reg.channels.len(), 2);
+        assert!(id < 3);
+        let old = vec!["old".to_string()];
+        assert_eq!(reg.subscribe(2, &old, Some(0), 1, 3, 100).1.gaps.len(), 1);
+    }
+
+    #[test]
+    fn unsubscribing_the_last_listener_of_an_unused_name_frees_it() {
+        let mut reg = Registry::new(0);
+        let names = vec!["made-up".to_string()];
+        let (ids, _) = reg.subscribe(1, &names, None, 0, 10, 100);
+        reg.unsubscribe(1, &ids);
+        assert!(reg.ids.is_empty() && reg.channels.is_empty());
+    }
+
+    #[test]
+    fn flush_writes_queued_frames_in_order_and_stops_at_a_full_socket() {
+        use std::io::Read;
+        let (a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let mut conn = Conn::new(a.as_raw_fd());
+        conn.push(Bytes::from_static(b"one "), 1 << 30);
+        conn.push(Bytes::from_static(b"two"), 1 << 30);
+        conn.flush();
+        assert!(conn.queue.is_empty() && !conn.blocked && conn.queued_bytes == 0);
+        let mut got = [0u8; 7];
+        b.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"one two");
+        // Nobody reads: the socket fills, the rest stays queued, in order.
+        let big = Bytes::from(vec![7u8; 1 << 20]);
+        for _ in 0..8 {
+            conn.push(big.clone(), 1 << 30);
+        }
+        conn.flush();
+        assert!(conn.blocked && !conn.dead);
+        assert!(conn.queued_bytes > 0 && (conn.queued_bytes as usize) < 8 << 20);
+    }
+
+    #[test]
+    fn a_queue_over_its_budget_marks_the_connection_dead() {
+        let mut conn = Conn::new(-1);
+        conn.push(Bytes::from_static(b"12345"), 8);
+        assert!(!conn.dead);
+        conn.push(Bytes::from_static(b"6789"), 8);
+        assert!(conn.dead);
+        assert_eq!(conn.queued_bytes, 5);
+    }
+}
