@@ -159,11 +159,14 @@ where
                         None => return Close::Now,
                     }
                 }
+                // Streams live long: what the request allocated is handed
+                // over and freed before they settle in.
                 Request::Sse { channels, last_event_id } => {
-                    return self.sse(&channels, last_event_id).await;
+                    drop(leftover);
+                    return self.sse(channels, last_event_id).await;
                 }
                 Request::WebSocket { channels, accept, since } => {
-                    return self.websocket(&channels, &accept, since, leftover).await;
+                    return self.websocket(channels, accept, since, leftover).await;
                 }
             }
         }
@@ -350,8 +353,10 @@ where
         self.core.cfg.history_messages * self.core.cfg.channels_per_connection_max
     }
 
-    async fn sse(&mut self, channels: &[String], since: Option<Cursor>) -> Close {
-        let resume = self.subscribe(channels, since, Transport::Sse, self.replay_all());
+    async fn sse(&mut self, channels: Vec<String>, since: Option<Cursor>) -> Close {
+        let resume = self.subscribe(&channels, since, Transport::Sse, self.replay_all());
+        let subscribed = channels.len();
+        drop(channels);
         let mut out = sse::stream_response_head().to_vec();
         for gap in &resume.gaps {
             envelope::encode_sse_gap(gap, &mut out);
@@ -360,7 +365,8 @@ where
         for m in &resume.messages {
             self.queue(m.sse.clone());
         }
-        debug!(fd = self.fd(), channels = channels.len(), replayed = resume.messages.len(), "sse stream open");
+        debug!(fd = self.fd(), channels = subscribed, replayed = resume.messages.len(), "sse stream open");
+        drop(resume);
         loop {
             match self.next().await {
                 Wake::Readable => {
@@ -423,9 +429,11 @@ where
         }
     }
 
-    async fn websocket(&mut self, channels: &[String], accept: &str, since: Option<Cursor>, mut leftover: Vec<u8>) -> Close {
-        self.queue(ws::switching_protocols_response(accept).into());
-        let resume = self.subscribe(channels, since, Transport::WebSocket, self.replay_all());
+    async fn websocket(&mut self, channels: Vec<String>, accept: String, since: Option<Cursor>, mut leftover: Vec<u8>) -> Close {
+        self.queue(ws::switching_protocols_response(&accept).into());
+        drop(accept);
+        let resume = self.subscribe(&channels, since, Transport::WebSocket, self.replay_all());
+        drop(channels);
         if !resume.gaps.is_empty() {
             let mut out = Vec::new();
             for gap in &resume.gaps {
@@ -436,6 +444,7 @@ where
         for m in &resume.messages {
             self.queue(m.ws.clone());
         }
+        drop(resume);
         let mut session = WsSession::new(self.core.cfg.ws_message_bytes_max);
         if !leftover.is_empty() {
             let reply = session.input(&mut leftover);
@@ -527,7 +536,10 @@ impl WsSession {
                     // acts on yet; they are decoded (and size-checked) only.
                 }
                 Some(FrameEvent::FrameEnd) => match self.opcode {
-                    OpCode::Ping => ws::encode_frame(OpCode::Pong, &self.control, &mut reply.out),
+                    OpCode::Ping => {
+                        ws::encode_frame(OpCode::Pong, &self.control, &mut reply.out);
+                        self.control = Vec::new();
+                    }
                     OpCode::Close => {
                         match ws::parse_close_payload(&self.control) {
                             Ok(None) => ws::encode_close(close_code::NORMAL, "", &mut reply.out),
@@ -543,15 +555,10 @@ impl WsSession {
                         }
                         reply.closing = true;
                     }
+                    OpCode::Pong => self.control = Vec::new(),
                     _ => {}
                 },
             }
-            if is_control(self.opcode) && self.control.capacity() > protocol::limits::WS_CONTROL_PAYLOAD_BYTES_MAX * 2 {
-                self.control.shrink_to(protocol::limits::WS_CONTROL_PAYLOAD_BYTES_MAX);
-            }
-        }
-        if !is_control(self.opcode) && !self.control.is_empty() {
-            self.control = Vec::new();
         }
         reply
     }
@@ -607,4 +614,80 @@ fn peer(fd: RawFd) -> String {
     // close it (ManuallyDrop).
     let s = std::mem::ManuallyDrop::new(unsafe { <std::net::TcpStream as std::os::fd::FromRawFd>::from_raw_fd(fd) });
     s.peer_addr().map_or_else(|_| "?".to_string(), |a| a.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A client frame: FIN set, masked with a fixed key.
+    fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+        assert!(payload.len() < 126);
+        let key = [0x37, 0xfa, 0x21, 0x3d];
+        let mut f = vec![0x80 | opcode, 0x80 | payload.len() as u8];
+        f.extend_from_slice(&key);
+        f.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+        f
+    }
+
+    fn session() -> WsSession {
+        WsSession::new(1024)
+    }
+
+    #[test]
+    fn ping_is_answered_with_a_pong_carrying_its_payload_even_split_bytewise() {
+        let frame = client_frame(0x9, b"are you there");
+        let mut expected = Vec::new();
+        ws::encode_frame(OpCode::Pong, b"are you there", &mut expected);
+        let mut s = session();
+        let mut out = Vec::new();
+        for b in frame {
+            let r = s.input(&mut [b]);
+            assert!(!r.closing);
+            out.extend(r.out);
+        }
+        assert_eq!(out, expected);
+    }
+
+    #[test]
+    fn close_is_echoed_with_the_clients_code() {
+        let mut s = session();
+        let mut input = client_frame(0x8, &[0x03, 0xe8, b'b', b'y', b'e']);
+        let r = s.input(&mut input);
+        assert!(r.closing && r.error_code.is_none());
+        assert_eq!(r.out, vec![0x88, 0x02, 0x03, 0xe8]);
+    }
+
+    #[test]
+    fn rule_breaking_input_is_closed_with_its_code() {
+        let cases: Vec<(Vec<u8>, u16)> = vec![
+            // Unmasked text frame.
+            (vec![0x81, 0x02, b'h', b'i'], close_code::PROTOCOL_ERROR),
+            // Close with a code that must not be sent (1005).
+            (client_frame(0x8, &[0x03, 0xed]), close_code::PROTOCOL_ERROR),
+            // Close reason that is not UTF-8.
+            (client_frame(0x8, &[0x03, 0xe8, 0xff]), close_code::INVALID_PAYLOAD),
+            // Reserved opcode.
+            (client_frame(0x3, b""), close_code::PROTOCOL_ERROR),
+        ];
+        for (mut input, code) in cases {
+            let r = session().input(&mut input);
+            assert!(r.closing, "{input:?}");
+            assert_eq!(r.error_code, Some(code), "{input:?}");
+            assert_eq!(&r.out[2..4], &code.to_be_bytes());
+        }
+        // A message over the limit is refused from its header alone.
+        let mut big = vec![0x82, 0xfe, 0x08, 0x00, 1, 2, 3, 4];
+        let r = session().input(&mut big);
+        assert_eq!(r.error_code, Some(close_code::MESSAGE_TOO_BIG));
+    }
+
+    #[test]
+    fn data_frames_are_consumed_without_reply() {
+        let mut s = session();
+        let mut input = client_frame(0x1, b"hello");
+        input.extend(client_frame(0x2, &[0, 1, 2]));
+        let r = s.input(&mut input);
+        assert!(r.out.is_empty() && !r.closing);
+    }
 }

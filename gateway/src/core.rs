@@ -410,7 +410,7 @@ impl Core {
                 let frame = match conn.transport {
                     Transport::WebSocket => msg.ws.clone(),
                     Transport::Sse => msg.sse.clone(),
-                    Transport::LongPoll if !conn.poll_answered => {
+                    Transport::LongPoll if !conn.poll_answered && !conn.poll_timed_out => {
                         conn.poll_answered = true;
                         conn.wake();
                         msg.poll_response.clone()
