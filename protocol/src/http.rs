@@ -162,6 +162,13 @@ const HEADER_SLOTS: usize = limits::HEADERS_MAX;
 /// Channel names are percent-decoded, then validated (1..=max bytes, charset
 /// [`crate::limits::CHANNEL_NAME_CHARSET`]); duplicates are removed keeping the
 /// first occurrence's order.
+///
+/// Checks run in this order, the first broken rule answering: head syntax and
+/// size limits, URL length, path (an unknown path is 404 whatever the
+/// method), method, body; then for `/ws` the upgrade headers, version and key;
+/// then the query (`channel`, `since`) and, for SSE, `Last-Event-ID`. A
+/// repeated `since` or `Last-Event-ID` is `BadCursor`; an empty
+/// `Last-Event-ID` is ignored (the `since` parameter, if any, applies).
 pub fn parse_request(buf: &[u8], limits: &HeadLimits) -> Result<Parsed, Reject> {
     // Only the first `head_bytes_max` bytes can hold an acceptable head, so
     // httparse never looks further: this bounds the work per call however much
@@ -1013,6 +1020,32 @@ mod tests {
         assert_eq!(
             parse_request(longer.as_bytes(), &limits),
             Err(Reject::HeadTooLarge)
+        );
+    }
+
+    #[test]
+    fn url_at_the_limit_is_fine() {
+        let limits = HeadLimits {
+            url_bytes_max: 12,
+            ..HeadLimits::default()
+        };
+        // "/healthz?a=b" is 12 bytes: partial and complete heads both pass.
+        assert_eq!(
+            parse_request(b"GET /healthz?a=b", &limits),
+            Ok(Parsed::Partial)
+        );
+        assert!(matches!(
+            parse_request(b"GET /healthz?a=b HTTP/1.1\r\n\r\n", &limits),
+            Ok(Parsed::Complete { .. })
+        ));
+        assert_eq!(
+            parse_request(b"GET /healthz?a=bc", &limits),
+            Err(Reject::UrlTooLong)
+        );
+        // Empty lines before the request line do not count towards the URL.
+        assert_eq!(
+            parse_request(b"\r\n\r\nGET /healthz?a=b", &limits),
+            Ok(Parsed::Partial)
         );
     }
 

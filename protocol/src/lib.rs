@@ -13,6 +13,8 @@
 //!   (WebSocket frame, SSE event, long-poll JSON), and the long-poll response.
 //! - [`limits`]: every default limit, with units in the names.
 
+#![forbid(unsafe_code)]
+
 pub mod envelope;
 pub mod http;
 pub mod limits;

@@ -710,8 +710,8 @@ mod tests {
         let frame = client_frame(0x82, &payload, KEY);
         assert_eq!(frame[1], 0xFF);
         let mut dec = FrameDecoder::new(100_000);
-        for i in 0..13 {
-            assert_eq!(dec.decode(&mut [frame[i]]).unwrap(), (1, None), "byte {i}");
+        for (i, &byte) in frame[..13].iter().enumerate() {
+            assert_eq!(dec.decode(&mut [byte]).unwrap(), (1, None), "byte {i}");
             assert_eq!(dec.decode(&mut []).unwrap(), (0, None));
         }
         assert_eq!(
@@ -959,7 +959,8 @@ mod tests {
     fn close_payloads() {
         let code = |c: u16| c.to_be_bytes().to_vec();
         let with_reason = |c: u16, r: &[u8]| [&c.to_be_bytes()[..], r].concat();
-        let cases: Vec<(Vec<u8>, Result<Option<(u16, &str)>, CloseError>)> = vec![
+        type Want = Result<Option<(u16, &'static str)>, CloseError>;
+        let cases: Vec<(Vec<u8>, Want)> = vec![
             (vec![], Ok(None)),
             (vec![0x03], Err(CloseError::InvalidCloseCode)),
             (code(1000), Ok(Some((1000, "")))),
