@@ -219,7 +219,10 @@ impl Config {
             ("headers_max", self.headers_max),
             ("url_bytes_max", self.url_bytes_max),
             ("channel_name_bytes_max", self.channel_name_bytes_max),
-            ("channels_per_connection_max", self.channels_per_connection_max),
+            (
+                "channels_per_connection_max",
+                self.channels_per_connection_max,
+            ),
             ("outbound_queue_bytes_max", self.outbound_queue_bytes_max),
             ("core_queue_messages_max", self.core_queue_messages_max),
         ];
@@ -230,7 +233,10 @@ impl Config {
         }
         if self.headers_max > limits::HEADERS_MAX {
             // Header slots are a fixed array on the parser's stack.
-            return Err(format!("headers_max must be at most {}", limits::HEADERS_MAX));
+            return Err(format!(
+                "headers_max must be at most {}",
+                limits::HEADERS_MAX
+            ));
         }
         if self.ring_entries < 256 {
             return Err("ring_entries must be at least 256".into());

@@ -143,7 +143,10 @@ where
                         .iter()
                         .map(|c| c.load(std::sync::atomic::Ordering::Relaxed))
                         .collect();
-                    if !self.respond(http::health_response(&counts, keep_alive)).await {
+                    if !self
+                        .respond(http::health_response(&counts, keep_alive))
+                        .await
+                    {
                         return Close::Now;
                     }
                     if !keep_alive {
@@ -151,7 +154,11 @@ where
                     }
                     pending = leftover;
                 }
-                Request::LongPoll { channels, since, keep_alive } => {
+                Request::LongPoll {
+                    channels,
+                    since,
+                    keep_alive,
+                } => {
                     pending = leftover;
                     match self.long_poll(&channels, since, &mut pending).await {
                         Some(true) if keep_alive => {}
@@ -161,11 +168,18 @@ where
                 }
                 // Streams live long: what the request allocated is handed
                 // over and freed before they settle in.
-                Request::Sse { channels, last_event_id } => {
+                Request::Sse {
+                    channels,
+                    last_event_id,
+                } => {
                     drop(leftover);
                     return self.sse(channels, last_event_id).await;
                 }
-                Request::WebSocket { channels, accept, since } => {
+                Request::WebSocket {
+                    channels,
+                    accept,
+                    since,
+                } => {
                     return self.websocket(channels, accept, since, leftover).await;
                 }
             }
@@ -283,7 +297,11 @@ where
             if let Some(f) = rd.as_mut().as_pin_mut() {
                 if let Poll::Ready(res) = f.poll(cx) {
                     rd.set(None);
-                    return Poll::Ready(if res.is_ok() { Wake::Readable } else { Wake::Dead });
+                    return Poll::Ready(if res.is_ok() {
+                        Wake::Readable
+                    } else {
+                        Wake::Dead
+                    });
                 }
             }
             return Poll::Pending;
@@ -300,7 +318,12 @@ where
         // mutably; accepted sockets are blocking under io_uring, hence
         // MSG_DONTWAIT.
         let n = unsafe {
-            libc::recv(self.fd(), scratch.as_mut_ptr() as *mut libc::c_void, len, libc::MSG_DONTWAIT)
+            libc::recv(
+                self.fd(),
+                scratch.as_mut_ptr() as *mut libc::c_void,
+                len,
+                libc::MSG_DONTWAIT,
+            )
         };
         if n > 0 {
             f(&mut scratch[..n as usize]);
@@ -316,9 +339,17 @@ where
     }
 
     /// Subscribes and returns what the client missed after `since`.
-    fn subscribe(&self, channels: &[String], since: Option<Cursor>, transport: Transport, replay_max: usize) -> crate::core::Resume {
+    fn subscribe(
+        &self,
+        channels: &[String],
+        since: Option<Cursor>,
+        transport: Transport,
+        replay_max: usize,
+    ) -> crate::core::Resume {
         let core = self.core;
-        let published = core.published_through.load(std::sync::atomic::Ordering::Acquire);
+        let published = core
+            .published_through
+            .load(std::sync::atomic::Ordering::Acquire);
         let (ids, resume) = core.registry.borrow_mut().subscribe(
             self.key,
             channels,
@@ -345,7 +376,10 @@ where
             c.transport = Transport::Http;
             std::mem::take(&mut c.channels)
         });
-        self.core.registry.borrow_mut().unsubscribe(self.key, &channels);
+        self.core
+            .registry
+            .borrow_mut()
+            .unsubscribe(self.key, &channels);
     }
 
     /// Everything a resume may replay: the whole history of every channel.
@@ -365,7 +399,12 @@ where
         for m in &resume.messages {
             self.queue(m.sse.clone());
         }
-        debug!(fd = self.fd(), channels = subscribed, replayed = resume.messages.len(), "sse stream open");
+        debug!(
+            fd = self.fd(),
+            channels = subscribed,
+            replayed = resume.messages.len(),
+            "sse stream open"
+        );
         drop(resume);
         loop {
             match self.next().await {
@@ -384,13 +423,26 @@ where
     /// Answers one long-poll request. Returns Some(true) when the response
     /// was written and the connection can take the next request, Some(false)
     /// when it must close after the response, None when it is gone.
-    async fn long_poll(&mut self, channels: &[String], since: Option<Cursor>, pending: &mut Vec<u8>) -> Option<bool> {
-        let resume = self.subscribe(channels, since, Transport::LongPoll, protocol::limits::LONGPOLL_MESSAGES_MAX);
+    async fn long_poll(
+        &mut self,
+        channels: &[String],
+        since: Option<Cursor>,
+        pending: &mut Vec<u8>,
+    ) -> Option<bool> {
+        let resume = self.subscribe(
+            channels,
+            since,
+            Transport::LongPoll,
+            protocol::limits::LONGPOLL_MESSAGES_MAX,
+        );
         if !resume.messages.is_empty() || !resume.gaps.is_empty() {
             self.unsubscribe();
             // After a gap with nothing left to send, the client continues
             // from this core's present rather than asking for the gap again.
-            let cursor = resume.messages.last().map_or(self.core.last_id.get(), |m| m.id);
+            let cursor = resume
+                .messages
+                .last()
+                .map_or(self.core.last_id.get(), |m| m.id);
             let items: Vec<&[u8]> = resume.messages.iter().map(|m| &m.poll_item[..]).collect();
             let gaps: Vec<&str> = resume.gaps.iter().map(|g| &**g).collect();
             let mut out = Vec::new();
@@ -429,7 +481,13 @@ where
         }
     }
 
-    async fn websocket(&mut self, channels: Vec<String>, accept: String, since: Option<Cursor>, mut leftover: Vec<u8>) -> Close {
+    async fn websocket(
+        &mut self,
+        channels: Vec<String>,
+        accept: String,
+        since: Option<Cursor>,
+        mut leftover: Vec<u8>,
+    ) -> Close {
         self.queue(ws::switching_protocols_response(&accept).into());
         drop(accept);
         let resume = self.subscribe(&channels, since, Transport::WebSocket, self.replay_all());
@@ -502,7 +560,11 @@ struct WsReply {
 
 impl WsSession {
     fn new(message_bytes_max: u64) -> WsSession {
-        WsSession { decoder: FrameDecoder::new(message_bytes_max), opcode: OpCode::Binary, control: Vec::new() }
+        WsSession {
+            decoder: FrameDecoder::new(message_bytes_max),
+            opcode: OpCode::Binary,
+            control: Vec::new(),
+        }
     }
 
     /// Feeds bytes from the client (unmasked in place).
@@ -530,7 +592,8 @@ impl WsSession {
                 }
                 Some(FrameEvent::Payload(r)) => {
                     if is_control(self.opcode) {
-                        self.control.extend_from_slice(&buf[base + r.start..base + r.end]);
+                        self.control
+                            .extend_from_slice(&buf[base + r.start..base + r.end]);
                     }
                     // Data messages from clients carry nothing the gateway
                     // acts on yet; they are decoded (and size-checked) only.
@@ -547,7 +610,9 @@ impl WsSession {
                             Err(e) => {
                                 let code = match e {
                                     ws::CloseError::InvalidCloseCode => close_code::PROTOCOL_ERROR,
-                                    ws::CloseError::InvalidReasonUtf8 => close_code::INVALID_PAYLOAD,
+                                    ws::CloseError::InvalidReasonUtf8 => {
+                                        close_code::INVALID_PAYLOAD
+                                    }
                                 };
                                 ws::encode_close(code, "", &mut reply.out);
                                 reply.error_code = Some(code);
@@ -599,7 +664,14 @@ async fn linger(core: &Core, key: u32, stream: &TcpStream) {
                 return;
             }
             // SAFETY: reading into a local buffer of the given length.
-            let n = unsafe { libc::recv(fd, discard.as_mut_ptr() as *mut libc::c_void, discard.len(), libc::MSG_DONTWAIT) };
+            let n = unsafe {
+                libc::recv(
+                    fd,
+                    discard.as_mut_ptr() as *mut libc::c_void,
+                    discard.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
             if n == 0 || (n < 0 && io::Error::last_os_error().kind() != io::ErrorKind::WouldBlock) {
                 return;
             }
@@ -612,8 +684,11 @@ async fn linger(core: &Core, key: u32, stream: &TcpStream) {
 fn peer(fd: RawFd) -> String {
     // SAFETY: the fd is a live socket; a borrowed std socket view does not
     // close it (ManuallyDrop).
-    let s = std::mem::ManuallyDrop::new(unsafe { <std::net::TcpStream as std::os::fd::FromRawFd>::from_raw_fd(fd) });
-    s.peer_addr().map_or_else(|_| "?".to_string(), |a| a.to_string())
+    let s = std::mem::ManuallyDrop::new(unsafe {
+        <std::net::TcpStream as std::os::fd::FromRawFd>::from_raw_fd(fd)
+    });
+    s.peer_addr()
+        .map_or_else(|_| "?".to_string(), |a| a.to_string())
 }
 
 #[cfg(test)]
@@ -666,7 +741,10 @@ mod tests {
             // Close with a code that must not be sent (1005).
             (client_frame(0x8, &[0x03, 0xed]), close_code::PROTOCOL_ERROR),
             // Close reason that is not UTF-8.
-            (client_frame(0x8, &[0x03, 0xe8, 0xff]), close_code::INVALID_PAYLOAD),
+            (
+                client_frame(0x8, &[0x03, 0xe8, 0xff]),
+                close_code::INVALID_PAYLOAD,
+            ),
             // Reserved opcode.
             (client_frame(0x3, b""), close_code::PROTOCOL_ERROR),
         ];

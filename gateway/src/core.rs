@@ -102,7 +102,11 @@ impl Conn {
         let total = self.queued_bytes as usize + frame.len();
         if total > bytes_max {
             if !self.dead {
-                warn!(fd = self.fd, queued_bytes = total, "slow consumer: outbound queue over its limit, closing");
+                warn!(
+                    fd = self.fd,
+                    queued_bytes = total,
+                    "slow consumer: outbound queue over its limit, closing"
+                );
                 self.dead = true;
                 self.wake();
             }
@@ -122,11 +126,18 @@ impl Conn {
                 self.blocked = false;
                 return;
             }
-            let mut iov = [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; IOV_MAX];
+            let mut iov = [libc::iovec {
+                iov_base: std::ptr::null_mut(),
+                iov_len: 0,
+            }; IOV_MAX];
             let mut n = 0;
             let mut total = 0;
             for (i, frame) in self.queue.iter().take(IOV_MAX).enumerate() {
-                let skip = if i == 0 { self.sent_of_front as usize } else { 0 };
+                let skip = if i == 0 {
+                    self.sent_of_front as usize
+                } else {
+                    0
+                };
                 iov[i] = libc::iovec {
                     iov_base: frame[skip..].as_ptr() as *mut libc::c_void,
                     iov_len: frame.len() - skip,
@@ -140,9 +151,8 @@ impl Conn {
             msg.msg_iovlen = n;
             // SAFETY: the iovecs point into `Bytes` held by `self.queue`,
             // which is not touched until the call returns.
-            let sent = unsafe {
-                libc::sendmsg(self.fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
-            };
+            let sent =
+                unsafe { libc::sendmsg(self.fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
             if sent < 0 {
                 let err = std::io::Error::last_os_error();
                 match err.kind() {
@@ -234,7 +244,9 @@ impl Registry {
             name: name.into(),
             subscribers: IndexSet::new(),
             history: VecDeque::new(),
-            evicted_through: 0,
+            // Whatever this channel had before it entered the table (before
+            // this process started, or before it was evicted) is unknown.
+            evicted_through: self.forgotten_through,
         }) as u32;
         self.ids.insert(name.into(), id);
         self.age.push_back(id);
@@ -245,8 +257,12 @@ impl Registry {
     /// each channel at most once.
     fn evict_one(&mut self) {
         for _ in 0..self.age.len() {
-            let Some(id) = self.age.pop_front() else { return };
-            let Some(ch) = self.channels.get(id as usize) else { continue };
+            let Some(id) = self.age.pop_front() else {
+                return;
+            };
+            let Some(ch) = self.channels.get(id as usize) else {
+                continue;
+            };
             if ch.subscribers.is_empty() {
                 self.remove(id);
                 return;
@@ -276,9 +292,11 @@ impl Registry {
         replay_max: usize,
     ) -> (Box<[u32]>, Resume) {
         let mut ids = Vec::with_capacity(names.len());
-        let mut resume = Resume { messages: Vec::new(), gaps: Vec::new() };
+        let mut resume = Resume {
+            messages: Vec::new(),
+            gaps: Vec::new(),
+        };
         for name in names {
-            let known = self.ids.contains_key(name.as_str());
             let id = self.id_of(name, channels_max);
             let ch = &mut self.channels[id as usize];
             ch.subscribers.insert(conn);
@@ -286,13 +304,13 @@ impl Registry {
             let Some(since) = since else { continue };
             // A cursor from the future (another process, an earlier run) or
             // from before what this core remembers is a gap, never a guess.
-            let gap = since > published_through
-                || ch.evicted_through > since
-                || (!known && self.forgotten_through > since);
+            let gap = since > published_through || ch.evicted_through > since;
             if gap {
                 resume.gaps.push(name.as_str().into());
             }
-            resume.messages.extend(ch.history.iter().filter(|m| m.id > since).cloned());
+            resume
+                .messages
+                .extend(ch.history.iter().filter(|m| m.id > since).cloned());
         }
         // Several channels: deliver in id order, as live delivery would.
         resume.messages.sort_by_key(|m| m.id);
@@ -302,11 +320,13 @@ impl Registry {
 
     pub fn unsubscribe(&mut self, conn: u32, channels: &[u32]) {
         for &id in channels {
-            let Some(ch) = self.channels.get_mut(id as usize) else { continue };
+            let Some(ch) = self.channels.get_mut(id as usize) else {
+                continue;
+            };
             ch.subscribers.swap_remove(&conn);
             // A channel nobody listens to and nothing was published on would
             // otherwise let clients grow the table with made-up names.
-            if ch.subscribers.is_empty() && ch.history.is_empty() && ch.evicted_through == 0 {
+            if ch.subscribers.is_empty() && ch.history.is_empty() {
                 self.remove(id);
             }
         }
@@ -365,9 +385,10 @@ impl Core {
     }
 
     pub fn deadline_after_ms(&self, ms: u64) -> u32 {
-        // Rounded up so a deadline never fires early; +1 because the sweep
-        // runs once a second.
-        self.now_s().saturating_add(ms.div_ceil(1000) as u32).max(1)
+        // The clock counts whole seconds, so "now" may be up to a second old:
+        // +1 keeps a deadline from firing early. It fires at most two seconds
+        // late (clock grain plus the once-a-second sweep).
+        self.now_s().saturating_add(ms.div_ceil(1000) as u32 + 1)
     }
 
     pub fn register(&self, fd: RawFd) -> u32 {
@@ -403,7 +424,9 @@ impl Core {
             }
             ch.history.push_back(msg.clone());
             for &key in &ch.subscribers {
-                let Some(conn) = conns.get_mut(key as usize) else { continue };
+                let Some(conn) = conns.get_mut(key as usize) else {
+                    continue;
+                };
                 if msg.id <= conn.skip_through || conn.dead {
                     continue;
                 }
@@ -459,14 +482,22 @@ impl Core {
 
 /// Reads the core's doorbell through io_uring and dispatches whatever ingest
 /// queued. Yields between batches so connection tasks are not starved.
-pub async fn doorbell_loop(core: Rc<Core>, rx: Receiver<Arc<Message>>, rung: Arc<AtomicBool>, doorbell: Arc<OwnedFd>) {
+pub async fn doorbell_loop(
+    core: Rc<Core>,
+    rx: Receiver<Arc<Message>>,
+    rung: Arc<AtomicBool>,
+    doorbell: Arc<OwnedFd>,
+) {
     // The eventfd travels as a monoio File: a plain io_uring read on it
     // completes when ingest writes.
     let fd = doorbell.as_raw_fd();
     // SAFETY: `dup` gives this File its own descriptor, closed when it drops.
     let dup = unsafe { libc::dup(fd) };
     if dup < 0 {
-        warn!(core = core.index, "dup of doorbell failed; this core will not deliver");
+        warn!(
+            core = core.index,
+            "dup of doorbell failed; this core will not deliver"
+        );
         return;
     }
     // SAFETY: `dup` is a fresh descriptor that nothing else owns.
@@ -483,7 +514,9 @@ pub async fn doorbell_loop(core: Rc<Core>, rx: Receiver<Arc<Message>>, rung: Arc
         let (res, b) = file.read_at(buf, 0).await;
         buf = b;
         if let Err(e) = res {
-            if e.kind() != std::io::ErrorKind::Interrupted && e.kind() != std::io::ErrorKind::WouldBlock {
+            if e.kind() != std::io::ErrorKind::Interrupted
+                && e.kind() != std::io::ErrorKind::WouldBlock
+            {
                 warn!(core = core.index, error = %e, "doorbell read failed");
                 return;
             }
@@ -562,15 +595,43 @@ mod tests {
         let names = vec!["a".to_string()];
         let (_, r) = reg.subscribe(1, &names, Some(12), 20, 100, 100);
         assert_eq!(&*r.gaps, &["a".into()] as &[Box<str>]);
-        assert_eq!(r.messages.iter().map(|m| m.id).collect::<Vec<_>>(), vec![18, 19, 20]);
+        assert_eq!(
+            r.messages.iter().map(|m| m.id).collect::<Vec<_>>(),
+            vec![18, 19, 20]
+        );
         // The cursor exactly at the eviction point is still covered.
         let (_, r) = reg.subscribe(2, &names, Some(17), 20, 100, 100);
         assert!(r.gaps.is_empty());
         // From before this process started, or from the future: a gap.
         let other = vec!["never".to_string()];
-        assert_eq!(reg.subscribe(3, &other, Some(5), 20, 100, 100).1.gaps.len(), 1);
-        assert_eq!(reg.subscribe(4, &names, Some(21), 20, 100, 100).1.gaps.len(), 1);
-        assert!(reg.subscribe(5, &other, Some(20), 20, 100, 100).1.gaps.is_empty());
+        assert_eq!(
+            reg.subscribe(3, &other, Some(5), 20, 100, 100).1.gaps.len(),
+            1
+        );
+        assert_eq!(
+            reg.subscribe(4, &names, Some(21), 20, 100, 100)
+                .1
+                .gaps
+                .len(),
+            1
+        );
+        assert!(reg
+            .subscribe(5, &other, Some(20), 20, 100, 100)
+            .1
+            .gaps
+            .is_empty());
+    }
+
+    #[test]
+    fn a_cursor_from_before_this_process_is_a_gap_even_on_a_channel_it_knows() {
+        let mut reg = Registry::new(100);
+        publish(&mut reg, msg(101, "a"), 10);
+        let names = vec!["a".to_string()];
+        let (_, r) = reg.subscribe(1, &names, Some(99), 101, 100, 100);
+        assert_eq!(r.gaps.len(), 1);
+        assert_eq!(r.messages.len(), 1);
+        let (_, r) = reg.subscribe(2, &names, Some(100), 101, 100, 100);
+        assert!(r.gaps.is_empty());
     }
 
     #[test]

@@ -38,7 +38,12 @@ pub struct Message {
 
 impl Message {
     pub fn encode(id: u64, channel: &str, event: Option<&str>, payload: &[u8]) -> Message {
-        let p = Publication { channel, id, event, payload };
+        let p = Publication {
+            channel,
+            id,
+            event,
+            payload,
+        };
         let mut ws = Vec::with_capacity(payload.len() + channel.len() + 48);
         envelope::encode_ws(&p, &mut ws);
         let mut sse = Vec::with_capacity(payload.len() + channel.len() + 64);
@@ -78,10 +83,16 @@ impl CoreInbox {
             let one: u64 = 1;
             // SAFETY: writing 8 bytes from a live u64 to an eventfd we own.
             let n = unsafe {
-                libc::write(self.doorbell.as_raw_fd(), &one as *const u64 as *const libc::c_void, 8)
+                libc::write(
+                    self.doorbell.as_raw_fd(),
+                    &one as *const u64 as *const libc::c_void,
+                    8,
+                )
             };
             // EAGAIN means the counter is saturated: the core is already woken.
-            debug_assert!(n == 8 || std::io::Error::last_os_error().kind() == std::io::ErrorKind::WouldBlock);
+            debug_assert!(
+                n == 8 || std::io::Error::last_os_error().kind() == std::io::ErrorKind::WouldBlock
+            );
         }
         true
     }
@@ -152,15 +163,20 @@ pub struct Bound {
 /// Creates the SUB socket (bind and/or connect) on the calling thread, so
 /// that configuration errors stop start-up, then returns it for [`run`].
 pub fn open(ctx: &zmq::Context, cfg: &Config) -> Result<(zmq::Socket, Bound), String> {
-    let sub = ctx.socket(zmq::SUB).map_err(|e| format!("zmq socket: {e}"))?;
-    sub.set_rcvhwm(cfg.zmq_rcvhwm_messages).map_err(|e| format!("zmq rcvhwm: {e}"))?;
+    let sub = ctx
+        .socket(zmq::SUB)
+        .map_err(|e| format!("zmq socket: {e}"))?;
+    sub.set_rcvhwm(cfg.zmq_rcvhwm_messages)
+        .map_err(|e| format!("zmq rcvhwm: {e}"))?;
     // Every message is taken; exact channel matching happens in each core's
     // registry (ZeroMQ subscriptions are byte prefixes: "news" would match
     // "news2").
-    sub.set_subscribe(b"").map_err(|e| format!("zmq subscribe: {e}"))?;
+    sub.set_subscribe(b"")
+        .map_err(|e| format!("zmq subscribe: {e}"))?;
     let mut bound = Bound { endpoint: None };
     if !cfg.zmq_bind.is_empty() {
-        sub.bind(&cfg.zmq_bind).map_err(|e| format!("zmq bind {}: {e}", cfg.zmq_bind))?;
+        sub.bind(&cfg.zmq_bind)
+            .map_err(|e| format!("zmq bind {}: {e}", cfg.zmq_bind))?;
         let last = sub
             .get_last_endpoint()
             .map_err(|e| format!("zmq endpoint: {e}"))?
@@ -168,7 +184,8 @@ pub fn open(ctx: &zmq::Context, cfg: &Config) -> Result<(zmq::Socket, Bound), St
         bound.endpoint = Some(last);
     }
     for endpoint in &cfg.zmq_connect {
-        sub.connect(endpoint).map_err(|e| format!("zmq connect {endpoint}: {e}"))?;
+        sub.connect(endpoint)
+            .map_err(|e| format!("zmq connect {endpoint}: {e}"))?;
     }
     Ok((sub, bound))
 }
@@ -222,7 +239,10 @@ mod tests {
     fn accepts_two_or_three_frames() {
         let cfg = Config::default();
         let two = frames(&[b"news", b"hello"]);
-        assert_eq!(check_frames(&two, &cfg).unwrap(), ("news", None, &b"hello"[..]));
+        assert_eq!(
+            check_frames(&two, &cfg).unwrap(),
+            ("news", None, &b"hello"[..])
+        );
         let three = frames(&[b"news", b"hello", br#"{"event":"price"}"#]);
         let (_, event, _) = check_frames(&three, &cfg).unwrap();
         assert_eq!(event.as_deref(), Some("price"));
@@ -230,18 +250,36 @@ mod tests {
 
     #[test]
     fn refuses_what_it_cannot_deliver_faithfully() {
-        let cfg = Config { publish_payload_bytes_max: 4, ..Config::default() };
+        let cfg = Config {
+            publish_payload_bytes_max: 4,
+            ..Config::default()
+        };
         let cases: Vec<(Vec<Vec<u8>>, fn(&IngestError) -> bool)> = vec![
-            (frames(&[b"news"]), |e| matches!(e, IngestError::WrongFrameCount(1))),
-            (frames(&[b"news", b"a", b"{}", b"x"]), |e| matches!(e, IngestError::WrongFrameCount(4))),
-            (frames(&[b"bad channel", b"a"]), |e| *e == IngestError::BadChannelName),
+            (frames(&[b"news"]), |e| {
+                matches!(e, IngestError::WrongFrameCount(1))
+            }),
+            (frames(&[b"news", b"a", b"{}", b"x"]), |e| {
+                matches!(e, IngestError::WrongFrameCount(4))
+            }),
+            (frames(&[b"bad channel", b"a"]), |e| {
+                *e == IngestError::BadChannelName
+            }),
             (frames(&[b"", b"a"]), |e| *e == IngestError::BadChannelName),
             (frames(&[b"news", b"hello"]), |e| {
-                *e == IngestError::PayloadTooLarge { size: 5, max_size: 4 }
+                *e == IngestError::PayloadTooLarge {
+                    size: 5,
+                    max_size: 4,
+                }
             }),
-            (frames(&[b"news", b"a", b"not json"]), |e| matches!(e, IngestError::BadMeta(_))),
-            (frames(&[b"news", b"a", br#"{"evnt":"x"}"#]), |e| matches!(e, IngestError::BadMeta(_))),
-            (frames(&[b"news", b"a", br#"{"event":"a\nb"}"#]), |e| *e == IngestError::BadEventName),
+            (frames(&[b"news", b"a", b"not json"]), |e| {
+                matches!(e, IngestError::BadMeta(_))
+            }),
+            (frames(&[b"news", b"a", br#"{"evnt":"x"}"#]), |e| {
+                matches!(e, IngestError::BadMeta(_))
+            }),
+            (frames(&[b"news", b"a", br#"{"event":"a\nb"}"#]), |e| {
+                *e == IngestError::BadEventName
+            }),
         ];
         for (input, expected) in cases {
             let err = check_frames(&input, &cfg).unwrap_err();
@@ -255,8 +293,14 @@ mod tests {
         assert_eq!(msg.ws[0], 0x81, "a text frame with FIN");
         assert!(msg.sse.starts_with(b"id: 42\n"));
         assert!(msg.poll_response.starts_with(b"HTTP/1.1 200 OK\r\n"));
-        let body_at = msg.poll_response.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
-        let body: serde_json::Value = serde_json::from_slice(&msg.poll_response[body_at..]).unwrap();
+        let body_at = msg
+            .poll_response
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .unwrap()
+            + 4;
+        let body: serde_json::Value =
+            serde_json::from_slice(&msg.poll_response[body_at..]).unwrap();
         assert_eq!(body["cursor"], "42");
         assert_eq!(body["messages"][0]["data"], "hi");
     }

@@ -57,7 +57,8 @@ fn run(cfg: &'static Config) -> Result<(), String> {
     } else {
         cfg.cores
     };
-    let listeners = listeners(cfg.listen, cores).map_err(|e| format!("listen on {}: {e}", cfg.listen))?;
+    let listeners =
+        listeners(cfg.listen, cores).map_err(|e| format!("listen on {}: {e}", cfg.listen))?;
     let listen_addr = listeners[0].local_addr().map_err(|e| e.to_string())?;
 
     let ctx = zmq::Context::new();
@@ -66,7 +67,9 @@ fn run(cfg: &'static Config) -> Result<(), String> {
     // Ids continue from the start time in microseconds, so they grow across
     // restarts and a cursor from an earlier run is recognised as one (a gap),
     // never mistaken for a position in this run.
-    let first_id = SystemTime::now().duration_since(UNIX_EPOCH).map_or(1, |d| d.as_micros() as u64);
+    let first_id = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(1, |d| d.as_micros() as u64);
     let published_through = Arc::new(AtomicU64::new(first_id));
     let conn_counts: Arc<[AtomicU64]> = (0..cores).map(|_| AtomicU64::new(0)).collect();
     let cpu_ids = core_affinity::get_core_ids().unwrap_or_default();
@@ -84,7 +87,11 @@ fn run(cfg: &'static Config) -> Result<(), String> {
         // SAFETY: efd is a fresh descriptor owned by nothing else.
         let doorbell = Arc::new(unsafe { OwnedFd::from_raw_fd(efd) });
         let rung = Arc::new(AtomicBool::new(false));
-        inboxes.push(CoreInbox { tx, rung: rung.clone(), doorbell: doorbell.clone() });
+        inboxes.push(CoreInbox {
+            tx,
+            rung: rung.clone(),
+            doorbell: doorbell.clone(),
+        });
         let cpu = cpu_ids.get(index % cpu_ids.len().max(1)).copied();
         let ready = ready_tx.clone();
         let published = published_through.clone();
@@ -153,7 +160,11 @@ fn run(cfg: &'static Config) -> Result<(), String> {
         "gateway ready"
     );
     let mut stdout = std::io::stdout();
-    let _ = writeln!(stdout, "READY listen={listen_addr} zmq={}", bound.endpoint.as_deref().unwrap_or("-"));
+    let _ = writeln!(
+        stdout,
+        "READY listen={listen_addr} zmq={}",
+        bound.endpoint.as_deref().unwrap_or("-")
+    );
     let _ = stdout.flush();
 
     let _ = ingest_thread.join();
@@ -206,7 +217,10 @@ fn listeners(addr: SocketAddr, count: usize) -> std::io::Result<Vec<std::net::Tc
 /// descriptor, and the soft default (often 1024) is far below what the host
 /// was tuned for.
 fn raise_open_files_limit() {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: get/setrlimit with a valid pointer to a local struct.
     unsafe {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
