@@ -54,6 +54,10 @@ pub struct Config {
     /// Messages in flight from the ingest thread to one core. When a core is
     /// this far behind, ingest waits for it (and libzmq buffers, then drops).
     pub core_queue_messages_max: usize,
+    /// Path of a WebSocket endpoint that echoes every message, for
+    /// conformance testing (the Autobahn cases); empty (the default) means
+    /// none. It runs the same connection code as `/ws`.
+    pub ws_echo_path: String,
     /// Log filter (error, warn, info, debug, trace, or a tracing directive).
     pub log_level: String,
 }
@@ -80,6 +84,7 @@ impl Default for Config {
             publish_payload_bytes_max: 1024 * 1024,
             outbound_queue_bytes_max: 1024 * 1024,
             core_queue_messages_max: 65_536,
+            ws_echo_path: String::new(),
             log_level: "info".to_string(),
         }
     }
@@ -158,6 +163,10 @@ pub struct Cli {
     /// Messages in flight from ingest to one core. [default: 65536]
     #[arg(long, value_name = "N")]
     pub core_queue_messages_max: Option<usize>,
+    /// Serve a WebSocket echo endpoint at this path (e.g. "/"), for
+    /// conformance testing; it runs the same connection code as /ws. [default: none]
+    #[arg(long, value_name = "PATH")]
+    pub ws_echo_path: Option<String>,
     /// Log level or tracing filter directive, e.g. "info" or "gateway=debug". [default: info]
     #[arg(long, value_name = "FILTER")]
     pub log_level: Option<String>,
@@ -197,6 +206,7 @@ impl Cli {
             publish_payload_bytes_max,
             outbound_queue_bytes_max,
             core_queue_messages_max,
+            ws_echo_path,
             log_level
         );
         if !self.zmq_connect.is_empty() {
@@ -238,6 +248,9 @@ impl Config {
                 limits::HEADERS_MAX
             ));
         }
+        if !self.ws_echo_path.is_empty() && !self.ws_echo_path.starts_with('/') {
+            return Err("ws_echo_path must start with /".into());
+        }
         if self.ring_entries < 256 {
             return Err("ring_entries must be at least 256".into());
         }
@@ -247,13 +260,16 @@ impl Config {
         Ok(())
     }
 
-    pub fn head_limits(&self) -> protocol::http::HeadLimits {
+    /// The parser's limits; `'static` because the echo path is borrowed
+    /// from the configuration, which lives as long as the process.
+    pub fn head_limits(&'static self) -> protocol::http::HeadLimits {
         protocol::http::HeadLimits {
             head_bytes_max: self.head_bytes_max,
             headers_max: self.headers_max,
             url_bytes_max: self.url_bytes_max,
             channel_name_bytes_max: self.channel_name_bytes_max,
             channels_per_connection_max: self.channels_per_connection_max,
+            echo_path: (!self.ws_echo_path.is_empty()).then_some(self.ws_echo_path.as_str()),
         }
     }
 }

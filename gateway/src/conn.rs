@@ -20,7 +20,7 @@ use monoio::net::TcpStream;
 use protocol::envelope;
 use protocol::http::{self, Cursor, Parsed, Request};
 use protocol::sse;
-use protocol::ws::{self, close_code, FrameDecoder, FrameEvent, OpCode};
+use protocol::ws::{self, Closing, MessagePart, OpCode, ServerSession};
 use tracing::{debug, info};
 
 use crate::core::{Core, Transport};
@@ -40,16 +40,36 @@ pub async fn serve(core: Rc<Core>, stream: TcpStream) {
             key,
             stream: s,
             rd: pin!(None),
-            wr: pin!(None),
+            wr: None,
             make_rd: move || s.readable(true),
             make_wr: move || s.writable(true),
+            pause_reads_when_blocked: false,
         };
-        io.run().await
+        // The request phase is boxed: it is short, and its buffers and
+        // request state would otherwise stay part of every idle stream's
+        // task. The stream phase is what an idle connection holds.
+        let phase = Box::pin(io.http()).await;
+        match phase {
+            Phase::Close(close) => close,
+            Phase::Sse => io.sse().await,
+            // Data messages from subscribers carry nothing the gateway acts
+            // on: they are decoded and checked (size, UTF-8), then dropped.
+            Phase::WebSocket(mut session) => io.ws_session(&mut session, |_, _| {}).await,
+        }
     };
     if close == Close::Linger {
-        linger(&core, key, &stream).await;
+        // Boxed: its timer alone (a monoio `Sleep`, 640 bytes, 128-aligned)
+        // would otherwise be part of every idle connection's task.
+        Box::pin(linger(&core, key, &stream)).await;
     }
     core.deregister(key);
+}
+
+/// What the request phase of a connection turned into.
+enum Phase {
+    Close(Close),
+    Sse,
+    WebSocket(ServerSession),
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -84,11 +104,15 @@ struct Io<'a, R, W, FR: Fn() -> R, FW: Fn() -> W> {
     stream: &'a TcpStream,
     /// One readiness poll kept across wake-ups, re-armed after it fires.
     rd: Pin<&'a mut Option<R>>,
-    /// A POLLOUT poll, armed only while the socket refuses bytes.
-    wr: Pin<&'a mut Option<W>>,
+    /// A POLLOUT poll, armed only while the socket refuses bytes (boxed:
+    /// most connections never need one).
+    wr: Option<Pin<Box<W>>>,
     /// Make those polls: closures, because the futures' types cannot be named.
     make_rd: FR,
     make_wr: FW,
+    /// While the socket refuses bytes, stop reading (the echo endpoint:
+    /// what is read turns into more bytes to send).
+    pause_reads_when_blocked: bool,
 }
 
 impl<'a, R, W, FR, FW> Io<'a, R, W, FR, FW>
@@ -102,7 +126,9 @@ where
         self.stream.as_raw_fd()
     }
 
-    async fn run(&mut self) -> Close {
+    /// Reads and answers requests (keep-alive) until one opens a stream or
+    /// the connection must close.
+    async fn http(&mut self) -> Phase {
         // Bytes of an incomplete request head, or of a request that arrived
         // before the previous one was answered. Empty — unallocated — for
         // nearly every connection, whose head arrives in one read.
@@ -118,19 +144,19 @@ where
                     match http::parse_request(&pending, &limits) {
                         Ok(Parsed::Complete { request, head_len }) => break (request, head_len),
                         Ok(Parsed::Partial) => {}
-                        Err(reject) => return self.refuse(&reject),
+                        Err(reject) => return Phase::Close(self.refuse(&reject)),
                     }
                 }
                 match self.next().await {
                     Wake::Readable => {}
-                    _ => return Close::Now,
+                    _ => return Phase::Close(Close::Now),
                 }
                 // Read at most what the head limit still allows, so a
                 // flood of bytes is refused without being buffered.
                 let room = limits.head_bytes_max + 1 - pending.len().min(limits.head_bytes_max);
                 match self.read_into(|bytes| pending.extend_from_slice(bytes), room) {
                     Read::Data | Read::WouldBlock => {}
-                    Read::Eof => return Close::Now,
+                    Read::Eof => return Phase::Close(Close::Now),
                 }
             };
             pending.drain(..head_len);
@@ -143,14 +169,13 @@ where
                         .iter()
                         .map(|c| c.load(std::sync::atomic::Ordering::Relaxed))
                         .collect();
-                    if !self
-                        .respond(http::health_response(&counts, keep_alive))
-                        .await
-                    {
-                        return Close::Now;
+                    // Transient branches are boxed: the task of every idle
+                    // connection is as large as its largest await point.
+                    if !Box::pin(self.respond(http::health_response(&counts, keep_alive))).await {
+                        return Phase::Close(Close::Now);
                     }
                     if !keep_alive {
-                        return Close::Linger;
+                        return Phase::Close(Close::Linger);
                     }
                     pending = leftover;
                 }
@@ -160,10 +185,10 @@ where
                     keep_alive,
                 } => {
                     pending = leftover;
-                    match self.long_poll(&channels, since, &mut pending).await {
+                    match Box::pin(self.long_poll(&channels, since, &mut pending)).await {
                         Some(true) if keep_alive => {}
-                        Some(_) => return Close::Linger,
-                        None => return Close::Now,
+                        Some(_) => return Phase::Close(Close::Linger),
+                        None => return Phase::Close(Close::Now),
                     }
                 }
                 // Streams live long: what the request allocated is handed
@@ -173,14 +198,21 @@ where
                     last_event_id,
                 } => {
                     drop(leftover);
-                    return self.sse(channels, last_event_id).await;
+                    self.start_sse(channels, last_event_id);
+                    return Phase::Sse;
                 }
                 Request::WebSocket {
                     channels,
                     accept,
                     since,
                 } => {
-                    return self.websocket(channels, accept, since, leftover).await;
+                    return match self.start_websocket(channels, accept, since, leftover) {
+                        Ok(session) => Phase::WebSocket(session),
+                        Err(close) => Phase::Close(close),
+                    };
+                }
+                Request::Echo { accept } => {
+                    return Phase::Close(Box::pin(self.echo(accept, leftover)).await)
                 }
             }
         }
@@ -251,6 +283,7 @@ where
         let core = self.core;
         let make_rd = &self.make_rd;
         let make_wr = &self.make_wr;
+        let pause_reads = self.pause_reads_when_blocked;
         let rd = &mut self.rd;
         let wr = &mut self.wr;
         poll_fn(move |cx: &mut Context<'_>| loop {
@@ -274,12 +307,10 @@ where
                 c.blocked
             };
             if blocked {
-                if wr.is_none() {
-                    wr.set(Some(make_wr()));
-                }
-                if let Some(f) = wr.as_mut().as_pin_mut() {
-                    if let Poll::Ready(res) = f.poll(cx) {
-                        wr.set(None);
+                let f = wr.get_or_insert_with(|| Box::pin(make_wr()));
+                {
+                    if let Poll::Ready(res) = f.as_mut().poll(cx) {
+                        *wr = None;
                         let mut conns = core.conns.borrow_mut();
                         let c = &mut conns[key];
                         if res.is_err() {
@@ -289,6 +320,9 @@ where
                         }
                         continue;
                     }
+                }
+                if pause_reads {
+                    return Poll::Pending;
                 }
             }
             if rd.is_none() {
@@ -387,7 +421,8 @@ where
         self.core.cfg.history_messages * self.core.cfg.channels_per_connection_max
     }
 
-    async fn sse(&mut self, channels: Vec<String>, since: Option<Cursor>) -> Close {
+    /// Subscribes an SSE client and queues the head and what it missed.
+    fn start_sse(&mut self, channels: Vec<String>, since: Option<Cursor>) {
         let resume = self.subscribe(&channels, since, Transport::Sse, self.replay_all());
         let subscribed = channels.len();
         drop(channels);
@@ -405,7 +440,11 @@ where
             replayed = resume.messages.len(),
             "sse stream open"
         );
-        drop(resume);
+    }
+
+    /// An open event stream: messages are written by the core; the task
+    /// only watches for the client going away.
+    async fn sse(&mut self) -> Close {
         loop {
             match self.next().await {
                 Wake::Readable => {
@@ -481,17 +520,17 @@ where
         }
     }
 
-    async fn websocket(
+    /// Answers the upgrade, subscribes, queues what the client missed and
+    /// handles bytes that came with the head. Err: close right away.
+    fn start_websocket(
         &mut self,
         channels: Vec<String>,
         accept: String,
         since: Option<Cursor>,
-        mut leftover: Vec<u8>,
-    ) -> Close {
+        leftover: Vec<u8>,
+    ) -> Result<ServerSession, Close> {
         self.queue(ws::switching_protocols_response(&accept).into());
-        drop(accept);
         let resume = self.subscribe(&channels, since, Transport::WebSocket, self.replay_all());
-        drop(channels);
         if !resume.gaps.is_empty() {
             let mut out = Vec::new();
             for gap in &resume.gaps {
@@ -502,25 +541,90 @@ where
         for m in &resume.messages {
             self.queue(m.ws.clone());
         }
-        drop(resume);
-        let mut session = WsSession::new(self.core.cfg.ws_message_bytes_max);
+        self.start_session(leftover, &mut |_, _| {})
+    }
+
+    /// A new session, fed whatever arrived right behind the handshake.
+    fn start_session(
+        &mut self,
+        mut leftover: Vec<u8>,
+        on_message: &mut impl FnMut(MessagePart<'_>, &mut Vec<u8>),
+    ) -> Result<ServerSession, Close> {
+        let mut session = ServerSession::new(self.core.cfg.ws_message_bytes_max);
         if !leftover.is_empty() {
-            let reply = session.input(&mut leftover);
-            if let Some(close) = self.ws_reply(reply) {
-                return close;
+            let mut out = Vec::new();
+            let end = session.input(&mut leftover, &mut out, on_message);
+            if let Some(close) = self.ws_reply(&mut out, end) {
+                return Err(close);
             }
         }
-        drop(leftover);
+        Ok(session)
+    }
+
+    /// The conformance endpoint: every message is sent back as it arrives,
+    /// fragment by fragment (nothing is buffered but what one read brings).
+    async fn echo(&mut self, accept: String, leftover: Vec<u8>) -> Close {
+        self.queue(ws::switching_protocols_response(&accept).into());
+        self.with_conn(|c, _| {
+            c.transport = Transport::WebSocket;
+            c.deadline_s = 0;
+        });
+        // Reading stops while the client does not read its echoes, so the
+        // echo queue stays within one read's worth.
+        self.pause_reads_when_blocked = true;
+        let mut opcode = OpCode::Binary;
+        let mut first = true;
+        let mut echo = move |part: MessagePart<'_>, out: &mut Vec<u8>| match part {
+            MessagePart::Start(op) => {
+                opcode = op;
+                first = true;
+            }
+            MessagePart::Chunk(bytes) => {
+                if !bytes.is_empty() {
+                    ws::encode_fragment(first, opcode, false, bytes, out);
+                    first = false;
+                }
+            }
+            MessagePart::End => ws::encode_fragment(first, opcode, true, &[], out),
+        };
+        match self.start_session(leftover, &mut echo) {
+            Ok(mut session) => self.ws_session(&mut session, echo).await,
+            Err(close) => close,
+        }
+    }
+
+    /// Runs an open WebSocket until it closes: client frames go through the
+    /// sans-IO session, replies (pongs, close frames, echoes) are queued.
+    ///
+    /// The session is borrowed, not moved in: an async fn keeps a moved-in
+    /// argument twice in its state, and this state is every idle
+    /// WebSocket's.
+    async fn ws_session(
+        &mut self,
+        session: &mut ServerSession,
+        mut on_message: impl FnMut(MessagePart<'_>, &mut Vec<u8>),
+    ) -> Close {
         loop {
             match self.next().await {
                 Wake::Readable => {
-                    let mut reply = WsReply::default();
-                    let read = self.read_into(|bytes| reply = session.input(bytes), usize::MAX);
-                    if let Read::Eof = read {
-                        return Close::Now;
-                    }
-                    if let Some(close) = self.ws_reply(reply) {
-                        return close;
+                    // Read until the socket is drained (bounded, so one busy
+                    // client cannot hold the core), or the queue is full.
+                    for _ in 0..WS_READS_PER_WAKE {
+                        let mut out = Vec::new();
+                        let mut end = None;
+                        let read = self.read_into(
+                            |bytes| end = session.input(bytes, &mut out, &mut on_message),
+                            usize::MAX,
+                        );
+                        if let Some(close) = self.ws_reply(&mut out, end) {
+                            return close;
+                        }
+                        match read {
+                            Read::Eof => return Close::Now,
+                            Read::WouldBlock => break,
+                            Read::Data if self.with_conn(|c, _| c.blocked || c.dead) => break,
+                            Read::Data => {}
+                        }
                     }
                 }
                 _ => return Close::Now,
@@ -528,110 +632,23 @@ where
         }
     }
 
-    fn ws_reply(&self, reply: WsReply) -> Option<Close> {
-        if !reply.out.is_empty() {
-            self.queue(reply.out.into());
+    /// Queues what the session wrote and says whether to close.
+    fn ws_reply(&self, out: &mut Vec<u8>, end: Option<Closing>) -> Option<Close> {
+        if !out.is_empty() {
+            self.queue(std::mem::take(out).into());
         }
-        if let Some(code) = reply.error_code {
-            info!(peer = %peer(self.fd()), code, "websocket closed for a protocol violation");
-        }
-        reply.closing.then_some(Close::Linger)
-    }
-}
-
-/// The client-facing half of a WebSocket after the handshake: decodes what
-/// the client sends and says what to answer.
-struct WsSession {
-    decoder: FrameDecoder,
-    opcode: OpCode,
-    /// Payload of the control frame being received (≤ 125 bytes; allocated
-    /// only while one is in flight).
-    control: Vec<u8>,
-}
-
-#[derive(Default)]
-struct WsReply {
-    out: Vec<u8>,
-    /// The connection is to close once `out` is written.
-    closing: bool,
-    /// The close code sent because the client broke a rule.
-    error_code: Option<u16>,
-}
-
-impl WsSession {
-    fn new(message_bytes_max: u64) -> WsSession {
-        WsSession {
-            decoder: FrameDecoder::new(message_bytes_max),
-            opcode: OpCode::Binary,
-            control: Vec::new(),
-        }
-    }
-
-    /// Feeds bytes from the client (unmasked in place).
-    fn input(&mut self, buf: &mut [u8]) -> WsReply {
-        let mut reply = WsReply::default();
-        let mut pos = 0;
-        while !reply.closing {
-            let (used, event) = match self.decoder.decode(&mut buf[pos..]) {
-                Ok(step) => step,
-                Err(e) => {
-                    ws::encode_close(e.close_code(), "", &mut reply.out);
-                    reply.error_code = Some(e.close_code());
-                    reply.closing = true;
-                    break;
-                }
-            };
-            let base = pos;
-            pos += used;
-            match event {
-                None if used == 0 => break,
-                None => {}
-                Some(FrameEvent::Header(h)) => {
-                    self.opcode = h.opcode;
-                    self.control.clear();
-                }
-                Some(FrameEvent::Payload(r)) => {
-                    if is_control(self.opcode) {
-                        self.control
-                            .extend_from_slice(&buf[base + r.start..base + r.end]);
-                    }
-                    // Data messages from clients carry nothing the gateway
-                    // acts on yet; they are decoded (and size-checked) only.
-                }
-                Some(FrameEvent::FrameEnd) => match self.opcode {
-                    OpCode::Ping => {
-                        ws::encode_frame(OpCode::Pong, &self.control, &mut reply.out);
-                        self.control = Vec::new();
-                    }
-                    OpCode::Close => {
-                        match ws::parse_close_payload(&self.control) {
-                            Ok(None) => ws::encode_close(close_code::NORMAL, "", &mut reply.out),
-                            Ok(Some((code, _))) => ws::encode_close(code, "", &mut reply.out),
-                            Err(e) => {
-                                let code = match e {
-                                    ws::CloseError::InvalidCloseCode => close_code::PROTOCOL_ERROR,
-                                    ws::CloseError::InvalidReasonUtf8 => {
-                                        close_code::INVALID_PAYLOAD
-                                    }
-                                };
-                                ws::encode_close(code, "", &mut reply.out);
-                                reply.error_code = Some(code);
-                            }
-                        }
-                        reply.closing = true;
-                    }
-                    OpCode::Pong => self.control = Vec::new(),
-                    _ => {}
-                },
+        match end? {
+            Closing::Violation { code, rule } => {
+                info!(peer = %peer(self.fd()), code, rule, "websocket closed: client broke a rule");
             }
+            Closing::PeerClosed { code } => debug!(fd = self.fd(), ?code, "websocket closed by client"),
         }
-        reply
+        Some(Close::Linger)
     }
 }
 
-fn is_control(op: OpCode) -> bool {
-    matches!(op, OpCode::Close | OpCode::Ping | OpCode::Pong)
-}
+/// Reads handled per readiness wake-up of one WebSocket.
+const WS_READS_PER_WAKE: usize = 16;
 
 /// Sends what is still queued, half-closes, and waits (bounded) for the
 /// peer to close: closing a socket with unread input sends a reset that can
@@ -694,78 +711,30 @@ fn peer(fd: RawFd) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::AtomicU64;
+    use std::sync::Arc;
 
-    /// A client frame: FIN set, masked with a fixed key.
-    fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
-        assert!(payload.len() < 126);
-        let key = [0x37, 0xfa, 0x21, 0x3d];
-        let mut f = vec![0x80 | opcode, 0x80 | payload.len() as u8];
-        f.extend_from_slice(&key);
-        f.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
-        f
-    }
-
-    fn session() -> WsSession {
-        WsSession::new(1024)
-    }
+    /// The task of an idle connection is its largest cost in userspace;
+    /// this keeps its size from drifting. Its type cannot be named, so the
+    /// budget is checked here rather than at compile time.
+    const SERVE_TASK_BYTES_MAX: usize = 672;
 
     #[test]
-    fn ping_is_answered_with_a_pong_carrying_its_payload_even_split_bytewise() {
-        let frame = client_frame(0x9, b"are you there");
-        let mut expected = Vec::new();
-        ws::encode_frame(OpCode::Pong, b"are you there", &mut expected);
-        let mut s = session();
-        let mut out = Vec::new();
-        for b in frame {
-            let r = s.input(&mut [b]);
-            assert!(!r.closing);
-            out.extend(r.out);
-        }
-        assert_eq!(out, expected);
-    }
-
-    #[test]
-    fn close_is_echoed_with_the_clients_code() {
-        let mut s = session();
-        let mut input = client_frame(0x8, &[0x03, 0xe8, b'b', b'y', b'e']);
-        let r = s.input(&mut input);
-        assert!(r.closing && r.error_code.is_none());
-        assert_eq!(r.out, vec![0x88, 0x02, 0x03, 0xe8]);
-    }
-
-    #[test]
-    fn rule_breaking_input_is_closed_with_its_code() {
-        let cases: Vec<(Vec<u8>, u16)> = vec![
-            // Unmasked text frame.
-            (vec![0x81, 0x02, b'h', b'i'], close_code::PROTOCOL_ERROR),
-            // Close with a code that must not be sent (1005).
-            (client_frame(0x8, &[0x03, 0xed]), close_code::PROTOCOL_ERROR),
-            // Close reason that is not UTF-8.
-            (
-                client_frame(0x8, &[0x03, 0xe8, 0xff]),
-                close_code::INVALID_PAYLOAD,
-            ),
-            // Reserved opcode.
-            (client_frame(0x3, b""), close_code::PROTOCOL_ERROR),
-        ];
-        for (mut input, code) in cases {
-            let r = session().input(&mut input);
-            assert!(r.closing, "{input:?}");
-            assert_eq!(r.error_code, Some(code), "{input:?}");
-            assert_eq!(&r.out[2..4], &code.to_be_bytes());
-        }
-        // A message over the limit is refused from its header alone.
-        let mut big = vec![0x82, 0xfe, 0x08, 0x00, 1, 2, 3, 4];
-        let r = session().input(&mut big);
-        assert_eq!(r.error_code, Some(close_code::MESSAGE_TOO_BIG));
-    }
-
-    #[test]
-    fn data_frames_are_consumed_without_reply() {
-        let mut s = session();
-        let mut input = client_frame(0x1, b"hello");
-        input.extend(client_frame(0x2, &[0, 1, 2]));
-        let r = s.input(&mut input);
-        assert!(r.out.is_empty() && !r.closing);
+    fn connection_task_stays_within_its_byte_budget() {
+        let cfg: &'static crate::config::Config = Box::leak(Box::default());
+        let mut rt = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+            .enable_timer()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let listener = monoio::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+            let (stream, _) = listener.accept().await.unwrap();
+            let counts: Arc<[AtomicU64]> = vec![AtomicU64::new(0)].into();
+            let core = Rc::new(Core::new(0, cfg, 1, Arc::new(AtomicU64::new(1)), counts));
+            let task = serve(core, stream);
+            let size = std::mem::size_of_val(&task);
+            assert!(size <= SERVE_TASK_BYTES_MAX, "serve() future is {size} bytes");
+        });
     }
 }

@@ -18,6 +18,9 @@ pub struct HeadLimits {
     pub url_bytes_max: usize,
     pub channel_name_bytes_max: usize,
     pub channels_per_connection_max: usize,
+    /// The path of the WebSocket echo endpoint (conformance testing), or
+    /// `None` when it is not served: then that path is 404 like any other.
+    pub echo_path: Option<&'static str>,
 }
 
 impl Default for HeadLimits {
@@ -28,6 +31,7 @@ impl Default for HeadLimits {
             url_bytes_max: limits::URL_BYTES_MAX,
             channel_name_bytes_max: limits::CHANNEL_NAME_BYTES_MAX,
             channels_per_connection_max: limits::CHANNELS_PER_CONNECTION_MAX,
+            echo_path: None,
         }
     }
 }
@@ -59,6 +63,10 @@ pub enum Request {
     },
     /// `GET /healthz`.
     Health { keep_alive: bool },
+    /// `GET <echo_path>` with a valid RFC 6455 upgrade: a WebSocket that
+    /// echoes every message, for conformance testing; only when
+    /// [`HeadLimits::echo_path`] is set.
+    Echo { accept: String },
 }
 
 /// Result of feeding bytes to [`parse_request`].
@@ -219,6 +227,7 @@ pub fn parse_request(buf: &[u8], limits: &HeadLimits) -> Result<Parsed, Reject> 
         "/ws" => Endpoint::WebSocket,
         "/events" => Endpoint::Events,
         "/healthz" => Endpoint::Health,
+        p if Some(p) == limits.echo_path => Endpoint::Echo,
         _ => return Err(Reject::NotFound),
     };
     if method != "GET" {
@@ -234,27 +243,17 @@ pub fn parse_request(buf: &[u8], limits: &HeadLimits) -> Result<Parsed, Reject> 
         Endpoint::WebSocket => {
             // Order: upgrade headers, version, key, then the query (channels
             // and cursor), so a non-WebSocket client learns that first.
-            if version != 1
-                || !head.has_token("upgrade", "websocket")
-                || !head.has_token("connection", "upgrade")
-            {
-                return Err(Reject::NotAnUpgrade);
-            }
-            match head.single("sec-websocket-version") {
-                Ok(Some(b"13")) => {}
-                _ => return Err(Reject::UnsupportedWebSocketVersion),
-            }
-            let key = match head.single("sec-websocket-key") {
-                Ok(Some(key)) if valid_websocket_key(key) => key,
-                _ => return Err(Reject::BadWebSocketKey),
-            };
+            let accept = websocket_accept(&head, version)?;
             let query = parse_query(query, limits)?;
             Request::WebSocket {
                 channels: query.channels,
-                accept: crate::ws::accept_key(key),
+                accept,
                 since: query.since,
             }
         }
+        Endpoint::Echo => Request::Echo {
+            accept: websocket_accept(&head, version)?,
+        },
         Endpoint::Events => {
             let query = parse_query(query, limits)?;
             let wants_stream = head
@@ -283,8 +282,24 @@ pub fn parse_request(buf: &[u8], limits: &HeadLimits) -> Result<Parsed, Reject> 
     Ok(Parsed::Complete { request, head_len })
 }
 
+/// Checks an RFC 6455 opening handshake and returns its accept value.
+fn websocket_accept(head: &Head, version: u8) -> Result<String, Reject> {
+    if version != 1 || !head.has_token("upgrade", "websocket") || !head.has_token("connection", "upgrade") {
+        return Err(Reject::NotAnUpgrade);
+    }
+    match head.single("sec-websocket-version") {
+        Ok(Some(b"13")) => {}
+        _ => return Err(Reject::UnsupportedWebSocketVersion),
+    }
+    match head.single("sec-websocket-key") {
+        Ok(Some(key)) if valid_websocket_key(key) => Ok(crate::ws::accept_key(key)),
+        _ => Err(Reject::BadWebSocketKey),
+    }
+}
+
 /// The endpoints, before their specific checks.
 enum Endpoint {
+    Echo,
     WebSocket,
     Events,
     Health,
@@ -1189,5 +1204,21 @@ mod tests {
             let _ = parse_request(&buf, &HeadLimits::default());
             let _ = parse_request(&buf, &limits);
         }
+    }
+
+    #[test]
+    fn echo_endpoint_exists_only_where_configured() {
+        let head = "GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                    Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+        assert_eq!(parse_request(head.as_bytes(), &HeadLimits::default()), Err(Reject::NotFound));
+        let limits = HeadLimits { echo_path: Some("/"), ..HeadLimits::default() };
+        match parse_request(head.as_bytes(), &limits) {
+            Ok(Parsed::Complete { request: Request::Echo { accept }, .. }) => {
+                assert_eq!(accept, "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")
+            }
+            other => panic!("{other:?}"),
+        }
+        let bad = head.replace("13", "8");
+        assert_eq!(parse_request(bad.as_bytes(), &limits), Err(Reject::UnsupportedWebSocketVersion));
     }
 }

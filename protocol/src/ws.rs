@@ -481,6 +481,271 @@ pub enum CloseError {
     InvalidReasonUtf8,
 }
 
+/// A validator of UTF-8 that arrives in pieces: it fails on the first byte
+/// that cannot start or continue a valid sequence (RFC 6455 §8.1 "fail
+/// fast"), and keeps at most 3 bytes of a sequence split across pieces.
+#[derive(Debug, Clone, Default)]
+pub struct Utf8Stream {
+    pending: [u8; 3],
+    pending_len: u8,
+}
+
+/// The bytes are not UTF-8.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InvalidUtf8;
+
+impl Utf8Stream {
+    /// Checks the next piece.
+    pub fn feed(&mut self, mut piece: &[u8]) -> Result<(), InvalidUtf8> {
+        if self.pending_len > 0 {
+            // Finish the split sequence first, from at most 3 more bytes.
+            let have = self.pending_len as usize;
+            let width = utf8_sequence_width(self.pending[0]);
+            let take = (width - have).min(piece.len());
+            let mut seq = [0u8; 4];
+            seq[..have].copy_from_slice(&self.pending[..have]);
+            seq[have..have + take].copy_from_slice(&piece[..take]);
+            piece = &piece[take..];
+            self.pending_len = 0;
+            self.check_tail(&seq[..have + take])?;
+            if self.pending_len > 0 {
+                return Ok(());
+            }
+        }
+        self.check_tail(piece)
+    }
+
+    /// Validates `bytes`, keeping an incomplete (but so far valid) last
+    /// sequence for the next piece.
+    fn check_tail(&mut self, bytes: &[u8]) -> Result<(), InvalidUtf8> {
+        match core::str::from_utf8(bytes) {
+            Ok(_) => Ok(()),
+            // `error_len() == None`: the input ended inside a sequence that
+            // is valid so far.
+            Err(e) if e.error_len().is_none() => {
+                let tail = &bytes[e.valid_up_to()..];
+                self.pending[..tail.len()].copy_from_slice(tail);
+                self.pending_len = tail.len() as u8;
+                Ok(())
+            }
+            Err(_) => Err(InvalidUtf8),
+        }
+    }
+
+    /// The message ended: a sequence still open is invalid.
+    pub fn finish(&mut self) -> Result<(), InvalidUtf8> {
+        let open = self.pending_len > 0;
+        self.pending_len = 0;
+        if open {
+            Err(InvalidUtf8)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// Length of the UTF-8 sequence a lead byte announces (1 for bytes that
+/// cannot lead; the validator rejects those anyway).
+fn utf8_sequence_width(lead: u8) -> usize {
+    match lead {
+        0xC0..=0xDF => 2,
+        0xE0..=0xEF => 3,
+        0xF0..=0xF7 => 4,
+        _ => 1,
+    }
+}
+
+/// A client's data message as the session hands it to the application.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MessagePart<'a> {
+    /// A Text or Binary message begins.
+    Start(OpCode),
+    /// Payload bytes, in order (for Text, valid UTF-8 so far).
+    Chunk(&'a [u8]),
+    /// The message is complete (and, for Text, valid UTF-8 as a whole).
+    End,
+}
+
+/// Why the session is ending. Once it is, the close frame is in the output
+/// and the connection should close as soon as that is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Closing {
+    /// The client sent a close frame; the reply echoes its code.
+    PeerClosed { code: Option<u16> },
+    /// The client broke a rule of RFC 6455 or a limit; `code` was sent.
+    Violation { code: u16, rule: &'static str },
+}
+
+/// The server side of an open WebSocket: frames in, message parts and
+/// replies (pongs, close frames) out. Sans-IO: the caller reads and writes.
+///
+/// It enforces what the frame decoder cannot see: UTF-8 of text messages,
+/// incrementally across fragments, and the rules of the close handshake.
+#[derive(Debug, Clone)]
+pub struct ServerSession {
+    decoder: FrameDecoder,
+    /// Opcode and FIN of the frame being received.
+    opcode: OpCode,
+    fin: bool,
+    /// The data message in progress is Text (its UTF-8 is being checked).
+    text: bool,
+    utf8: Utf8Stream,
+    /// Payload of the control frame being received (≤ 125 bytes). Allocated
+    /// only while a control frame is in flight.
+    control: Vec<u8>,
+    closing: Option<Closing>,
+}
+
+/// Bytes of session state per WebSocket connection.
+pub const SERVER_SESSION_BYTES_MAX: usize = 112;
+const _: () = assert!(core::mem::size_of::<ServerSession>() <= SERVER_SESSION_BYTES_MAX);
+
+impl ServerSession {
+    pub fn new(message_bytes_max: u64) -> Self {
+        ServerSession {
+            decoder: FrameDecoder::new(message_bytes_max),
+            opcode: OpCode::Binary,
+            fin: true,
+            text: false,
+            utf8: Utf8Stream::default(),
+            control: Vec::new(),
+            closing: None,
+        }
+    }
+
+    /// Set once the session ends; further input is ignored.
+    pub fn closing(&self) -> Option<Closing> {
+        self.closing
+    }
+
+    /// Consumes bytes from the client (unmasking them in place). Replies
+    /// are appended to `out`; message parts go to `on_message`. Returns
+    /// `Some` when the session has ended with this input.
+    pub fn input(
+        &mut self,
+        buf: &mut [u8],
+        out: &mut Vec<u8>,
+        on_message: &mut impl FnMut(MessagePart<'_>, &mut Vec<u8>),
+    ) -> Option<Closing> {
+        let mut pos = 0;
+        while self.closing.is_none() {
+            let (used, event) = match self.decoder.decode(&mut buf[pos..]) {
+                Ok(step) => step,
+                Err(e) => {
+                    let rule = match e {
+                        FrameError::ReservedBitsSet => "reserved bits set",
+                        FrameError::ReservedOpcode => "reserved opcode",
+                        FrameError::UnmaskedFrameFromClient => "unmasked frame from client",
+                        FrameError::ControlFrameTooLong => "control frame too long",
+                        FrameError::FragmentedControlFrame => "fragmented control frame",
+                        FrameError::InvalidLength => "invalid length",
+                        FrameError::UnexpectedContinuation => "unexpected continuation",
+                        FrameError::ExpectedContinuation => "expected continuation",
+                        FrameError::MessageTooBig { .. } => "message too big",
+                    };
+                    self.violation(e.close_code(), rule, out);
+                    break;
+                }
+            };
+            let base = pos;
+            pos += used;
+            match event {
+                None if used == 0 => break,
+                None => {}
+                Some(FrameEvent::Header(h)) => {
+                    self.opcode = h.opcode;
+                    self.fin = h.fin;
+                    match h.opcode {
+                        OpCode::Text | OpCode::Binary => {
+                            self.text = h.opcode == OpCode::Text;
+                            self.utf8 = Utf8Stream::default();
+                            on_message(MessagePart::Start(h.opcode), out);
+                        }
+                        OpCode::Continuation => {}
+                        OpCode::Close | OpCode::Ping | OpCode::Pong => self.control.clear(),
+                    }
+                }
+                Some(FrameEvent::Payload(r)) => {
+                    let bytes = &buf[base + r.start..base + r.end];
+                    if is_control(self.opcode) {
+                        self.control.extend_from_slice(bytes);
+                    } else if self.text && self.utf8.feed(bytes).is_err() {
+                        self.violation(close_code::INVALID_PAYLOAD, "text message is not UTF-8", out);
+                    } else {
+                        on_message(MessagePart::Chunk(bytes), out);
+                    }
+                }
+                Some(FrameEvent::FrameEnd) => self.frame_end(out, on_message),
+            }
+        }
+        self.closing
+    }
+
+    fn frame_end(&mut self, out: &mut Vec<u8>, on_message: &mut impl FnMut(MessagePart<'_>, &mut Vec<u8>)) {
+        match self.opcode {
+            OpCode::Ping => {
+                encode_frame(OpCode::Pong, &self.control, out);
+                self.control = Vec::new();
+            }
+            // Unsolicited pongs are allowed and mean nothing (§5.5.3).
+            OpCode::Pong => self.control = Vec::new(),
+            OpCode::Close => {
+                match parse_close_payload(&self.control) {
+                    Ok(None) => {
+                        // No code received: reply with an empty close.
+                        encode_frame(OpCode::Close, &[], out);
+                        self.closing = Some(Closing::PeerClosed { code: None });
+                    }
+                    Ok(Some((code, _))) => {
+                        encode_close(code, "", out);
+                        self.closing = Some(Closing::PeerClosed { code: Some(code) });
+                    }
+                    Err(CloseError::InvalidCloseCode) => {
+                        self.violation(close_code::PROTOCOL_ERROR, "invalid close code", out)
+                    }
+                    Err(CloseError::InvalidReasonUtf8) => {
+                        self.violation(close_code::INVALID_PAYLOAD, "close reason is not UTF-8", out)
+                    }
+                }
+                self.control = Vec::new();
+            }
+            OpCode::Text | OpCode::Binary | OpCode::Continuation => {
+                if !self.fin {
+                    return;
+                }
+                if self.text && self.utf8.finish().is_err() {
+                    self.violation(close_code::INVALID_PAYLOAD, "text message is not UTF-8", out);
+                    return;
+                }
+                on_message(MessagePart::End, out);
+            }
+        }
+    }
+
+    /// Ends the session from the server side: a close frame with `code`.
+    pub fn violation(&mut self, code: u16, rule: &'static str, out: &mut Vec<u8>) {
+        if self.closing.is_none() {
+            encode_close(code, "", out);
+            self.closing = Some(Closing::Violation { code, rule });
+        }
+    }
+}
+
+fn is_control(op: OpCode) -> bool {
+    matches!(op, OpCode::Close | OpCode::Ping | OpCode::Pong)
+}
+
+/// Appends one fragment of an echoed message: the first carries the
+/// message's opcode, later ones are continuations; `fin` ends the message.
+pub fn encode_fragment(first: bool, opcode: OpCode, fin: bool, payload: &[u8], out: &mut Vec<u8>) {
+    let op = if first { opcode } else { OpCode::Continuation };
+    let mut head = [0; WS_SERVER_HEAD_BYTES_MAX];
+    let head_len = encode_frame_head(fin, op, payload.len() as u64, &mut head);
+    out.reserve(head_len + payload.len());
+    out.extend_from_slice(&head[..head_len]);
+    out.extend_from_slice(payload);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1018,5 +1283,173 @@ mod tests {
             let chunk = 1 + (rng.next() % 8) as usize;
             let _ = decode_chunked(&mut FrameDecoder::new(rng.next() % 100), &input, chunk);
         }
+    }
+
+    // ---- ServerSession and Utf8Stream ----
+
+    fn masked(first_byte: u8, payload: &[u8]) -> Vec<u8> {
+        let mut f = vec![first_byte];
+        match payload.len() {
+            n if n <= 125 => f.push(0x80 | n as u8),
+            n if n <= 0xFFFF => {
+                f.push(0x80 | 126);
+                f.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                f.push(0x80 | 127);
+                f.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        f.extend_from_slice(&KEY);
+        f.extend(payload.iter().enumerate().map(|(i, b)| b ^ KEY[i % 4]));
+        f
+    }
+
+    /// Runs a session over `input` in chunks of `chunk` bytes; returns the
+    /// reassembled messages, the replies and how it ended.
+    fn run_session(input: &[u8], chunk: usize) -> (Vec<(OpCode, Vec<u8>)>, Vec<u8>, Option<Closing>) {
+        let mut session = ServerSession::new(WS_MESSAGE_BYTES_MAX);
+        let mut messages: Vec<(OpCode, Vec<u8>)> = Vec::new();
+        let mut out = Vec::new();
+        let mut current: Option<(OpCode, Vec<u8>)> = None;
+        let mut end = None;
+        for piece in input.chunks(chunk) {
+            let mut piece = piece.to_vec();
+            end = session.input(&mut piece, &mut out, &mut |part, _| match part {
+                MessagePart::Start(op) => current = Some((op, Vec::new())),
+                MessagePart::Chunk(b) => current.as_mut().unwrap().1.extend_from_slice(b),
+                MessagePart::End => messages.push(current.take().unwrap()),
+            });
+            if end.is_some() {
+                break;
+            }
+        }
+        (messages, out, end)
+    }
+
+    #[test]
+    fn utf8_stream_accepts_any_split_of_valid_text_and_fails_fast() {
+        let text = "aé€😀z".as_bytes();
+        for cut1 in 0..=text.len() {
+            for cut2 in cut1..=text.len() {
+                let mut v = Utf8Stream::default();
+                v.feed(&text[..cut1]).unwrap();
+                v.feed(&text[cut1..cut2]).unwrap();
+                v.feed(&text[cut2..]).unwrap();
+                v.finish().unwrap();
+            }
+        }
+        // An impossible second byte fails on that byte, not at the end.
+        let mut v = Utf8Stream::default();
+        v.feed(&[0xF4]).unwrap();
+        assert_eq!(v.feed(&[0x90]), Err(InvalidUtf8));
+        // A sequence left open at the end of the message fails at finish.
+        let mut v = Utf8Stream::default();
+        v.feed(&[b'a', 0xE2, 0x82]).unwrap();
+        assert_eq!(v.finish(), Err(InvalidUtf8));
+        // Surrogates and overlongs are invalid.
+        assert!(Utf8Stream::default().feed(&[0xED, 0xA0, 0x80]).is_err());
+        assert!(Utf8Stream::default().feed(&[0xC0, 0xAF]).is_err());
+    }
+
+    #[test]
+    fn fragmented_message_with_interleaved_ping_reassembles_whatever_the_chunking() {
+        let mut input = masked(0x01, b"Hel"); // text, no FIN
+        input.extend(masked(0x89, b"ping!")); // ping inside the message
+        input.extend(masked(0x00, "lo wörld".as_bytes())); // continuation, no FIN
+        input.extend(masked(0x80, b"")); // final empty continuation
+        input.extend(masked(0x8A, b"unsolicited")); // pong: ignored
+        input.extend(masked(0x82, &[0, 1, 2])); // binary
+        for chunk in [1, 2, 3, 7, input.len()] {
+            let (messages, out, end) = run_session(&input, chunk);
+            assert_eq!(end, None);
+            assert_eq!(
+                messages,
+                vec![(OpCode::Text, "Hello wörld".as_bytes().to_vec()), (OpCode::Binary, vec![0, 1, 2])],
+                "chunk {chunk}"
+            );
+            let mut pong = Vec::new();
+            encode_frame(OpCode::Pong, b"ping!", &mut pong);
+            assert_eq!(out, pong);
+        }
+    }
+
+    #[test]
+    fn invalid_utf8_fails_in_the_fragment_that_breaks_it() {
+        let mut input = masked(0x01, b"ok");
+        input.extend(masked(0x00, &[0xCE, 0xBA, 0xF4, 0x90])); // invalid here
+        let third = input.len();
+        input.extend(masked(0x80, b"never read"));
+        let mut session = ServerSession::new(WS_MESSAGE_BYTES_MAX);
+        let mut out = Vec::new();
+        let end = session.input(&mut input[..third].to_vec(), &mut out, &mut |_, _| {});
+        assert_eq!(
+            end,
+            Some(Closing::Violation { code: close_code::INVALID_PAYLOAD, rule: "text message is not UTF-8" })
+        );
+        assert_eq!(out, vec![0x88, 0x02, 0x03, 0xEF]);
+        // A text message ending inside a sequence fails at its end.
+        let (_, _, end) = run_session(&masked(0x81, &[b'a', 0xE2, 0x82]), 1);
+        assert!(matches!(end, Some(Closing::Violation { code: close_code::INVALID_PAYLOAD, .. })));
+    }
+
+    #[test]
+    fn close_handshake_rules() {
+        let cases: Vec<(Vec<u8>, Option<Closing>, Vec<u8>)> = vec![
+            (masked(0x88, &[]), Some(Closing::PeerClosed { code: None }), vec![0x88, 0x00]),
+            (masked(0x88, &[0x0F, 0xA0, b'x']), Some(Closing::PeerClosed { code: Some(4000) }), vec![0x88, 0x02, 0x0F, 0xA0]),
+            (
+                masked(0x88, &[0x03]),
+                Some(Closing::Violation { code: 1002, rule: "invalid close code" }),
+                vec![0x88, 0x02, 0x03, 0xEA],
+            ),
+            (
+                masked(0x88, &[0x03, 0xEE]),
+                Some(Closing::Violation { code: 1002, rule: "invalid close code" }),
+                vec![0x88, 0x02, 0x03, 0xEA],
+            ),
+            (
+                masked(0x88, &[0x03, 0xE8, 0xFF]),
+                Some(Closing::Violation { code: 1007, rule: "close reason is not UTF-8" }),
+                vec![0x88, 0x02, 0x03, 0xEF],
+            ),
+        ];
+        for (input, end, reply) in cases {
+            let (_, out, got) = run_session(&input, 1);
+            assert_eq!(got, end, "{input:?}");
+            assert_eq!(out, reply, "{input:?}");
+        }
+        // Nothing after a close is processed.
+        let mut input = masked(0x88, &[0x03, 0xE8]);
+        input.extend(masked(0x89, b"late ping"));
+        let (_, out, _) = run_session(&input, input.len());
+        assert_eq!(out, vec![0x88, 0x02, 0x03, 0xE8]);
+    }
+
+    #[test]
+    fn frame_errors_close_with_their_code() {
+        let cases: Vec<(Vec<u8>, u16)> = vec![
+            (vec![0x81, 0x02, b'h', b'i'], 1002),        // unmasked
+            (masked(0xC1, b"x"), 1002),                  // RSV1
+            (masked(0x83, b""), 1002),                   // reserved opcode
+            (masked(0x09, b""), 1002),                   // fragmented ping
+            (masked(0x89, &[0; 126]), 1002),             // control too long
+            (masked(0x80, b"x"), 1002),                  // continuation with nothing open
+            ([masked(0x01, b"a"), masked(0x81, b"b")].concat(), 1002), // expected continuation
+            (masked(0x82, &vec![0; WS_MESSAGE_BYTES_MAX as usize + 1]), 1009),
+        ];
+        for (input, code) in cases {
+            let (_, out, end) = run_session(&input, 3);
+            assert!(matches!(end, Some(Closing::Violation { code: c, .. }) if c == code), "{:?}", &input[..2]);
+            assert_eq!(&out[2..4], &code.to_be_bytes());
+        }
+    }
+
+    #[test]
+    fn echo_fragments_reassemble_to_the_message() {
+        let mut out = Vec::new();
+        encode_fragment(true, OpCode::Text, false, b"Hel", &mut out);
+        encode_fragment(false, OpCode::Text, true, b"lo", &mut out);
+        assert_eq!(out, vec![0x01, 0x03, b'H', b'e', b'l', 0x80, 0x02, b'l', b'o']);
     }
 }

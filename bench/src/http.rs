@@ -1,0 +1,292 @@
+//! The little HTTP/1.1 the client side needs: request heads for each
+//! transport, checking a response head, and `/healthz`.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use crate::cli::Transport;
+
+/// RFC 6455 §1.3's sample key and its `Sec-WebSocket-Accept` value. Every
+/// connection sends the same key: the server's work is the same, and the
+/// answer can be checked without a SHA-1 here.
+pub const WS_KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+pub const WS_ACCEPT: &str = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
+
+/// The request head that subscribes one connection to `channel`.
+pub fn subscribe_request(transport: Transport, host: &str, channel: &str) -> Vec<u8> {
+    match transport {
+        Transport::Ws => format!(
+            "GET /ws?channel={channel} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\n\
+             Connection: Upgrade\r\nSec-WebSocket-Key: {WS_KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        ),
+        Transport::Sse => format!(
+            "GET /events?channel={channel} HTTP/1.1\r\nHost: {host}\r\nAccept: text/event-stream\r\n\
+             Cache-Control: no-cache\r\n\r\n"
+        ),
+    }
+    .into_bytes()
+}
+
+/// Length of the response head including its final `\r\n\r\n`, once it is
+/// all in `buf`.
+pub fn head_len(buf: &[u8]) -> Option<usize> {
+    buf.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4)
+}
+
+/// The status code of a head's first line (`HTTP/1.1 101 Switching Protocols`).
+pub fn status_code(head: &[u8]) -> Option<u16> {
+    let line = head.split(|&b| b == b'\n').next()?;
+    let line = std::str::from_utf8(line).ok()?.trim_end_matches('\r');
+    let mut words = line.split(' ');
+    let version = words.next()?;
+    if !version.starts_with("HTTP/1.") {
+        return None;
+    }
+    let code = words.next()?;
+    if code.len() != 3 {
+        return None;
+    }
+    code.parse().ok()
+}
+
+/// The value of the first header called `name` (case-insensitive), trimmed.
+pub fn header<'a>(head: &'a [u8], name: &str) -> Option<&'a str> {
+    let text = std::str::from_utf8(head).ok()?;
+    text.split("\r\n").skip(1).find_map(|line| {
+        let (key, value) = line.split_once(':')?;
+        key.trim().eq_ignore_ascii_case(name).then(|| value.trim())
+    })
+}
+
+/// The first line of a head, for error messages (at most 100 chars).
+pub fn first_line(buf: &[u8]) -> String {
+    let line = buf.split(|&b| b == b'\n').next().unwrap_or(b"");
+    let text = String::from_utf8_lossy(line);
+    text.trim_end_matches('\r').chars().take(100).collect()
+}
+
+/// Checks that a complete response head accepts the subscription. The error
+/// is short and stable (it is used as a failure category).
+pub fn check_subscribe_response(transport: Transport, head: &[u8]) -> Result<(), String> {
+    let status =
+        status_code(head).ok_or_else(|| format!("malformed status line {:?}", first_line(head)))?;
+    match transport {
+        Transport::Ws => {
+            if status != 101 {
+                return Err(format!(
+                    "status {status} (want 101): {:?}",
+                    first_line(head)
+                ));
+            }
+            match header(head, "Sec-WebSocket-Accept") {
+                Some(WS_ACCEPT) => Ok(()),
+                Some(other) => Err(format!("101 with a wrong Sec-WebSocket-Accept {other:?}")),
+                None => Err("101 without Sec-WebSocket-Accept".into()),
+            }
+        }
+        Transport::Sse => {
+            if status != 200 {
+                return Err(format!(
+                    "status {status} (want 200): {:?}",
+                    first_line(head)
+                ));
+            }
+            match header(head, "Content-Type") {
+                Some(ct) if ct.to_ascii_lowercase().starts_with("text/event-stream") => Ok(()),
+                other => Err(format!(
+                    "200 with Content-Type {other:?}, not text/event-stream"
+                )),
+            }
+        }
+    }
+}
+
+/// Connections per core from a complete `/healthz` response, or `None` while
+/// `buf` does not hold all of it yet.
+pub fn parse_health(buf: &[u8]) -> Result<Option<Vec<u64>>, String> {
+    let Some(len) = head_len(buf) else {
+        return Ok(None);
+    };
+    let head = &buf[..len];
+    match status_code(head) {
+        Some(200) => {}
+        _ => return Err(format!("/healthz answered {:?}", first_line(head))),
+    }
+    let body = &buf[len..];
+    let body = match header(head, "Content-Length") {
+        Some(n) => {
+            let n: usize = n
+                .parse()
+                .map_err(|_| format!("/healthz Content-Length {n:?}"))?;
+            if body.len() < n {
+                return Ok(None);
+            }
+            &body[..n]
+        }
+        // No length: the body ends at EOF, which the caller signals by
+        // calling again with `eof`; see `healthz`.
+        None => return Ok(None),
+    };
+    parse_health_body(body).map(Some)
+}
+
+/// `{"status":"ok","connections_per_core":[a,b]}` → `[a, b]`.
+pub fn parse_health_body(body: &[u8]) -> Result<Vec<u64>, String> {
+    let v: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| format!("/healthz body is not JSON ({e}): {:?}", first_line(body)))?;
+    if v.get("status").and_then(|s| s.as_str()) != Some("ok") {
+        return Err(format!("/healthz status is not \"ok\": {v}"));
+    }
+    v.get("connections_per_core")
+        .and_then(|c| c.as_array())
+        .and_then(|a| a.iter().map(|n| n.as_u64()).collect::<Option<Vec<u64>>>())
+        .ok_or_else(|| format!("/healthz without a connections_per_core array of counts: {v}"))
+}
+
+/// Asks a server's `/healthz` for its connections per core.
+pub fn healthz(addr: SocketAddr, timeout: Duration) -> Result<Vec<u64>, String> {
+    let deadline = Instant::now() + timeout;
+    let mut s = TcpStream::connect_timeout(&addr, timeout)
+        .map_err(|e| format!("/healthz connect {addr}: {e}"))?;
+    s.set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    s.write_all(
+        format!("GET /healthz HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .map_err(|e| format!("/healthz send: {e}"))?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(counts) = parse_health(&buf)? {
+            return Ok(counts);
+        }
+        if Instant::now() >= deadline {
+            return Err(format!("/healthz: no complete answer within {timeout:?}"));
+        }
+        match s.read(&mut chunk) {
+            Ok(0) => {
+                // EOF: a body without Content-Length ends here.
+                return match head_len(&buf) {
+                    Some(len) => parse_health_body(&buf[len..]),
+                    None => Err(format!(
+                        "/healthz: connection closed after {} bytes",
+                        buf.len()
+                    )),
+                };
+            }
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) => return Err(format!("/healthz read: {e}")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const WS_OK: &[u8] =
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+        sec-websocket-accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n";
+    const SSE_OK: &[u8] =
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n\r\n";
+
+    #[test]
+    fn requests() {
+        let ws =
+            String::from_utf8(subscribe_request(Transport::Ws, "127.0.0.1:80", "idle-7")).unwrap();
+        assert!(ws.starts_with("GET /ws?channel=idle-7 HTTP/1.1\r\n"));
+        assert!(ws.contains("\r\nUpgrade: websocket\r\n"));
+        assert!(ws.contains("\r\nSec-WebSocket-Version: 13\r\n"));
+        assert!(ws.ends_with("\r\n\r\n") && head_len(ws.as_bytes()) == Some(ws.len()));
+        let sse = String::from_utf8(subscribe_request(Transport::Sse, "h", "idle-0")).unwrap();
+        assert!(sse.starts_with("GET /events?channel=idle-0 HTTP/1.1\r\nHost: h\r\n"));
+        assert!(sse.contains("\r\nAccept: text/event-stream\r\n"));
+        assert_eq!(head_len(sse.as_bytes()), Some(sse.len()));
+    }
+
+    #[test]
+    fn head_parsing() {
+        assert_eq!(head_len(b"HTTP/1.1 200 OK\r\n"), None);
+        assert_eq!(head_len(b"HTTP/1.1 200 OK\r\n\r\ndata: x\n\n"), Some(19));
+        assert_eq!(status_code(WS_OK), Some(101));
+        assert_eq!(
+            status_code(b"HTTP/1.0 503 Service Unavailable\r\n\r\n"),
+            Some(503)
+        );
+        assert_eq!(status_code(b"SSH-2.0-OpenSSH\r\n\r\n"), None);
+        assert_eq!(status_code(b"HTTP/1.1 20 OK\r\n\r\n"), None);
+        assert_eq!(header(WS_OK, "Sec-WebSocket-Accept"), Some(WS_ACCEPT));
+        assert_eq!(header(WS_OK, "upgrade"), Some("websocket"));
+        assert_eq!(header(WS_OK, "Content-Type"), None);
+        assert_eq!(first_line(WS_OK), "HTTP/1.1 101 Switching Protocols");
+    }
+
+    #[test]
+    fn subscribe_responses() {
+        assert_eq!(check_subscribe_response(Transport::Ws, WS_OK), Ok(()));
+        assert_eq!(check_subscribe_response(Transport::Sse, SSE_OK), Ok(()));
+        let refused = b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\n\r\n";
+        assert!(check_subscribe_response(Transport::Ws, refused)
+            .unwrap_err()
+            .starts_with("status 503"));
+        assert!(check_subscribe_response(Transport::Sse, refused)
+            .unwrap_err()
+            .starts_with("status 503"));
+        assert!(check_subscribe_response(Transport::Ws, SSE_OK)
+            .unwrap_err()
+            .starts_with("status 200"));
+        let bad_accept = b"HTTP/1.1 101 Switching Protocols\r\nSec-WebSocket-Accept: xyz\r\n\r\n";
+        assert!(check_subscribe_response(Transport::Ws, bad_accept)
+            .unwrap_err()
+            .contains("wrong"));
+        let no_accept = b"HTTP/1.1 101 Switching Protocols\r\n\r\n";
+        assert!(check_subscribe_response(Transport::Ws, no_accept).is_err());
+        let json = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n";
+        assert!(check_subscribe_response(Transport::Sse, json).is_err());
+        assert!(check_subscribe_response(Transport::Sse, b"garbage\r\n\r\n").is_err());
+    }
+
+    #[test]
+    fn health_responses() {
+        let body = "{\"status\":\"ok\",\"connections_per_core\":[5003,4998]}\n";
+        let full = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        assert_eq!(parse_health(full.as_bytes()), Ok(Some(vec![5003, 4998])));
+        // Incomplete: head only, or part of the body.
+        assert_eq!(parse_health(&full.as_bytes()[..20]), Ok(None));
+        assert_eq!(parse_health(&full.as_bytes()[..full.len() - 3]), Ok(None));
+        assert!(parse_health(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n").is_err());
+        assert!(parse_health_body(b"{\"status\":\"ok\"}").is_err());
+        assert!(parse_health_body(b"{\"status\":\"ok\",\"connections_per_core\":[1,-2]}").is_err());
+        assert!(
+            parse_health_body(b"{\"status\":\"draining\",\"connections_per_core\":[1]}").is_err()
+        );
+        assert!(parse_health_body(b"ok").is_err());
+    }
+
+    #[test]
+    fn healthz_against_a_tiny_server() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut buf = [0u8; 1024];
+            let n = s.read(&mut buf).unwrap();
+            assert!(buf[..n].starts_with(b"GET /healthz HTTP/1.1\r\n"));
+            let body = "{\"status\":\"ok\",\"connections_per_core\":[1,2]}\n";
+            // Head and body in separate writes; the socket stays open.
+            s.write_all(
+                format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len()).as_bytes(),
+            )
+            .unwrap();
+            std::thread::sleep(Duration::from_millis(20));
+            s.write_all(body.as_bytes()).unwrap();
+            std::thread::sleep(Duration::from_millis(200));
+        });
+        assert_eq!(healthz(addr, Duration::from_secs(5)), Ok(vec![1, 2]));
+        server.join().unwrap();
+    }
+}

@@ -1,0 +1,721 @@
+//! The idle scenario: open N subscribed connections that then say nothing,
+//! and measure what they cost the server.
+//!
+//! One thread, nonblocking sockets and one level-triggered epoll set. At most
+//! `--in-flight` handshakes run at once; a connection whose handshake is done
+//! leaves the epoll set (so the client adds no epoll entry per idle
+//! connection to the machine's Slab) and is only looked at again, with a
+//! peeking `recv`, at the end of the hold. They are closed with a reset, so
+//! that back-to-back runs do not measure each other's TIME_WAIT sockets.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::RawFd;
+use std::time::{Duration, Instant};
+
+use crate::cli::{IdleArgs, Server, Transport};
+use crate::gateway::Gateway;
+use crate::http;
+use crate::procfs;
+use crate::report::{Health, IdleReport};
+use crate::sys::{self, Epoll};
+
+/// A response head larger than this is a failure, not something to buffer.
+const HEAD_BYTES_MAX: usize = 16 * 1024;
+/// Descriptors the bench needs besides its client sockets.
+const SPARE_FDS: u64 = 64;
+const HEALTHZ_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the server may take to count the closed connections out.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+pub fn run(args: &IdleArgs) -> Result<IdleReport, String> {
+    let nofile = sys::raise_nofile_limit().map_err(|e| format!("RLIMIT_NOFILE: {e}"))?;
+    if args.connections + SPARE_FDS > nofile {
+        return Err(format!(
+            "--connections {} needs {} open files, and this process may open {nofile} \
+             (the hard RLIMIT_NOFILE): lower --connections or raise the limit",
+            args.connections,
+            args.connections + SPARE_FDS
+        ));
+    }
+
+    let server = args.server.server();
+    let mut gateway = None;
+    let (pid, target, cores) = match &server {
+        Server::Spawn {
+            bin,
+            cores,
+            extra_args,
+            stderr,
+            ready_timeout,
+        } => {
+            let g = Gateway::spawn(bin, *cores, extra_args, stderr.as_deref(), *ready_timeout)?;
+            let found = (g.pid(), g.ready.listen, Some(*cores));
+            eprintln!("bench: gateway pid {} ready on {}", g.pid(), g.ready.listen);
+            gateway = Some(g);
+            found
+        }
+        Server::Attach { pid, target } => (*pid, *target, None),
+    };
+    if let Some(ip) = args
+        .sources
+        .iter()
+        .find(|ip| ip.is_ipv4() != target.is_ipv4())
+    {
+        return Err(format!(
+            "source address {ip} and target {target} are different IP versions"
+        ));
+    }
+
+    // Connections the server counts before this run (its own /healthz
+    // request included, if it counts that).
+    let baseline = match http::healthz(target, HEALTHZ_TIMEOUT) {
+        Ok(per_core) => Some(per_core.iter().sum::<u64>()),
+        Err(e) if gateway.is_none() => {
+            eprintln!("bench: /healthz unavailable, the connection count is not checked: {e}");
+            None
+        }
+        Err(e) => return Err(e),
+    };
+    let unavailable_why = "the server had no /healthz before the run".to_string();
+    // Let the server finish with the /healthz connection before measuring.
+    std::thread::sleep(Duration::from_millis(200));
+    let rss_before = procfs::rss_bytes(pid).map_err(|e| e.to_string())?;
+    let slab_before = procfs::slab_bytes().map_err(|e| e.to_string())?;
+
+    let mut conns = Connector::new(args, target)?;
+    conns.run();
+    let connect_s = conns.connect_time().as_secs_f64();
+    eprintln!(
+        "bench: {} of {} open in {connect_s:.3} s; holding {} s",
+        conns.established.len(),
+        args.connections,
+        args.hold_s
+    );
+
+    std::thread::sleep(Duration::from_secs_f64(args.hold_s));
+    let (closed_during_hold, data_during_hold, peeked) = conns.check_alive();
+
+    let health = match baseline {
+        Some(baseline) => match http::healthz(target, HEALTHZ_TIMEOUT) {
+            Ok(per_core) => Health::Checked {
+                baseline,
+                total: per_core.iter().sum(),
+                per_core,
+            },
+            Err(e) => Health::Failed(e),
+        },
+        None => Health::Unavailable(unavailable_why),
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    if let Some(g) = gateway.as_mut() {
+        // A crashed gateway is a zombie without VmRSS: say what happened.
+        g.alive()
+            .map_err(|e| format!("{e} with {} connections open", conns.established.len()))?;
+    }
+    let rss_after = procfs::rss_bytes(pid).map_err(|e| format!("after the connections: {e}"))?;
+    let slab_after = procfs::slab_bytes().map_err(|e| e.to_string())?;
+
+    let mut report = IdleReport {
+        transport: args.transport,
+        server: if gateway.is_some() {
+            "spawned"
+        } else {
+            "attached"
+        },
+        pid,
+        target: target.to_string(),
+        cores,
+        channels: args.channels,
+        sources: args.sources.len(),
+        requested: args.connections,
+        open: conns.established.len() as u64,
+        failures: conns
+            .failures
+            .iter()
+            .map(|(k, (n, e))| (k.clone(), *n, e.clone()))
+            .collect(),
+        not_attempted: conns.not_attempted(),
+        connect_s,
+        rss_before,
+        rss_after,
+        slab_before,
+        slab_after,
+        health,
+        closed_during_hold,
+        data_during_hold,
+        bytes_after_head: conns.bytes_after_head + peeked,
+        healthz_baseline_after_close: None,
+        healthz_after_close: None,
+        rss_after_close: None,
+    };
+    conns.close_all();
+    // The server should let go of every connection: wait for its count to
+    // return to the baseline.
+    if let Some(baseline) = baseline {
+        let deadline = Instant::now() + CLOSE_GRACE;
+        loop {
+            let total = http::healthz(target, HEALTHZ_TIMEOUT)
+                .map(|c| c.iter().sum::<u64>())
+                .ok();
+            report.healthz_after_close = total;
+            if total == Some(baseline) || Instant::now() >= deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        report.healthz_baseline_after_close = Some(baseline);
+    }
+    report.rss_after_close = procfs::rss_bytes(pid).ok();
+    if let Some(mut g) = gateway {
+        g.stop();
+    }
+    Ok(report)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    Connecting,
+    Sending,
+    Reading,
+}
+
+impl Step {
+    fn name(self) -> &'static str {
+        match self {
+            Step::Connecting => "connecting",
+            Step::Sending => "sending the request",
+            Step::Reading => "waiting for the response head",
+        }
+    }
+}
+
+/// One connection whose handshake is under way.
+struct Handshake {
+    fd: RawFd,
+    step: Step,
+    /// The request while sending, then the response head as it arrives.
+    buf: Vec<u8>,
+    sent: usize,
+}
+
+enum Progress {
+    Pending,
+    /// Handshake done; this many bytes followed the response head.
+    Done(usize),
+    /// Failed: a category (counted) and an example (shown once).
+    Failed(String, String),
+}
+
+/// Opens the connections of one run and keeps them.
+struct Connector<'a> {
+    args: &'a IdleArgs,
+    target: SocketAddr,
+    host: String,
+    ep: Epoll,
+    /// Handshakes under way, by token (the connection's index).
+    inflight: HashMap<u64, Handshake>,
+    /// (start, token) in start order: the front is the oldest, for timeouts.
+    started: VecDeque<(Instant, u64)>,
+    next: u64,
+    pub established: Vec<RawFd>,
+    /// Failure category → (count, first example).
+    pub failures: BTreeMap<String, (u64, String)>,
+    pub bytes_after_head: u64,
+    first_start: Option<Instant>,
+    last_done: Option<Instant>,
+    /// No new connection is started after this (EMFILE and the like).
+    stop_starting: bool,
+}
+
+impl<'a> Connector<'a> {
+    fn new(args: &'a IdleArgs, target: SocketAddr) -> Result<Self, String> {
+        Ok(Connector {
+            args,
+            target,
+            host: target.to_string(),
+            ep: Epoll::new().map_err(|e| format!("epoll_create1: {e}"))?,
+            inflight: HashMap::new(),
+            started: VecDeque::new(),
+            next: 0,
+            established: Vec::with_capacity(args.connections as usize),
+            failures: BTreeMap::new(),
+            bytes_after_head: 0,
+            first_start: None,
+            last_done: None,
+            stop_starting: false,
+        })
+    }
+
+    fn fail(&mut self, category: String, example: String) {
+        let entry = self.failures.entry(category).or_insert((0, example));
+        entry.0 += 1;
+    }
+
+    fn failed(&self) -> u64 {
+        self.failures.values().map(|(n, _)| n).sum()
+    }
+
+    fn not_attempted(&self) -> u64 {
+        self.args.connections - self.next
+    }
+
+    /// From the first connect to the last completed handshake.
+    fn connect_time(&self) -> Duration {
+        match (self.first_start, self.last_done) {
+            (Some(a), Some(b)) => b - a,
+            _ => Duration::ZERO,
+        }
+    }
+
+    fn source(&self, i: u64) -> IpAddr {
+        self.args.sources[(i % self.args.sources.len() as u64) as usize]
+    }
+
+    /// Starts connection `i`.
+    fn start(&mut self, i: u64, now: Instant) {
+        let fd = match sys::start_connect(self.source(i), self.target) {
+            Ok(fd) => fd,
+            Err(e) => {
+                let category = match e.raw_os_error() {
+                    Some(libc::EMFILE) | Some(libc::ENFILE) => {
+                        self.stop_starting = true;
+                        format!("socket: {e}: out of descriptors")
+                    }
+                    Some(libc::EADDRNOTAVAIL) | Some(libc::EADDRINUSE) => {
+                        format!("connect: {e}: local ports exhausted, add --sources")
+                    }
+                    _ => format!("connect: {e}"),
+                };
+                let example = format!("connection {i} from {}", self.source(i));
+                self.fail(category, example);
+                return;
+            }
+        };
+        if let Err(e) = self
+            .ep
+            .add(fd, (libc::EPOLLOUT | libc::EPOLLRDHUP) as u32, i)
+        {
+            sys::close(fd);
+            self.fail(format!("epoll_ctl: {e}"), format!("connection {i}"));
+            return;
+        }
+        let channel = format!("idle-{}", i % self.args.channels);
+        let buf = http::subscribe_request(self.args.transport, &self.host, &channel);
+        self.inflight.insert(
+            i,
+            Handshake {
+                fd,
+                step: Step::Connecting,
+                buf,
+                sent: 0,
+            },
+        );
+        self.started.push_back((now, i));
+    }
+
+    /// The connect phase: returns when every connection is open or failed,
+    /// or at --connect-timeout-s.
+    fn run(&mut self) {
+        let args = self.args;
+        let start = Instant::now();
+        self.first_start = Some(start);
+        let deadline = start + Duration::from_secs_f64(args.connect_timeout_s);
+        let handshake_timeout = Duration::from_secs_f64(args.handshake_timeout_s);
+        let mut events: Vec<libc::epoll_event> = Vec::with_capacity(1024);
+        let mut last_progress = start;
+        let mut open_at_last_progress = 0u64;
+        loop {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            while !self.stop_starting
+                && self.next < args.connections
+                && (self.inflight.len() as u64) < args.in_flight
+            {
+                self.start(self.next, now);
+                self.next += 1;
+            }
+            if self.inflight.is_empty() && (self.next == args.connections || self.stop_starting) {
+                break;
+            }
+            // Handshakes past their time, oldest first.
+            while let Some(&(t, token)) = self.started.front() {
+                if now.duration_since(t) < handshake_timeout {
+                    break;
+                }
+                self.started.pop_front();
+                if let Some(h) = self.inflight.remove(&token) {
+                    sys::close(h.fd);
+                    self.fail(
+                        format!(
+                            "no answer within --handshake-timeout-s {} s ({})",
+                            args.handshake_timeout_s,
+                            h.step.name()
+                        ),
+                        format!(
+                            "connection {token}: {} bytes of response",
+                            if h.step == Step::Reading {
+                                h.buf.len()
+                            } else {
+                                0
+                            }
+                        ),
+                    );
+                }
+            }
+            let wait_ms = deadline
+                .saturating_duration_since(now)
+                .as_millis()
+                .clamp(1, 100) as i32;
+            if let Err(e) = self.ep.wait(&mut events, wait_ms) {
+                self.fail(format!("epoll_wait: {e}"), String::new());
+                break;
+            }
+            for ev in events.iter() {
+                let (token, flags) = (ev.u64, ev.events);
+                let Some(h) = self.inflight.get_mut(&token) else {
+                    continue;
+                };
+                let progress = advance(h, flags, &self.ep, token, args.transport);
+                match progress {
+                    Progress::Pending => {}
+                    Progress::Done(extra) => {
+                        let h = self.inflight.remove(&token).expect("present");
+                        // Out of the epoll set: an idle connection costs the
+                        // client nothing but its socket.
+                        let _ = self.ep.delete(h.fd);
+                        self.established.push(h.fd);
+                        self.bytes_after_head += extra as u64;
+                        self.last_done = Some(Instant::now());
+                    }
+                    Progress::Failed(category, example) => {
+                        let h = self.inflight.remove(&token).expect("present");
+                        sys::close(h.fd);
+                        self.fail(category, format!("connection {token}: {example}"));
+                    }
+                }
+            }
+            let now = Instant::now();
+            if now.duration_since(last_progress) >= Duration::from_secs(1) {
+                let open = self.established.len() as u64;
+                let since = now.duration_since(last_progress).as_secs_f64();
+                eprintln!(
+                    "bench: idle {}: {open}/{} open, {} failed, {} in flight, {:.0}/s now, {:.0}/s average",
+                    args.transport.name(),
+                    args.connections,
+                    self.failed(),
+                    self.inflight.len(),
+                    (open - open_at_last_progress) as f64 / since,
+                    open as f64 / now.duration_since(start).as_secs_f64()
+                );
+                last_progress = now;
+                open_at_last_progress = open;
+            }
+        }
+        // Whatever is still under way at the deadline failed.
+        let left: Vec<(u64, Handshake)> = self.inflight.drain().collect();
+        for (token, h) in left {
+            sys::close(h.fd);
+            self.fail(
+                format!(
+                    "unfinished at --connect-timeout-s {} s ({})",
+                    args.connect_timeout_s,
+                    h.step.name()
+                ),
+                format!("connection {token}"),
+            );
+        }
+        self.started.clear();
+        if self.last_done.is_none() {
+            self.last_done = Some(Instant::now());
+        }
+    }
+
+    /// After the hold: how many open connections the server closed or reset,
+    /// how many have bytes waiting, and how many bytes (peeked, up to 4 KiB each).
+    fn check_alive(&self) -> (u64, u64, u64) {
+        let (mut closed, mut with_data, mut bytes) = (0, 0, 0);
+        let mut buf = [0u8; 4096];
+        for &fd in &self.established {
+            match sys::recv(fd, &mut buf, libc::MSG_PEEK | libc::MSG_DONTWAIT) {
+                Ok(0) => closed += 1,
+                Ok(n) => {
+                    with_data += 1;
+                    bytes += n as u64;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => closed += 1,
+            }
+        }
+        (closed, with_data, bytes)
+    }
+
+    /// Resets every open connection (see `sys::close_abortive`).
+    fn close_all(&mut self) {
+        for fd in self.established.drain(..) {
+            sys::close_abortive(fd);
+        }
+    }
+}
+
+impl Drop for Connector<'_> {
+    fn drop(&mut self) {
+        self.close_all();
+        for (_, h) in self.inflight.drain() {
+            sys::close(h.fd);
+        }
+    }
+}
+
+/// Moves one handshake on after epoll reported `flags` for it.
+fn advance(
+    h: &mut Handshake,
+    flags: u32,
+    ep: &Epoll,
+    token: u64,
+    transport: Transport,
+) -> Progress {
+    if h.step == Step::Connecting {
+        if let Some(e) = sys::socket_error(h.fd) {
+            return Progress::Failed(format!("connect: {e}"), String::new());
+        }
+        if flags & libc::EPOLLOUT as u32 == 0 {
+            // Woken by EPOLLRDHUP/ERR/HUP without a pending error.
+            return Progress::Failed(
+                "connect: hung up while connecting".into(),
+                format!("events {flags:#x}"),
+            );
+        }
+        h.step = Step::Sending;
+    }
+    if h.step == Step::Sending {
+        while h.sent < h.buf.len() {
+            match sys::send(h.fd, &h.buf[h.sent..]) {
+                Ok(n) => h.sent += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Progress::Pending,
+                Err(e) => return Progress::Failed(format!("send: {e}"), String::new()),
+            }
+        }
+        h.buf = Vec::with_capacity(512);
+        h.step = Step::Reading;
+        if let Err(e) = ep.modify(h.fd, (libc::EPOLLIN | libc::EPOLLRDHUP) as u32, token) {
+            return Progress::Failed(format!("epoll_ctl: {e}"), String::new());
+        }
+        // Level-triggered: epoll reports the answer when it is there.
+        return Progress::Pending;
+    }
+    let mut chunk = [0u8; 4096];
+    loop {
+        match sys::recv(h.fd, &mut chunk, 0) {
+            Ok(0) => {
+                return Progress::Failed(
+                    "closed before a complete response head".into(),
+                    format!(
+                        "{} bytes received: {:?}",
+                        h.buf.len(),
+                        http::first_line(&h.buf)
+                    ),
+                )
+            }
+            Ok(n) => {
+                h.buf.extend_from_slice(&chunk[..n]);
+                if let Some(len) = http::head_len(&h.buf) {
+                    return match http::check_subscribe_response(transport, &h.buf[..len]) {
+                        Ok(()) => Progress::Done(h.buf.len() - len),
+                        Err(e) => Progress::Failed(e, head_excerpt(&h.buf[..len])),
+                    };
+                }
+                if h.buf.len() > HEAD_BYTES_MAX {
+                    return Progress::Failed(
+                        format!("response head over {HEAD_BYTES_MAX} bytes"),
+                        http::first_line(&h.buf),
+                    );
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Progress::Pending,
+            Err(e) => {
+                return Progress::Failed(
+                    format!("recv: {e}"),
+                    format!(
+                        "{} bytes received: {:?}",
+                        h.buf.len(),
+                        http::first_line(&h.buf)
+                    ),
+                )
+            }
+        }
+    }
+}
+
+/// The head of a refused response on one line, short, for the failure example.
+fn head_excerpt(head: &[u8]) -> String {
+    let text = String::from_utf8_lossy(&head[..head.len().min(300)]).into_owned();
+    text.trim_end().replace("\r\n", " | ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::{Cli, Scenario};
+    use clap::Parser;
+    use std::io::{Read, Write};
+    use std::net::TcpListener;
+
+    fn args(target: SocketAddr, extra: &[&str]) -> IdleArgs {
+        let target = target.to_string();
+        let mut all = vec![
+            "bench",
+            "idle",
+            "--pid",
+            "1",
+            "--target",
+            &target,
+            "--in-flight",
+            "8",
+        ];
+        all.extend_from_slice(extra);
+        match Cli::try_parse_from(all).unwrap().scenario {
+            Scenario::Idle(a) => a,
+        }
+    }
+
+    /// Accepts `n` connections, reads each request head and answers it with
+    /// `answer(index, head)` (`None`: close without a word); keeps the
+    /// sockets open until the returned handle is joined after `done`.
+    fn fake_server(
+        n: usize,
+        answer: fn(usize, &str) -> Option<String>,
+    ) -> (
+        SocketAddr,
+        std::sync::mpsc::Sender<()>,
+        std::thread::JoinHandle<Vec<String>>,
+    ) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let handle = std::thread::spawn(move || {
+            let mut keep = Vec::new();
+            let mut heads = Vec::new();
+            for i in 0..n {
+                let (mut s, _) = listener.accept().unwrap();
+                let mut head = Vec::new();
+                let mut b = [0u8; 1024];
+                while http::head_len(&head).is_none() {
+                    let k = s.read(&mut b).unwrap();
+                    assert!(k > 0);
+                    head.extend_from_slice(&b[..k]);
+                }
+                let head = String::from_utf8(head).unwrap();
+                if let Some(resp) = answer(i, &head) {
+                    s.write_all(resp.as_bytes()).unwrap();
+                    keep.push(s);
+                }
+                heads.push(head);
+            }
+            let _ = done_rx.recv();
+            heads
+        });
+        (addr, done_tx, handle)
+    }
+
+    const WS_101: &str =
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+        Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n";
+
+    #[test]
+    fn opens_every_connection_and_subscribes_round_robin() {
+        let (addr, done, server) = fake_server(50, |_, _| Some(WS_101.to_string()));
+        let a = args(addr, &["--connections", "50", "--channels", "7"]);
+        let mut c = Connector::new(&a, addr).unwrap();
+        c.run();
+        assert_eq!(c.established.len(), 50);
+        assert!(c.failures.is_empty(), "{:?}", c.failures);
+        assert_eq!(c.not_attempted(), 0);
+        assert_eq!(c.check_alive(), (0, 0, 0));
+        c.close_all();
+        done.send(()).unwrap();
+        let heads = server.join().unwrap();
+        // The server saw them in connect order (at most 8 in flight, but
+        // accepted in order); every channel idle-0..6 is used.
+        for ch in 0..7 {
+            let line = format!("GET /ws?channel=idle-{ch} HTTP/1.1\r\n");
+            assert!(heads.iter().any(|h| h.starts_with(&line)), "no {line:?}");
+        }
+        assert!(heads.iter().all(|h| h.contains("Sec-WebSocket-Key: ")));
+    }
+
+    #[test]
+    fn counts_refusals_and_closes_by_reason() {
+        let (addr, done, server) = fake_server(30, |i, _| match i % 3 {
+            0 => Some(WS_101.to_string()),
+            1 => Some(
+                "HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Length: 0\r\n\r\n"
+                    .into(),
+            ),
+            _ => None,
+        });
+        let a = args(addr, &["--connections", "30"]);
+        let mut c = Connector::new(&a, addr).unwrap();
+        c.run();
+        assert_eq!(c.established.len(), 10);
+        let failures: Vec<(&str, u64)> = c
+            .failures
+            .iter()
+            .map(|(k, (n, _))| (k.as_str(), *n))
+            .collect();
+        assert_eq!(
+            failures,
+            vec![
+                ("closed before a complete response head", 10),
+                (
+                    "status 503 (want 101): \"HTTP/1.1 503 Service Unavailable\"",
+                    10
+                ),
+            ]
+        );
+        done.send(()).unwrap();
+        server.join().unwrap();
+        // The server is gone: every open connection now reads as closed.
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(c.check_alive().0, 10);
+    }
+
+    #[test]
+    fn sse_and_a_refused_port() {
+        let (addr, done, server) = fake_server(5, |_, head| {
+            assert!(head.starts_with("GET /events?channel=idle-"));
+            assert!(head.contains("\r\nAccept: text/event-stream\r\n"));
+            Some("HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\n: hi\n\n".into())
+        });
+        let a = args(addr, &["--connections", "5", "--transport", "sse"]);
+        let mut c = Connector::new(&a, addr).unwrap();
+        c.run();
+        assert_eq!(c.established.len(), 5);
+        // The comment arrives with the head (counted then) or after it
+        // (peeked at the end of the hold): 6 bytes per connection either way.
+        std::thread::sleep(Duration::from_millis(50));
+        let (closed, _, peeked) = c.check_alive();
+        assert_eq!(closed, 0);
+        assert_eq!(c.bytes_after_head + peeked, 5 * 6);
+        done.send(()).unwrap();
+        server.join().unwrap();
+
+        let closed = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let a = args(closed, &["--connections", "3"]);
+        let mut c = Connector::new(&a, closed).unwrap();
+        c.run();
+        assert!(c.established.is_empty());
+        let (reason, (n, _)) = c.failures.iter().next().unwrap();
+        assert!(
+            reason.starts_with("connect: Connection refused"),
+            "{reason}"
+        );
+        assert_eq!(*n, 3);
+    }
+}

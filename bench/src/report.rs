@@ -1,0 +1,439 @@
+//! The idle scenario's figures: the per-connection arithmetic, the human
+//! table and the one-line JSON.
+
+use std::fmt::Write as _;
+
+use serde_json::{json, Value};
+
+use crate::cli::Transport;
+
+/// `(after - before) / n` in bytes, signed (memory can shrink), `None` for
+/// no connections.
+pub fn per_conn(before: u64, after: u64, n: u64) -> Option<f64> {
+    (n > 0).then(|| (after as f64 - before as f64) / n as f64)
+}
+
+/// Events per second, `None` when no time passed.
+pub fn rate(n: u64, secs: f64) -> Option<f64> {
+    (secs > 0.0).then(|| n as f64 / secs)
+}
+
+/// Rounds to one decimal (what the JSON carries).
+pub fn round1(x: f64) -> f64 {
+    (x * 10.0).round() / 10.0
+}
+
+/// What `/healthz` said after the connections were open.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Health {
+    /// `total` connections now (per core in `per_core`); `baseline` is what
+    /// it reported before any bench connection was opened. Both counts include
+    /// whatever the server counts of the asking connection itself, so
+    /// `total == baseline + open` is the check.
+    Checked {
+        baseline: u64,
+        total: u64,
+        per_core: Vec<u64>,
+    },
+    /// Not checked (an attached server without `/healthz`), and why.
+    Unavailable(String),
+    /// `/healthz` answered before the run but not after it: an error.
+    Failed(String),
+}
+
+impl Health {
+    pub fn expected(&self, open: u64) -> Option<u64> {
+        match self {
+            Health::Checked { baseline, .. } => Some(baseline + open),
+            Health::Unavailable(_) | Health::Failed(_) => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct IdleReport {
+    pub transport: Transport,
+    /// "spawned" or "attached".
+    pub server: &'static str,
+    pub pid: u32,
+    pub target: String,
+    /// Cores the spawned gateway was given (`None` when attached).
+    pub cores: Option<u32>,
+    pub channels: u64,
+    pub sources: usize,
+    pub requested: u64,
+    /// Connections whose handshake succeeded (the divisor of every per-connection figure).
+    pub open: u64,
+    /// Handshakes that failed, by reason, with one example each.
+    pub failures: Vec<(String, u64, String)>,
+    /// Connections not even attempted before --connect-timeout-s.
+    pub not_attempted: u64,
+    /// From the first connect to the last completed handshake.
+    pub connect_s: f64,
+    pub rss_before: u64,
+    pub rss_after: u64,
+    pub slab_before: u64,
+    pub slab_after: u64,
+    pub health: Health,
+    /// Open connections the server had closed (or reset) by the end of the hold.
+    pub closed_during_hold: u64,
+    /// Open connections that had unexpected bytes waiting at the end of the hold.
+    pub data_during_hold: u64,
+    /// Bytes received after response heads (idle connections should get none).
+    pub bytes_after_head: u64,
+    /// After the bench closed its connections: the count `/healthz` should
+    /// return to (the baseline), and what it said last (`None`: not asked,
+    /// or no answer).
+    pub healthz_baseline_after_close: Option<u64>,
+    pub healthz_after_close: Option<u64>,
+    /// Server RSS after the connections were closed.
+    pub rss_after_close: Option<u64>,
+}
+
+impl IdleReport {
+    pub fn failed(&self) -> u64 {
+        self.failures.iter().map(|(_, n, _)| n).sum()
+    }
+
+    pub fn rss_per_conn(&self) -> Option<f64> {
+        per_conn(self.rss_before, self.rss_after, self.open)
+    }
+
+    pub fn slab_per_conn(&self) -> Option<f64> {
+        per_conn(self.slab_before, self.slab_after, self.open)
+    }
+
+    pub fn connects_per_s(&self) -> Option<f64> {
+        rate(self.open, self.connect_s)
+    }
+
+    /// Everything that makes the run's figures suspect; empty means clean.
+    pub fn errors(&self) -> Vec<String> {
+        let mut errors = Vec::new();
+        if self.open < self.requested {
+            errors.push(format!(
+                "{} of {} connections not open ({} failed, {} not attempted before --connect-timeout-s)",
+                self.requested - self.open,
+                self.requested,
+                self.failed(),
+                self.not_attempted
+            ));
+        }
+        for (reason, n, example) in &self.failures {
+            errors.push(format!("{n} × {reason} (e.g. {example})"));
+        }
+        if let Health::Checked {
+            baseline,
+            total,
+            per_core,
+        } = &self.health
+        {
+            let expected = baseline + self.open;
+            if *total != expected {
+                errors.push(format!(
+                    "/healthz counts {total} connections {per_core:?}, expected {expected} \
+                     ({baseline} before the run + {} open)",
+                    self.open
+                ));
+            }
+        }
+        if let Health::Failed(why) = &self.health {
+            errors.push(format!(
+                "/healthz failed after the connections were open: {why}"
+            ));
+        }
+        if self.closed_during_hold > 0 {
+            errors.push(format!(
+                "{} open connections were closed by the server during the hold",
+                self.closed_during_hold
+            ));
+        }
+        if let Some(baseline) = self.healthz_baseline_after_close {
+            match self.healthz_after_close {
+                Some(n) if n == baseline => {}
+                Some(n) => errors.push(format!(
+                    "/healthz still counts {n} connections after the bench closed them all (expected {baseline})"
+                )),
+                None => errors.push("/healthz did not answer after the connections were closed".into()),
+            }
+        }
+        if self.data_during_hold > 0 {
+            errors.push(format!(
+                "{} idle connections received data ({} bytes after the response heads)",
+                self.data_during_hold, self.bytes_after_head
+            ));
+        }
+        errors
+    }
+
+    pub fn table(&self) -> String {
+        let mut t = String::new();
+        let opt = |x: Option<f64>, digits: usize| {
+            x.map_or_else(|| "-".to_string(), |v| format!("{v:.digits$}"))
+        };
+        let server = match self.cores {
+            Some(c) => format!(
+                "spawned gateway pid {} at {}, {c} cores",
+                self.pid, self.target
+            ),
+            None => format!("attached server pid {} at {}", self.pid, self.target),
+        };
+        let _ = writeln!(t, "idle {}: {server}", self.transport.name());
+        let _ = writeln!(
+            t,
+            "  {:<26} {} of {} ({} failed), {} channels, {} source address(es)",
+            "connections open",
+            self.open,
+            self.requested,
+            self.failed(),
+            self.channels,
+            self.sources
+        );
+        let _ = writeln!(t, "  {:<26} {:.3} s", "connect time", self.connect_s);
+        let _ = writeln!(
+            t,
+            "  {:<26} {}",
+            "connects/s",
+            opt(self.connects_per_s(), 0)
+        );
+        let _ = writeln!(
+            t,
+            "  {:<26} {}",
+            "server RSS before",
+            bytes(self.rss_before)
+        );
+        let _ = writeln!(t, "  {:<26} {}", "server RSS after", bytes(self.rss_after));
+        let _ = writeln!(
+            t,
+            "  {:<26} {} B",
+            "RSS / connection (user)",
+            opt(self.rss_per_conn(), 1)
+        );
+        let _ = writeln!(t, "  {:<26} {}", "Slab before", bytes(self.slab_before));
+        let _ = writeln!(t, "  {:<26} {}", "Slab after", bytes(self.slab_after));
+        let _ = writeln!(
+            t,
+            "  {:<26} {} B   (whole machine: on loopback this includes the client's end)",
+            "Slab / connection (kernel)",
+            opt(self.slab_per_conn(), 1)
+        );
+        let health =
+            match &self.health {
+                Health::Checked {
+                    baseline,
+                    total,
+                    per_core,
+                } => format!(
+                "{total} connections {per_core:?} (expected {} = {baseline} before + {} open){}",
+                baseline + self.open,
+                self.open,
+                if *total == baseline + self.open { " ok" } else { " MISMATCH" }
+            ),
+                Health::Unavailable(why) => format!("not checked: {why}"),
+                Health::Failed(why) => format!("FAILED: {why}"),
+            };
+        let _ = writeln!(t, "  {:<26} {health}", "/healthz");
+        let _ = writeln!(
+            t,
+            "  {:<26} {} closed, {} with data",
+            "during the hold", self.closed_during_hold, self.data_during_hold
+        );
+        if let Some(b) = self.healthz_baseline_after_close {
+            let now = self
+                .healthz_after_close
+                .map_or("no answer".to_string(), |n| n.to_string());
+            let _ = writeln!(t, "  {:<26} /healthz {now} (expected {b})", "after close");
+        }
+        if let Some(rss) = self.rss_after_close {
+            let _ = writeln!(t, "  {:<26} {}", "server RSS after close", bytes(rss));
+        }
+        for e in self.errors() {
+            let _ = writeln!(t, "  ERROR: {e}");
+        }
+        t
+    }
+
+    pub fn json(&self) -> Value {
+        let failures: serde_json::Map<String, Value> = self
+            .failures
+            .iter()
+            .map(|(reason, n, _)| (reason.clone(), json!(n)))
+            .collect();
+        let (health_total, health_expected, health_per_core) = match &self.health {
+            Health::Checked {
+                total, per_core, ..
+            } => (
+                json!(total),
+                json!(self.health.expected(self.open)),
+                json!(per_core),
+            ),
+            Health::Unavailable(_) | Health::Failed(_) => (Value::Null, Value::Null, Value::Null),
+        };
+        let errors = self.errors();
+        json!({
+            "scenario": "idle",
+            "transport": self.transport.name(),
+            "server": self.server,
+            "pid": self.pid,
+            "cores": self.cores,
+            "channels": self.channels,
+            "connections": self.requested,
+            "connections_open": self.open,
+            "connections_failed": self.failed(),
+            "connect_s": (self.connect_s * 1000.0).round() / 1000.0,
+            "connects_per_s": self.connects_per_s().map(|r| r.round()),
+            "rss_before_bytes": self.rss_before,
+            "rss_after_bytes": self.rss_after,
+            "rss_bytes_per_conn": self.rss_per_conn().map(round1),
+            "slab_before_bytes": self.slab_before,
+            "slab_after_bytes": self.slab_after,
+            "slab_bytes_per_conn": self.slab_per_conn().map(round1),
+            "healthz_connections": health_total,
+            "healthz_expected": health_expected,
+            "healthz_per_core": health_per_core,
+            "closed_during_hold": self.closed_during_hold,
+            "healthz_after_close": self.healthz_after_close,
+            "rss_after_close_bytes": self.rss_after_close,
+            "failures": failures,
+            "ok": errors.is_empty(),
+            "errors": errors,
+        })
+    }
+}
+
+/// `12,345,678 B (11.8 MiB)`.
+fn bytes(n: u64) -> String {
+    let digits = n.to_string();
+    let mut grouped = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            grouped.push(',');
+        }
+        grouped.push(c);
+    }
+    format!("{grouped} B ({:.1} MiB)", n as f64 / (1024.0 * 1024.0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report() -> IdleReport {
+        IdleReport {
+            transport: Transport::Ws,
+            server: "spawned",
+            pid: 42,
+            target: "127.0.0.1:1234".into(),
+            cores: Some(2),
+            channels: 100,
+            sources: 1,
+            requested: 10_000,
+            open: 10_000,
+            failures: vec![],
+            not_attempted: 0,
+            connect_s: 2.5,
+            rss_before: 4_000_000,
+            rss_after: 11_000_000,
+            slab_before: 200_000_000,
+            slab_after: 290_000_000,
+            health: Health::Checked {
+                baseline: 1,
+                total: 10_001,
+                per_core: vec![5_001, 5_000],
+            },
+            closed_during_hold: 0,
+            data_during_hold: 0,
+            bytes_after_head: 0,
+            healthz_baseline_after_close: Some(1),
+            healthz_after_close: Some(1),
+            rss_after_close: Some(9_000_000),
+        }
+    }
+
+    #[test]
+    fn per_connection_arithmetic() {
+        assert_eq!(per_conn(1_000, 8_000, 10), Some(700.0));
+        assert_eq!(
+            per_conn(8_000, 1_000, 10),
+            Some(-700.0),
+            "memory can shrink"
+        );
+        assert_eq!(per_conn(1, 2, 0), None);
+        assert_eq!(per_conn(0, 7, 2), Some(3.5));
+        assert_eq!(rate(10_000, 2.5), Some(4_000.0));
+        assert_eq!(rate(10, 0.0), None);
+        assert_eq!(round1(703.66), 703.7);
+        assert_eq!(round1(-0.04), -0.0);
+    }
+
+    #[test]
+    fn clean_run() {
+        let r = report();
+        assert_eq!(r.rss_per_conn(), Some(700.0));
+        assert_eq!(r.slab_per_conn(), Some(9_000.0));
+        assert!(r.errors().is_empty(), "{:?}", r.errors());
+        let j = r.json();
+        assert_eq!(j["scenario"], "idle");
+        assert_eq!(j["transport"], "ws");
+        assert_eq!(j["connections"], 10_000);
+        assert_eq!(j["connects_per_s"], 4_000.0);
+        assert_eq!(j["rss_bytes_per_conn"], 700.0);
+        assert_eq!(j["slab_bytes_per_conn"], 9_000.0);
+        assert_eq!(j["healthz_connections"], 10_001);
+        assert_eq!(j["ok"], true);
+        // One line.
+        assert!(!j.to_string().contains('\n'));
+        let t = r.table();
+        assert!(
+            t.contains("700.0 B") && t.contains("4000") && t.contains(" ok"),
+            "{t}"
+        );
+        assert!(t.contains("11,000,000 B"), "{t}");
+    }
+
+    #[test]
+    fn failures_and_mismatches_are_errors() {
+        let mut r = report();
+        r.open = 9_990;
+        r.failures = vec![(
+            "status 503 (want 101)".into(),
+            10,
+            "HTTP/1.1 503 Service Unavailable".into(),
+        )];
+        r.health = Health::Checked {
+            baseline: 1,
+            total: 9_995,
+            per_core: vec![5_000, 4_995],
+        };
+        r.closed_during_hold = 3;
+        r.healthz_after_close = Some(2);
+        let errors = r.errors();
+        assert_eq!(errors.len(), 5, "{errors:?}");
+        assert!(errors[4].contains("still counts 2"), "{}", errors[4]);
+        assert!(errors[0].starts_with("10 of 10000 connections not open (10 failed"));
+        assert!(errors[2].contains("expected 9991"), "{}", errors[2]);
+        let j = r.json();
+        assert_eq!(j["ok"], false);
+        assert_eq!(j["connections_failed"], 10);
+        assert_eq!(j["failures"]["status 503 (want 101)"], 10);
+        assert!(r.table().contains("MISMATCH"));
+    }
+
+    #[test]
+    fn attached_server_without_healthz() {
+        let mut r = report();
+        r.cores = None;
+        r.server = "attached";
+        r.health = Health::Unavailable("connection refused".into());
+        assert!(r.errors().is_empty());
+        assert_eq!(r.json()["healthz_connections"], Value::Null);
+        assert!(r.table().contains("not checked: connection refused"));
+    }
+
+    #[test]
+    fn byte_formatting() {
+        assert_eq!(bytes(0), "0 B (0.0 MiB)");
+        assert_eq!(bytes(1_048_576), "1,048,576 B (1.0 MiB)");
+        assert_eq!(bytes(123), "123 B (0.0 MiB)");
+    }
+}

@@ -1,0 +1,356 @@
+//! Thin wrappers over the libc calls the client side uses: nonblocking
+//! sockets, epoll and the open-files limit.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::RawFd;
+
+/// Raises the soft RLIMIT_NOFILE to the hard limit; returns the soft limit now
+/// in force.
+pub fn raise_nofile_limit() -> io::Result<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: get/setrlimit with a valid pointer to a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let want = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            lim = want;
+        }
+    }
+    Ok(lim.rlim_cur)
+}
+
+/// A socket address in the form connect(2) and bind(2) take.
+pub fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: sockaddr_storage is plain data; all-zero is a valid value.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match addr {
+        SocketAddr::V4(a) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(a.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
+            unsafe { std::ptr::write(&mut storage as *mut _ as *mut libc::sockaddr_in, sin) };
+            std::mem::size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(a) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: a.port().to_be(),
+                sin6_flowinfo: a.flowinfo(),
+                sin6_addr: libc::in6_addr {
+                    s6_addr: a.ip().octets(),
+                },
+                sin6_scope_id: a.scope_id(),
+            };
+            // SAFETY: as above, for sockaddr_in6.
+            unsafe { std::ptr::write(&mut storage as *mut _ as *mut libc::sockaddr_in6, sin6) };
+            std::mem::size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (storage, len as libc::socklen_t)
+}
+
+fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+pub fn close(fd: RawFd) {
+    // SAFETY: closing a descriptor this module handed out and nobody else uses.
+    unsafe {
+        libc::close(fd);
+    }
+}
+
+/// Closes with a reset (SO_LINGER 0): no TIME_WAIT socket is left behind in
+/// the kernel's slab, or holding a local port, for the next run.
+pub fn close_abortive(fd: RawFd) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt with a local struct of the stated size, then close.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            &linger as *const _ as *const libc::c_void,
+            std::mem::size_of_val(&linger) as libc::socklen_t,
+        );
+    }
+    close(fd);
+}
+
+/// Starts a nonblocking connect from `source` (any port) to `target`.
+/// Returns the socket; the connect completes when it turns writable.
+pub fn start_connect(source: IpAddr, target: SocketAddr) -> io::Result<RawFd> {
+    let domain = if target.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    // SAFETY: plain syscalls on a descriptor owned here; closed on every error path.
+    unsafe {
+        let fd = check(libc::socket(
+            domain,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        ))?;
+        let result = (|| {
+            // Let connect(2) pick the port by the whole 4-tuple, so each
+            // source address gets a full ephemeral range per target, rather
+            // than bind(2) reserving a port for all destinations.
+            let one: libc::c_int = 1;
+            check(libc::setsockopt(
+                fd,
+                libc::IPPROTO_IP,
+                libc::IP_BIND_ADDRESS_NO_PORT,
+                &one as *const _ as *const libc::c_void,
+                std::mem::size_of_val(&one) as libc::socklen_t,
+            ))?;
+            let (src, src_len) = sockaddr(SocketAddr::new(source, 0));
+            check(libc::bind(
+                fd,
+                &src as *const _ as *const libc::sockaddr,
+                src_len,
+            ))?;
+            let (dst, dst_len) = sockaddr(target);
+            if libc::connect(fd, &dst as *const _ as *const libc::sockaddr, dst_len) < 0 {
+                let e = io::Error::last_os_error();
+                if e.raw_os_error() != Some(libc::EINPROGRESS) {
+                    return Err(e);
+                }
+            }
+            Ok(())
+        })();
+        match result {
+            Ok(()) => Ok(fd),
+            Err(e) => {
+                libc::close(fd);
+                Err(e)
+            }
+        }
+    }
+}
+
+/// The pending error of a socket (SO_ERROR), `None` when there is none.
+pub fn socket_error(fd: RawFd) -> Option<io::Error> {
+    let mut err: libc::c_int = 0;
+    let mut len = std::mem::size_of_val(&err) as libc::socklen_t;
+    // SAFETY: getsockopt into a local int of the stated size.
+    let ret = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ERROR,
+            &mut err as *mut _ as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    if ret < 0 {
+        Some(io::Error::last_os_error())
+    } else if err != 0 {
+        Some(io::Error::from_raw_os_error(err))
+    } else {
+        None
+    }
+}
+
+/// send(2) without SIGPIPE.
+pub fn send(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
+    // SAFETY: the pointer and length come from a live slice.
+    let n = unsafe {
+        libc::send(
+            fd,
+            buf.as_ptr() as *const libc::c_void,
+            buf.len(),
+            libc::MSG_NOSIGNAL,
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// recv(2) with extra flags (the sockets are nonblocking already).
+pub fn recv(fd: RawFd, buf: &mut [u8], flags: libc::c_int) -> io::Result<usize> {
+    // SAFETY: the pointer and length come from a live mutable slice.
+    let n = unsafe { libc::recv(fd, buf.as_mut_ptr() as *mut libc::c_void, buf.len(), flags) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// An epoll instance (level-triggered use only).
+pub struct Epoll {
+    fd: RawFd,
+}
+
+impl Epoll {
+    pub fn new() -> io::Result<Epoll> {
+        // SAFETY: plain syscall.
+        Ok(Epoll {
+            fd: check(unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) })?,
+        })
+    }
+
+    fn ctl(&self, op: libc::c_int, fd: RawFd, events: u32, token: u64) -> io::Result<()> {
+        let mut ev = libc::epoll_event { events, u64: token };
+        // SAFETY: epoll_ctl with a valid event struct.
+        check(unsafe { libc::epoll_ctl(self.fd, op, fd, &mut ev) }).map(|_| ())
+    }
+
+    pub fn add(&self, fd: RawFd, events: u32, token: u64) -> io::Result<()> {
+        self.ctl(libc::EPOLL_CTL_ADD, fd, events, token)
+    }
+
+    pub fn modify(&self, fd: RawFd, events: u32, token: u64) -> io::Result<()> {
+        self.ctl(libc::EPOLL_CTL_MOD, fd, events, token)
+    }
+
+    pub fn delete(&self, fd: RawFd) -> io::Result<()> {
+        self.ctl(libc::EPOLL_CTL_DEL, fd, 0, 0)
+    }
+
+    /// Waits up to `timeout_ms` and returns the ready events in `out`'s
+    /// spare capacity (EINTR reads as no events).
+    pub fn wait(&self, out: &mut Vec<libc::epoll_event>, timeout_ms: i32) -> io::Result<()> {
+        out.clear();
+        // SAFETY: the kernel writes at most `capacity` events into the buffer.
+        let n = unsafe {
+            libc::epoll_wait(
+                self.fd,
+                out.as_mut_ptr(),
+                out.capacity() as libc::c_int,
+                timeout_ms,
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            return if e.kind() == io::ErrorKind::Interrupted {
+                Ok(())
+            } else {
+                Err(e)
+            };
+        }
+        // SAFETY: the kernel initialised the first n entries.
+        unsafe { out.set_len(n as usize) };
+        Ok(())
+    }
+}
+
+impl Drop for Epoll {
+    fn drop(&mut self) {
+        close(self.fd);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nofile_limit_is_raised_to_the_hard_limit() {
+        let soft = raise_nofile_limit().unwrap();
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
+        assert_eq!(soft, lim.rlim_cur);
+        assert_eq!(lim.rlim_cur, lim.rlim_max);
+    }
+
+    #[test]
+    fn connect_send_recv_over_loopback() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let target = listener.local_addr().unwrap();
+        let fd = start_connect("127.0.0.2".parse().unwrap(), target).unwrap();
+        let ep = Epoll::new().unwrap();
+        ep.add(fd, libc::EPOLLOUT as u32, 7).unwrap();
+        let mut events = Vec::with_capacity(4);
+        ep.wait(&mut events, 5000).unwrap();
+        assert_eq!(events.len(), 1);
+        assert_eq!({ events[0].u64 }, 7);
+        assert!(socket_error(fd).is_none());
+        let (mut peer, from) = listener.accept().unwrap();
+        assert_eq!(
+            from.ip(),
+            "127.0.0.2".parse::<IpAddr>().unwrap(),
+            "bound to the source address"
+        );
+        assert_eq!(send(fd, b"hi").unwrap(), 2);
+        let mut buf = [0u8; 2];
+        std::io::Read::read_exact(&mut peer, &mut buf).unwrap();
+        assert_eq!(&buf, b"hi");
+        let mut b = [0u8; 8];
+        assert_eq!(
+            recv(fd, &mut b, libc::MSG_PEEK).unwrap_err().kind(),
+            io::ErrorKind::WouldBlock
+        );
+        drop(peer);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert_eq!(
+            recv(fd, &mut b, libc::MSG_PEEK).unwrap(),
+            0,
+            "EOF after the peer closed"
+        );
+        close(fd);
+    }
+
+    #[test]
+    fn abortive_close_resets_the_peer() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let fd =
+            start_connect("127.0.0.1".parse().unwrap(), listener.local_addr().unwrap()).unwrap();
+        let (mut peer, _) = listener.accept().unwrap();
+        close_abortive(fd);
+        let mut b = [0u8; 1];
+        let err = std::io::Read::read(&mut peer, &mut b).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
+    }
+
+    #[test]
+    fn refused_connect_shows_as_socket_error() {
+        // A port nobody listens on: bind one, note it, close it.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let fd = start_connect("127.0.0.1".parse().unwrap(), port).unwrap();
+        let ep = Epoll::new().unwrap();
+        ep.add(fd, libc::EPOLLOUT as u32, 1).unwrap();
+        let mut events = Vec::with_capacity(4);
+        ep.wait(&mut events, 5000).unwrap();
+        assert_eq!(
+            socket_error(fd).unwrap().raw_os_error(),
+            Some(libc::ECONNREFUSED)
+        );
+        close(fd);
+    }
+}
