@@ -43,7 +43,6 @@ pub async fn serve(core: Rc<Core>, stream: TcpStream) {
             wr: None,
             make_rd: move || s.readable(true),
             make_wr: move || s.writable(true),
-            pause_reads_when_blocked: false,
         };
         // The request phase is boxed: it is short, and its buffers and
         // request state would otherwise stay part of every idle stream's
@@ -110,9 +109,6 @@ struct Io<'a, R, W, FR: Fn() -> R, FW: Fn() -> W> {
     /// Make those polls: closures, because the futures' types cannot be named.
     make_rd: FR,
     make_wr: FW,
-    /// While the socket refuses bytes, stop reading (the echo endpoint:
-    /// what is read turns into more bytes to send).
-    pause_reads_when_blocked: bool,
 }
 
 impl<'a, R, W, FR, FW> Io<'a, R, W, FR, FW>
@@ -283,7 +279,6 @@ where
         let core = self.core;
         let make_rd = &self.make_rd;
         let make_wr = &self.make_wr;
-        let pause_reads = self.pause_reads_when_blocked;
         let rd = &mut self.rd;
         let wr = &mut self.wr;
         poll_fn(move |cx: &mut Context<'_>| loop {
@@ -320,9 +315,6 @@ where
                         }
                         continue;
                     }
-                }
-                if pause_reads {
-                    return Poll::Pending;
                 }
             }
             if rd.is_none() {
@@ -562,16 +554,17 @@ where
     }
 
     /// The conformance endpoint: every message is sent back as it arrives,
-    /// fragment by fragment (nothing is buffered but what one read brings).
+    /// fragment by fragment.
     async fn echo(&mut self, accept: String, leftover: Vec<u8>) -> Close {
         self.queue(ws::switching_protocols_response(&accept).into());
         self.with_conn(|c, _| {
             c.transport = Transport::WebSocket;
             c.deadline_s = 0;
         });
-        // Reading stops while the client does not read its echoes, so the
-        // echo queue stays within one read's worth.
-        self.pause_reads_when_blocked = true;
+        // Reading goes on while the client is not reading its echoes (a
+        // client may send a whole message before it reads): the echoes
+        // queue up to `outbound_queue_bytes_max`, past which it is a slow
+        // consumer like any other.
         let mut opcode = OpCode::Binary;
         let mut first = true;
         let mut echo = move |part: MessagePart<'_>, out: &mut Vec<u8>| match part {
