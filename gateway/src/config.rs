@@ -17,6 +17,10 @@ pub struct Config {
     /// Runtimes (one per core, each pinned and with its own SO_REUSEPORT
     /// listener); 0 means one per available CPU.
     pub cores: usize,
+    /// Connections the kernel queues per listener before its core accepts
+    /// them (capped by net.core.somaxconn): reconnect storms arrive faster
+    /// than one accept loop drains.
+    pub listen_backlog: i32,
     /// io_uring submission queue entries per core. Readiness polls of idle
     /// connections are re-armed through it, so a burst of activity on many
     /// connections is submitted in fewer `io_uring_enter` calls with more.
@@ -67,6 +71,7 @@ impl Default for Config {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             cores: 0,
+            listen_backlog: 4096,
             ring_entries: 4096,
             zmq_bind: "tcp://127.0.0.1:5560".to_string(),
             zmq_connect: Vec::new(),
@@ -110,6 +115,9 @@ pub struct Cli {
     /// Number of runtimes, one pinned per core; 0 = every available CPU. [default: 0]
     #[arg(long, value_name = "N")]
     pub cores: Option<usize>,
+    /// Pending connections queued per listener (capped by net.core.somaxconn). [default: 4096]
+    #[arg(long, value_name = "N")]
+    pub listen_backlog: Option<i32>,
     /// io_uring submission queue entries per core. [default: 4096]
     #[arg(long, value_name = "N")]
     pub ring_entries: Option<u32>,
@@ -190,6 +198,7 @@ impl Cli {
         take!(
             listen,
             cores,
+            listen_backlog,
             ring_entries,
             zmq_bind,
             zmq_rcvhwm_messages,
@@ -250,6 +259,9 @@ impl Config {
         }
         if !self.ws_echo_path.is_empty() && !self.ws_echo_path.starts_with('/') {
             return Err("ws_echo_path must start with /".into());
+        }
+        if self.listen_backlog < 1 {
+            return Err("listen_backlog must be at least 1".into());
         }
         if self.ring_entries < 256 {
             return Err("ring_entries must be at least 256".into());
