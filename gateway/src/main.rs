@@ -23,10 +23,6 @@ use crate::config::Config;
 use crate::core::Core;
 use crate::ingest::{CoreInbox, Message};
 
-/// Pending connections the kernel queues per listener before the core
-/// accepts them; reconnect storms arrive faster than one accept loop drains.
-const LISTEN_BACKLOG: i32 = 4096;
-
 fn main() {
     let cfg = match config::Cli::parse().resolve() {
         Ok(cfg) => cfg,
@@ -58,7 +54,7 @@ fn run(cfg: &'static Config) -> Result<(), String> {
         cfg.cores
     };
     let listeners =
-        listeners(cfg.listen, cores).map_err(|e| format!("listen on {}: {e}", cfg.listen))?;
+        listeners(cfg.listen, cores, cfg.listen_backlog).map_err(|e| format!("listen on {}: {e}", cfg.listen))?;
     let listen_addr = listeners[0].local_addr().map_err(|e| e.to_string())?;
 
     let ctx = zmq::Context::new();
@@ -196,7 +192,11 @@ async fn accept_loop(core: Rc<Core>, listener: monoio::net::TcpListener) {
 /// One listener per core on the same address (SO_REUSEPORT: the kernel
 /// spreads connections over them). Port 0 is resolved by the first bind and
 /// reused by the others.
-fn listeners(addr: SocketAddr, count: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
+fn listeners(
+    addr: SocketAddr,
+    count: usize,
+    backlog: i32,
+) -> std::io::Result<Vec<std::net::TcpListener>> {
     let mut addr = addr;
     let mut out = Vec::with_capacity(count);
     for _ in 0..count {
@@ -205,7 +205,7 @@ fn listeners(addr: SocketAddr, count: usize) -> std::io::Result<Vec<std::net::Tc
         socket.set_reuse_port(true)?;
         socket.set_nodelay(true)?;
         socket.bind(&addr.into())?;
-        socket.listen(LISTEN_BACKLOG)?;
+        socket.listen(backlog)?;
         let listener: std::net::TcpListener = socket.into();
         addr = listener.local_addr()?;
         out.push(listener);
