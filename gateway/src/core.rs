@@ -123,6 +123,9 @@ impl Conn {
         const IOV_MAX: usize = 64;
         while !self.dead {
             if self.queue.is_empty() {
+                // Give the queue's buffer back: a connection that received a
+                // message once must not keep it while idle.
+                self.queue = VecDeque::new();
                 self.blocked = false;
                 return;
             }
@@ -667,6 +670,7 @@ mod tests {
         conn.push(Bytes::from_static(b"two"), 1 << 30);
         conn.flush();
         assert!(conn.queue.is_empty() && !conn.blocked && conn.queued_bytes == 0);
+        assert_eq!(conn.queue.capacity(), 0, "an idle connection keeps no queue buffer");
         let mut got = [0u8; 7];
         b.read_exact(&mut got).unwrap();
         assert_eq!(&got, b"one two");
