@@ -6,8 +6,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-/// Load generator for the gateway (and, later, the baseline server it is
-/// compared with).
+/// Load generator for the gateway and the baseline server it is compared with.
 #[derive(Debug, Parser)]
 #[command(name = "bench", version)]
 pub struct Cli {
@@ -21,6 +20,14 @@ pub enum Scenario {
     /// a channel and then stay silent; report the server's RSS delta / N
     /// (userspace) and the machine's Slab delta / N (kernel).
     Idle(IdleArgs),
+    /// Fan-out: N WebSocket subscribers over C channels, one ZeroMQ
+    /// publisher at R messages/s for D seconds; report deliveries/s, loss,
+    /// reordering and publish→receive latency.
+    Fanout(FanoutArgs),
+    /// Connect storm: N WebSocket clients connected, all dropped at once,
+    /// then all reconnecting, once all together and once with jitter; report
+    /// the time until all are back and handshakes/s.
+    Storm(StormArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -41,38 +48,80 @@ impl Transport {
     }
 }
 
-/// Which server is measured: one this run spawns, or one already running.
+/// Which server(s) a run measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ServerChoice {
+    /// The gateway (`--gateway BIN`).
+    Gateway,
+    /// The baseline server (`--baseline BIN`).
+    Baseline,
+    /// The gateway, then the baseline, in the same run; every figure also
+    /// as the ratio gateway / baseline.
+    Both,
+}
+
+/// One of the two servers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServerKind {
+    Gateway,
+    Baseline,
+}
+
+impl ServerKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            ServerKind::Gateway => "gateway",
+            ServerKind::Baseline => "baseline",
+        }
+    }
+}
+
+/// Which server is measured: one (or two, one after the other) that this run
+/// spawns, or one already running.
 #[derive(Debug, Clone, Args)]
 pub struct ServerArgs {
+    /// Which server to measure; `both` runs the gateway, then the baseline.
+    #[arg(long, value_enum, default_value_t = ServerChoice::Gateway)]
+    pub server: ServerChoice,
     /// Gateway binary to spawn (with `--listen 127.0.0.1:0 --zmq-bind
     /// tcp://127.0.0.1:* --cores N`); it must print `READY listen=ADDR …`.
-    #[arg(
-        long,
-        value_name = "BIN",
-        required_unless_present = "pid",
-        conflicts_with = "pid"
-    )]
+    #[arg(long, value_name = "BIN", conflicts_with = "pid")]
     pub gateway: Option<PathBuf>,
-    /// Cores the spawned gateway runs on.
+    /// Baseline binary to spawn, with the same arguments as the gateway (it
+    /// has the same contract and READY line).
+    #[arg(long, value_name = "BIN", conflicts_with = "pid")]
+    pub baseline: Option<PathBuf>,
+    /// Cores the spawned server runs on (`--cores N`, both servers).
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
     pub cores: u32,
     /// Extra argument for the spawned gateway (repeatable), e.g.
     /// `--gateway-arg=--ring-entries=8192`.
     #[arg(long = "gateway-arg", value_name = "ARG", allow_hyphen_values = true)]
     pub gateway_args: Vec<String>,
+    /// Extra argument for the spawned baseline (repeatable).
+    #[arg(long = "baseline-arg", value_name = "ARG", allow_hyphen_values = true)]
+    pub baseline_args: Vec<String>,
     /// File the spawned gateway's stderr goes to (default: discarded).
     #[arg(long, value_name = "FILE")]
     pub gateway_stderr: Option<PathBuf>,
-    /// How long to wait for the spawned gateway's READY line.
+    /// File the spawned baseline's stderr goes to (default: discarded).
+    #[arg(long, value_name = "FILE")]
+    pub baseline_stderr: Option<PathBuf>,
+    /// How long to wait for the spawned server's READY line.
     #[arg(long, default_value_t = 30.0, value_parser = seconds)]
     pub ready_timeout_s: f64,
     /// Measure this already running server process instead of spawning one
-    /// (its VmRSS is read from /proc/PID/status); needs --target.
-    #[arg(long, requires = "target", conflicts_with_all = ["gateway", "gateway_args", "gateway_stderr"])]
+    /// (its VmRSS is read from /proc/PID/status); needs --target. `--server`
+    /// then only names it (gateway or baseline, not both).
+    #[arg(long, requires = "target", conflicts_with_all = ["gateway", "baseline", "gateway_args", "baseline_args", "gateway_stderr", "baseline_stderr"])]
     pub pid: Option<u32>,
     /// Address of the already running server (with --pid).
     #[arg(long, value_name = "ADDR", requires = "pid")]
     pub target: Option<SocketAddr>,
+    /// ZeroMQ endpoint the already running server subscribes on (with
+    /// --pid; fanout needs it), e.g. `tcp://127.0.0.1:5560`.
+    #[arg(long = "zmq", value_name = "ENDPOINT", requires = "pid")]
+    pub zmq: Option<String>,
 }
 
 /// The server, resolved from [`ServerArgs`].
@@ -88,22 +137,69 @@ pub enum Server {
     Attach {
         pid: u32,
         target: SocketAddr,
+        zmq: Option<String>,
     },
 }
 
 impl ServerArgs {
-    pub fn server(&self) -> Server {
-        match (&self.gateway, self.pid, self.target) {
-            (_, Some(pid), Some(target)) => Server::Attach { pid, target },
-            (Some(bin), _, _) => Server::Spawn {
-                bin: bin.clone(),
-                cores: self.cores,
-                extra_args: self.gateway_args.clone(),
-                stderr: self.gateway_stderr.clone(),
-                ready_timeout: Duration::from_secs_f64(self.ready_timeout_s),
-            },
-            // clap's required_unless_present / requires rule these out.
-            _ => unreachable!("either --gateway or --pid with --target"),
+    /// The server(s) to measure, in order (gateway first), or why the
+    /// arguments do not name them.
+    pub fn servers(&self) -> Result<Vec<(ServerKind, Server)>, String> {
+        let kinds: &[ServerKind] = match self.server {
+            ServerChoice::Gateway => &[ServerKind::Gateway],
+            ServerChoice::Baseline => &[ServerKind::Baseline],
+            ServerChoice::Both => &[ServerKind::Gateway, ServerKind::Baseline],
+        };
+        if let (Some(pid), Some(target)) = (self.pid, self.target) {
+            if kinds.len() != 1 {
+                return Err("--pid attaches to one server: --server gateway or baseline".into());
+            }
+            return Ok(vec![(
+                kinds[0],
+                Server::Attach {
+                    pid,
+                    target,
+                    zmq: self.zmq.clone(),
+                },
+            )]);
+        }
+        kinds
+            .iter()
+            .map(|&kind| {
+                let (bin, extra, stderr) = match kind {
+                    ServerKind::Gateway => {
+                        (&self.gateway, &self.gateway_args, &self.gateway_stderr)
+                    }
+                    ServerKind::Baseline => {
+                        (&self.baseline, &self.baseline_args, &self.baseline_stderr)
+                    }
+                };
+                let bin = bin.as_ref().ok_or_else(|| {
+                    format!(
+                        "--server {} needs --{} BIN (or --pid and --target)",
+                        self.server_name(),
+                        kind.name()
+                    )
+                })?;
+                Ok((
+                    kind,
+                    Server::Spawn {
+                        bin: bin.clone(),
+                        cores: self.cores,
+                        extra_args: extra.clone(),
+                        stderr: stderr.clone(),
+                        ready_timeout: Duration::from_secs_f64(self.ready_timeout_s),
+                    },
+                ))
+            })
+            .collect()
+    }
+
+    fn server_name(&self) -> &'static str {
+        match self.server {
+            ServerChoice::Gateway => "gateway",
+            ServerChoice::Baseline => "baseline",
+            ServerChoice::Both => "both",
         }
     }
 }
@@ -144,6 +240,123 @@ pub struct IdleArgs {
     pub hold_s: f64,
 }
 
+/// What the client side of fanout and storm share: how many sockets, from
+/// where, on how many threads, how fast they connect.
+#[derive(Debug, Clone, Args)]
+pub struct ClientArgs {
+    /// Local addresses client sockets bind to, round robin (comma-separated);
+    /// add more (127.0.0.2, …) when local ports run short.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "127.0.0.1",
+        value_name = "IP,IP,…"
+    )]
+    pub sources: Vec<IpAddr>,
+    /// Client threads, each with its own epoll loop over its share of the
+    /// connections (a contiguous block).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub threads: u32,
+    /// Handshakes in flight at once, over all threads (each thread gets its
+    /// share, at least 1): keeps the listen backlog from overflowing.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..))]
+    pub in_flight: u64,
+    /// One handshake attempt (connect, request, response head) fails after this long.
+    #[arg(long, default_value_t = 10.0, value_parser = seconds)]
+    pub handshake_timeout_s: f64,
+    /// Each connect phase stops after this long, whatever is left.
+    #[arg(long, default_value_t = 60.0, value_parser = seconds)]
+    pub connect_timeout_s: f64,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct FanoutArgs {
+    #[command(flatten)]
+    pub server: ServerArgs,
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// WebSocket subscribers; subscriber i is on channel "fanout-{i % C}".
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=u32::MAX as u64))]
+    pub connections: u64,
+    /// Channels (1: one hot channel every subscriber is on).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=u32::MAX as u64))]
+    pub channels: u64,
+    /// Messages published per second, in total, round robin over the channels.
+    #[arg(long, default_value_t = 100.0, value_parser = positive)]
+    pub rate: f64,
+    /// How long the publisher publishes.
+    #[arg(long, default_value_t = 10.0, value_parser = seconds)]
+    pub duration_s: f64,
+    /// Payload size in bytes (at least 33: kind, channel, sequence number and
+    /// send time in hex; more is filler before them).
+    #[arg(long, default_value_t = crate::ws::TAIL_LEN as u64,
+          value_parser = clap::value_parser!(u64).range(crate::ws::TAIL_LEN as u64..=crate::ws::PAYLOAD_BYTES_MAX as u64))]
+    pub payload_bytes: u64,
+    /// The subscription check (probes published to every channel until every
+    /// subscriber has one) gives up after this long.
+    #[arg(long, default_value_t = 30.0, value_parser = seconds)]
+    pub subscribe_timeout_s: f64,
+    /// After the last publication, wait at most this long for what is still
+    /// on its way (stops early once everything expected has arrived).
+    #[arg(long, default_value_t = 5.0, value_parser = seconds)]
+    pub drain_s: f64,
+    /// Handshake attempts per subscriber (1: no retry).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub max_attempts: u32,
+}
+
+/// How the storm drops its clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CloseHow {
+    /// SO_LINGER 0 then close: a RST, no TIME_WAIT left on the client.
+    Reset,
+    /// Plain close: a FIN; the client's sockets go through TIME_WAIT.
+    Fin,
+}
+
+impl CloseHow {
+    pub fn name(self) -> &'static str {
+        match self {
+            CloseHow::Reset => "reset",
+            CloseHow::Fin => "fin",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct StormArgs {
+    #[command(flatten)]
+    pub server: ServerArgs,
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Clients.
+    #[arg(long, default_value_t = 5_000, value_parser = clap::value_parser!(u64).range(1..=u32::MAX as u64))]
+    pub connections: u64,
+    #[arg(long, value_enum, default_value_t = Transport::Ws)]
+    pub transport: Transport,
+    /// Distinct channels; client i subscribes to "storm-{i % C}".
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
+    pub channels: u64,
+    /// In the jittered reconnect, each client waits a uniform random delay
+    /// in [0, this) before its first attempt.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
+    pub jitter_ms: u64,
+    /// How every client is dropped.
+    #[arg(long, value_enum, default_value_t = CloseHow::Reset)]
+    pub close: CloseHow,
+    /// Handshake attempts per client and phase; a failed one is retried
+    /// after a backoff.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub max_attempts: u32,
+    /// First retry after about this long (±50 % random), doubling up to 1 s.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    pub backoff_ms: u64,
+    /// After a drop, wait at most this long for the server to count the
+    /// connections out (its /healthz) before reconnecting.
+    #[arg(long, default_value_t = 10.0, value_parser = seconds)]
+    pub settle_s: f64,
+}
+
 /// A non-negative, finite number of seconds.
 fn seconds(s: &str) -> Result<f64, String> {
     let v: f64 = s
@@ -156,16 +369,47 @@ fn seconds(s: &str) -> Result<f64, String> {
     }
 }
 
+/// A positive, finite number (a rate).
+fn positive(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
+    if v.is_finite() && v > 0.0 && v <= 1e9 {
+        Ok(v)
+    } else {
+        Err(format!("{s:?}: must be above 0 and at most 1e9"))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn parse(args: &[&str]) -> Result<IdleArgs, clap::Error> {
+    /// Parses like `main` does: clap, then the server check.
+    fn parse(args: &[&str]) -> Result<IdleArgs, String> {
         let mut all = vec!["bench", "idle"];
         all.extend_from_slice(args);
-        Cli::try_parse_from(all).map(|cli| match cli.scenario {
+        let a = match Cli::try_parse_from(all)
+            .map_err(|e| e.to_string())?
+            .scenario
+        {
             Scenario::Idle(a) => a,
-        })
+            other => panic!("{other:?}"),
+        };
+        a.server.servers()?;
+        Ok(a)
+    }
+
+    fn parse_scenario(args: &[&str]) -> Result<Scenario, String> {
+        let mut all = vec!["bench"];
+        all.extend_from_slice(args);
+        let s = Cli::try_parse_from(all)
+            .map_err(|e| e.to_string())?
+            .scenario;
+        match &s {
+            Scenario::Idle(a) => a.server.servers()?,
+            Scenario::Fanout(a) => a.server.servers()?,
+            Scenario::Storm(a) => a.server.servers()?,
+        };
+        Ok(s)
     }
 
     #[test]
@@ -179,14 +423,17 @@ mod tests {
         assert_eq!(a.connect_timeout_s, 60.0);
         assert_eq!(a.hold_s, 2.0);
         assert_eq!(
-            a.server.server(),
-            Server::Spawn {
-                bin: "target/release/gateway".into(),
-                cores: 2,
-                extra_args: vec![],
-                stderr: None,
-                ready_timeout: Duration::from_secs(30),
-            }
+            a.server.servers().unwrap(),
+            vec![(
+                ServerKind::Gateway,
+                Server::Spawn {
+                    bin: "target/release/gateway".into(),
+                    cores: 2,
+                    extra_args: vec![],
+                    stderr: None,
+                    ready_timeout: Duration::from_secs(30),
+                }
+            )]
         );
     }
 
@@ -221,12 +468,12 @@ mod tests {
         assert_eq!(a.sources[1], "127.0.0.2".parse::<IpAddr>().unwrap());
         assert_eq!(a.connect_timeout_s, 5.0);
         assert_eq!(a.hold_s, 0.5);
-        match a.server.server() {
+        match &a.server.servers().unwrap()[0].1 {
             Server::Spawn {
                 cores, extra_args, ..
             } => {
-                assert_eq!(cores, 4);
-                assert_eq!(extra_args, vec!["--ring-entries=8192", "--log-level=warn"]);
+                assert_eq!(*cores, 4);
+                assert_eq!(*extra_args, vec!["--ring-entries=8192", "--log-level=warn"]);
             }
             other => panic!("{other:?}"),
         }
@@ -236,12 +483,84 @@ mod tests {
     fn attach_to_a_running_server() {
         let a = parse(&["--pid", "1234", "--target", "127.0.0.1:8080"]).unwrap();
         assert_eq!(
-            a.server.server(),
-            Server::Attach {
-                pid: 1234,
-                target: "127.0.0.1:8080".parse().unwrap()
-            }
+            a.server.servers().unwrap(),
+            vec![(
+                ServerKind::Gateway,
+                Server::Attach {
+                    pid: 1234,
+                    target: "127.0.0.1:8080".parse().unwrap(),
+                    zmq: None,
+                }
+            )]
         );
+        let a = parse(&[
+            "--server",
+            "baseline",
+            "--pid",
+            "1",
+            "--target",
+            "127.0.0.1:1",
+            "--zmq",
+            "tcp://127.0.0.1:5560",
+        ])
+        .unwrap();
+        assert_eq!(
+            a.server.servers().unwrap(),
+            vec![(
+                ServerKind::Baseline,
+                Server::Attach {
+                    pid: 1,
+                    target: "127.0.0.1:1".parse().unwrap(),
+                    zmq: Some("tcp://127.0.0.1:5560".into()),
+                }
+            )]
+        );
+        // One running process cannot be both servers.
+        assert!(parse(&["--server", "both", "--pid", "1", "--target", "127.0.0.1:1"]).is_err());
+    }
+
+    #[test]
+    fn server_choice_needs_its_binaries() {
+        let both = parse(&[
+            "--server",
+            "both",
+            "--gateway",
+            "gw",
+            "--baseline",
+            "bl",
+            "--baseline-arg=--x",
+            "--baseline-stderr",
+            "b.log",
+        ])
+        .unwrap();
+        let servers = both.server.servers().unwrap();
+        assert_eq!(servers.len(), 2);
+        assert_eq!(servers[0].0, ServerKind::Gateway);
+        assert_eq!(servers[1].0, ServerKind::Baseline);
+        match &servers[1].1 {
+            Server::Spawn {
+                bin,
+                extra_args,
+                stderr,
+                ..
+            } => {
+                assert_eq!(bin, &PathBuf::from("bl"));
+                assert_eq!(extra_args, &vec!["--x".to_string()]);
+                assert_eq!(stderr, &Some(PathBuf::from("b.log")));
+            }
+            other => panic!("{other:?}"),
+        }
+        let only_baseline = parse(&["--server", "baseline", "--baseline", "bl"]).unwrap();
+        assert_eq!(
+            only_baseline.server.servers().unwrap()[0].0,
+            ServerKind::Baseline
+        );
+        // A binary given but not the one the choice needs.
+        let err = parse(&["--server", "both", "--gateway", "gw"]).unwrap_err();
+        assert!(err.contains("--baseline BIN"), "{err}");
+        assert!(parse(&["--server", "baseline", "--gateway", "gw"]).is_err());
+        assert!(parse(&["--server", "gateway", "--baseline", "bl"]).is_err());
+        assert!(parse(&["--server", "all", "--gateway", "gw"]).is_err());
     }
 
     #[test]
@@ -251,8 +570,10 @@ mod tests {
         // --pid needs --target and the other way round.
         assert!(parse(&["--pid", "1"]).is_err());
         assert!(parse(&["--target", "127.0.0.1:1"]).is_err());
+        assert!(parse(&["--gateway", "gw", "--zmq", "tcp://127.0.0.1:1"]).is_err());
         // Both a binary to spawn and a running server.
         assert!(parse(&["--gateway", "gw", "--pid", "1", "--target", "127.0.0.1:1"]).is_err());
+        assert!(parse(&["--baseline", "b", "--pid", "1", "--target", "127.0.0.1:1"]).is_err());
         for bad in [
             &["--connections", "0"][..],
             &["--channels", "0"],
@@ -266,6 +587,115 @@ mod tests {
             let mut args = vec!["--gateway", "gw"];
             args.extend_from_slice(bad);
             assert!(parse(&args).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn fanout_defaults_and_flags() {
+        let Scenario::Fanout(a) = parse_scenario(&["fanout", "--gateway", "gw"]).unwrap() else {
+            panic!()
+        };
+        assert_eq!(a.connections, 10_000);
+        assert_eq!(a.channels, 1);
+        assert_eq!(a.rate, 100.0);
+        assert_eq!(a.duration_s, 10.0);
+        assert_eq!(a.payload_bytes, 33);
+        assert_eq!(a.max_attempts, 1);
+        assert_eq!(a.client.threads, 1);
+        assert_eq!(a.client.in_flight, 256);
+        assert_eq!(a.server.server, ServerChoice::Gateway);
+        let Scenario::Fanout(a) = parse_scenario(&[
+            "fanout",
+            "--server",
+            "both",
+            "--gateway",
+            "gw",
+            "--baseline",
+            "bl",
+            "--connections",
+            "1000000",
+            "--channels",
+            "100",
+            "--threads",
+            "8",
+            "--sources",
+            "127.0.0.1,127.0.0.2",
+            "--rate",
+            "12.5",
+            "--duration-s",
+            "3",
+            "--payload-bytes",
+            "200",
+            "--drain-s",
+            "1",
+        ])
+        .unwrap() else {
+            panic!()
+        };
+        assert_eq!(a.connections, 1_000_000);
+        assert_eq!(a.channels, 100);
+        assert_eq!(a.client.threads, 8);
+        assert_eq!(a.client.sources.len(), 2);
+        assert_eq!(a.rate, 12.5);
+        assert_eq!(a.payload_bytes, 200);
+        assert_eq!(a.server.servers().unwrap().len(), 2);
+        for bad in [
+            &["--rate", "0"][..],
+            &["--rate", "-3"],
+            &["--rate", "inf"],
+            &["--threads", "0"],
+            &["--payload-bytes", "32"],
+            &["--payload-bytes", "100000"],
+            &["--channels", "0"],
+            &["--duration-s", "x"],
+            &["--transport", "ws"], // fanout is WebSocket only
+        ] {
+            let mut args = vec!["fanout", "--gateway", "gw"];
+            args.extend_from_slice(bad);
+            assert!(parse_scenario(&args).is_err(), "{bad:?} accepted");
+        }
+        assert!(parse_scenario(&["fanout", "--server", "both", "--gateway", "gw"]).is_err());
+    }
+
+    #[test]
+    fn storm_defaults_and_flags() {
+        let Scenario::Storm(a) = parse_scenario(&["storm", "--gateway", "gw"]).unwrap() else {
+            panic!()
+        };
+        assert_eq!(a.connections, 5_000);
+        assert_eq!(a.jitter_ms, 1000);
+        assert_eq!(a.close, CloseHow::Reset);
+        assert_eq!(a.max_attempts, 5);
+        assert_eq!(a.backoff_ms, 50);
+        assert_eq!(a.transport, Transport::Ws);
+        let Scenario::Storm(a) = parse_scenario(&[
+            "storm",
+            "--server",
+            "baseline",
+            "--baseline",
+            "bl",
+            "--close",
+            "fin",
+            "--jitter-ms",
+            "250",
+            "--threads",
+            "2",
+        ])
+        .unwrap() else {
+            panic!()
+        };
+        assert_eq!(a.close, CloseHow::Fin);
+        assert_eq!(a.jitter_ms, 250);
+        assert_eq!(a.client.threads, 2);
+        for bad in [
+            &["--jitter-ms", "0"][..],
+            &["--close", "shutdown"],
+            &["--max-attempts", "0"],
+            &["--connections", "0"],
+        ] {
+            let mut args = vec!["storm", "--gateway", "gw"];
+            args.extend_from_slice(bad);
+            assert!(parse_scenario(&args).is_err(), "{bad:?} accepted");
         }
     }
 }

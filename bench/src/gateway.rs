@@ -1,5 +1,6 @@
-//! Spawning the gateway under test, waiting for its READY line, and making
-//! sure it is gone when the bench is.
+//! Spawning the server under test (the gateway or the baseline: same flags,
+//! same READY line), waiting for its READY line, and making sure it is gone
+//! when the bench is.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader};
@@ -8,6 +9,8 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
+
+use crate::cli::{Server, ServerKind};
 
 /// What the gateway's `READY listen=ADDR zmq=ENDPOINT` line says.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,14 +49,17 @@ pub fn parse_ready(line: &str) -> Result<Ready, String> {
     })
 }
 
-/// A spawned gateway; dropping it stops the process (SIGTERM, then SIGKILL).
+/// A spawned server; dropping it stops the process (SIGTERM, then SIGKILL).
 pub struct Gateway {
     child: Child,
+    /// "gateway" or "baseline", for messages.
+    name: &'static str,
     pub ready: Ready,
 }
 
 impl Gateway {
     pub fn spawn(
+        name: &'static str,
         bin: &Path,
         cores: u32,
         extra_args: &[String],
@@ -83,20 +89,24 @@ impl Gateway {
             .map_err(|e| format!("spawn {}: {e}", bin.display()))?;
         let stdout = child.stdout.take().expect("stdout is piped");
         let (tx, rx) = mpsc::channel();
-        // Reads the READY line, then keeps draining stdout so the gateway
-        // never blocks on (or dies of) a full or closed pipe.
+        // Reads up to the READY line (skipping anything the server prints
+        // before it), then keeps draining stdout so the server never blocks
+        // on (or dies of) a full or closed pipe.
         std::thread::Builder::new()
-            .name("gateway-stdout".into())
+            .name("server-stdout".into())
             .spawn(move || {
                 let mut lines = BufReader::new(stdout).lines();
-                let first = lines.next();
-                let _ = tx.send(first);
+                let ready = lines
+                    .by_ref()
+                    .find(|l| l.as_ref().map_or(true, |l| l.starts_with("READY")));
+                let _ = tx.send(ready);
                 for _ in lines {}
             })
             .map_err(|e| format!("spawn reader thread: {e}"))?;
         // From here on, dropping `gateway` kills the process.
         let mut gateway = Gateway {
             child,
+            name,
             ready: Ready {
                 listen: ([0, 0, 0, 0], 0).into(),
                 zmq: None,
@@ -109,18 +119,18 @@ impl Gateway {
                     gateway.ready = parse_ready(&line)?;
                     return Ok(gateway);
                 }
-                Ok(Some(Err(e))) => return Err(format!("reading the gateway's stdout: {e}")),
+                Ok(Some(Err(e))) => return Err(format!("reading the {name}'s stdout: {e}")),
                 Ok(None) | Err(mpsc::RecvTimeoutError::Disconnected) => {
                     let status = gateway.child.wait().map_err(|e| e.to_string())?;
-                    return Err(format!("the gateway exited before READY ({status})"));
+                    return Err(format!("the {name} exited before READY ({status})"));
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     if let Ok(Some(status)) = gateway.child.try_wait() {
-                        return Err(format!("the gateway exited before READY ({status})"));
+                        return Err(format!("the {name} exited before READY ({status})"));
                     }
                     if Instant::now() >= deadline {
                         return Err(format!(
-                            "no READY line from the gateway within {ready_timeout:?}"
+                            "no READY line from the {name} within {ready_timeout:?}"
                         ));
                     }
                 }
@@ -136,8 +146,8 @@ impl Gateway {
     pub fn alive(&mut self) -> Result<(), String> {
         match self.child.try_wait() {
             Ok(None) => Ok(()),
-            Ok(Some(status)) => Err(format!("the gateway exited ({status})")),
-            Err(e) => Err(format!("waiting on the gateway: {e}")),
+            Ok(Some(status)) => Err(format!("the {} exited ({status})", self.name)),
+            Err(e) => Err(format!("waiting on the {}: {e}", self.name)),
         }
     }
 
@@ -165,6 +175,85 @@ impl Gateway {
 impl Drop for Gateway {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// The server one measurement runs against: spawned (and stopped when this
+/// is dropped) or attached.
+pub struct Target {
+    pub pid: u32,
+    pub listen: SocketAddr,
+    /// Where a publisher connects (`None`: the server binds none / not given).
+    pub zmq: Option<String>,
+    /// Cores a spawned server was given (`None` when attached).
+    pub cores: Option<u32>,
+    pub spawned: Option<Gateway>,
+}
+
+impl Target {
+    pub fn start(kind: ServerKind, server: &Server) -> Result<Target, String> {
+        match server {
+            Server::Spawn {
+                bin,
+                cores,
+                extra_args,
+                stderr,
+                ready_timeout,
+            } => {
+                let g = Gateway::spawn(
+                    kind.name(),
+                    bin,
+                    *cores,
+                    extra_args,
+                    stderr.as_deref(),
+                    *ready_timeout,
+                )?;
+                eprintln!(
+                    "bench: {} pid {} ready on {} (zmq {})",
+                    kind.name(),
+                    g.pid(),
+                    g.ready.listen,
+                    g.ready.zmq.as_deref().unwrap_or("-")
+                );
+                Ok(Target {
+                    pid: g.pid(),
+                    listen: g.ready.listen,
+                    zmq: g.ready.zmq.clone(),
+                    cores: Some(*cores),
+                    spawned: Some(g),
+                })
+            }
+            Server::Attach { pid, target, zmq } => Ok(Target {
+                pid: *pid,
+                listen: *target,
+                zmq: zmq.clone(),
+                cores: None,
+                spawned: None,
+            }),
+        }
+    }
+
+    /// "spawned" or "attached".
+    pub fn how(&self) -> &'static str {
+        if self.spawned.is_some() {
+            "spawned"
+        } else {
+            "attached"
+        }
+    }
+
+    /// Whether a spawned server still runs (an attached one is assumed to).
+    pub fn alive(&mut self) -> Result<(), String> {
+        match self.spawned.as_mut() {
+            Some(g) => g.alive(),
+            None => Ok(()),
+        }
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(g) = self.spawned.as_mut() {
+            g.stop();
+        }
     }
 }
 
@@ -206,11 +295,19 @@ mod tests {
     #[test]
     fn spawn_reports_a_binary_that_never_gets_ready() {
         // `true` ignores its arguments and exits without printing.
-        let err = Gateway::spawn(Path::new("true"), 1, &[], None, Duration::from_secs(5))
-            .err()
-            .unwrap();
+        let err = Gateway::spawn(
+            "gateway",
+            Path::new("true"),
+            1,
+            &[],
+            None,
+            Duration::from_secs(5),
+        )
+        .err()
+        .unwrap();
         assert!(err.contains("exited before READY"), "{err}");
         let err = Gateway::spawn(
+            "baseline",
             Path::new("/nonexistent/gw"),
             1,
             &[],

@@ -131,12 +131,18 @@ pub fn parse_health(buf: &[u8]) -> Result<Option<Vec<u64>>, String> {
     parse_health_body(body).map(Some)
 }
 
-/// `{"status":"ok","connections_per_core":[a,b]}` → `[a, b]`.
+/// `{"status":"ok","connections_per_core":[a,b]}` → `[a, b]`; a server
+/// with one total, `{"status":"ok","connections":n}` (the baseline), → `[n]`.
 pub fn parse_health_body(body: &[u8]) -> Result<Vec<u64>, String> {
     let v: serde_json::Value = serde_json::from_slice(body)
         .map_err(|e| format!("/healthz body is not JSON ({e}): {:?}", first_line(body)))?;
     if v.get("status").and_then(|s| s.as_str()) != Some("ok") {
         return Err(format!("/healthz status is not \"ok\": {v}"));
+    }
+    if let Some(n) = v.get("connections").and_then(|n| n.as_u64()) {
+        if v.get("connections_per_core").is_none() {
+            return Ok(vec![n]);
+        }
     }
     v.get("connections_per_core")
         .and_then(|c| c.as_array())
@@ -265,6 +271,12 @@ mod tests {
             parse_health_body(b"{\"status\":\"draining\",\"connections_per_core\":[1]}").is_err()
         );
         assert!(parse_health_body(b"ok").is_err());
+        // One total instead of per-core counts (the baseline's shape).
+        assert_eq!(
+            parse_health_body(b"{\"status\":\"ok\",\"connections\":42}"),
+            Ok(vec![42])
+        );
+        assert!(parse_health_body(b"{\"status\":\"ok\",\"connections\":-1}").is_err());
     }
 
     #[test]

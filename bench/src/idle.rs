@@ -14,22 +14,21 @@ use std::net::{IpAddr, SocketAddr};
 use std::os::fd::RawFd;
 use std::time::{Duration, Instant};
 
-use crate::cli::{IdleArgs, Server, Transport};
+use crate::cli::{IdleArgs, Server, ServerKind};
 use crate::gateway::Gateway;
+use crate::handshake::{advance, Handshake, Progress, Step};
 use crate::http;
 use crate::procfs;
 use crate::report::{Health, IdleReport};
 use crate::sys::{self, Epoll};
 
-/// A response head larger than this is a failure, not something to buffer.
-const HEAD_BYTES_MAX: usize = 16 * 1024;
 /// Descriptors the bench needs besides its client sockets.
 const SPARE_FDS: u64 = 64;
 const HEALTHZ_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the server may take to count the closed connections out.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
-pub fn run(args: &IdleArgs) -> Result<IdleReport, String> {
+pub fn run(args: &IdleArgs, kind: ServerKind, server: &Server) -> Result<IdleReport, String> {
     let nofile = sys::raise_nofile_limit().map_err(|e| format!("RLIMIT_NOFILE: {e}"))?;
     if args.connections + SPARE_FDS > nofile {
         return Err(format!(
@@ -40,9 +39,8 @@ pub fn run(args: &IdleArgs) -> Result<IdleReport, String> {
         ));
     }
 
-    let server = args.server.server();
     let mut gateway = None;
-    let (pid, target, cores) = match &server {
+    let (pid, target, cores) = match server {
         Server::Spawn {
             bin,
             cores,
@@ -50,13 +48,25 @@ pub fn run(args: &IdleArgs) -> Result<IdleReport, String> {
             stderr,
             ready_timeout,
         } => {
-            let g = Gateway::spawn(bin, *cores, extra_args, stderr.as_deref(), *ready_timeout)?;
+            let g = Gateway::spawn(
+                kind.name(),
+                bin,
+                *cores,
+                extra_args,
+                stderr.as_deref(),
+                *ready_timeout,
+            )?;
             let found = (g.pid(), g.ready.listen, Some(*cores));
-            eprintln!("bench: gateway pid {} ready on {}", g.pid(), g.ready.listen);
+            eprintln!(
+                "bench: {} pid {} ready on {}",
+                kind.name(),
+                g.pid(),
+                g.ready.listen
+            );
             gateway = Some(g);
             found
         }
-        Server::Attach { pid, target } => (*pid, *target, None),
+        Server::Attach { pid, target, .. } => (*pid, *target, None),
     };
     if let Some(ip) = args
         .sources
@@ -119,6 +129,7 @@ pub fn run(args: &IdleArgs) -> Result<IdleReport, String> {
 
     let mut report = IdleReport {
         transport: args.transport,
+        kind,
         server: if gateway.is_some() {
             "spawned"
         } else {
@@ -172,40 +183,6 @@ pub fn run(args: &IdleArgs) -> Result<IdleReport, String> {
         g.stop();
     }
     Ok(report)
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Step {
-    Connecting,
-    Sending,
-    Reading,
-}
-
-impl Step {
-    fn name(self) -> &'static str {
-        match self {
-            Step::Connecting => "connecting",
-            Step::Sending => "sending the request",
-            Step::Reading => "waiting for the response head",
-        }
-    }
-}
-
-/// One connection whose handshake is under way.
-struct Handshake {
-    fd: RawFd,
-    step: Step,
-    /// The request while sending, then the response head as it arrives.
-    buf: Vec<u8>,
-    sent: usize,
-}
-
-enum Progress {
-    Pending,
-    /// Handshake done; this many bytes followed the response head.
-    Done(usize),
-    /// Failed: a category (counted) and an example (shown once).
-    Failed(String, String),
 }
 
 /// Opens the connections of one run and keeps them.
@@ -470,92 +447,6 @@ impl Drop for Connector<'_> {
     }
 }
 
-/// Moves one handshake on after epoll reported `flags` for it.
-fn advance(
-    h: &mut Handshake,
-    flags: u32,
-    ep: &Epoll,
-    token: u64,
-    transport: Transport,
-) -> Progress {
-    if h.step == Step::Connecting {
-        if let Some(e) = sys::socket_error(h.fd) {
-            return Progress::Failed(format!("connect: {e}"), String::new());
-        }
-        if flags & libc::EPOLLOUT as u32 == 0 {
-            // Woken by EPOLLRDHUP/ERR/HUP without a pending error.
-            return Progress::Failed(
-                "connect: hung up while connecting".into(),
-                format!("events {flags:#x}"),
-            );
-        }
-        h.step = Step::Sending;
-    }
-    if h.step == Step::Sending {
-        while h.sent < h.buf.len() {
-            match sys::send(h.fd, &h.buf[h.sent..]) {
-                Ok(n) => h.sent += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Progress::Pending,
-                Err(e) => return Progress::Failed(format!("send: {e}"), String::new()),
-            }
-        }
-        h.buf = Vec::with_capacity(512);
-        h.step = Step::Reading;
-        if let Err(e) = ep.modify(h.fd, (libc::EPOLLIN | libc::EPOLLRDHUP) as u32, token) {
-            return Progress::Failed(format!("epoll_ctl: {e}"), String::new());
-        }
-        // Level-triggered: epoll reports the answer when it is there.
-        return Progress::Pending;
-    }
-    let mut chunk = [0u8; 4096];
-    loop {
-        match sys::recv(h.fd, &mut chunk, 0) {
-            Ok(0) => {
-                return Progress::Failed(
-                    "closed before a complete response head".into(),
-                    format!(
-                        "{} bytes received: {:?}",
-                        h.buf.len(),
-                        http::first_line(&h.buf)
-                    ),
-                )
-            }
-            Ok(n) => {
-                h.buf.extend_from_slice(&chunk[..n]);
-                if let Some(len) = http::head_len(&h.buf) {
-                    return match http::check_subscribe_response(transport, &h.buf[..len]) {
-                        Ok(()) => Progress::Done(h.buf.len() - len),
-                        Err(e) => Progress::Failed(e, head_excerpt(&h.buf[..len])),
-                    };
-                }
-                if h.buf.len() > HEAD_BYTES_MAX {
-                    return Progress::Failed(
-                        format!("response head over {HEAD_BYTES_MAX} bytes"),
-                        http::first_line(&h.buf),
-                    );
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Progress::Pending,
-            Err(e) => {
-                return Progress::Failed(
-                    format!("recv: {e}"),
-                    format!(
-                        "{} bytes received: {:?}",
-                        h.buf.len(),
-                        http::first_line(&h.buf)
-                    ),
-                )
-            }
-        }
-    }
-}
-
-/// The head of a refused response on one line, short, for the failure example.
-fn head_excerpt(head: &[u8]) -> String {
-    let text = String::from_utf8_lossy(&head[..head.len().min(300)]).into_owned();
-    text.trim_end().replace("\r\n", " | ")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -579,6 +470,7 @@ mod tests {
         all.extend_from_slice(extra);
         match Cli::try_parse_from(all).unwrap().scenario {
             Scenario::Idle(a) => a,
+            other => panic!("{other:?}"),
         }
     }
 

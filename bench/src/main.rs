@@ -1,40 +1,113 @@
-//! `bench`: the gateway's load generator. Each scenario is a subcommand that
-//! prints a human table and then one JSON line with the same figures.
+//! `bench`: the load generator for the gateway and the baseline server.
+//! Each scenario is a subcommand that prints progress on stderr, a human
+//! table on stdout and then one JSON line with the same figures. With
+//! `--server both` it measures the gateway, then the baseline, and adds the
+//! ratio gateway / baseline of each figure.
 //!
 //! `bench idle --gateway target/release/gateway --connections 10000 --transport ws`
+//! `bench fanout --server both --gateway target/release/gateway --baseline target/release/baseline`
+//! `bench storm --server both --gateway target/release/gateway --baseline target/release/baseline`
+
+#![recursion_limit = "256"]
 
 mod cli;
+mod fanout;
 mod gateway;
+mod handshake;
 mod http;
 mod idle;
 mod procfs;
 mod report;
+mod storm;
 mod sys;
+mod util;
+mod ws;
 
-use clap::Parser;
-use serde_json::json;
+use clap::{CommandFactory, Parser};
+use serde_json::{json, Value};
 
-use crate::cli::{Cli, Scenario};
+use crate::cli::{Cli, Scenario, Server, ServerArgs, ServerKind};
+
+/// What one run against one server gave: its table, its JSON, whether it is
+/// clean.
+struct Run {
+    table: String,
+    json: Value,
+    ok: bool,
+}
+
+/// Runs `one` against each server `args` names, prints each table, the
+/// comparison when there are two, and the one JSON line; returns the exit
+/// code (0 clean, 1 a run with errors, 2 a run that failed).
+fn run_all(
+    scenario: &str,
+    args: &ServerArgs,
+    compared: &[(&str, &str)],
+    mut one: impl FnMut(ServerKind, &Server) -> Result<Run, String>,
+) -> i32 {
+    let servers = match args.servers() {
+        Ok(s) => s,
+        Err(e) => Cli::command()
+            .error(clap::error::ErrorKind::MissingRequiredArgument, e)
+            .exit(),
+    };
+    let mut runs = Vec::new();
+    let mut code = 0;
+    for (kind, server) in &servers {
+        match one(*kind, server) {
+            Ok(run) => {
+                print!("{}", run.table);
+                if !run.ok {
+                    code = code.max(1);
+                }
+                runs.push((*kind, run.json));
+            }
+            Err(e) => {
+                eprintln!("bench: {scenario} {}: {e}", kind.name());
+                println!("{scenario} {}: FAILED: {e}", kind.name());
+                code = 2;
+                runs.push((
+                    *kind,
+                    json!({"scenario": scenario, "server": kind.name(), "ok": false, "errors": [e]}),
+                ));
+            }
+        }
+    }
+    let ratios = if runs.len() == 2 {
+        let (table, ratios) = report::compare(&runs[0].1, &runs[1].1, compared);
+        print!("{table}");
+        Some(ratios)
+    } else {
+        None
+    };
+    println!("{}", report::combined_json(scenario, &runs, ratios));
+    code
+}
 
 fn main() {
     let cli = Cli::parse();
-    match cli.scenario {
-        Scenario::Idle(args) => match idle::run(&args) {
-            Ok(report) => {
-                print!("{}", report.table());
-                println!("{}", report.json());
-                if !report.errors().is_empty() {
-                    std::process::exit(1);
-                }
-            }
-            Err(e) => {
-                eprintln!("bench: {e}");
-                println!(
-                    "{}",
-                    json!({"scenario": "idle", "transport": args.transport.name(), "ok": false, "errors": [e]})
-                );
-                std::process::exit(2);
-            }
-        },
-    }
+    let code = match &cli.scenario {
+        Scenario::Idle(args) => run_all("idle", &args.server, report::IDLE_COMPARED, |k, s| {
+            idle::run(args, k, s).map(|r| Run {
+                table: r.table(),
+                json: r.json(),
+                ok: r.errors().is_empty(),
+            })
+        }),
+        Scenario::Fanout(args) => run_all("fanout", &args.server, fanout::COMPARED, |k, s| {
+            fanout::run_one(args, k, s).map(|r| Run {
+                table: r.table(),
+                json: r.json(),
+                ok: r.errors().is_empty(),
+            })
+        }),
+        Scenario::Storm(args) => run_all("storm", &args.server, storm::COMPARED, |k, s| {
+            storm::run_one(args, k, s).map(|r| Run {
+                table: r.table(),
+                json: r.json(),
+                ok: r.errors().is_empty(),
+            })
+        }),
+    };
+    std::process::exit(code);
 }

@@ -1,11 +1,14 @@
-//! The idle scenario's figures: the per-connection arithmetic, the human
-//! table and the one-line JSON.
+//! The figures: the idle scenario's report (per-connection arithmetic, the
+//! human table and the one-line JSON), latency summaries, and the
+//! gateway / baseline comparison every scenario prints with `--server both`.
 
 use std::fmt::Write as _;
 
+use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 
-use crate::cli::Transport;
+use crate::cli::{ServerKind, Transport};
+use crate::util::opt;
 
 /// `(after - before) / n` in bytes, signed (memory can shrink), `None` for
 /// no connections.
@@ -53,6 +56,8 @@ impl Health {
 #[derive(Debug, Clone, PartialEq)]
 pub struct IdleReport {
     pub transport: Transport,
+    /// Which server this is.
+    pub kind: ServerKind,
     /// "spawned" or "attached".
     pub server: &'static str,
     pub pid: u32,
@@ -173,10 +178,17 @@ impl IdleReport {
         };
         let server = match self.cores {
             Some(c) => format!(
-                "spawned gateway pid {} at {}, {c} cores",
-                self.pid, self.target
+                "spawned {} pid {} at {}, {c} cores",
+                self.kind.name(),
+                self.pid,
+                self.target
             ),
-            None => format!("attached server pid {} at {}", self.pid, self.target),
+            None => format!(
+                "attached {} pid {} at {}",
+                self.kind.name(),
+                self.pid,
+                self.target
+            ),
         };
         let _ = writeln!(t, "idle {}: {server}", self.transport.name());
         let _ = writeln!(
@@ -273,7 +285,8 @@ impl IdleReport {
         json!({
             "scenario": "idle",
             "transport": self.transport.name(),
-            "server": self.server,
+            "server": self.kind.name(),
+            "process": self.server,
             "pid": self.pid,
             "cores": self.cores,
             "channels": self.channels,
@@ -302,7 +315,7 @@ impl IdleReport {
 }
 
 /// `12,345,678 B (11.8 MiB)`.
-fn bytes(n: u64) -> String {
+pub fn bytes(n: u64) -> String {
     let digits = n.to_string();
     let mut grouped = String::new();
     for (i, c) in digits.chars().enumerate() {
@@ -314,6 +327,124 @@ fn bytes(n: u64) -> String {
     format!("{grouped} B ({:.1} MiB)", n as f64 / (1024.0 * 1024.0))
 }
 
+/// The idle figures `--server both` compares.
+pub const IDLE_COMPARED: &[(&str, &str)] = &[
+    ("RSS / connection (B)", "rss_bytes_per_conn"),
+    ("Slab / connection (B)", "slab_bytes_per_conn"),
+    ("connects/s", "connects_per_s"),
+];
+
+/// A latency distribution's summary, in microseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Latency {
+    pub count: u64,
+    pub p50_us: Option<f64>,
+    pub p90_us: Option<f64>,
+    pub p99_us: Option<f64>,
+    pub p999_us: Option<f64>,
+    pub max_us: Option<f64>,
+    pub mean_us: Option<f64>,
+}
+
+impl Latency {
+    /// From a histogram of nanoseconds (all `None` when it is empty).
+    pub fn from_ns(h: &Histogram<u64>) -> Latency {
+        if h.is_empty() {
+            return Latency::default();
+        }
+        let us = |ns: u64| Some(ns as f64 / 1000.0);
+        Latency {
+            count: h.len(),
+            p50_us: us(h.value_at_quantile(0.5)),
+            p90_us: us(h.value_at_quantile(0.9)),
+            p99_us: us(h.value_at_quantile(0.99)),
+            p999_us: us(h.value_at_quantile(0.999)),
+            max_us: us(h.max()),
+            mean_us: Some(h.mean() / 1000.0),
+        }
+    }
+
+    pub fn json(&self) -> Value {
+        let r = |x: Option<f64>| x.map(round1);
+        json!({
+            "count": self.count,
+            "p50": r(self.p50_us),
+            "p90": r(self.p90_us),
+            "p99": r(self.p99_us),
+            "p999": r(self.p999_us),
+            "max": r(self.max_us),
+            "mean": r(self.mean_us),
+        })
+    }
+}
+
+/// `gateway / baseline`, when both are there, finite, and the baseline's is
+/// not zero.
+pub fn ratio(gateway: Option<f64>, baseline: Option<f64>) -> Option<f64> {
+    match (gateway, baseline) {
+        (Some(g), Some(b)) if g.is_finite() && b.is_finite() && b != 0.0 => Some(g / b),
+        _ => None,
+    }
+}
+
+/// The number at a dotted path (`latency_us.p99`) of a JSON object.
+pub fn number_at(v: &Value, path: &str) -> Option<f64> {
+    path.split('.')
+        .try_fold(v, |v, key| v.get(key))
+        .and_then(Value::as_f64)
+}
+
+/// Compares two runs' JSON reports on `figures` (label, dotted path): a
+/// human table (figure, gateway, baseline, gateway/baseline) and a JSON
+/// object path → ratio (null where there is none).
+pub fn compare(gateway: &Value, baseline: &Value, figures: &[(&str, &str)]) -> (String, Value) {
+    let mut t = String::new();
+    let _ = writeln!(t, "gateway vs baseline (ratio = gateway / baseline):");
+    let _ = writeln!(
+        t,
+        "  {:<34} {:>14} {:>14} {:>10}",
+        "figure", "gateway", "baseline", "ratio"
+    );
+    let mut ratios = serde_json::Map::new();
+    for (label, path) in figures {
+        let (g, b) = (number_at(gateway, path), number_at(baseline, path));
+        let r = ratio(g, b);
+        let _ = writeln!(
+            t,
+            "  {label:<34} {:>14} {:>14} {:>10}",
+            opt(g, 1),
+            opt(b, 1),
+            opt(r, 3)
+        );
+        ratios.insert(
+            path.to_string(),
+            json!(r.map(|r| (r * 1000.0).round() / 1000.0)),
+        );
+    }
+    (t, Value::Object(ratios))
+}
+
+/// The one JSON line of a run against one server, or against both (each
+/// report under its name, plus the ratios).
+pub fn combined_json(scenario: &str, runs: &[(ServerKind, Value)], ratios: Option<Value>) -> Value {
+    if let ([(_, only)], None) = (runs, &ratios) {
+        return only.clone();
+    }
+    let ok = runs.iter().all(|(_, v)| v["ok"] == Value::Bool(true));
+    let mut out = serde_json::Map::new();
+    out.insert("scenario".into(), json!(scenario));
+    out.insert("server".into(), json!("both"));
+    for (kind, v) in runs {
+        out.insert(kind.name().into(), v.clone());
+    }
+    out.insert(
+        "ratio_gateway_over_baseline".into(),
+        ratios.unwrap_or(Value::Null),
+    );
+    out.insert("ok".into(), json!(ok));
+    Value::Object(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -321,6 +452,7 @@ mod tests {
     fn report() -> IdleReport {
         IdleReport {
             transport: Transport::Ws,
+            kind: ServerKind::Gateway,
             server: "spawned",
             pid: 42,
             target: "127.0.0.1:1234".into(),
@@ -375,6 +507,8 @@ mod tests {
         let j = r.json();
         assert_eq!(j["scenario"], "idle");
         assert_eq!(j["transport"], "ws");
+        assert_eq!(j["server"], "gateway");
+        assert_eq!(j["process"], "spawned");
         assert_eq!(j["connections"], 10_000);
         assert_eq!(j["connects_per_s"], 4_000.0);
         assert_eq!(j["rss_bytes_per_conn"], 700.0);
@@ -428,6 +562,74 @@ mod tests {
         assert!(r.errors().is_empty());
         assert_eq!(r.json()["healthz_connections"], Value::Null);
         assert!(r.table().contains("not checked: connection refused"));
+    }
+
+    #[test]
+    fn ratios() {
+        assert_eq!(ratio(Some(10.0), Some(4.0)), Some(2.5));
+        assert_eq!(ratio(Some(0.0), Some(4.0)), Some(0.0));
+        assert_eq!(ratio(Some(1.0), Some(0.0)), None, "no division by zero");
+        assert_eq!(ratio(None, Some(1.0)), None);
+        assert_eq!(ratio(Some(1.0), None), None);
+        assert_eq!(ratio(Some(f64::NAN), Some(1.0)), None);
+        let g = json!({"deliveries_per_s": 100_000.0, "latency_us": {"p99": 300.0, "p50": null}, "ok": true});
+        let b = json!({"deliveries_per_s": 80_000, "latency_us": {"p99": 1200.0, "p50": 40.0}, "ok": false});
+        assert_eq!(number_at(&g, "latency_us.p99"), Some(300.0));
+        assert_eq!(number_at(&b, "deliveries_per_s"), Some(80_000.0));
+        assert_eq!(number_at(&g, "latency_us.p50"), None);
+        assert_eq!(number_at(&g, "latency_us.p99.x"), None);
+        assert_eq!(number_at(&g, "nothing"), None);
+        let (table, r) = compare(
+            &g,
+            &b,
+            &[
+                ("deliveries/s", "deliveries_per_s"),
+                ("p99 µs", "latency_us.p99"),
+                ("p50 µs", "latency_us.p50"),
+            ],
+        );
+        assert_eq!(r["deliveries_per_s"], 1.25);
+        assert_eq!(r["latency_us.p99"], 0.25);
+        assert_eq!(r["latency_us.p50"], Value::Null);
+        assert!(
+            table.contains("1.250") && table.contains("0.250"),
+            "{table}"
+        );
+        let both = combined_json(
+            "fanout",
+            &[
+                (ServerKind::Gateway, g.clone()),
+                (ServerKind::Baseline, b.clone()),
+            ],
+            Some(r),
+        );
+        assert_eq!(both["server"], "both");
+        assert_eq!(both["gateway"]["deliveries_per_s"], 100_000.0);
+        assert_eq!(both["ratio_gateway_over_baseline"]["latency_us.p99"], 0.25);
+        assert_eq!(both["ok"], false, "the baseline's run was not ok");
+        // One server: its report as it is.
+        assert_eq!(
+            combined_json("fanout", &[(ServerKind::Gateway, g.clone())], None),
+            g
+        );
+    }
+
+    #[test]
+    fn latency_summary() {
+        assert_eq!(
+            Latency::from_ns(&Histogram::<u64>::new(3).unwrap()),
+            Latency::default()
+        );
+        let mut h = Histogram::<u64>::new_with_bounds(1, 3_600_000_000_000, 3).unwrap();
+        for us in 1..=1000u64 {
+            h.record(us * 1000).unwrap();
+        }
+        let l = Latency::from_ns(&h);
+        assert_eq!(l.count, 1000);
+        assert!((l.p50_us.unwrap() - 500.0).abs() < 1.0, "{l:?}");
+        assert!((l.p99_us.unwrap() - 990.0).abs() < 1.0, "{l:?}");
+        assert!((l.max_us.unwrap() - 1000.0).abs() < 1.0, "{l:?}");
+        assert_eq!(l.json()["count"], 1000);
     }
 
     #[test]

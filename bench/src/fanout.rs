@@ -1,0 +1,1258 @@
+//! The fan-out scenario: N WebSocket subscribers over C channels, a ZeroMQ
+//! publisher at R messages/s for D seconds; deliveries/s, loss, reordering
+//! and publish→receive latency.
+//!
+//! Client threads each own a contiguous block of the connections and one
+//! level-triggered epoll set; connection i subscribes to `fanout-{i % C}`.
+//! The publisher (this thread) first publishes probes to every channel until
+//! every connection has received one (which also gets past ZeroMQ's slow
+//! joiner), then publishes the measured messages round robin over the
+//! channels: message k goes to channel k % C with sequence number k / C. Each
+//! payload ends with its kind, channel, sequence number and the publisher's
+//! CLOCK_MONOTONIC send time (taken just before the ZeroMQ send). A receiver
+//! records `arrival - send time` in its own histogram (merged at the end),
+//! where the arrival of what a socket's first read returns is when the
+//! epoll_wait that reported it returned (it was in the socket by then; a
+//! frame sent later than that, and any further read, takes the clock again):
+//! the latency does not include the client working through a batch of
+//! ready sockets. The client's and the server's CPU use over the publish
+//! window are reported, to tell whether the client kept up.
+//!
+//! Per frame the receiver parses the header, reads 33 bytes at the end of
+//! the payload and updates a 24-byte tally: no allocation, no copy unless a
+//! frame is split across reads.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use serde_json::{json, Value};
+
+use crate::cli::{FanoutArgs, Server, ServerKind, Transport};
+use crate::gateway::Target;
+use crate::handshake::{DialConfig, Dialer, Outcome};
+use crate::http;
+use crate::procfs;
+use crate::report::{bytes, Health, Latency};
+use crate::sys::{self, Epoll};
+use crate::util::{monotonic_ns, opt, thousands};
+use crate::ws::{self, FrameHead, ReadEnd, SeqTally, Tail, KIND_MEASURED, KIND_PROBE};
+
+/// Descriptors the bench needs besides its client sockets.
+const SPARE_FDS: u64 = 64;
+const HEALTHZ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Probe rounds: at most this often, and at most this many probes a second.
+const PROBE_INTERVAL: Duration = Duration::from_millis(100);
+const PROBES_PER_S_MAX: f64 = 20_000.0;
+/// Latency histogram: 1 ns to 1 h, 3 significant digits.
+const HIST_MAX_NS: u64 = 3_600_000_000_000;
+
+pub fn new_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, HIST_MAX_NS, 3).expect("valid histogram bounds")
+}
+
+/// A number shared between one client thread and the main thread, on its
+/// own cache line.
+#[repr(align(64))]
+#[derive(Default)]
+struct Padded(AtomicU64);
+
+/// What the client threads and the main thread share while running.
+struct Shared {
+    stop: AtomicBool,
+    open: AtomicU64,
+    gave_up: AtomicU64,
+    /// Client threads done with their connect phase.
+    connected_threads: AtomicU64,
+    /// Connections that have received at least one probe.
+    probed: AtomicU64,
+    /// Connections the server closed (EOF, reset, close frame).
+    closed: AtomicU64,
+    /// Measured deliveries per client thread.
+    delivered: Vec<Padded>,
+    /// Open connections per channel (added by each thread after connecting).
+    open_per_channel: Mutex<Vec<u64>>,
+}
+
+impl Shared {
+    fn delivered(&self) -> u64 {
+        self.delivered.iter().map(|d| d.0.load(Relaxed)).sum()
+    }
+}
+
+/// One subscriber, as its client thread keeps it.
+struct Conn {
+    /// -1: not open (yet, any more, or never).
+    fd: RawFd,
+    channel: u32,
+    tally: SeqTally,
+    probed: bool,
+    closed: bool,
+    opened: bool,
+    /// An unfinished frame from the previous read.
+    carry: Vec<u8>,
+}
+
+/// Per-thread counts of what arrived, besides measured deliveries.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub frames: u64,
+    pub measured: u64,
+    pub probes: u64,
+    /// Data frames whose content does not end like a fan-out payload.
+    pub unrecognized: u64,
+    /// Measured messages for another channel than the connection's.
+    pub misrouted: u64,
+    /// Frames with the mask bit set (servers must not mask).
+    pub masked: u64,
+    /// Data frames without FIN, and continuation frames.
+    pub fragmented: u64,
+    pub pings: u64,
+    pub close_frames: u64,
+    /// Frames too large for the read buffer (the connection is dropped).
+    pub oversized: u64,
+    /// Connections that ended with an EOF / a reset / another read error.
+    pub eofs: u64,
+    pub resets: u64,
+    pub read_errors: u64,
+    /// Reads (recv calls that returned data).
+    pub reads: u64,
+    pub bytes: u64,
+}
+
+impl Counters {
+    pub fn add(&mut self, o: &Counters) {
+        self.frames += o.frames;
+        self.measured += o.measured;
+        self.probes += o.probes;
+        self.unrecognized += o.unrecognized;
+        self.misrouted += o.misrouted;
+        self.masked += o.masked;
+        self.fragmented += o.fragmented;
+        self.pings += o.pings;
+        self.close_frames += o.close_frames;
+        self.oversized += o.oversized;
+        self.eofs += o.eofs;
+        self.resets += o.resets;
+        self.read_errors += o.read_errors;
+        self.reads += o.reads;
+        self.bytes += o.bytes;
+    }
+}
+
+/// What a client thread hands back at the end.
+struct WorkerResult {
+    hist: Histogram<u64>,
+    /// (channel, tally) of every connection that opened.
+    tallies: Vec<(u32, SeqTally)>,
+    counters: Counters,
+    failures: BTreeMap<String, (u64, String)>,
+    opened: u64,
+    closed: u64,
+    connect_end: Option<Instant>,
+}
+
+/// Handles one frame for connection `conn`, read at `now_ns`.
+#[inline]
+fn on_frame(
+    conn: &mut Conn,
+    h: &FrameHead,
+    payload: &[u8],
+    now_ns: u64,
+    hist: &mut Histogram<u64>,
+    c: &mut Counters,
+    shared: &Shared,
+) {
+    c.frames += 1;
+    if h.masked {
+        c.masked += 1;
+        return;
+    }
+    match h.opcode {
+        1 | 2 if h.fin => match ws::decode_tail(payload) {
+            Some(Tail {
+                kind: KIND_MEASURED,
+                channel,
+                seq,
+                sent_ns,
+            }) => {
+                if channel != conn.channel {
+                    c.misrouted += 1;
+                } else {
+                    c.measured += 1;
+                    conn.tally.observe(seq);
+                    // Arrived after epoll_wait returned: take the clock now.
+                    let latency = if now_ns > sent_ns {
+                        now_ns - sent_ns
+                    } else {
+                        monotonic_ns().saturating_sub(sent_ns)
+                    };
+                    hist.saturating_record(latency.max(1));
+                }
+            }
+            Some(Tail {
+                kind: KIND_PROBE, ..
+            }) => {
+                c.probes += 1;
+                if !conn.probed {
+                    conn.probed = true;
+                    shared.probed.fetch_add(1, Relaxed);
+                }
+            }
+            _ => c.unrecognized += 1,
+        },
+        0..=2 => c.fragmented += 1,
+        8 => {
+            c.close_frames += 1;
+            conn.closed = true;
+        }
+        9 => {
+            c.pings += 1;
+            let pong = ws::client_frame(10, payload, [0x5a, 0xa5, 0x3c, 0xc3]);
+            let _ = sys::send(conn.fd, &pong);
+        }
+        10 => {}
+        _ => c.unrecognized += 1,
+    }
+}
+
+struct Worker {
+    index: usize,
+    conns: Vec<Conn>,
+    ep: Epoll,
+    dialer: Dialer,
+    shared: Arc<Shared>,
+    hist: Histogram<u64>,
+    counters: Counters,
+    scratch: Vec<u8>,
+    opened: u64,
+    closed: u64,
+    connect_end: Option<Instant>,
+}
+
+impl Worker {
+    fn new(
+        index: usize,
+        base: u64,
+        count: u32,
+        channels: u64,
+        cfg: DialConfig,
+        shared: Arc<Shared>,
+    ) -> Result<Worker, String> {
+        let conns = (0..count)
+            .map(|local| Conn {
+                fd: -1,
+                channel: ((base + local as u64) % channels) as u32,
+                tally: SeqTally::default(),
+                probed: false,
+                closed: false,
+                opened: false,
+                carry: Vec::new(),
+            })
+            .collect();
+        Ok(Worker {
+            index,
+            conns,
+            ep: Epoll::new().map_err(|e| format!("epoll_create1: {e}"))?,
+            dialer: Dialer::new(cfg, base, 0x5eed ^ index as u64),
+            shared,
+            hist: new_histogram(),
+            counters: Counters::default(),
+            scratch: vec![0u8; ws::READ_BUF_BYTES],
+            opened: 0,
+            closed: 0,
+            connect_end: None,
+        })
+    }
+
+    fn on_outcome(&mut self, o: Outcome) {
+        match o {
+            Outcome::Opened(o) => {
+                let conn = &mut self.conns[o.local as usize];
+                conn.fd = o.fd;
+                conn.opened = true;
+                self.opened += 1;
+                self.shared.open.fetch_add(1, Relaxed);
+                self.connect_end = Some(Instant::now());
+                if !o.extra.is_empty() {
+                    // Frames that came with the response head.
+                    let now = monotonic_ns();
+                    let (hist, counters, shared) =
+                        (&mut self.hist, &mut self.counters, &*self.shared);
+                    let used = ws::split_frames(&o.extra, |h, p| {
+                        on_frame(conn, h, p, now, hist, counters, shared)
+                    });
+                    conn.carry.extend_from_slice(&o.extra[used..]);
+                }
+            }
+            Outcome::GaveUp => {
+                self.shared.gave_up.fetch_add(1, Relaxed);
+            }
+        }
+    }
+
+    /// Reads connection `local`, reported readable by an epoll_wait that
+    /// returned at `ready_ns`.
+    fn on_readable(&mut self, local: usize, ready_ns: u64) {
+        let conn = &mut self.conns[local];
+        if conn.fd < 0 {
+            return;
+        }
+        let fd = conn.fd;
+        let (hist, counters, shared) = (&mut self.hist, &mut self.counters, &*self.shared);
+        let now = std::cell::Cell::new(0u64);
+        let mut first = true;
+        let mut reads = 0u64;
+        let mut bytes = 0u64;
+        let mut carry = std::mem::take(&mut conn.carry);
+        let end = ws::read_frames(
+            &mut carry,
+            &mut self.scratch,
+            |buf| {
+                let r = sys::recv(fd, buf, 0);
+                if let Ok(n) = r {
+                    reads += 1;
+                    bytes += n as u64;
+                    // What the first read gets was in the socket when
+                    // epoll_wait returned; a further read (after a full
+                    // buffer) takes the clock again.
+                    now.set(if first { ready_ns } else { monotonic_ns() });
+                    first = false;
+                }
+                r
+            },
+            |h, p| on_frame(conn, h, p, now.get(), hist, counters, shared),
+        );
+        conn.carry = carry;
+        counters.reads += reads;
+        counters.bytes += bytes;
+        let gone = match end {
+            ReadEnd::Drained => conn.closed,
+            ReadEnd::Eof => {
+                counters.eofs += 1;
+                true
+            }
+            ReadEnd::Error(e) => {
+                if e.kind() == std::io::ErrorKind::ConnectionReset {
+                    counters.resets += 1;
+                } else {
+                    counters.read_errors += 1;
+                }
+                true
+            }
+            ReadEnd::Oversized => {
+                counters.oversized += 1;
+                true
+            }
+        };
+        if gone {
+            conn.closed = true;
+            conn.carry = Vec::new();
+            sys::close_abortive(fd);
+            conn.fd = -1;
+            self.closed += 1;
+            shared.closed.fetch_add(1, Relaxed);
+        }
+        self.shared.delivered[self.index]
+            .0
+            .store(self.counters.measured, Relaxed);
+    }
+
+    /// Connects this thread's share, then reads until told to stop.
+    fn run(&mut self, connect_deadline: Instant) -> WorkerResult {
+        let start = Instant::now();
+        for local in 0..self.conns.len() as u32 {
+            self.dialer.schedule(local, start);
+        }
+        let mut events: Vec<libc::epoll_event> = Vec::with_capacity(1024);
+        let mut outcomes = Vec::new();
+        let mut connecting = true;
+        loop {
+            if self.shared.stop.load(Relaxed) {
+                break;
+            }
+            let now = Instant::now();
+            if connecting {
+                self.dialer.step(&self.ep, now, &mut outcomes);
+                if now >= connect_deadline {
+                    self.dialer
+                        .abandon("unfinished at --connect-timeout-s", &mut outcomes);
+                }
+                for o in outcomes.drain(..) {
+                    self.on_outcome(o);
+                }
+                if self.dialer.is_idle() {
+                    connecting = false;
+                    let mut per_channel = self.shared.open_per_channel.lock().expect("lock");
+                    for c in self.conns.iter().filter(|c| c.opened) {
+                        per_channel[c.channel as usize] += 1;
+                    }
+                    drop(per_channel);
+                    self.shared.connected_threads.fetch_add(1, Relaxed);
+                }
+            }
+            let wait = if connecting {
+                self.dialer.wait_ms(now, 50)
+            } else {
+                50
+            };
+            if let Err(e) = self.ep.wait(&mut events, wait) {
+                eprintln!("bench: epoll_wait: {e}");
+                break;
+            }
+            let ready_ns = monotonic_ns();
+            for ev in events.iter() {
+                let (token, flags) = (ev.u64, ev.events);
+                if connecting && self.dialer.owns(token) {
+                    self.dialer
+                        .on_event(&self.ep, token, flags, Instant::now(), &mut outcomes);
+                    for o in outcomes.drain(..) {
+                        self.on_outcome(o);
+                    }
+                } else {
+                    self.on_readable(token as usize, ready_ns);
+                }
+            }
+        }
+        if connecting {
+            self.dialer.abandon("stopped", &mut outcomes);
+            for o in outcomes.drain(..) {
+                self.on_outcome(o);
+            }
+        }
+        WorkerResult {
+            hist: std::mem::replace(&mut self.hist, new_histogram()),
+            tallies: self
+                .conns
+                .iter()
+                .filter(|c| c.opened)
+                .map(|c| (c.channel, c.tally))
+                .collect(),
+            counters: self.counters,
+            failures: std::mem::take(&mut self.dialer.failures),
+            opened: self.opened,
+            closed: self.closed,
+            connect_end: self.connect_end,
+        }
+        // The sockets stay open (in `self`) until the main thread has
+        // measured the server: see `run_one`.
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        for c in self.conns.iter_mut() {
+            if c.fd >= 0 {
+                sys::close_abortive(c.fd);
+                c.fd = -1;
+            }
+        }
+    }
+}
+
+/// The figures of one fan-out run against one server.
+#[derive(Debug, Clone)]
+pub struct FanoutReport {
+    pub kind: ServerKind,
+    pub process: &'static str,
+    pub pid: u32,
+    pub target: String,
+    pub cores: Option<u32>,
+    pub requested: u64,
+    pub open: u64,
+    pub failures: Vec<(String, u64, String)>,
+    pub channels: u64,
+    pub threads: u32,
+    pub rate: f64,
+    pub duration_s: f64,
+    pub payload_bytes: u64,
+    pub connect_s: f64,
+    /// From the first probe until every open connection had one (or the
+    /// timeout), and how many never got one.
+    pub subscribe_s: f64,
+    pub probe_rounds: u64,
+    pub unprobed: u64,
+    pub published: u64,
+    /// The publish window, first to last publication.
+    pub publish_s: f64,
+    /// Measured deliveries received within the publish window.
+    pub delivered_in_window: u64,
+    /// From the end of publishing until everything expected had arrived (or
+    /// --drain-s ran out).
+    pub drain_s: f64,
+    pub loss: ws::LossSummary,
+    pub counters: Counters,
+    pub closed_by_server: u64,
+    pub latency: Latency,
+    pub rss_before: u64,
+    pub rss_subscribed: u64,
+    pub rss_after: u64,
+    pub health: Health,
+    /// CPU seconds used during the publish window by the server and by
+    /// this bench (all its threads, the publisher included).
+    pub server_cpu_s: Option<f64>,
+    pub client_cpu_s: f64,
+}
+
+impl FanoutReport {
+    pub fn failed(&self) -> u64 {
+        self.failures.iter().map(|(_, n, _)| n).sum()
+    }
+
+    pub fn deliveries_per_s(&self) -> Option<f64> {
+        crate::report::rate(self.delivered_in_window, self.publish_s)
+    }
+
+    pub fn publish_rate(&self) -> Option<f64> {
+        crate::report::rate(self.published, self.publish_s)
+    }
+
+    /// CPU use over the publish window in % of one core.
+    pub fn server_cpu_pct(&self) -> Option<f64> {
+        self.server_cpu_s
+            .and_then(|c| (self.publish_s > 0.0).then(|| 100.0 * c / self.publish_s))
+    }
+
+    pub fn client_cpu_pct(&self) -> Option<f64> {
+        (self.publish_s > 0.0).then(|| 100.0 * self.client_cpu_s / self.publish_s)
+    }
+
+    pub fn errors(&self) -> Vec<String> {
+        let mut e = Vec::new();
+        if self.open < self.requested {
+            e.push(format!(
+                "{} of {} subscribers not open",
+                self.requested - self.open,
+                self.requested
+            ));
+        }
+        for (reason, n, example) in &self.failures {
+            e.push(format!("{n} × {reason} (e.g. {example})"));
+        }
+        if self.unprobed > 0 {
+            e.push(format!(
+                "{} subscribers never received a probe within --subscribe-timeout-s",
+                self.unprobed
+            ));
+        }
+        let l = &self.loss;
+        if l.missing > 0 {
+            e.push(format!(
+                "{} of {} expected deliveries missing on {} connections ({} in gaps, {} at the end)",
+                l.missing, l.expected, l.connections_with_loss, l.missing_in_gaps, l.missing_at_end
+            ));
+        }
+        if l.out_of_order > 0 {
+            e.push(format!(
+                "{} deliveries out of order on {} connections",
+                l.out_of_order, l.connections_reordered
+            ));
+        }
+        if l.duplicates > 0 {
+            e.push(format!("{} duplicate deliveries", l.duplicates));
+        }
+        if l.beyond_published > 0 {
+            e.push(format!(
+                "{} sequence numbers past what was published",
+                l.beyond_published
+            ));
+        }
+        let c = &self.counters;
+        for (n, what) in [
+            (
+                c.misrouted,
+                "deliveries for another channel than subscribed",
+            ),
+            (c.unrecognized, "frames not recognised as fan-out payloads"),
+            (c.masked, "masked frames from the server"),
+            (c.fragmented, "fragmented frames"),
+            (c.close_frames, "close frames from the server"),
+            (c.oversized, "frames too large for the read buffer"),
+        ] {
+            if n > 0 {
+                e.push(format!("{n} {what}"));
+            }
+        }
+        if self.closed_by_server > 0 {
+            e.push(format!(
+                "{} connections closed by the server during the run ({} EOF, {} reset, {} other read errors, {} after a close frame)",
+                self.closed_by_server, c.eofs, c.resets, c.read_errors, c.close_frames
+            ));
+        }
+        if let Health::Checked {
+            baseline, total, ..
+        } = &self.health
+        {
+            if *total != baseline + self.open {
+                e.push(format!(
+                    "/healthz counts {total} connections, expected {} ({baseline} + {} open)",
+                    baseline + self.open,
+                    self.open
+                ));
+            }
+        }
+        if let Health::Failed(why) = &self.health {
+            e.push(format!("/healthz failed after subscribing: {why}"));
+        }
+        e
+    }
+
+    pub fn table(&self) -> String {
+        let mut t = String::new();
+        let server = match self.cores {
+            Some(c) => format!(
+                "spawned {} pid {} at {}, {c} cores",
+                self.kind.name(),
+                self.pid,
+                self.target
+            ),
+            None => format!(
+                "attached {} pid {} at {}",
+                self.kind.name(),
+                self.pid,
+                self.target
+            ),
+        };
+        let _ = writeln!(t, "fanout ws: {server}");
+        let row = |t: &mut String, k: &str, v: String| {
+            let _ = writeln!(t, "  {k:<28} {v}");
+        };
+        row(
+            &mut t,
+            "subscribers",
+            format!(
+                "{} of {} open ({} failed), {} channel(s), {} client thread(s)",
+                thousands(self.open),
+                thousands(self.requested),
+                self.failed(),
+                self.channels,
+                self.threads
+            ),
+        );
+        row(&mut t, "connect time", format!("{:.3} s", self.connect_s));
+        row(
+            &mut t,
+            "subscription check",
+            format!(
+                "{:.3} s, {} probe round(s), {} without a probe",
+                self.subscribe_s, self.probe_rounds, self.unprobed
+            ),
+        );
+        row(
+            &mut t,
+            "published",
+            format!(
+                "{} messages in {:.3} s ({} msg/s, asked {}), {} B payloads",
+                thousands(self.published),
+                self.publish_s,
+                opt(self.publish_rate(), 1),
+                self.rate,
+                self.payload_bytes
+            ),
+        );
+        row(&mut t, "deliveries expected", thousands(self.loss.expected));
+        row(
+            &mut t,
+            "deliveries received",
+            format!(
+                "{} ({} within the publish window, rest in {:.3} s of drain)",
+                thousands(self.loss.received),
+                thousands(self.delivered_in_window),
+                self.drain_s
+            ),
+        );
+        row(&mut t, "deliveries/s", opt(self.deliveries_per_s(), 0));
+        row(
+            &mut t,
+            "missing",
+            format!(
+                "{} ({} in gaps, {} at the end) on {} connections",
+                self.loss.missing,
+                self.loss.missing_in_gaps,
+                self.loss.missing_at_end,
+                self.loss.connections_with_loss
+            ),
+        );
+        row(
+            &mut t,
+            "out of order / duplicates",
+            format!("{} / {}", self.loss.out_of_order, self.loss.duplicates),
+        );
+        let l = &self.latency;
+        row(
+            &mut t,
+            "latency µs p50/p99/p99.9/max",
+            format!(
+                "{} / {} / {} / {}   (mean {}, {} samples)",
+                opt(l.p50_us, 0),
+                opt(l.p99_us, 0),
+                opt(l.p999_us, 0),
+                opt(l.max_us, 0),
+                opt(l.mean_us, 0),
+                thousands(l.count)
+            ),
+        );
+        row(
+            &mut t,
+            "CPU, % of one core",
+            format!(
+                "server {} %, bench {} % ({} client thread(s) + publisher)",
+                opt(self.server_cpu_pct(), 0),
+                opt(self.client_cpu_pct(), 0),
+                self.threads
+            ),
+        );
+        row(&mut t, "server RSS before", bytes(self.rss_before));
+        row(&mut t, "server RSS subscribed", bytes(self.rss_subscribed));
+        row(&mut t, "server RSS after", bytes(self.rss_after));
+        let c = &self.counters;
+        row(
+            &mut t,
+            "client reads",
+            format!(
+                "{} recv, {} frames, {} (probes {}, pings {})",
+                thousands(c.reads),
+                thousands(c.frames),
+                bytes(c.bytes),
+                thousands(c.probes),
+                c.pings
+            ),
+        );
+        for e in self.errors() {
+            let _ = writeln!(t, "  ERROR: {e}");
+        }
+        t
+    }
+
+    pub fn json(&self) -> Value {
+        let failures: serde_json::Map<String, Value> = self
+            .failures
+            .iter()
+            .map(|(reason, n, _)| (reason.clone(), json!(n)))
+            .collect();
+        let errors = self.errors();
+        let l = &self.loss;
+        let c = &self.counters;
+        json!({
+            "scenario": "fanout",
+            "transport": "ws",
+            "server": self.kind.name(),
+            "process": self.process,
+            "pid": self.pid,
+            "cores": self.cores,
+            "connections": self.requested,
+            "connections_open": self.open,
+            "connections_failed": self.failed(),
+            "channels": self.channels,
+            "threads": self.threads,
+            "rate": self.rate,
+            "duration_s": self.duration_s,
+            "payload_bytes": self.payload_bytes,
+            "connect_s": round3(self.connect_s),
+            "subscribe_s": round3(self.subscribe_s),
+            "probe_rounds": self.probe_rounds,
+            "published": self.published,
+            "publish_s": round3(self.publish_s),
+            "publish_rate": self.publish_rate().map(|r| (r * 10.0).round() / 10.0),
+            "deliveries_expected": l.expected,
+            "deliveries_received": l.received,
+            "deliveries_in_window": self.delivered_in_window,
+            "deliveries_per_s": self.deliveries_per_s().map(|r| r.round()),
+            "drain_s": round3(self.drain_s),
+            "missing": l.missing,
+            "missing_in_gaps": l.missing_in_gaps,
+            "missing_at_end": l.missing_at_end,
+            "connections_with_loss": l.connections_with_loss,
+            "out_of_order": l.out_of_order,
+            "connections_reordered": l.connections_reordered,
+            "duplicates": l.duplicates,
+            "misrouted": c.misrouted,
+            "unrecognized_frames": c.unrecognized,
+            "closed_by_server": self.closed_by_server,
+            "latency_us": self.latency.json(),
+            "rss_before_bytes": self.rss_before,
+            "rss_subscribed_bytes": self.rss_subscribed,
+            "rss_after_bytes": self.rss_after,
+            "server_cpu_pct": self.server_cpu_pct().map(|p| p.round()),
+            "client_cpu_pct": self.client_cpu_pct().map(|p| p.round()),
+            "client_reads": c.reads,
+            "client_frames": c.frames,
+            "failures": failures,
+            "ok": errors.is_empty(),
+            "errors": errors,
+        })
+    }
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+/// The first connection index of thread `t` of `threads` over `n`
+/// connections (contiguous blocks, sizes differing by at most one).
+pub fn block_start(n: u64, threads: u64, t: u64) -> u64 {
+    (n as u128 * t as u128 / threads as u128) as u64
+}
+
+/// Publications still due at `elapsed` into the window, at `rate`/s, of
+/// `total`: message k is due at k / rate.
+pub fn due_by(elapsed: Duration, rate: f64, total: u64) -> u64 {
+    ((elapsed.as_secs_f64() * rate).floor() as u64 + 1).min(total)
+}
+
+/// Publishes one message `[channel, payload]`.
+fn publish(sock: &zmq::Socket, channel: &[u8], payload: &[u8]) -> Result<(), String> {
+    sock.send(channel, zmq::SNDMORE)
+        .and_then(|_| sock.send(payload, 0))
+        .map_err(|e| format!("zmq send: {e}"))
+}
+
+/// Runs fanout against one server.
+pub fn run_one(
+    args: &FanoutArgs,
+    kind: ServerKind,
+    server: &Server,
+) -> Result<FanoutReport, String> {
+    let nofile = sys::raise_nofile_limit().map_err(|e| format!("RLIMIT_NOFILE: {e}"))?;
+    if args.connections + SPARE_FDS > nofile {
+        return Err(format!(
+            "--connections {} needs {} open files, and this process may open {nofile} \
+             (the hard RLIMIT_NOFILE): lower --connections or raise the limit",
+            args.connections,
+            args.connections + SPARE_FDS
+        ));
+    }
+    let mut target = Target::start(kind, server)?;
+    let name = kind.name();
+    let endpoint = target.zmq.clone().ok_or_else(|| {
+        format!("the {name} has no ZeroMQ endpoint to publish to (READY zmq=-, or --zmq not given)")
+    })?;
+    let listen = target.listen;
+    if let Some(ip) = args
+        .client
+        .sources
+        .iter()
+        .find(|ip| ip.is_ipv4() != listen.is_ipv4())
+    {
+        return Err(format!(
+            "source address {ip} and target {listen} are different IP versions"
+        ));
+    }
+    let healthz_before = http::healthz(listen, HEALTHZ_TIMEOUT)
+        .ok()
+        .map(|c| c.iter().sum::<u64>());
+    std::thread::sleep(Duration::from_millis(200));
+    let rss_before = procfs::rss_bytes(target.pid).map_err(|e| e.to_string())?;
+
+    let ctx = zmq::Context::new();
+    let sock = ctx
+        .socket(zmq::PUB)
+        .map_err(|e| format!("zmq socket: {e}"))?;
+    // Unlimited: a publication is never dropped on the bench's side.
+    sock.set_sndhwm(0).map_err(|e| format!("zmq sndhwm: {e}"))?;
+    sock.set_linger(0).map_err(|e| format!("zmq linger: {e}"))?;
+    sock.connect(&endpoint)
+        .map_err(|e| format!("zmq connect {endpoint}: {e}"))?;
+
+    let threads = args.client.threads as u64;
+    let channels = args.channels;
+    let shared = Arc::new(Shared {
+        stop: AtomicBool::new(false),
+        open: AtomicU64::new(0),
+        gave_up: AtomicU64::new(0),
+        connected_threads: AtomicU64::new(0),
+        probed: AtomicU64::new(0),
+        closed: AtomicU64::new(0),
+        delivered: (0..threads).map(|_| Padded::default()).collect(),
+        open_per_channel: Mutex::new(vec![0; channels as usize]),
+    });
+    let in_flight = (args.client.in_flight / threads).max(1) as usize;
+    let connect_start = Instant::now();
+    let connect_deadline = connect_start + Duration::from_secs_f64(args.client.connect_timeout_s);
+    let (result_tx, result_rx) = mpsc::channel::<WorkerResult>();
+    let mut close_txs = Vec::new();
+    let mut handles = Vec::new();
+    for t in 0..threads {
+        let base = block_start(args.connections, threads, t);
+        let count = (block_start(args.connections, threads, t + 1) - base) as u32;
+        let cfg = DialConfig {
+            target: listen,
+            sources: args.client.sources.clone(),
+            transport: Transport::Ws,
+            channel_prefix: "fanout".into(),
+            channels,
+            in_flight,
+            handshake_timeout: Duration::from_secs_f64(args.client.handshake_timeout_s),
+            max_attempts: args.max_attempts,
+            backoff: Duration::from_millis(50),
+            backoff_max: Duration::from_secs(1),
+            keep_in_epoll: true,
+        };
+        let worker = Worker::new(t as usize, base, count, channels, cfg, shared.clone())?;
+        let tx = result_tx.clone();
+        let (close_tx, close_rx) = mpsc::channel::<()>();
+        close_txs.push(close_tx);
+        handles.push(
+            std::thread::Builder::new()
+                .name(format!("fanout-client-{t}"))
+                .spawn(move || {
+                    let mut worker = worker;
+                    let result = worker.run(connect_deadline);
+                    let _ = tx.send(result);
+                    // Keep the sockets open until the server is measured.
+                    let _ = close_rx.recv();
+                    drop(worker);
+                })
+                .map_err(|e| format!("spawn client thread: {e}"))?,
+        );
+    }
+    drop(result_tx);
+    let stop_all = |shared: &Shared| shared.stop.store(true, Relaxed);
+
+    // Connect.
+    let mut last = Instant::now();
+    let mut open_at_last = 0;
+    while shared.connected_threads.load(Relaxed) < threads {
+        std::thread::sleep(Duration::from_millis(20));
+        if let Err(e) = target.alive() {
+            stop_all(&shared);
+            return Err(e);
+        }
+        let now = Instant::now();
+        if now.duration_since(last) >= Duration::from_secs(1) {
+            let open = shared.open.load(Relaxed);
+            eprintln!(
+                "bench: fanout {name}: {open}/{} open, {} failed, {:.0}/s now",
+                args.connections,
+                shared.gave_up.load(Relaxed),
+                (open - open_at_last) as f64 / now.duration_since(last).as_secs_f64()
+            );
+            last = now;
+            open_at_last = open;
+        }
+        if now > connect_deadline + Duration::from_secs(10) {
+            stop_all(&shared);
+            return Err("client threads did not finish connecting".into());
+        }
+    }
+    let connect_s = connect_start.elapsed().as_secs_f64();
+    let open = shared.open.load(Relaxed);
+    eprintln!(
+        "bench: fanout {name}: {open} of {} open in {connect_s:.3} s; checking subscriptions",
+        args.connections
+    );
+    let open_per_channel = shared.open_per_channel.lock().expect("lock").clone();
+
+    // Subscription check: probes to every channel until each open
+    // connection has one.
+    let channel_names: Vec<Vec<u8>> = (0..channels)
+        .map(|c| format!("fanout-{c}").into_bytes())
+        .collect();
+    let probe_interval =
+        PROBE_INTERVAL.max(Duration::from_secs_f64(channels as f64 / PROBES_PER_S_MAX));
+    let subscribe_start = Instant::now();
+    let subscribe_deadline = subscribe_start + Duration::from_secs_f64(args.subscribe_timeout_s);
+    let mut payload = Vec::with_capacity(args.payload_bytes as usize);
+    let mut probe_rounds = 0u64;
+    let mut last = Instant::now();
+    loop {
+        let probed = shared.probed.load(Relaxed);
+        if probed >= open || Instant::now() >= subscribe_deadline {
+            break;
+        }
+        for (c, ch) in channel_names.iter().enumerate() {
+            if open_per_channel[c] == 0 {
+                continue;
+            }
+            let tail = Tail {
+                kind: KIND_PROBE,
+                channel: c as u32,
+                seq: probe_rounds as u32,
+                sent_ns: monotonic_ns(),
+            };
+            ws::encode_payload(&mut payload, args.payload_bytes as usize, &tail);
+            publish(&sock, ch, &payload)?;
+        }
+        probe_rounds += 1;
+        let round_end = Instant::now() + probe_interval;
+        while Instant::now() < round_end && shared.probed.load(Relaxed) < open {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if last.elapsed() >= Duration::from_secs(1) {
+            eprintln!(
+                "bench: fanout {name}: {}/{open} subscribers have a probe after {probe_rounds} round(s)",
+                shared.probed.load(Relaxed)
+            );
+            last = Instant::now();
+        }
+        if let Err(e) = target.alive() {
+            stop_all(&shared);
+            return Err(e);
+        }
+    }
+    let subscribe_s = subscribe_start.elapsed().as_secs_f64();
+    let unprobed = open.saturating_sub(shared.probed.load(Relaxed));
+    let health = match healthz_before {
+        Some(baseline) => match http::healthz(listen, HEALTHZ_TIMEOUT) {
+            Ok(per_core) => Health::Checked {
+                baseline,
+                total: per_core.iter().sum(),
+                per_core,
+            },
+            Err(e) => Health::Failed(e),
+        },
+        None => Health::Unavailable("no /healthz before the run".into()),
+    };
+    // Let the last probes drain before measuring.
+    std::thread::sleep(Duration::from_millis(200));
+    let rss_subscribed = procfs::rss_bytes(target.pid).map_err(|e| e.to_string())?;
+    eprintln!(
+        "bench: fanout {name}: subscribed in {subscribe_s:.3} s ({unprobed} without a probe); \
+         publishing {} msg/s for {} s",
+        args.rate, args.duration_s
+    );
+
+    // Publish.
+    let total = (args.rate * args.duration_s).round() as u64;
+    let mut sent_per_channel = vec![0u32; channels as usize];
+    let delivered_start = shared.delivered();
+    let server_cpu_start = procfs::cpu_seconds(target.pid).ok();
+    let client_cpu_start = procfs::self_cpu_seconds();
+    let publish_start = Instant::now();
+    let mut k = 0u64;
+    let mut last = publish_start;
+    let mut delivered_at_last = delivered_start;
+    while k < total {
+        let now = Instant::now();
+        let due = due_by(now.duration_since(publish_start), args.rate, total);
+        while k < due {
+            let c = (k % channels) as usize;
+            let tail = Tail {
+                kind: KIND_MEASURED,
+                channel: c as u32,
+                seq: (k / channels) as u32,
+                sent_ns: monotonic_ns(),
+            };
+            ws::encode_payload(&mut payload, args.payload_bytes as usize, &tail);
+            publish(&sock, &channel_names[c], &payload)?;
+            sent_per_channel[c] += 1;
+            k += 1;
+        }
+        if now.duration_since(last) >= Duration::from_secs(1) {
+            let d = shared.delivered();
+            eprintln!(
+                "bench: fanout {name}: {:.1} s, {k}/{total} published, {} deliveries ({:.0}/s now), {} closed",
+                now.duration_since(publish_start).as_secs_f64(),
+                d - delivered_start,
+                (d - delivered_at_last) as f64 / now.duration_since(last).as_secs_f64(),
+                shared.closed.load(Relaxed)
+            );
+            last = now;
+            delivered_at_last = d;
+            if let Err(e) = target.alive() {
+                stop_all(&shared);
+                return Err(e);
+            }
+        }
+        if k < total {
+            // Sleep until message k is due (at least a little).
+            let next_due = publish_start + Duration::from_secs_f64(k as f64 / args.rate);
+            let wait = next_due.saturating_duration_since(Instant::now());
+            if wait > Duration::from_micros(50) {
+                std::thread::sleep(wait.min(Duration::from_millis(100)));
+            }
+        }
+    }
+    // The publish window is the schedule's: `total / rate` from the first
+    // publication (the last one gets its 1/rate like every other).
+    let window_end = publish_start + Duration::from_secs_f64(total as f64 / args.rate);
+    std::thread::sleep(window_end.saturating_duration_since(Instant::now()));
+    let publish_end = Instant::now();
+    let publish_s = publish_end.duration_since(publish_start).as_secs_f64();
+    let client_cpu_s = procfs::self_cpu_seconds() - client_cpu_start;
+    let server_cpu_s = match (server_cpu_start, procfs::cpu_seconds(target.pid).ok()) {
+        (Some(a), Some(b)) => Some(b - a),
+        _ => None,
+    };
+    let delivered_in_window = shared.delivered() - delivered_start;
+
+    // Drain: until every open connection has everything its channel got.
+    let expected: u64 = sent_per_channel
+        .iter()
+        .zip(&open_per_channel)
+        .map(|(&s, &n)| s as u64 * n)
+        .sum();
+    let drain_deadline = publish_end + Duration::from_secs_f64(args.drain_s);
+    let mut last = Instant::now();
+    while shared.delivered() - delivered_start < expected && Instant::now() < drain_deadline {
+        std::thread::sleep(Duration::from_millis(2));
+        if last.elapsed() >= Duration::from_secs(1) {
+            eprintln!(
+                "bench: fanout {name}: draining, {}/{expected} deliveries",
+                shared.delivered() - delivered_start
+            );
+            last = Instant::now();
+        }
+    }
+    let drain_s = publish_end.elapsed().as_secs_f64();
+    stop_all(&shared);
+
+    let mut hist = new_histogram();
+    let mut tallies: Vec<(u32, SeqTally)> = Vec::with_capacity(open as usize);
+    let mut counters = Counters::default();
+    let mut failures: BTreeMap<String, (u64, String)> = BTreeMap::new();
+    let mut closed = 0;
+    let mut opened = 0;
+    let mut connect_end: Option<Instant> = None;
+    for _ in 0..threads {
+        let r = result_rx
+            .recv_timeout(Duration::from_secs(60))
+            .map_err(|_| "a client thread did not report".to_string())?;
+        merge_histograms(&mut hist, &r.hist);
+        tallies.extend(r.tallies);
+        counters.add(&r.counters);
+        for (k, (n, ex)) in r.failures {
+            failures.entry(k).or_insert((0, ex)).0 += n;
+        }
+        closed += r.closed;
+        opened += r.opened;
+        connect_end = connect_end.max(r.connect_end);
+    }
+    target.alive()?;
+    let rss_after = procfs::rss_bytes(target.pid).map_err(|e| e.to_string())?;
+    for tx in &close_txs {
+        let _ = tx.send(());
+    }
+    for h in handles {
+        let _ = h.join();
+    }
+    let loss = ws::summarize(tallies.iter().map(|(c, t)| (*c, t)), &sent_per_channel);
+    let report = FanoutReport {
+        kind,
+        process: target.how(),
+        pid: target.pid,
+        target: listen.to_string(),
+        cores: target.cores,
+        requested: args.connections,
+        open: opened,
+        failures: failures.into_iter().map(|(k, (n, e))| (k, n, e)).collect(),
+        channels,
+        threads: args.client.threads,
+        rate: args.rate,
+        duration_s: args.duration_s,
+        payload_bytes: args.payload_bytes,
+        connect_s: connect_end
+            .map(|e| e.duration_since(connect_start).as_secs_f64())
+            .unwrap_or(connect_s),
+        subscribe_s,
+        probe_rounds,
+        unprobed,
+        published: k,
+        publish_s,
+        delivered_in_window,
+        drain_s,
+        loss,
+        counters,
+        closed_by_server: closed,
+        latency: Latency::from_ns(&hist),
+        rss_before,
+        rss_subscribed,
+        rss_after,
+        health,
+        server_cpu_s,
+        client_cpu_s,
+    };
+    target.stop();
+    Ok(report)
+}
+
+/// Adds one thread's histogram into the total (same bounds: never fails).
+pub fn merge_histograms(total: &mut Histogram<u64>, part: &Histogram<u64>) {
+    total.add(part).expect("histograms with the same bounds");
+}
+
+/// The figures `--server both` compares.
+pub const COMPARED: &[(&str, &str)] = &[
+    ("deliveries/s", "deliveries_per_s"),
+    ("deliveries received", "deliveries_received"),
+    ("missing", "missing"),
+    ("out of order", "out_of_order"),
+    ("latency p50 (µs)", "latency_us.p50"),
+    ("latency p99 (µs)", "latency_us.p99"),
+    ("latency p99.9 (µs)", "latency_us.p999"),
+    ("latency max (µs)", "latency_us.max"),
+    ("server CPU (% of a core)", "server_cpu_pct"),
+    ("bench CPU (% of a core)", "client_cpu_pct"),
+    ("server RSS subscribed (B)", "rss_subscribed_bytes"),
+    ("server RSS after (B)", "rss_after_bytes"),
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histograms_merge_across_threads() {
+        // Three "threads" record disjoint ranges; the merge has every sample.
+        let mut parts = Vec::new();
+        for t in 0..3u64 {
+            let mut h = new_histogram();
+            for v in 1..=1000u64 {
+                h.record(t * 1_000_000 + v * 1000).unwrap();
+            }
+            parts.push(h);
+        }
+        let mut total = new_histogram();
+        for p in &parts {
+            merge_histograms(&mut total, p);
+        }
+        assert_eq!(total.len(), 3000);
+        assert_eq!(total.min(), parts[0].min());
+        assert!(total.equivalent(total.max(), parts[2].max()));
+        // The median is in the middle thread's range, p99 in the last.
+        let p50 = total.value_at_quantile(0.5);
+        assert!((1_000_000..2_001_000).contains(&p50), "{p50}");
+        let p99 = total.value_at_quantile(0.99);
+        assert!(p99 >= 2_000_000, "{p99}");
+        let lat = Latency::from_ns(&total);
+        assert_eq!(lat.count, 3000);
+        assert!(
+            (lat.max_us.unwrap() - 3000.0).abs() < 5.0,
+            "{:?}",
+            lat.max_us
+        );
+        // Merging an empty histogram changes nothing.
+        merge_histograms(&mut total, &new_histogram());
+        assert_eq!(total.len(), 3000);
+    }
+
+    #[test]
+    fn blocks_cover_every_connection_once() {
+        for (n, threads) in [(10_000u64, 1u64), (10_000, 3), (7, 8), (1_000_000, 16)] {
+            let mut covered = 0;
+            for t in 0..threads {
+                let (a, b) = (block_start(n, threads, t), block_start(n, threads, t + 1));
+                assert!(b >= a);
+                assert!(b - a <= n / threads + 1);
+                covered += b - a;
+            }
+            assert_eq!(block_start(n, threads, 0), 0);
+            assert_eq!(block_start(n, threads, threads), n);
+            assert_eq!(covered, n);
+        }
+    }
+
+    #[test]
+    fn publication_schedule() {
+        // 100/s: message 0 is due at once, message 10 at 100 ms.
+        assert_eq!(due_by(Duration::ZERO, 100.0, 1000), 1);
+        assert_eq!(due_by(Duration::from_millis(99), 100.0, 1000), 10);
+        assert_eq!(due_by(Duration::from_millis(100), 100.0, 1000), 11);
+        assert_eq!(due_by(Duration::from_secs(100), 100.0, 1000), 1000);
+        assert_eq!(due_by(Duration::from_millis(1), 1e9, 5), 5);
+    }
+}
