@@ -58,6 +58,33 @@ pub struct Config {
     /// Messages in flight from the ingest thread to one core. When a core is
     /// this far behind, ingest waits for it (and libzmq buffers, then drops).
     pub core_queue_messages_max: usize,
+    /// How often an open stream gets a heartbeat: a WebSocket ping, an SSE
+    /// comment. Well under the idle timeout of the L4 balancers in front
+    /// (60 s on strict ones, 350 s on AWS NLB), so they never cut a quiet
+    /// stream. Sent by each core's once-a-second sweep, spread over the
+    /// interval; no timer per connection. 0 turns heartbeats (and the pong
+    /// check) off. Whole seconds; rounded up.
+    pub heartbeat_interval_ms: u64,
+    /// A WebSocket from which nothing at all (a pong or any other frame) has
+    /// been read for `heartbeat_interval_ms` plus this is a dead peer and is
+    /// closed. Whole seconds; rounded up.
+    pub pong_timeout_ms: u64,
+    /// Connections this process serves at once, all cores together; each
+    /// core takes its share (rounded up). Past it a new connection is
+    /// answered 503 with `Retry-After` and closed. Each connection costs
+    /// about 1 KB of userspace and 4.5 KB of kernel memory.
+    pub connections_max: usize,
+    /// Connections one client IP address may hold at once, all cores
+    /// together (one table shared by the cores, touched only at accept and
+    /// close); 0 = no limit. Past it: 503 with `Retry-After`. Counts the TCP
+    /// peer's address: behind a proxy that does not preserve client
+    /// addresses, every client is the proxy.
+    pub connections_per_ip_max: usize,
+    /// New connections one core accepts per second (a token bucket holding
+    /// one second's worth, so bursts up to this size pass); 0 = no limit.
+    /// Past it: 503 with `Retry-After`. A reconnect storm is spread out
+    /// instead of costing every client a slow handshake.
+    pub handshakes_per_s_per_core: u32,
     /// Path of a WebSocket endpoint that echoes every message, for
     /// conformance testing (the Autobahn cases); empty (the default) means
     /// none. It runs the same connection code as `/ws`.
@@ -89,6 +116,11 @@ impl Default for Config {
             publish_payload_bytes_max: 1024 * 1024,
             outbound_queue_bytes_max: 1024 * 1024,
             core_queue_messages_max: 65_536,
+            heartbeat_interval_ms: 25_000,
+            pong_timeout_ms: 10_000,
+            connections_max: 1_000_000,
+            connections_per_ip_max: 0,
+            handshakes_per_s_per_core: 0,
             ws_echo_path: String::new(),
             log_level: "info".to_string(),
         }
@@ -171,6 +203,27 @@ pub struct Cli {
     /// Messages in flight from ingest to one core. [default: 65536]
     #[arg(long, value_name = "N")]
     pub core_queue_messages_max: Option<usize>,
+    /// Heartbeat period of open streams (a WebSocket ping, an SSE
+    /// ": heartbeat" comment), in milliseconds, rounded up to whole seconds;
+    /// 0 = no heartbeats and no pong check. [default: 25000]
+    #[arg(long, value_name = "MS")]
+    pub heartbeat_interval_ms: Option<u64>,
+    /// A WebSocket silent (no pong, no frame) for the heartbeat interval
+    /// plus this many milliseconds is closed as a dead peer. [default: 10000]
+    #[arg(long, value_name = "MS")]
+    pub pong_timeout_ms: Option<u64>,
+    /// Connections served at once, all cores together (each core takes its
+    /// share, rounded up); more get 503 + Retry-After. [default: 1000000]
+    #[arg(long, value_name = "N")]
+    pub connections_max: Option<usize>,
+    /// Connections one client IP may hold at once, all cores together; more
+    /// get 503 + Retry-After; 0 = no limit. [default: 0]
+    #[arg(long, value_name = "N")]
+    pub connections_per_ip_max: Option<usize>,
+    /// New connections one core accepts per second (bursts up to this
+    /// size); more get 503 + Retry-After; 0 = no limit. [default: 0]
+    #[arg(long, value_name = "N")]
+    pub handshakes_per_s_per_core: Option<u32>,
     /// Serve a WebSocket echo endpoint at this path (e.g. "/"), for
     /// conformance testing; it runs the same connection code as /ws. [default: none]
     #[arg(long, value_name = "PATH")]
@@ -215,6 +268,11 @@ impl Cli {
             publish_payload_bytes_max,
             outbound_queue_bytes_max,
             core_queue_messages_max,
+            heartbeat_interval_ms,
+            pong_timeout_ms,
+            connections_max,
+            connections_per_ip_max,
+            handshakes_per_s_per_core,
             ws_echo_path,
             log_level
         );
@@ -244,6 +302,7 @@ impl Config {
             ),
             ("outbound_queue_bytes_max", self.outbound_queue_bytes_max),
             ("core_queue_messages_max", self.core_queue_messages_max),
+            ("connections_max", self.connections_max),
         ];
         for (name, value) in positive {
             if value == 0 {
@@ -269,7 +328,32 @@ impl Config {
         if self.poll_timeout_ms == 0 || self.head_timeout_ms == 0 {
             return Err("poll_timeout_ms and head_timeout_ms must be greater than 0".into());
         }
+        if self.heartbeat_interval_ms > 0 && self.pong_timeout_ms == 0 {
+            return Err("pong_timeout_ms must be greater than 0 while heartbeats are on".into());
+        }
+        // The core clock and the outbound counters are u32 seconds and bytes.
+        if self.heartbeat_interval_ms > u64::from(u32::MAX) / 2
+            || self.pong_timeout_ms > u64::from(u32::MAX) / 2
+            || self.connections_max > u32::MAX as usize
+            || self.connections_per_ip_max > u32::MAX as usize
+            || self.outbound_queue_bytes_max > u32::MAX as usize / 2
+        {
+            return Err("a limit is out of range".into());
+        }
         Ok(())
+    }
+
+    /// Heartbeat period in whole seconds (rounded up); None when off.
+    pub fn heartbeat_interval_s(&self) -> Option<u32> {
+        (self.heartbeat_interval_ms > 0).then(|| self.heartbeat_interval_ms.div_ceil(1000) as u32)
+    }
+
+    /// Seconds of silence after which a WebSocket is a dead peer (heartbeat
+    /// interval plus pong timeout, each rounded up); None when heartbeats
+    /// are off.
+    pub fn ws_silence_s_max(&self) -> Option<u32> {
+        let interval = self.heartbeat_interval_s()?;
+        Some(interval + self.pong_timeout_ms.div_ceil(1000) as u32)
     }
 
     /// The parser's limits; `'static` because the echo path is borrowed
@@ -327,5 +411,26 @@ mod tests {
         assert!(cli(&["--zmq-bind", ""]).resolve().is_err());
         assert!(cli(&["--history-messages", "0"]).resolve().is_err());
         assert!(cli(&["--headers-max", "1000"]).resolve().is_err());
+        assert!(cli(&["--connections-max", "0"]).resolve().is_err());
+        assert!(cli(&["--pong-timeout-ms", "0"]).resolve().is_err());
+        assert!(cli(&["--outbound-queue-bytes-max", "4294967295"])
+            .resolve()
+            .is_err());
+    }
+
+    #[test]
+    fn heartbeat_settings_round_up_to_seconds_and_zero_is_off() {
+        let cfg = cli(&[]).resolve().unwrap();
+        assert_eq!(cfg.heartbeat_interval_s(), Some(25));
+        assert_eq!(cfg.ws_silence_s_max(), Some(35));
+        let cfg = cli(&["--heartbeat-interval-ms", "1500", "--pong-timeout-ms", "1"])
+            .resolve()
+            .unwrap();
+        assert_eq!(cfg.ws_silence_s_max(), Some(3));
+        let cfg = cli(&["--heartbeat-interval-ms", "0", "--pong-timeout-ms", "0"])
+            .resolve()
+            .unwrap();
+        assert_eq!(cfg.heartbeat_interval_s(), None);
+        assert_eq!(cfg.ws_silence_s_max(), None);
     }
 }

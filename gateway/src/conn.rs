@@ -16,29 +16,38 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use monoio::io::AsyncWriteRentExt;
 use monoio::net::TcpStream;
 use protocol::envelope;
 use protocol::http::{self, Cursor, Parsed, Request};
 use protocol::sse;
 use protocol::ws::{self, Closing, MessagePart, OpCode, ServerSession};
+use rand::Rng;
 use tracing::{debug, info};
 
-use crate::core::{Core, Transport};
+use crate::core::{peer, Core, Transport};
 
 /// How long a closing connection waits for its last bytes to leave and for
 /// the peer to close its side, before the socket is dropped regardless.
 const LINGER: Duration = Duration::from_secs(2);
 
-/// Serves one accepted connection until it closes.
+/// The `retry:` an SSE stream starts with (milliseconds, EventSource's
+/// reconnection delay) is drawn from this range, uniformly, so that the
+/// clients of a gateway that goes away do not all come back at once.
+const SSE_RETRY_MS_MIN: u32 = 1_000;
+const SSE_RETRY_MS_MAX: u32 = 5_000;
+
+/// Serves one accepted connection, already entered in the core's slab
+/// under `key` (see [`Core::admit`]), until it closes.
 ///
 /// This future is the task every idle connection holds, so its layout is
 /// watched (see the byte budget test below): the arguments are captured by
 /// an `async move` block rather than taken by an `async fn`, which would
 /// keep a second copy of them in its state, and the phase is matched by
 /// reference for the same reason.
-pub fn serve(core: Rc<Core>, stream: TcpStream) -> impl Future<Output = ()> {
+#[allow(clippy::manual_async_fn)] // deliberate, see above
+pub fn serve(core: Rc<Core>, stream: TcpStream, key: u32) -> impl Future<Output = ()> {
     async move {
-        let key = core.register(stream.as_raw_fd());
         let close = {
             let s = &stream;
             let mut io = Io {
@@ -64,6 +73,9 @@ pub fn serve(core: Rc<Core>, stream: TcpStream) -> impl Future<Output = ()> {
                 Phase::WebSocket(session) => io.ws_session(session, |_, _| {}).await,
             }
         };
+        // No message, heartbeat or deadline may follow what was queued last
+        // (a close frame, an error response).
+        core.conns.borrow_mut()[key as usize].transport = Transport::Closing;
         if close == Close::Linger {
             // Boxed: its timer alone (a monoio `Sleep`, 640 bytes,
             // 128-aligned) would otherwise be part of every idle
@@ -362,6 +374,8 @@ where
             )
         };
         if n > 0 {
+            // Any bytes count as a sign of life (the pong check).
+            self.with_conn(|c, core| c.last_heard_s = core.now_s());
             f(&mut scratch[..n as usize]);
             Read::Data
         } else if n == 0 {
@@ -394,10 +408,14 @@ where
             core.cfg.channels_max,
             replay_max,
         );
+        let key = self.key;
         self.with_conn(|c, core| {
             c.channels = ids;
             c.transport = transport;
             c.deadline_s = 0;
+            if transport != Transport::LongPoll {
+                core.open_stream(c, key, transport);
+            }
             c.poll_answered = false;
             c.poll_timed_out = false;
             // Messages up to the cursor are the client's already; live ones
@@ -429,6 +447,8 @@ where
         let subscribed = channels.len();
         drop(channels);
         let mut out = sse::stream_response_head().to_vec();
+        let retry_ms = rand::thread_rng().gen_range(SSE_RETRY_MS_MIN..=SSE_RETRY_MS_MAX);
+        sse::encode_retry(&mut out, retry_ms);
         for gap in &resume.gaps {
             envelope::encode_sse_gap(gap, &mut out);
         }
@@ -567,10 +587,8 @@ where
     /// fragment by fragment.
     async fn echo(&mut self, accept: String, leftover: Vec<u8>) -> Close {
         self.queue(ws::switching_protocols_response(&accept).into());
-        self.with_conn(|c, _| {
-            c.transport = Transport::WebSocket;
-            c.deadline_s = 0;
-        });
+        let key = self.key;
+        self.with_conn(|c, core| core.open_stream(c, key, Transport::WebSocket));
         // Reading goes on while the client is not reading its echoes (a
         // client may send a whole message before it reads): the echoes
         // queue up to `outbound_queue_bytes_max`, past which it is a slow
@@ -644,7 +662,9 @@ where
             Closing::Violation { code, rule } => {
                 info!(peer = %peer(self.fd()), code, rule, "websocket closed: client broke a rule");
             }
-            Closing::PeerClosed { code } => debug!(fd = self.fd(), ?code, "websocket closed by client"),
+            Closing::PeerClosed { code } => {
+                debug!(fd = self.fd(), ?code, "websocket closed by client")
+            }
         }
         Some(Close::Linger)
     }
@@ -657,7 +677,6 @@ const WS_READS_PER_WAKE: usize = 16;
 /// peer to close: closing a socket with unread input sends a reset that can
 /// destroy the response the peer has not read yet.
 async fn linger(core: &Core, key: u32, stream: &TcpStream) {
-    let fd = stream.as_raw_fd();
     let work = async {
         loop {
             let blocked = {
@@ -676,39 +695,49 @@ async fn linger(core: &Core, key: u32, stream: &TcpStream) {
                 return;
             }
         }
-        // SAFETY: shutdown on a descriptor this task owns.
-        unsafe { libc::shutdown(fd, libc::SHUT_WR) };
-        let mut discard = [0u8; 512];
-        loop {
-            if stream.readable(true).await.is_err() {
-                return;
-            }
-            // SAFETY: reading into a local buffer of the given length.
-            let n = unsafe {
-                libc::recv(
-                    fd,
-                    discard.as_mut_ptr() as *mut libc::c_void,
-                    discard.len(),
-                    libc::MSG_DONTWAIT,
-                )
-            };
-            if n == 0 || (n < 0 && io::Error::last_os_error().kind() != io::ErrorKind::WouldBlock) {
-                return;
-            }
-        }
+        half_close_and_drain(stream).await;
     };
     let _ = monoio::time::timeout(LINGER, work).await;
 }
 
-/// The peer address, looked up only for a log line.
-fn peer(fd: RawFd) -> String {
-    // SAFETY: the fd is a live socket; a borrowed std socket view does not
-    // close it (ManuallyDrop).
-    let s = std::mem::ManuallyDrop::new(unsafe {
-        <std::net::TcpStream as std::os::fd::FromRawFd>::from_raw_fd(fd)
-    });
-    s.peer_addr()
-        .map_or_else(|_| "?".to_string(), |a| a.to_string())
+/// Half-closes (the peer reads EOF after what was sent) and discards what
+/// the peer still sends until it closes too: closing a socket with unread
+/// input sends a reset, which can destroy a response not yet read.
+async fn half_close_and_drain(stream: &TcpStream) {
+    let fd = stream.as_raw_fd();
+    // SAFETY: shutdown on a descriptor this task owns.
+    unsafe { libc::shutdown(fd, libc::SHUT_WR) };
+    let mut discard = [0u8; 512];
+    loop {
+        if stream.readable(true).await.is_err() {
+            return;
+        }
+        // SAFETY: reading into a local buffer of the given length.
+        let n = unsafe {
+            libc::recv(
+                fd,
+                discard.as_mut_ptr() as *mut libc::c_void,
+                discard.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if n == 0 || (n < 0 && io::Error::last_os_error().kind() != io::ErrorKind::WouldBlock) {
+            return;
+        }
+    }
+}
+
+/// Answers a connection that admission control turned away (`503` with
+/// `Retry-After`) and closes it, without reading its request: the response
+/// first, then a half-close and the linger. It never enters the core's slab.
+pub async fn refuse(mut stream: TcpStream, response: Vec<u8>) {
+    let work = async {
+        let (sent, _) = stream.write_all(response).await;
+        if sent.is_ok() {
+            half_close_and_drain(&stream).await;
+        }
+    };
+    let _ = monoio::time::timeout(LINGER, work).await;
 }
 
 #[cfg(test)]
@@ -734,10 +763,26 @@ mod tests {
             let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
             let (stream, _) = listener.accept().await.unwrap();
             let counts: Arc<[AtomicU64]> = vec![AtomicU64::new(0)].into();
-            let core = Rc::new(Core::new(0, cfg, 1, Arc::new(AtomicU64::new(1)), counts));
-            let task = serve(core, stream);
+            let admission = crate::admission::Admission::new(cfg, 1, None, 0);
+            let core = Rc::new(Core::new(
+                0,
+                cfg,
+                1,
+                Arc::new(AtomicU64::new(1)),
+                counts,
+                admission,
+            ));
+            let key = core.register(stream.as_raw_fd(), None);
+            let task = serve(core, stream, key);
             let size = std::mem::size_of_val(&task);
-            assert!(size <= SERVE_TASK_BYTES_MAX, "serve() future is {size} bytes");
+            eprintln!(
+                "SIZE serve task = {size} bytes, Conn = {} bytes",
+                std::mem::size_of::<crate::core::Conn>()
+            );
+            assert!(
+                size <= SERVE_TASK_BYTES_MAX,
+                "serve() future is {size} bytes"
+            );
         });
     }
 }

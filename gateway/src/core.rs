@@ -5,6 +5,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
+use std::net::IpAddr;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -16,8 +17,9 @@ use bytes::Bytes;
 use crossbeam_channel::Receiver;
 use indexmap::IndexSet;
 use slab::Slab;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
+use crate::admission::{Admission, Refusal};
 use crate::config::Config;
 use crate::ingest::Message;
 
@@ -30,7 +32,23 @@ pub enum Transport {
     Sse,
     /// A held long-poll request: the first message after its cursor answers it.
     LongPoll,
+    /// Its last bytes (an error response, a close frame) are leaving: no
+    /// message, heartbeat or deadline touches it any more.
+    Closing,
 }
+
+/// An empty WebSocket ping (FIN + opcode 0x9, no payload): the heartbeat of
+/// every WebSocket, one static buffer shared by all of them.
+pub const WS_PING: &[u8] = &[0x89, 0x00];
+/// The heartbeat of an SSE stream: a comment line, which EventSource
+/// ignores, and a blank line.
+pub const SSE_HEARTBEAT: &[u8] = b": heartbeat\n\n";
+/// Close frame 1008 (policy violation), reason "slow consumer": sent, if the
+/// socket takes it, to a WebSocket dropped for letting its queue overflow.
+pub const WS_CLOSE_SLOW_CONSUMER: &[u8] = &[
+    0x88, 15, 0x03, 0xf0, b's', b'l', b'o', b'w', b' ', b'c', b'o', b'n', b's', b'u', b'm', b'e',
+    b'r',
+];
 
 /// Per-connection state the core keeps in its slab. Fan-out touches only
 /// this; the connection's task holds the rest (its socket, its decoder).
@@ -48,8 +66,13 @@ pub struct Conn {
     pub poll_answered: bool,
     /// Long-poll: the poll timeout passed before any message came.
     pub poll_timed_out: bool,
-    /// Core clock second after which the sweep acts (0 = no deadline).
+    /// Core clock second after which the sweep acts (0 = no deadline): the
+    /// head timeout, the long-poll timeout, or a stream's next heartbeat.
     pub deadline_s: u32,
+    /// Core clock second at which bytes were last read from the client: a
+    /// WebSocket silent for longer than the heartbeat interval plus the pong
+    /// timeout is a dead peer.
+    pub last_heard_s: u32,
     /// Bytes of `queue.front()` the kernel has already taken.
     sent_of_front: u32,
     /// Bytes queued and not yet sent.
@@ -64,6 +87,9 @@ pub struct Conn {
     pub waker: Option<Waker>,
     /// Registry ids of the channels it is subscribed to.
     pub channels: Box<[u32]>,
+    /// The client address it holds a place under in the shared
+    /// per-address table; None when that limit is off.
+    peer_ip: Option<IpAddr>,
 }
 
 /// The per-connection byte budget of the core's slab entry. Raising it costs
@@ -72,7 +98,7 @@ const CONN_BYTES_MAX: usize = 128;
 const _: () = assert!(std::mem::size_of::<Conn>() <= CONN_BYTES_MAX);
 
 impl Conn {
-    fn new(fd: RawFd) -> Conn {
+    fn new(fd: RawFd, peer_ip: Option<IpAddr>) -> Conn {
         Conn {
             fd,
             transport: Transport::Http,
@@ -82,12 +108,14 @@ impl Conn {
             poll_answered: false,
             poll_timed_out: false,
             deadline_s: 0,
+            last_heard_s: 0,
             sent_of_front: 0,
             queued_bytes: 0,
             skip_through: 0,
             queue: VecDeque::new(),
             waker: None,
             channels: Box::new([]),
+            peer_ip,
         }
     }
 
@@ -97,23 +125,68 @@ impl Conn {
         }
     }
 
-    /// Queues bytes; a connection over its outbound budget is marked dead.
+    /// Queues bytes; a connection over its outbound budget is dropped as a
+    /// slow consumer.
     pub fn push(&mut self, frame: Bytes, bytes_max: usize) {
-        let total = self.queued_bytes as usize + frame.len();
-        if total > bytes_max {
-            if !self.dead {
-                warn!(
-                    fd = self.fd,
-                    queued_bytes = total,
-                    "slow consumer: outbound queue over its limit, closing"
-                );
-                self.dead = true;
-                self.wake();
+        if self.dead {
+            return;
+        }
+        let mut total = self.queued_bytes as usize + frame.len();
+        if total > bytes_max && !self.blocked {
+            // The dispatcher queues a whole batch before it writes: what is
+            // queued goes to the socket before the client is called slow.
+            self.flush();
+            if self.dead {
+                return;
             }
+            total = self.queued_bytes as usize + frame.len();
+        }
+        if total > bytes_max {
+            self.drop_slow_consumer(total);
             return;
         }
         self.queued_bytes = total as u32;
         self.queue.push_back(frame);
+    }
+
+    /// A client that lets its queue overflow is closed, and its queue freed
+    /// at once. A WebSocket is told why if its socket has room: frames not
+    /// yet started are dropped, a frame the kernel already has part of is
+    /// finished (the stream would be corrupt otherwise), then close 1008
+    /// "slow consumer", in one write attempt. An SSE stream or a response
+    /// just ends: there is no way to say why that a client would see.
+    fn drop_slow_consumer(&mut self, wanted_bytes: usize) {
+        warn!(
+            peer = %peer(self.fd),
+            transport = ?self.transport,
+            queued_bytes = self.queued_bytes,
+            wanted_bytes,
+            "slow consumer: outbound queue over its limit, closing"
+        );
+        let started = if self.sent_of_front > 0 {
+            self.queue.pop_front()
+        } else {
+            None
+        };
+        self.queue = VecDeque::new();
+        self.queued_bytes = 0;
+        if self.transport == Transport::WebSocket {
+            if let Some(front) = started {
+                self.queued_bytes = (front.len() - self.sent_of_front as usize) as u32;
+                self.queue.push_back(front);
+            } else {
+                self.sent_of_front = 0;
+            }
+            self.queued_bytes += WS_CLOSE_SLOW_CONSUMER.len() as u32;
+            self.queue
+                .push_back(Bytes::from_static(WS_CLOSE_SLOW_CONSUMER));
+            self.flush();
+        }
+        self.queue = VecDeque::new();
+        self.queued_bytes = 0;
+        self.sent_of_front = 0;
+        self.dead = true;
+        self.wake();
     }
 
     /// Writes as much of the queue as the socket takes now, in one `sendmsg`
@@ -350,6 +423,8 @@ pub struct Core {
     /// Highest id ingest has assigned (all cores).
     pub published_through: Arc<AtomicU64>,
     pub conn_counts: Arc<[AtomicU64]>,
+    /// Limits on new connections (see `admission`).
+    pub admission: Admission,
     started: Instant,
     /// Connections with frames queued by the current batch.
     dirty: RefCell<Vec<u32>>,
@@ -367,6 +442,7 @@ impl Core {
         first_id: u64,
         published_through: Arc<AtomicU64>,
         conn_counts: Arc<[AtomicU64]>,
+        admission: Admission,
     ) -> Core {
         Core {
             index,
@@ -377,6 +453,7 @@ impl Core {
             last_id: Cell::new(first_id),
             published_through,
             conn_counts,
+            admission,
             started: Instant::now(),
             dirty: RefCell::new(Vec::new()),
         }
@@ -394,15 +471,47 @@ impl Core {
         self.now_s().saturating_add(ms.div_ceil(1000) as u32 + 1)
     }
 
-    pub fn register(&self, fd: RawFd) -> u32 {
+    /// Milliseconds since this core started, for the handshake rate.
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// Admission control for a just-accepted connection from `ip`: its slab
+    /// key, or why it is refused. Refused connections never enter the slab.
+    pub fn admit(&self, fd: RawFd, ip: IpAddr) -> Result<u32, Refusal> {
+        let open = self.conns.borrow().len();
+        self.admission.admit(open, ip, self.now_ms())?;
+        Ok(self.register(fd, self.admission.counts_addresses().then_some(ip)))
+    }
+
+    /// Enters a connection in the slab. `peer_ip` is the per-address table
+    /// place it holds, given back by [`Core::deregister`].
+    pub fn register(&self, fd: RawFd, peer_ip: Option<IpAddr>) -> u32 {
         self.conn_counts[self.index].fetch_add(1, Ordering::Relaxed);
-        self.conns.borrow_mut().insert(Conn::new(fd)) as u32
+        self.conns.borrow_mut().insert(Conn::new(fd, peer_ip)) as u32
     }
 
     pub fn deregister(&self, key: u32) {
         let conn = self.conns.borrow_mut().remove(key as usize);
         self.registry.borrow_mut().unsubscribe(key, &conn.channels);
+        if let Some(ip) = conn.peer_ip {
+            self.admission.release(ip);
+        }
         self.conn_counts[self.index].fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Marks a connection as open for streaming (WebSocket or SSE): it was
+    /// heard from just now, and its first heartbeat is due between half an
+    /// interval and an interval from now, by its slab key, so that a burst
+    /// of connections is not pinged in one burst forever after.
+    pub fn open_stream(&self, c: &mut Conn, key: u32, transport: Transport) {
+        let now = self.now_s();
+        c.transport = transport;
+        c.last_heard_s = now;
+        c.deadline_s = match self.cfg.heartbeat_interval_s() {
+            Some(interval) => now + interval - key % (interval / 2 + 1),
+            None => 0,
+        };
     }
 
     /// Takes one batch of messages from ingest, appends them to the history
@@ -441,7 +550,7 @@ impl Core {
                         conn.wake();
                         msg.poll_response.clone()
                     }
-                    Transport::LongPoll | Transport::Http => continue,
+                    Transport::LongPoll | Transport::Http | Transport::Closing => continue,
                 };
                 conn.push(frame, cfg.outbound_queue_bytes_max);
                 if !conn.dirty {
@@ -461,26 +570,93 @@ impl Core {
         handled
     }
 
-    /// Once a second: expire deadlines. One pass over the slab instead of a
-    /// timer per connection (a monoio timer costs more than the connection).
+    /// Once a second: expire deadlines, send the heartbeats that are due
+    /// and close WebSockets that stopped answering them. One pass over the
+    /// slab instead of a timer per connection (a monoio timer costs more
+    /// than the connection).
     fn sweep(&self) {
         let now = self.now_s();
+        let cfg = self.cfg;
+        let interval_s = cfg.heartbeat_interval_s();
+        let silence_s_max = cfg.ws_silence_s_max();
+        let mut silent = 0u64;
         for (_, conn) in self.conns.borrow_mut().iter_mut() {
+            if conn.dead {
+                continue;
+            }
+            let beat = match conn.transport {
+                Transport::WebSocket => WS_PING,
+                Transport::Sse => SSE_HEARTBEAT,
+                Transport::Closing => continue,
+                Transport::Http | Transport::LongPoll => {
+                    if conn.deadline_s == 0 || conn.deadline_s > now {
+                        continue;
+                    }
+                    conn.deadline_s = 0;
+                    if conn.transport == Transport::Http {
+                        debug!(fd = conn.fd, "request head deadline passed, closing");
+                        conn.dead = true;
+                    } else if !conn.poll_answered {
+                        conn.poll_timed_out = true;
+                    }
+                    conn.wake();
+                    continue;
+                }
+            };
+            if conn.transport == Transport::WebSocket
+                && silence_s_max.is_some_and(|max| now.wrapping_sub(conn.last_heard_s) > max)
+            {
+                debug!(
+                    fd = conn.fd,
+                    "websocket silent past the pong timeout, closing"
+                );
+                silent += 1;
+                conn.dead = true;
+                conn.wake();
+                continue;
+            }
+            let Some(interval_s) = interval_s else {
+                continue;
+            };
             if conn.deadline_s == 0 || conn.deadline_s > now {
                 continue;
             }
-            conn.deadline_s = 0;
-            match conn.transport {
-                Transport::LongPoll if !conn.poll_answered => conn.poll_timed_out = true,
-                Transport::LongPoll => {}
-                _ => {
-                    debug!(fd = conn.fd, "deadline passed, closing");
-                    conn.dead = true;
-                }
+            conn.deadline_s = now + interval_s;
+            // Behind a full socket the heartbeat waits its turn: queued
+            // bytes are traffic too, and the client answers the ping once it
+            // has read what came before.
+            conn.push(Bytes::from_static(beat), cfg.outbound_queue_bytes_max);
+            if !conn.blocked {
+                conn.flush();
             }
-            conn.wake();
+        }
+        if silent > 0 {
+            info!(
+                core = self.index,
+                closed = silent,
+                "websockets closed as dead peers: nothing heard within heartbeat interval + pong timeout"
+            );
+        }
+        for (refusal, count) in self.admission.take_refused() {
+            warn!(
+                core = self.index,
+                refused = count,
+                reason = refusal.reason(),
+                "new connections refused with 503 in the last second"
+            );
         }
     }
+}
+
+/// The peer address of a socket, looked up only for a log line.
+pub fn peer(fd: RawFd) -> String {
+    // SAFETY: the fd is a live socket; a borrowed std socket view does not
+    // close it (ManuallyDrop).
+    let s = std::mem::ManuallyDrop::new(unsafe {
+        <std::net::TcpStream as std::os::fd::FromRawFd>::from_raw_fd(fd)
+    });
+    s.peer_addr()
+        .map_or_else(|_| "?".to_string(), |a| a.to_string())
 }
 
 /// Reads the core's doorbell through io_uring and dispatches whatever ingest
@@ -665,12 +841,16 @@ mod tests {
     fn flush_writes_queued_frames_in_order_and_stops_at_a_full_socket() {
         use std::io::Read;
         let (a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
-        let mut conn = Conn::new(a.as_raw_fd());
+        let mut conn = Conn::new(a.as_raw_fd(), None);
         conn.push(Bytes::from_static(b"one "), 1 << 30);
         conn.push(Bytes::from_static(b"two"), 1 << 30);
         conn.flush();
         assert!(conn.queue.is_empty() && !conn.blocked && conn.queued_bytes == 0);
-        assert_eq!(conn.queue.capacity(), 0, "an idle connection keeps no queue buffer");
+        assert_eq!(
+            conn.queue.capacity(),
+            0,
+            "an idle connection keeps no queue buffer"
+        );
         let mut got = [0u8; 7];
         b.read_exact(&mut got).unwrap();
         assert_eq!(&got, b"one two");
@@ -685,12 +865,97 @@ mod tests {
     }
 
     #[test]
-    fn a_queue_over_its_budget_marks_the_connection_dead() {
-        let mut conn = Conn::new(-1);
-        conn.push(Bytes::from_static(b"12345"), 8);
+    fn a_queue_over_its_budget_marks_the_connection_dead_and_frees_it() {
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let mut conn = Conn::new(a.as_raw_fd(), None);
+        conn.transport = Transport::Sse;
+        let max = 3 << 20;
+        let big = Bytes::from(vec![7u8; 1 << 20]);
+        // Nobody reads: the socket fills and the rest stays queued.
+        conn.push(big.clone(), max);
+        conn.flush();
+        assert!(conn.blocked);
+        conn.push(big.clone(), max);
+        conn.push(big.clone(), max);
         assert!(!conn.dead);
-        conn.push(Bytes::from_static(b"6789"), 8);
+        // What the socket took of the first frame is less than a frame.
+        conn.push(big.clone(), max);
         assert!(conn.dead);
-        assert_eq!(conn.queued_bytes, 5);
+        assert_eq!(conn.queued_bytes, 0);
+        assert_eq!(
+            conn.queue.capacity(),
+            0,
+            "a dropped consumer's queue is freed at once"
+        );
+        conn.push(Bytes::from_static(b"1"), max);
+        assert!(
+            conn.queue.is_empty(),
+            "nothing is queued on a dead connection"
+        );
+    }
+
+    #[test]
+    fn a_batch_over_the_budget_is_written_before_the_client_is_called_slow() {
+        use std::io::Read;
+        let (a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let mut conn = Conn::new(a.as_raw_fd(), None);
+        conn.transport = Transport::WebSocket;
+        // Ten frames of 100 bytes against a budget of 250: the dispatcher
+        // has not flushed yet, but the socket has room for all of them.
+        for _ in 0..10 {
+            conn.push(Bytes::from(vec![1u8; 100]), 250);
+        }
+        conn.flush();
+        assert!(!conn.dead && conn.queue.is_empty());
+        let mut got = vec![0u8; 1000];
+        b.read_exact(&mut got).unwrap();
+    }
+
+    #[test]
+    fn a_slow_websocket_gets_the_rest_of_its_started_frame_then_close_1008() {
+        use std::io::Read;
+        for started in [3, 0] {
+            let (a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
+            let mut conn = Conn::new(a.as_raw_fd(), None);
+            conn.transport = Transport::WebSocket;
+            conn.push(Bytes::from_static(b"first frame"), 64);
+            conn.push(Bytes::from_static(b"second"), 64);
+            // As if the kernel had taken the first bytes of the front frame
+            // before the socket filled up.
+            conn.sent_of_front = started;
+            conn.queued_bytes -= started;
+            conn.blocked = true;
+            conn.push(Bytes::from(vec![0u8; 64]), 64);
+            assert!(conn.dead && conn.queue.capacity() == 0 && conn.queued_bytes == 0);
+            drop(a);
+            let mut got = Vec::new();
+            b.read_to_end(&mut got).unwrap();
+            // The started frame is finished (the stream is never cut inside
+            // a frame), frames not started are dropped, close 1008 follows.
+            let mut want = b"first frame"[started as usize..].to_vec();
+            if started == 0 {
+                want.clear();
+            }
+            want.extend_from_slice(WS_CLOSE_SLOW_CONSUMER);
+            assert_eq!(got, want, "started {started}");
+        }
+    }
+
+    #[test]
+    fn static_frames_are_what_the_codecs_would_write() {
+        let mut close = Vec::new();
+        protocol::ws::encode_close(
+            protocol::ws::close_code::POLICY_VIOLATION,
+            "slow consumer",
+            &mut close,
+        );
+        assert_eq!(close, WS_CLOSE_SLOW_CONSUMER);
+        let mut ping = Vec::new();
+        protocol::ws::encode_frame(protocol::ws::OpCode::Ping, &[], &mut ping);
+        assert_eq!(ping, WS_PING);
+        let mut beat = Vec::new();
+        protocol::sse::encode_comment(&mut beat, "heartbeat");
+        beat.push(b'\n');
+        assert_eq!(beat, SSE_HEARTBEAT);
     }
 }

@@ -254,7 +254,8 @@ mod tests {
             publish_payload_bytes_max: 4,
             ..Config::default()
         };
-        let cases: Vec<(Vec<Vec<u8>>, fn(&IngestError) -> bool)> = vec![
+        type Case = (Vec<Vec<u8>>, fn(&IngestError) -> bool);
+        let cases: Vec<Case> = vec![
             (frames(&[b"news"]), |e| {
                 matches!(e, IngestError::WrongFrameCount(1))
             }),

@@ -2,6 +2,7 @@
 //! listener per core, starts one pinned monoio io_uring runtime per core and
 //! the ZeroMQ ingest thread, then prints one `READY …` line on stdout.
 
+mod admission;
 mod config;
 mod conn;
 mod core;
@@ -17,8 +18,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use clap::Parser;
 use socket2::{Domain, Protocol, Socket, Type};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
+use crate::admission::{Admission, IpCounts};
 use crate::config::Config;
 use crate::core::Core;
 use crate::ingest::{CoreInbox, Message};
@@ -53,8 +55,8 @@ fn run(cfg: &'static Config) -> Result<(), String> {
     } else {
         cfg.cores
     };
-    let listeners =
-        listeners(cfg.listen, cores, cfg.listen_backlog).map_err(|e| format!("listen on {}: {e}", cfg.listen))?;
+    let listeners = listeners(cfg.listen, cores, cfg.listen_backlog)
+        .map_err(|e| format!("listen on {}: {e}", cfg.listen))?;
     let listen_addr = listeners[0].local_addr().map_err(|e| e.to_string())?;
 
     let ctx = zmq::Context::new();
@@ -68,6 +70,9 @@ fn run(cfg: &'static Config) -> Result<(), String> {
         .map_or(1, |d| d.as_micros() as u64);
     let published_through = Arc::new(AtomicU64::new(first_id));
     let conn_counts: Arc<[AtomicU64]> = (0..cores).map(|_| AtomicU64::new(0)).collect();
+    // One table for all cores: a client's connections land on any core.
+    let per_ip = (cfg.connections_per_ip_max > 0)
+        .then(|| Arc::new(IpCounts::new(cfg.connections_per_ip_max as u32)));
     let cpu_ids = core_affinity::get_core_ids().unwrap_or_default();
 
     let (ready_tx, ready_rx) = mpsc::channel::<Result<(), String>>();
@@ -92,6 +97,7 @@ fn run(cfg: &'static Config) -> Result<(), String> {
         let ready = ready_tx.clone();
         let published = published_through.clone();
         let counts = conn_counts.clone();
+        let per_ip = per_ip.clone();
         let thread = std::thread::Builder::new()
             .name(format!("core-{index}"))
             .spawn(move || {
@@ -112,7 +118,10 @@ fn run(cfg: &'static Config) -> Result<(), String> {
                     }
                 };
                 rt.block_on(async move {
-                    let core = Rc::new(Core::new(index, cfg, first_id, published, counts));
+                    let admission = Admission::new(cfg, cores, per_ip, 0);
+                    let core = Rc::new(Core::new(
+                        index, cfg, first_id, published, counts, admission,
+                    ));
                     // monoio's listener must be made inside the runtime.
                     let listener = match monoio::net::TcpListener::from_std(listener) {
                         Ok(l) => l,
@@ -170,14 +179,24 @@ fn run(cfg: &'static Config) -> Result<(), String> {
     Err("a core or the ingest thread stopped".into())
 }
 
-/// Accepts forever. The one `accept()` future is always awaited to
-/// completion: dropping a pending accept loses the connection the kernel
-/// has already handed to it.
+/// Accepts forever, admitting each connection or answering it 503. The one
+/// `accept()` future is always awaited to completion: dropping a pending
+/// accept loses the connection the kernel has already handed to it.
 async fn accept_loop(core: Rc<Core>, listener: monoio::net::TcpListener) {
+    use std::os::fd::AsRawFd;
     loop {
         match listener.accept().await {
-            Ok((stream, _peer)) => {
-                monoio::spawn(conn::serve(core.clone(), stream));
+            Ok((stream, peer)) => {
+                match core.admit(stream.as_raw_fd(), admission::client_ip(peer)) {
+                    Ok(key) => {
+                        monoio::spawn(conn::serve(core.clone(), stream, key));
+                    }
+                    Err(refusal) => {
+                        // Counted here, logged by the sweep once a second.
+                        debug!(core = core.index, %peer, reason = refusal.reason(), "connection refused");
+                        monoio::spawn(conn::refuse(stream, admission::refusal_response(refusal)));
+                    }
+                }
             }
             Err(e) => {
                 // Out of descriptors or memory: back off briefly rather than

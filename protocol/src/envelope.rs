@@ -467,4 +467,77 @@ mod tests {
         assert!(text
             .ends_with("Content-Length: 38\r\n\r\n{\"cursor\":\"0\",\"messages\":[],\"gaps\":[]}"));
     }
+
+    mod properties {
+        use super::*;
+        use crate::sse::tests::{normalise_line_ends, parse_stream};
+        use proptest::prelude::*;
+
+        fn payload() -> impl Strategy<Value = Vec<u8>> {
+            prop_oneof![
+                any::<String>().prop_map(String::into_bytes),
+                prop::collection::vec(any::<u8>(), 0..200),
+            ]
+        }
+
+        proptest! {
+            /// Each transport's encoding of a publication gives back its
+            /// channel, id, event and payload: WebSocket raw (text frame iff
+            /// UTF-8), SSE and long-poll as text or base64 + `"encoding"`.
+            #[test]
+            fn every_transport_round_trips(
+                channel in any::<String>(),
+                id in any::<u64>(),
+                event in prop::option::of("[ -~]{1,16}"),
+                payload in payload(),
+            ) {
+                let p = Publication { channel: &channel, id, event: event.as_deref(), payload: &payload };
+                let text = std::str::from_utf8(&payload).ok();
+                let meta = |base64: bool| {
+                    let mut m = serde_json::json!({"channel": channel, "id": id.to_string()});
+                    if let Some(e) = &event {
+                        m["event"] = e.as_str().into();
+                    }
+                    if base64 {
+                        m["encoding"] = "base64".into();
+                    }
+                    m
+                };
+                let b64 = |s: &str| base64::engine::general_purpose::STANDARD.decode(s).unwrap();
+
+                // WebSocket: meta line, then the payload as is.
+                let out = ws(&p);
+                let (b0, body) = frame(&out);
+                prop_assert_eq!(b0, if text.is_some() { 0x81 } else { 0x82 });
+                let nl = body.iter().position(|&b| b == b'\n').unwrap();
+                prop_assert_eq!(serde_json::from_slice::<serde_json::Value>(&body[..nl]).unwrap(), meta(false));
+                prop_assert_eq!(&body[nl + 1..], &payload[..]);
+
+                // SSE: one event; its data is meta + "\n" + payload.
+                let events = parse_stream(&sse(&p));
+                prop_assert_eq!(events.len(), 1);
+                let e = &events[0];
+                prop_assert_eq!(e.id.clone(), Some(id.to_string()));
+                prop_assert_eq!(e.event.clone(), event.clone());
+                let (m, data) = e.data.split_once('\n').unwrap();
+                prop_assert_eq!(serde_json::from_str::<serde_json::Value>(m).unwrap(), meta(text.is_none()));
+                match text {
+                    Some(t) => prop_assert_eq!(data, normalise_line_ends(t)),
+                    None => prop_assert_eq!(b64(data), payload.clone()),
+                }
+
+                // Long-poll: one JSON object.
+                let v: serde_json::Value = serde_json::from_str(&longpoll(&p)).unwrap();
+                let mut want = meta(text.is_none());
+                want["data"] = match text {
+                    Some(t) => t.into(),
+                    None => v["data"].clone(),
+                };
+                prop_assert_eq!(&v, &want);
+                if text.is_none() {
+                    prop_assert_eq!(b64(v["data"].as_str().unwrap()), payload.clone());
+                }
+            }
+        }
+    }
 }

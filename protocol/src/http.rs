@@ -284,7 +284,10 @@ pub fn parse_request(buf: &[u8], limits: &HeadLimits) -> Result<Parsed, Reject> 
 
 /// Checks an RFC 6455 opening handshake and returns its accept value.
 fn websocket_accept(head: &Head, version: u8) -> Result<String, Reject> {
-    if version != 1 || !head.has_token("upgrade", "websocket") || !head.has_token("connection", "upgrade") {
+    if version != 1
+        || !head.has_token("upgrade", "websocket")
+        || !head.has_token("connection", "upgrade")
+    {
         return Err(Reject::NotAnUpgrade);
     }
     match head.single("sec-websocket-version") {
@@ -503,6 +506,7 @@ fn status_line_reason(status: u16) -> &'static str {
         414 => "URI Too Long",
         426 => "Upgrade Required",
         431 => "Request Header Fields Too Large",
+        503 => "Service Unavailable",
         _ => "Error",
     }
 }
@@ -527,6 +531,25 @@ pub fn reject_response(reject: &Reject) -> Vec<u8> {
          {extra}\r\n\
          {reason}\n",
         status_line_reason(status),
+        reason.len() + 1,
+    )
+    .into_bytes()
+}
+
+/// `503 Service Unavailable` for a connection turned away because the server
+/// is at a limit (connections, connections per address, handshake rate):
+/// `Retry-After` in seconds (the caller jitters it), `Connection: close`, and
+/// `reason` plus "\n" as the body. `reason` must be one line of ASCII.
+pub fn unavailable_response(reason: &str, retry_after_s: u32) -> Vec<u8> {
+    debug_assert!(reason.bytes().all(|b| b.is_ascii_graphic() || b == b' '));
+    format!(
+        "HTTP/1.1 503 {}\r\n\
+         Content-Type: text/plain\r\n\
+         Content-Length: {}\r\n\
+         Connection: close\r\n\
+         Retry-After: {retry_after_s}\r\n\r\n\
+         {reason}\n",
+        status_line_reason(503),
         reason.len() + 1,
     )
     .into_bytes()
@@ -1210,15 +1233,27 @@ mod tests {
     fn echo_endpoint_exists_only_where_configured() {
         let head = "GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
                     Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
-        assert_eq!(parse_request(head.as_bytes(), &HeadLimits::default()), Err(Reject::NotFound));
-        let limits = HeadLimits { echo_path: Some("/"), ..HeadLimits::default() };
+        assert_eq!(
+            parse_request(head.as_bytes(), &HeadLimits::default()),
+            Err(Reject::NotFound)
+        );
+        let limits = HeadLimits {
+            echo_path: Some("/"),
+            ..HeadLimits::default()
+        };
         match parse_request(head.as_bytes(), &limits) {
-            Ok(Parsed::Complete { request: Request::Echo { accept }, .. }) => {
+            Ok(Parsed::Complete {
+                request: Request::Echo { accept },
+                ..
+            }) => {
                 assert_eq!(accept, "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")
             }
             other => panic!("{other:?}"),
         }
         let bad = head.replace("13", "8");
-        assert_eq!(parse_request(bad.as_bytes(), &limits), Err(Reject::UnsupportedWebSocketVersion));
+        assert_eq!(
+            parse_request(bad.as_bytes(), &limits),
+            Err(Reject::UnsupportedWebSocketVersion)
+        );
     }
 }

@@ -80,8 +80,79 @@ pub(crate) fn push_data_lines(out: &mut Vec<u8>, mut data: &[u8]) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    /// One dispatched event as an EventSource sees it.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub(crate) struct Event {
+        pub id: Option<String>,
+        pub event: Option<String>,
+        pub data: String,
+    }
+
+    /// A minimal SSE parser after the HTML standard's "interpreting an event
+    /// stream": lines end at CRLF, CR or LF; an empty line dispatches; a line
+    /// starting with ':' is a comment; `field: value` drops one leading space
+    /// of the value; `data` lines are joined with "\n". Unlike a browser it
+    /// keeps `id` and `event` per event (no last-event-id carry-over) and
+    /// ignores `retry`. Panics on an unknown field or a truncated event.
+    pub(crate) fn parse_stream(stream: &str) -> Vec<Event> {
+        let mut events = Vec::new();
+        let mut current = Event {
+            id: None,
+            event: None,
+            data: String::new(),
+        };
+        let mut data_lines = 0;
+        let mut rest = stream;
+        while !rest.is_empty() {
+            let end = rest.find(['\r', '\n']).expect("unterminated line");
+            let line = &rest[..end];
+            rest = &rest[end..];
+            rest = rest
+                .strip_prefix("\r\n")
+                .or_else(|| rest.strip_prefix(['\r', '\n']))
+                .unwrap();
+            if line.is_empty() {
+                if data_lines > 0 {
+                    current.data.pop(); // the last "\n"
+                    events.push(current.clone());
+                }
+                current = Event {
+                    id: None,
+                    event: None,
+                    data: String::new(),
+                };
+                data_lines = 0;
+                continue;
+            }
+            if line.starts_with(':') {
+                continue;
+            }
+            let (field, value) = line.split_once(':').unwrap_or((line, ""));
+            let value = value.strip_prefix(' ').unwrap_or(value);
+            match field {
+                "data" => {
+                    current.data.push_str(value);
+                    current.data.push('\n');
+                    data_lines += 1;
+                }
+                "id" => current.id = Some(value.to_string()),
+                "event" => current.event = Some(value.to_string()),
+                "retry" => {}
+                other => panic!("unknown field {other:?}"),
+            }
+        }
+        assert_eq!(data_lines, 0, "stream ends inside an event");
+        events
+    }
+
+    /// `data` as the client reassembles it: every line end becomes "\n".
+    pub(crate) fn normalise_line_ends(data: &str) -> String {
+        data.replace("\r\n", "\n").replace('\r', "\n")
+    }
 
     fn event(id: Option<&str>, event: Option<&str>, data: &str) -> String {
         let mut out = Vec::new();
@@ -132,5 +203,35 @@ mod tests {
             b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n\
               X-Accel-Buffering: no\r\nConnection: keep-alive\r\n\r\n"
         );
+    }
+
+    proptest! {
+        /// (d) Events encoded one after another, with comments and retry
+        /// fields between them, parse back to their id, event name and data
+        /// (line ends normalised to "\n") whatever the text.
+        #[test]
+        fn encoded_events_parse_back(
+            events in prop::collection::vec(
+                (
+                    prop::option::of("[^\r\n]{0,12}"),
+                    prop::option::of("[^\r\n]{0,12}"),
+                    prop_oneof![any::<String>(), "([a-z ]|\r|\n|\r\n){0,20}"],
+                    prop::option::of(any::<String>()),
+                ),
+                1..6,
+            ),
+        ) {
+            let mut out = Vec::new();
+            let mut want = Vec::new();
+            for (id, event, data, comment) in &events {
+                encode_event(&mut out, id.as_deref(), event.as_deref(), data);
+                if let Some(comment) = comment {
+                    encode_comment(&mut out, comment);
+                    encode_retry(&mut out, 1000);
+                }
+                want.push(Event { id: id.clone(), event: event.clone(), data: normalise_line_ends(data) });
+            }
+            prop_assert_eq!(parse_stream(&String::from_utf8(out).unwrap()), want);
+        }
     }
 }

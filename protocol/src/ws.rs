@@ -670,7 +670,11 @@ impl ServerSession {
                     if is_control(self.opcode) {
                         self.control.extend_from_slice(bytes);
                     } else if self.text && self.utf8.feed(bytes).is_err() {
-                        self.violation(close_code::INVALID_PAYLOAD, "text message is not UTF-8", out);
+                        self.violation(
+                            close_code::INVALID_PAYLOAD,
+                            "text message is not UTF-8",
+                            out,
+                        );
                     } else {
                         on_message(MessagePart::Chunk(bytes), out);
                     }
@@ -681,7 +685,11 @@ impl ServerSession {
         self.closing
     }
 
-    fn frame_end(&mut self, out: &mut Vec<u8>, on_message: &mut impl FnMut(MessagePart<'_>, &mut Vec<u8>)) {
+    fn frame_end(
+        &mut self,
+        out: &mut Vec<u8>,
+        on_message: &mut impl FnMut(MessagePart<'_>, &mut Vec<u8>),
+    ) {
         match self.opcode {
             OpCode::Ping => {
                 encode_frame(OpCode::Pong, &self.control, out);
@@ -703,9 +711,11 @@ impl ServerSession {
                     Err(CloseError::InvalidCloseCode) => {
                         self.violation(close_code::PROTOCOL_ERROR, "invalid close code", out)
                     }
-                    Err(CloseError::InvalidReasonUtf8) => {
-                        self.violation(close_code::INVALID_PAYLOAD, "close reason is not UTF-8", out)
-                    }
+                    Err(CloseError::InvalidReasonUtf8) => self.violation(
+                        close_code::INVALID_PAYLOAD,
+                        "close reason is not UTF-8",
+                        out,
+                    ),
                 }
                 self.control = Vec::new();
             }
@@ -714,7 +724,11 @@ impl ServerSession {
                     return;
                 }
                 if self.text && self.utf8.finish().is_err() {
-                    self.violation(close_code::INVALID_PAYLOAD, "text message is not UTF-8", out);
+                    self.violation(
+                        close_code::INVALID_PAYLOAD,
+                        "text message is not UTF-8",
+                        out,
+                    );
                     return;
                 }
                 on_message(MessagePart::End, out);
@@ -769,10 +783,21 @@ mod tests {
         input: &[u8],
         chunk: usize,
     ) -> Result<Vec<Frame>, FrameError> {
-        let mut input = input.to_vec();
+        let cuts: Vec<usize> = (chunk..input.len()).step_by(chunk).collect();
+        decode_split(dec, input, &cuts)
+    }
+
+    /// Like [`decode_chunked`], with the input cut at `cuts` (sorted offsets;
+    /// repeats give empty pieces).
+    fn decode_split(
+        dec: &mut FrameDecoder,
+        input: &[u8],
+        cuts: &[usize],
+    ) -> Result<Vec<Frame>, FrameError> {
         let mut frames = Vec::new();
         let mut current: Option<Frame> = None;
-        for piece in input.chunks_mut(chunk) {
+        for mut piece in pieces(input, cuts) {
+            let piece = &mut piece[..];
             let mut at = 0;
             loop {
                 let (n, event) = dec.decode(&mut piece[at..])?;
@@ -808,6 +833,19 @@ mod tests {
 
     /// A client frame: `b0` is FIN/RSV/opcode, the length is encoded in the
     /// shortest form, the payload masked with `key`.
+    /// `input` cut at `cuts` (sorted offsets ≤ len), as owned pieces: the
+    /// decoder unmasks in place.
+    fn pieces(input: &[u8], cuts: &[usize]) -> Vec<Vec<u8>> {
+        let mut pieces = Vec::with_capacity(cuts.len() + 1);
+        let mut start = 0;
+        for &cut in cuts {
+            pieces.push(input[start..cut].to_vec());
+            start = cut;
+        }
+        pieces.push(input[start..].to_vec());
+        pieces
+    }
+
     fn client_frame(b0: u8, payload: &[u8], key: [u8; 4]) -> Vec<u8> {
         let mut head = [0; WS_SERVER_HEAD_BYTES_MAX];
         let n = encode_frame_head(true, OpCode::Text, payload.len() as u64, &mut head);
@@ -1305,16 +1343,25 @@ mod tests {
         f
     }
 
+    /// The messages a session handed over (reassembled), its replies, and how
+    /// it ended.
+    type SessionRun = (Vec<(OpCode, Vec<u8>)>, Vec<u8>, Option<Closing>);
+
     /// Runs a session over `input` in chunks of `chunk` bytes; returns the
     /// reassembled messages, the replies and how it ended.
-    fn run_session(input: &[u8], chunk: usize) -> (Vec<(OpCode, Vec<u8>)>, Vec<u8>, Option<Closing>) {
+    fn run_session(input: &[u8], chunk: usize) -> SessionRun {
+        let cuts: Vec<usize> = (chunk..input.len()).step_by(chunk).collect();
+        run_session_split(input, &cuts)
+    }
+
+    /// Like [`run_session`], with the input cut at `cuts`.
+    fn run_session_split(input: &[u8], cuts: &[usize]) -> SessionRun {
         let mut session = ServerSession::new(WS_MESSAGE_BYTES_MAX);
         let mut messages: Vec<(OpCode, Vec<u8>)> = Vec::new();
         let mut out = Vec::new();
         let mut current: Option<(OpCode, Vec<u8>)> = None;
         let mut end = None;
-        for piece in input.chunks(chunk) {
-            let mut piece = piece.to_vec();
+        for mut piece in pieces(input, cuts) {
             end = session.input(&mut piece, &mut out, &mut |part, _| match part {
                 MessagePart::Start(op) => current = Some((op, Vec::new())),
                 MessagePart::Chunk(b) => current.as_mut().unwrap().1.extend_from_slice(b),
@@ -1365,7 +1412,10 @@ mod tests {
             assert_eq!(end, None);
             assert_eq!(
                 messages,
-                vec![(OpCode::Text, "Hello wörld".as_bytes().to_vec()), (OpCode::Binary, vec![0, 1, 2])],
+                vec![
+                    (OpCode::Text, "Hello wörld".as_bytes().to_vec()),
+                    (OpCode::Binary, vec![0, 1, 2])
+                ],
                 "chunk {chunk}"
             );
             let mut pong = Vec::new();
@@ -1385,32 +1435,58 @@ mod tests {
         let end = session.input(&mut input[..third].to_vec(), &mut out, &mut |_, _| {});
         assert_eq!(
             end,
-            Some(Closing::Violation { code: close_code::INVALID_PAYLOAD, rule: "text message is not UTF-8" })
+            Some(Closing::Violation {
+                code: close_code::INVALID_PAYLOAD,
+                rule: "text message is not UTF-8"
+            })
         );
         assert_eq!(out, vec![0x88, 0x02, 0x03, 0xEF]);
         // A text message ending inside a sequence fails at its end.
         let (_, _, end) = run_session(&masked(0x81, &[b'a', 0xE2, 0x82]), 1);
-        assert!(matches!(end, Some(Closing::Violation { code: close_code::INVALID_PAYLOAD, .. })));
+        assert!(matches!(
+            end,
+            Some(Closing::Violation {
+                code: close_code::INVALID_PAYLOAD,
+                ..
+            })
+        ));
     }
 
     #[test]
     fn close_handshake_rules() {
         let cases: Vec<(Vec<u8>, Option<Closing>, Vec<u8>)> = vec![
-            (masked(0x88, &[]), Some(Closing::PeerClosed { code: None }), vec![0x88, 0x00]),
-            (masked(0x88, &[0x0F, 0xA0, b'x']), Some(Closing::PeerClosed { code: Some(4000) }), vec![0x88, 0x02, 0x0F, 0xA0]),
+            (
+                masked(0x88, &[]),
+                Some(Closing::PeerClosed { code: None }),
+                vec![0x88, 0x00],
+            ),
+            (
+                masked(0x88, &[0x0F, 0xA0, b'x']),
+                Some(Closing::PeerClosed { code: Some(4000) }),
+                vec![0x88, 0x02, 0x0F, 0xA0],
+            ),
             (
                 masked(0x88, &[0x03]),
-                Some(Closing::Violation { code: 1002, rule: "invalid close code" }),
+                Some(Closing::Violation {
+                    code: 1002,
+                    rule: "invalid close code",
+                }),
                 vec![0x88, 0x02, 0x03, 0xEA],
             ),
             (
                 masked(0x88, &[0x03, 0xEE]),
-                Some(Closing::Violation { code: 1002, rule: "invalid close code" }),
+                Some(Closing::Violation {
+                    code: 1002,
+                    rule: "invalid close code",
+                }),
                 vec![0x88, 0x02, 0x03, 0xEA],
             ),
             (
                 masked(0x88, &[0x03, 0xE8, 0xFF]),
-                Some(Closing::Violation { code: 1007, rule: "close reason is not UTF-8" }),
+                Some(Closing::Violation {
+                    code: 1007,
+                    rule: "close reason is not UTF-8",
+                }),
                 vec![0x88, 0x02, 0x03, 0xEF],
             ),
         ];
@@ -1429,18 +1505,25 @@ mod tests {
     #[test]
     fn frame_errors_close_with_their_code() {
         let cases: Vec<(Vec<u8>, u16)> = vec![
-            (vec![0x81, 0x02, b'h', b'i'], 1002),        // unmasked
-            (masked(0xC1, b"x"), 1002),                  // RSV1
-            (masked(0x83, b""), 1002),                   // reserved opcode
-            (masked(0x09, b""), 1002),                   // fragmented ping
-            (masked(0x89, &[0; 126]), 1002),             // control too long
-            (masked(0x80, b"x"), 1002),                  // continuation with nothing open
+            (vec![0x81, 0x02, b'h', b'i'], 1002), // unmasked
+            (masked(0xC1, b"x"), 1002),           // RSV1
+            (masked(0x83, b""), 1002),            // reserved opcode
+            (masked(0x09, b""), 1002),            // fragmented ping
+            (masked(0x89, &[0; 126]), 1002),      // control too long
+            (masked(0x80, b"x"), 1002),           // continuation with nothing open
             ([masked(0x01, b"a"), masked(0x81, b"b")].concat(), 1002), // expected continuation
-            (masked(0x82, &vec![0; WS_MESSAGE_BYTES_MAX as usize + 1]), 1009),
+            (
+                masked(0x82, &vec![0; WS_MESSAGE_BYTES_MAX as usize + 1]),
+                1009,
+            ),
         ];
         for (input, code) in cases {
             let (_, out, end) = run_session(&input, 3);
-            assert!(matches!(end, Some(Closing::Violation { code: c, .. }) if c == code), "{:?}", &input[..2]);
+            assert!(
+                matches!(end, Some(Closing::Violation { code: c, .. }) if c == code),
+                "{:?}",
+                &input[..2]
+            );
             assert_eq!(&out[2..4], &code.to_be_bytes());
         }
     }
@@ -1450,6 +1533,278 @@ mod tests {
         let mut out = Vec::new();
         encode_fragment(true, OpCode::Text, false, b"Hel", &mut out);
         encode_fragment(false, OpCode::Text, true, b"lo", &mut out);
-        assert_eq!(out, vec![0x01, 0x03, b'H', b'e', b'l', 0x80, 0x02, b'l', b'o']);
+        assert_eq!(
+            out,
+            vec![0x01, 0x03, b'H', b'e', b'l', 0x80, 0x02, b'l', b'o']
+        );
+    }
+
+    // ---- Properties (proptest) ----
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+        use proptest::sample::Index;
+
+        /// Bytes of `len` from a seed: cheap to generate even for 64 KiB,
+        /// where a proptest `vec(any::<u8>())` would be slow to build and shrink.
+        fn seeded_bytes(len: usize, seed: u64) -> Vec<u8> {
+            let mut rng = XorShift(seed | 1);
+            (0..len).map(|_| rng.next() as u8).collect()
+        }
+
+        /// Sorted cut points into `0..=len` from proptest indices.
+        fn cuts(indices: &[Index], len: usize) -> Vec<usize> {
+            let mut cuts: Vec<usize> = indices.iter().map(|i| i.index(len + 1)).collect();
+            cuts.sort_unstable();
+            cuts
+        }
+
+        /// A server frame (as `encode_*` writes it) turned into the client
+        /// frame a peer would send: MASK bit set, key inserted after the
+        /// length, payload masked.
+        fn mask_server_frame(frame: &[u8], key: [u8; 4]) -> Vec<u8> {
+            let head_len = match frame[1] {
+                126 => 4,
+                127 => 10,
+                _ => 2,
+            };
+            assert_eq!(frame[1] & 0x80, 0, "servers do not mask");
+            let mut out = frame[..head_len].to_vec();
+            out[1] |= 0x80;
+            out.extend_from_slice(&key);
+            out.extend(
+                frame[head_len..]
+                    .iter()
+                    .enumerate()
+                    .map(|(i, b)| b ^ key[i % 4]),
+            );
+            out
+        }
+
+        /// One data message as the client sends it: its fragments, and a
+        /// control frame (ping when `true`, else pong) after some of them.
+        #[derive(Debug, Clone)]
+        struct Message {
+            opcode: OpCode,
+            payload: Vec<u8>,
+            /// Fragment boundaries, sorted; repeats give empty fragments.
+            cuts: Vec<usize>,
+            /// After fragment i (when there is an entry i): a control frame.
+            controls: Vec<Option<(bool, Vec<u8>)>>,
+        }
+
+        fn message() -> impl Strategy<Value = Message> {
+            let text = any::<String>().prop_map(|s| (OpCode::Text, s.into_bytes()));
+            let binary =
+                prop::collection::vec(any::<u8>(), 0..300).prop_map(|b| (OpCode::Binary, b));
+            let control = prop::option::weighted(
+                0.3,
+                (any::<bool>(), prop::collection::vec(any::<u8>(), 0..=125)),
+            );
+            (
+                prop_oneof![text, binary],
+                prop::collection::vec(any::<Index>(), 0..5),
+                prop::collection::vec(control, 0..6),
+            )
+                .prop_map(|((opcode, payload), indices, controls)| Message {
+                    cuts: cuts(&indices, payload.len()),
+                    opcode,
+                    payload,
+                    controls,
+                })
+        }
+
+        /// What a valid client stream of `messages` must decode to: its
+        /// frames, the messages the session hands over and the pongs it writes.
+        struct Expected {
+            stream: Vec<u8>,
+            frames: Vec<Frame>,
+            messages: Vec<(OpCode, Vec<u8>)>,
+            pongs: Vec<u8>,
+        }
+
+        fn build(messages: &[Message], mask_seed: u64) -> Expected {
+            let mut rng = XorShift(mask_seed | 1);
+            let mut e = Expected {
+                stream: Vec::new(),
+                frames: Vec::new(),
+                messages: Vec::new(),
+                pongs: Vec::new(),
+            };
+            let mut push = |e: &mut Expected, fin: bool, opcode: OpCode, payload: &[u8]| {
+                let key = (rng.next() as u32).to_be_bytes();
+                let b0 = u8::from(fin) << 7 | opcode.bits();
+                e.stream.extend(client_frame(b0, payload, key));
+                e.frames.push(Frame {
+                    header: header(fin, opcode, payload.len() as u64),
+                    payload: payload.to_vec(),
+                });
+            };
+            for m in messages {
+                let fragments = pieces(&m.payload, &m.cuts);
+                let last = fragments.len() - 1;
+                for (i, fragment) in fragments.iter().enumerate() {
+                    let opcode = if i == 0 {
+                        m.opcode
+                    } else {
+                        OpCode::Continuation
+                    };
+                    push(&mut e, i == last, opcode, fragment);
+                    if let Some(Some((ping, payload))) = m.controls.get(i) {
+                        let opcode = if *ping { OpCode::Ping } else { OpCode::Pong };
+                        push(&mut e, true, opcode, payload);
+                        if *ping {
+                            encode_frame(OpCode::Pong, payload, &mut e.pongs);
+                        }
+                    }
+                }
+                e.messages.push((m.opcode, m.payload.clone()));
+            }
+            e
+        }
+
+        proptest! {
+            /// (a) A valid client stream (text/binary messages, fragmented,
+            /// pings and pongs between fragments, a random key per frame)
+            /// decodes to the same frames, and the session to the same
+            /// messages and pongs, wherever the stream is cut.
+            #[test]
+            fn any_chunking_gives_the_same_frames_and_messages(
+                messages in prop::collection::vec(message(), 0..5),
+                mask_seed in any::<u64>(),
+                split in prop::collection::vec(any::<Index>(), 0..12),
+            ) {
+                let e = build(&messages, mask_seed);
+                let cuts = cuts(&split, e.stream.len());
+                let mut dec = FrameDecoder::new(WS_MESSAGE_BYTES_MAX);
+                prop_assert_eq!(decode_split(&mut dec, &e.stream, &cuts), Ok(e.frames));
+                let (got, out, end) = run_session_split(&e.stream, &cuts);
+                prop_assert_eq!(end, None);
+                prop_assert_eq!(got, e.messages);
+                prop_assert_eq!(out, e.pongs);
+
+                // A close frame after it all ends the session, echoing the code.
+                let mut stream = e.stream.clone();
+                stream.extend(masked(0x88, &[0x03, 0xE8]));
+                let (_, out, end) = run_session_split(&stream, &cuts);
+                prop_assert_eq!(end, Some(Closing::PeerClosed { code: Some(1000) }));
+                prop_assert!(out.ends_with(&[0x88, 0x02, 0x03, 0xE8]));
+            }
+
+            /// (b) Server frames from `encode_frame` / `encode_fragment`,
+            /// masked as a client would send them, decode to the opcode, FIN
+            /// and payload they were encoded with (7-, 16- and 64-bit lengths).
+            #[test]
+            fn encoded_frames_decode_to_what_was_encoded(
+                frames in prop::collection::vec(
+                    (
+                        prop_oneof![0usize..=125, 126usize..=300, 65_530usize..=65_600],
+                        any::<u64>(),
+                        0usize..4,
+                        any::<[u8; 4]>(),
+                    ),
+                    1..6,
+                ),
+                chunk in 1usize..5000,
+            ) {
+                let mut stream = Vec::new();
+                let mut want = Vec::new();
+                let mut open = false; // a fragmented message is in progress
+                for (i, &(len, seed, kind, key)) in frames.iter().enumerate() {
+                    let mut out = Vec::new();
+                    let (fin, opcode, payload) = match kind {
+                        // Control frames: at most 125 bytes, always FIN.
+                        0 => {
+                            let payload = seeded_bytes(len.min(125), seed);
+                            let opcode = [OpCode::Ping, OpCode::Pong, OpCode::Close][(seed % 3) as usize];
+                            encode_frame(opcode, &payload, &mut out);
+                            (true, opcode, payload)
+                        }
+                        // A whole message, unless one is open.
+                        1 if !open => {
+                            let payload = seeded_bytes(len, seed);
+                            encode_frame(OpCode::Binary, &payload, &mut out);
+                            (true, OpCode::Binary, payload)
+                        }
+                        // A fragment: first or continuation, ending the
+                        // message at random and always at the last frame.
+                        _ => {
+                            let payload = seeded_bytes(len, seed);
+                            let fin = seed % 2 == 0 || i == frames.len() - 1;
+                            let first = !open;
+                            encode_fragment(first, OpCode::Text, fin, &payload, &mut out);
+                            open = !fin;
+                            let op = if first { OpCode::Text } else { OpCode::Continuation };
+                            (fin, op, payload)
+                        }
+                    };
+                    let mut head = [0; WS_SERVER_HEAD_BYTES_MAX];
+                    let n = encode_frame_head(fin, opcode, payload.len() as u64, &mut head);
+                    prop_assert_eq!(&out[..n], &head[..n]);
+                    prop_assert_eq!(n, match payload.len() { 0..=125 => 2, 126..=65_535 => 4, _ => 10 });
+                    stream.extend(mask_server_frame(&out, key));
+                    want.push(Frame { header: header(fin, opcode, payload.len() as u64), payload });
+                }
+                let mut dec = FrameDecoder::new(u64::MAX >> 1);
+                prop_assert!(decode_chunked(&mut dec, &stream, chunk) == Ok(want));
+            }
+
+            /// (b) `encode_close` round-trips through the session: a client
+            /// sending it gets its code echoed (the reason cut to fit 125 bytes
+            /// on a char boundary, and still UTF-8).
+            #[test]
+            fn encoded_close_round_trips(code in prop_oneof![1000u16..=1003, 1007u16..=1014, 3000u16..=4999], reason in ".{0,80}", key in any::<[u8; 4]>()) {
+                let mut out = Vec::new();
+                encode_close(code, &reason, &mut out);
+                prop_assert!(out.len() <= 2 + 125);
+                let (c, r) = parse_close_payload(&out[2..]).unwrap().unwrap();
+                prop_assert_eq!(c, code);
+                prop_assert!(reason.starts_with(r) && (r.len() == reason.len() || r.len() > 119));
+                let (_, reply, end) = run_session(&mask_server_frame(&out, key), 1);
+                prop_assert_eq!(end, Some(Closing::PeerClosed { code: Some(code) }));
+                prop_assert_eq!(&reply[2..], &code.to_be_bytes()[..]);
+            }
+
+            /// (c) `Utf8Stream` over any cutting of any bytes agrees with
+            /// `std::str::from_utf8` on the whole, and fails in the piece that
+            /// holds the first byte that cannot continue a valid sequence.
+            #[test]
+            fn utf8_stream_agrees_with_std(
+                text in any::<String>(),
+                noise in prop::collection::vec((any::<Index>(), any::<u8>()), 0..3),
+                split in prop::collection::vec(any::<Index>(), 0..10),
+            ) {
+                // Mostly UTF-8, with a few bytes overwritten.
+                let mut bytes = text.into_bytes();
+                for (i, b) in &noise {
+                    if !bytes.is_empty() {
+                        let i = i.index(bytes.len());
+                        bytes[i] = *b;
+                    }
+                }
+                let whole = core::str::from_utf8(&bytes);
+                let fails_at = whole.as_ref().err().and_then(|e| {
+                    let lead_ok = matches!(bytes[e.valid_up_to()], 0xC2..=0xF4);
+                    e.error_len().map(|n| e.valid_up_to() + if lead_ok { n } else { 0 })
+                });
+                let cuts = cuts(&split, bytes.len());
+                let mut stream = Utf8Stream::default();
+                let mut start = 0;
+                let mut failed_in = None;
+                for end in cuts.iter().copied().chain([bytes.len()]) {
+                    if stream.feed(&bytes[start..end]).is_err() {
+                        failed_in = Some(start..end);
+                        break;
+                    }
+                    start = end;
+                }
+                match (fails_at, failed_in) {
+                    (None, None) => prop_assert_eq!(stream.finish().is_ok(), whole.is_ok()),
+                    (Some(i), Some(piece)) => prop_assert!(piece.contains(&i), "{:?} {}", piece, i),
+                    (want, got) => prop_assert!(false, "std fails at {:?}, stream in {:?}", want, got),
+                }
+            }
+        }
     }
 }

@@ -11,7 +11,7 @@
 
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -221,6 +221,29 @@ impl Gateway {
 
     fn log_tail(&self) -> String {
         log_tail(&self.log_path)
+    }
+
+    /// The gateway's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The gateway's resident memory (`VmRSS` of /proc/PID/status), in bytes.
+    pub fn rss_bytes(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("read /proc/PID/status of the gateway");
+        let kb: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().strip_suffix("kB"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no VmRSS line in /proc/PID/status:\n{status}"));
+        kb * 1024
+    }
+
+    /// Everything the gateway has logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 }
 
@@ -550,6 +573,112 @@ impl WsClient {
     pub fn deliveries(&mut self, n: usize) -> Vec<Delivery> {
         (0..n).map(|_| self.next_delivery()).collect()
     }
+}
+
+/// A client socket connected to `addr` from `source` (any loopback address
+/// works as a source on Linux: 127.0.0.2 is another client), with the
+/// safety-net timeouts; `rcvbuf_bytes` sets a small receive buffer (which
+/// also stops the kernel from growing it), for clients meant to fall behind.
+pub fn tcp_connect(
+    addr: SocketAddr,
+    source: Option<IpAddr>,
+    rcvbuf_bytes: Option<usize>,
+) -> TcpStream {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
+        .expect("client socket");
+    if let Some(ip) = source {
+        sock.bind(&SocketAddr::new(ip, 0).into())
+            .unwrap_or_else(|e| panic!("bind client socket to {ip}: {e}"));
+    }
+    if let Some(n) = rcvbuf_bytes {
+        sock.set_recv_buffer_size(n).expect("SO_RCVBUF");
+    }
+    sock.connect(&addr.into())
+        .unwrap_or_else(|e| panic!("connect {addr} from {source:?}: {e}"));
+    let stream: TcpStream = sock.into();
+    stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    stream.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
+    stream.set_nodelay(true).unwrap();
+    stream
+}
+
+/// Sends a WebSocket upgrade for `path` on `stream` and reads the response
+/// head byte by byte (so nothing after it is consumed). Returns the head
+/// and, when it is not `101`, the body (by Content-Length).
+pub fn send_upgrade(stream: &mut TcpStream, path: &str) -> (HttpHead, Vec<u8>) {
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: gateway\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    stream
+        .write_all(req.as_bytes())
+        .unwrap_or_else(|e| panic!("send upgrade for {path}: {e}"));
+    let mut raw = Vec::new();
+    let mut byte = [0u8; 1];
+    while !raw.ends_with(b"\r\n\r\n") {
+        match stream.read(&mut byte) {
+            Ok(1) => raw.push(byte[0]),
+            Ok(_) => panic!(
+                "upgrade for {path}: connection closed after {:?}",
+                String::from_utf8_lossy(&raw)
+            ),
+            Err(e) => panic!("upgrade for {path}: reading the response head: {e}"),
+        }
+    }
+    let head = read_head(&mut &raw[..]);
+    let mut body = Vec::new();
+    if head.status != 101 {
+        let len: usize = head
+            .header("content-length")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("upgrade for {path}: no Content-Length in {head:?}"));
+        body.resize(len, 0);
+        stream
+            .read_exact(&mut body)
+            .unwrap_or_else(|e| panic!("upgrade for {path}: body of {head:?}: {e}"));
+    }
+    (head, body)
+}
+
+/// A WebSocket on `stream` for `path`, or the HTTP response that refused it.
+pub fn ws_or_refusal(mut stream: TcpStream, path: &str) -> Result<WsClient, HttpResponse> {
+    let (head, body) = send_upgrade(&mut stream, path);
+    if head.status != 101 {
+        return Err(HttpResponse {
+            status: head.status,
+            head,
+            body,
+        });
+    }
+    let ws = WebSocket::from_raw_socket(stream, tungstenite::protocol::Role::Client, None);
+    Ok(WsClient {
+        ws,
+        path: path.to_string(),
+    })
+}
+
+/// Checks a `503` refusal: `Retry-After` of 1 to 5 seconds, `Connection:
+/// close`, the expected one-line reason as the body. Returns Retry-After.
+pub fn assert_unavailable(resp: &HttpResponse, reason: &str, context: &str) -> u32 {
+    assert_eq!(resp.status, 503, "{context}: {}", resp.describe());
+    let retry: u32 = resp
+        .header("retry-after")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{context}: no numeric Retry-After: {}", resp.describe()));
+    assert!((1..=5).contains(&retry), "{context}: Retry-After {retry}");
+    assert!(
+        resp.header("connection")
+            .is_some_and(|v| v.eq_ignore_ascii_case("close")),
+        "{context}: {}",
+        resp.describe()
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&resp.body),
+        format!("{reason}\n"),
+        "{context}"
+    );
+    retry
 }
 
 /// A WebSocket frame payload: meta JSON, "\n", raw payload.
