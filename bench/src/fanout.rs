@@ -37,13 +37,11 @@ use crate::gateway::Target;
 use crate::handshake::{DialConfig, Dialer, Outcome};
 use crate::http;
 use crate::procfs;
-use crate::report::{bytes, Health, Latency};
+use crate::report::{bytes, failures_json, server_line, Health, Latency};
 use crate::sys::{self, Epoll};
 use crate::util::{monotonic_ns, opt, thousands};
 use crate::ws::{self, FrameHead, ReadEnd, SeqTally, Tail, KIND_MEASURED, KIND_PROBE};
 
-/// Descriptors the bench needs besides its client sockets.
-const SPARE_FDS: u64 = 64;
 const HEALTHZ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Probe rounds: at most this often, and at most this many probes a second.
 const PROBE_INTERVAL: Duration = Duration::from_millis(100);
@@ -603,20 +601,7 @@ impl FanoutReport {
 
     pub fn table(&self) -> String {
         let mut t = String::new();
-        let server = match self.cores {
-            Some(c) => format!(
-                "spawned {} pid {} at {}, {c} cores",
-                self.kind.name(),
-                self.pid,
-                self.target
-            ),
-            None => format!(
-                "attached {} pid {} at {}",
-                self.kind.name(),
-                self.pid,
-                self.target
-            ),
-        };
+        let server = server_line(self.kind, self.pid, &self.target, self.cores);
         let _ = writeln!(t, "fanout ws: {server}");
         let row = |t: &mut String, k: &str, v: String| {
             let _ = writeln!(t, "  {k:<28} {v}");
@@ -729,11 +714,6 @@ impl FanoutReport {
     }
 
     pub fn json(&self) -> Value {
-        let failures: serde_json::Map<String, Value> = self
-            .failures
-            .iter()
-            .map(|(reason, n, _)| (reason.clone(), json!(n)))
-            .collect();
         let errors = self.errors();
         let l = &self.loss;
         let c = &self.counters;
@@ -781,7 +761,7 @@ impl FanoutReport {
             "client_cpu_pct": self.client_cpu_pct().map(|p| p.round()),
             "client_reads": c.reads,
             "client_frames": c.frames,
-            "failures": failures,
+            "failures": failures_json(&self.failures),
             "ok": errors.is_empty(),
             "errors": errors,
         })
@@ -817,31 +797,14 @@ pub fn run_one(
     kind: ServerKind,
     server: &Server,
 ) -> Result<FanoutReport, String> {
-    let nofile = sys::raise_nofile_limit().map_err(|e| format!("RLIMIT_NOFILE: {e}"))?;
-    if args.connections + SPARE_FDS > nofile {
-        return Err(format!(
-            "--connections {} needs {} open files, and this process may open {nofile} \
-             (the hard RLIMIT_NOFILE): lower --connections or raise the limit",
-            args.connections,
-            args.connections + SPARE_FDS
-        ));
-    }
+    sys::check_nofile_for(args.connections)?;
     let mut target = Target::start(kind, server)?;
     let name = kind.name();
     let endpoint = target.zmq.clone().ok_or_else(|| {
         format!("the {name} has no ZeroMQ endpoint to publish to (READY zmq=-, or --zmq not given)")
     })?;
     let listen = target.listen;
-    if let Some(ip) = args
-        .client
-        .sources
-        .iter()
-        .find(|ip| ip.is_ipv4() != listen.is_ipv4())
-    {
-        return Err(format!(
-            "source address {ip} and target {listen} are different IP versions"
-        ));
-    }
+    sys::check_sources(&args.client.sources, listen)?;
     let healthz_before = http::healthz(listen, HEALTHZ_TIMEOUT)
         .ok()
         .map(|c| c.iter().sum::<u64>());
@@ -997,14 +960,7 @@ pub fn run_one(
     let subscribe_s = subscribe_start.elapsed().as_secs_f64();
     let unprobed = open.saturating_sub(shared.probed.load(Relaxed));
     let health = match healthz_before {
-        Some(baseline) => match http::healthz(listen, HEALTHZ_TIMEOUT) {
-            Ok(per_core) => Health::Checked {
-                baseline,
-                total: per_core.iter().sum(),
-                per_core,
-            },
-            Err(e) => Health::Failed(e),
-        },
+        Some(baseline) => Health::checked(baseline, http::healthz(listen, HEALTHZ_TIMEOUT)),
         None => Health::Unavailable("no /healthz before the run".into()),
     };
     // Let the last probes drain before measuring.

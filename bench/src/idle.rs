@@ -15,74 +15,30 @@ use std::os::fd::RawFd;
 use std::time::{Duration, Instant};
 
 use crate::cli::{IdleArgs, Server, ServerKind};
-use crate::gateway::Gateway;
+use crate::gateway::Target;
 use crate::handshake::{advance, Handshake, Progress, Step};
 use crate::http;
 use crate::procfs;
 use crate::report::{Health, IdleReport};
 use crate::sys::{self, Epoll};
 
-/// Descriptors the bench needs besides its client sockets.
-const SPARE_FDS: u64 = 64;
 const HEALTHZ_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the server may take to count the closed connections out.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
 pub fn run(args: &IdleArgs, kind: ServerKind, server: &Server) -> Result<IdleReport, String> {
-    let nofile = sys::raise_nofile_limit().map_err(|e| format!("RLIMIT_NOFILE: {e}"))?;
-    if args.connections + SPARE_FDS > nofile {
-        return Err(format!(
-            "--connections {} needs {} open files, and this process may open {nofile} \
-             (the hard RLIMIT_NOFILE): lower --connections or raise the limit",
-            args.connections,
-            args.connections + SPARE_FDS
-        ));
-    }
+    sys::check_nofile_for(args.connections)?;
 
-    let mut gateway = None;
-    let (pid, target, cores) = match server {
-        Server::Spawn {
-            bin,
-            cores,
-            extra_args,
-            stderr,
-            ready_timeout,
-        } => {
-            let g = Gateway::spawn(
-                kind.name(),
-                bin,
-                *cores,
-                extra_args,
-                stderr.as_deref(),
-                *ready_timeout,
-            )?;
-            let found = (g.pid(), g.ready.listen, Some(*cores));
-            eprintln!(
-                "bench: {} pid {} ready on {}",
-                kind.name(),
-                g.pid(),
-                g.ready.listen
-            );
-            gateway = Some(g);
-            found
-        }
-        Server::Attach { pid, target, .. } => (*pid, *target, None),
-    };
-    if let Some(ip) = args
-        .sources
-        .iter()
-        .find(|ip| ip.is_ipv4() != target.is_ipv4())
-    {
-        return Err(format!(
-            "source address {ip} and target {target} are different IP versions"
-        ));
-    }
+    // Spawned (and stopped when dropped) or attached.
+    let mut server = Target::start(kind, server)?;
+    let (pid, target, cores) = (server.pid, server.listen, server.cores);
+    sys::check_sources(&args.sources, target)?;
 
     // Connections the server counts before this run (its own /healthz
     // request included, if it counts that).
     let baseline = match http::healthz(target, HEALTHZ_TIMEOUT) {
         Ok(per_core) => Some(per_core.iter().sum::<u64>()),
-        Err(e) if gateway.is_none() => {
+        Err(e) if server.spawned.is_none() => {
             eprintln!("bench: /healthz unavailable, the connection count is not checked: {e}");
             None
         }
@@ -108,33 +64,21 @@ pub fn run(args: &IdleArgs, kind: ServerKind, server: &Server) -> Result<IdleRep
     let (closed_during_hold, data_during_hold, peeked) = conns.check_alive();
 
     let health = match baseline {
-        Some(baseline) => match http::healthz(target, HEALTHZ_TIMEOUT) {
-            Ok(per_core) => Health::Checked {
-                baseline,
-                total: per_core.iter().sum(),
-                per_core,
-            },
-            Err(e) => Health::Failed(e),
-        },
+        Some(baseline) => Health::checked(baseline, http::healthz(target, HEALTHZ_TIMEOUT)),
         None => Health::Unavailable(unavailable_why),
     };
     std::thread::sleep(Duration::from_millis(100));
-    if let Some(g) = gateway.as_mut() {
-        // A crashed gateway is a zombie without VmRSS: say what happened.
-        g.alive()
-            .map_err(|e| format!("{e} with {} connections open", conns.established.len()))?;
-    }
+    // A crashed gateway is a zombie without VmRSS: say what happened.
+    server
+        .alive()
+        .map_err(|e| format!("{e} with {} connections open", conns.established.len()))?;
     let rss_after = procfs::rss_bytes(pid).map_err(|e| format!("after the connections: {e}"))?;
     let slab_after = procfs::slab_bytes().map_err(|e| e.to_string())?;
 
     let mut report = IdleReport {
         transport: args.transport,
         kind,
-        server: if gateway.is_some() {
-            "spawned"
-        } else {
-            "attached"
-        },
+        server: server.how(),
         pid,
         target: target.to_string(),
         cores,
@@ -179,9 +123,7 @@ pub fn run(args: &IdleArgs, kind: ServerKind, server: &Server) -> Result<IdleRep
         report.healthz_baseline_after_close = Some(baseline);
     }
     report.rss_after_close = procfs::rss_bytes(pid).ok();
-    if let Some(mut g) = gateway {
-        g.stop();
-    }
+    server.stop();
     Ok(report)
 }
 

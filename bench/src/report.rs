@@ -8,7 +8,7 @@ use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 
 use crate::cli::{ServerKind, Transport};
-use crate::util::opt;
+use crate::util::{opt, thousands};
 
 /// `(after - before) / n` in bytes, signed (memory can shrink), `None` for
 /// no connections.
@@ -45,6 +45,19 @@ pub enum Health {
 }
 
 impl Health {
+    /// What `/healthz` answered after the connections were open, against
+    /// `baseline`, its count before them.
+    pub fn checked(baseline: u64, answer: Result<Vec<u64>, String>) -> Health {
+        match answer {
+            Ok(per_core) => Health::Checked {
+                baseline,
+                total: per_core.iter().sum(),
+                per_core,
+            },
+            Err(e) => Health::Failed(e),
+        }
+    }
+
     pub fn expected(&self, open: u64) -> Option<u64> {
         match self {
             Health::Checked { baseline, .. } => Some(baseline + open),
@@ -173,24 +186,12 @@ impl IdleReport {
 
     pub fn table(&self) -> String {
         let mut t = String::new();
-        let opt = |x: Option<f64>, digits: usize| {
-            x.map_or_else(|| "-".to_string(), |v| format!("{v:.digits$}"))
-        };
-        let server = match self.cores {
-            Some(c) => format!(
-                "spawned {} pid {} at {}, {c} cores",
-                self.kind.name(),
-                self.pid,
-                self.target
-            ),
-            None => format!(
-                "attached {} pid {} at {}",
-                self.kind.name(),
-                self.pid,
-                self.target
-            ),
-        };
-        let _ = writeln!(t, "idle {}: {server}", self.transport.name());
+        let _ = writeln!(
+            t,
+            "idle {}: {}",
+            self.transport.name(),
+            server_line(self.kind, self.pid, &self.target, self.cores)
+        );
         let _ = writeln!(
             t,
             "  {:<26} {} of {} ({} failed), {} channels, {} source address(es)",
@@ -266,11 +267,6 @@ impl IdleReport {
     }
 
     pub fn json(&self) -> Value {
-        let failures: serde_json::Map<String, Value> = self
-            .failures
-            .iter()
-            .map(|(reason, n, _)| (reason.clone(), json!(n)))
-            .collect();
         let (health_total, health_expected, health_per_core) = match &self.health {
             Health::Checked {
                 total, per_core, ..
@@ -307,7 +303,7 @@ impl IdleReport {
             "closed_during_hold": self.closed_during_hold,
             "healthz_after_close": self.healthz_after_close,
             "rss_after_close_bytes": self.rss_after_close,
-            "failures": failures,
+            "failures": failures_json(&self.failures),
             "ok": errors.is_empty(),
             "errors": errors,
         })
@@ -316,15 +312,30 @@ impl IdleReport {
 
 /// `12,345,678 B (11.8 MiB)`.
 pub fn bytes(n: u64) -> String {
-    let digits = n.to_string();
-    let mut grouped = String::new();
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
-            grouped.push(',');
-        }
-        grouped.push(c);
+    format!(
+        "{} B ({:.1} MiB)",
+        thousands(n),
+        n as f64 / (1024.0 * 1024.0)
+    )
+}
+
+/// A table's server line: `spawned gateway pid 42 at 127.0.0.1:1234, 2
+/// cores`, or `attached gateway pid 42 at …` (no `cores`).
+pub fn server_line(kind: ServerKind, pid: u32, target: &str, cores: Option<u32>) -> String {
+    match cores {
+        Some(c) => format!("spawned {} pid {pid} at {target}, {c} cores", kind.name()),
+        None => format!("attached {} pid {pid} at {target}", kind.name()),
     }
-    format!("{grouped} B ({:.1} MiB)", n as f64 / (1024.0 * 1024.0))
+}
+
+/// A report's `failures` JSON object: reason → count.
+pub fn failures_json(failures: &[(String, u64, String)]) -> Value {
+    Value::Object(
+        failures
+            .iter()
+            .map(|(reason, n, _)| (reason.clone(), json!(n)))
+            .collect(),
+    )
 }
 
 /// The idle figures `--server both` compares.
@@ -630,6 +641,32 @@ mod tests {
         assert!((l.p99_us.unwrap() - 990.0).abs() < 1.0, "{l:?}");
         assert!((l.max_us.unwrap() - 1000.0).abs() < 1.0, "{l:?}");
         assert_eq!(l.json()["count"], 1000);
+    }
+
+    #[test]
+    fn shared_pieces() {
+        assert_eq!(
+            server_line(ServerKind::Gateway, 42, "127.0.0.1:1234", Some(2)),
+            "spawned gateway pid 42 at 127.0.0.1:1234, 2 cores"
+        );
+        assert_eq!(
+            server_line(ServerKind::Baseline, 7, "[::1]:80", None),
+            "attached baseline pid 7 at [::1]:80"
+        );
+        let f = failures_json(&[("b".into(), 3, "x".into()), ("a".into(), 1, "y".into())]);
+        assert_eq!(f.to_string(), r#"{"b":3,"a":1}"#);
+        assert_eq!(
+            Health::checked(1, Ok(vec![2, 3])),
+            Health::Checked {
+                baseline: 1,
+                total: 5,
+                per_core: vec![2, 3]
+            }
+        );
+        assert_eq!(
+            Health::checked(1, Err("refused".into())),
+            Health::Failed("refused".into())
+        );
     }
 
     #[test]

@@ -26,11 +26,10 @@ use crate::gateway::Target;
 use crate::handshake::{DialConfig, Dialer, Outcome};
 use crate::http;
 use crate::procfs;
-use crate::report::{bytes, Latency};
+use crate::report::{bytes, failures_json, server_line, Latency};
 use crate::sys::{self, Epoll};
 use crate::util::{opt, thousands, Rng};
 
-const SPARE_FDS: u64 = 64;
 const HEALTHZ_TIMEOUT: Duration = Duration::from_secs(5);
 /// Workers start a phase together this long after the main thread says so.
 const START_DELAY: Duration = Duration::from_millis(20);
@@ -232,11 +231,6 @@ impl PhaseReport {
     }
 
     fn json(&self) -> Value {
-        let failures: serde_json::Map<String, Value> = self
-            .failures
-            .iter()
-            .map(|(reason, n, _)| (reason.clone(), json!(n)))
-            .collect();
         json!({
             "jitter_ms": self.jitter_ms,
             "clients": self.clients,
@@ -248,7 +242,7 @@ impl PhaseReport {
             "handshakes_per_s": self.handshakes_per_s().map(|r| r.round()),
             "attempts": self.attempts,
             "failed_attempts": self.failed_attempts,
-            "failures": failures,
+            "failures": failures_json(&self.failures),
             "handshake_us": self.latency.json(),
             "max_in_flight": self.max_in_flight,
             "tcp": self.tcp.iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
@@ -391,20 +385,7 @@ impl StormReport {
 
     pub fn table(&self) -> String {
         let mut t = String::new();
-        let server = match self.cores {
-            Some(c) => format!(
-                "spawned {} pid {} at {}, {c} cores",
-                self.kind.name(),
-                self.pid,
-                self.target
-            ),
-            None => format!(
-                "attached {} pid {} at {}",
-                self.kind.name(),
-                self.pid,
-                self.target
-            ),
-        };
+        let server = server_line(self.kind, self.pid, &self.target, self.cores);
         let _ = writeln!(t, "storm {}: {server}", self.transport);
         let _ = writeln!(
             t,
@@ -481,28 +462,11 @@ fn round3(x: f64) -> f64 {
 
 /// Runs storm against one server.
 pub fn run_one(args: &StormArgs, kind: ServerKind, server: &Server) -> Result<StormReport, String> {
-    let nofile = sys::raise_nofile_limit().map_err(|e| format!("RLIMIT_NOFILE: {e}"))?;
-    if args.connections + SPARE_FDS > nofile {
-        return Err(format!(
-            "--connections {} needs {} open files, and this process may open {nofile} \
-             (the hard RLIMIT_NOFILE): lower --connections or raise the limit",
-            args.connections,
-            args.connections + SPARE_FDS
-        ));
-    }
+    sys::check_nofile_for(args.connections)?;
     let mut target = Target::start(kind, server)?;
     let name = kind.name();
     let listen = target.listen;
-    if let Some(ip) = args
-        .client
-        .sources
-        .iter()
-        .find(|ip| ip.is_ipv4() != listen.is_ipv4())
-    {
-        return Err(format!(
-            "source address {ip} and target {listen} are different IP versions"
-        ));
-    }
+    sys::check_sources(&args.client.sources, listen)?;
     let count_now = || {
         http::healthz(listen, HEALTHZ_TIMEOUT)
             .ok()

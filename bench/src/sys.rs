@@ -31,6 +31,35 @@ pub fn raise_nofile_limit() -> io::Result<u64> {
     Ok(lim.rlim_cur)
 }
 
+/// Descriptors the bench needs besides its client sockets.
+const SPARE_FDS: u64 = 64;
+
+/// Raises RLIMIT_NOFILE (see `raise_nofile_limit`), or says why `--connections
+/// {connections}` sockets do not fit under it.
+pub fn check_nofile_for(connections: u64) -> Result<(), String> {
+    let nofile = raise_nofile_limit().map_err(|e| format!("RLIMIT_NOFILE: {e}"))?;
+    if connections + SPARE_FDS > nofile {
+        return Err(format!(
+            "--connections {} needs {} open files, and this process may open {nofile} \
+             (the hard RLIMIT_NOFILE): lower --connections or raise the limit",
+            connections,
+            connections + SPARE_FDS
+        ));
+    }
+    Ok(())
+}
+
+/// Says why client sockets bound to `sources` cannot reach `target`: an
+/// address of the other IP version.
+pub fn check_sources(sources: &[IpAddr], target: SocketAddr) -> Result<(), String> {
+    match sources.iter().find(|ip| ip.is_ipv4() != target.is_ipv4()) {
+        Some(ip) => Err(format!(
+            "source address {ip} and target {target} are different IP versions"
+        )),
+        None => Ok(()),
+    }
+}
+
 /// A socket address in the form connect(2) and bind(2) take.
 pub fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
     // SAFETY: sockaddr_storage is plain data; all-zero is a valid value.
@@ -284,6 +313,24 @@ mod tests {
         unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
         assert_eq!(soft, lim.rlim_cur);
         assert_eq!(lim.rlim_cur, lim.rlim_max);
+        assert!(check_nofile_for(1).is_ok());
+        let err = check_nofile_for(soft).unwrap_err();
+        assert!(
+            err.starts_with(&format!("--connections {soft} needs ")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn sources_must_match_the_target_ip_version() {
+        let v4: IpAddr = "127.0.0.2".parse().unwrap();
+        let v6: IpAddr = "::1".parse().unwrap();
+        let target: SocketAddr = "127.0.0.1:80".parse().unwrap();
+        assert!(check_sources(&[v4], target).is_ok());
+        assert_eq!(
+            check_sources(&[v4, v6], target).unwrap_err(),
+            "source address ::1 and target 127.0.0.1:80 are different IP versions"
+        );
     }
 
     #[test]
