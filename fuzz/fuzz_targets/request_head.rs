@@ -52,9 +52,9 @@ fn check(data: &[u8], limits: &HeadLimits) {
                     &[]
                 }
                 Request::Sse { channels, .. } | Request::LongPoll { channels, .. } => channels,
-                Request::Health { .. } => &[],
+                Request::Health { .. } | Request::Ready { .. } => &[],
             };
-            if !matches!(request, Request::Health { .. } | Request::Echo { .. }) {
+            if !matches!(request, Request::Health { .. } | Request::Ready { .. } | Request::Echo { .. }) {
                 assert!(
                     !channels.is_empty() && channels.len() <= limits.channels_per_connection_max
                 );

@@ -85,6 +85,13 @@ pub struct Config {
     /// Past it: 503 with `Retry-After`. A reconnect storm is spread out
     /// instead of costing every client a slow handshake.
     pub handshakes_per_s_per_core: u32,
+    /// On SIGTERM or SIGINT the gateway drains: it stops accepting, answers
+    /// `/readyz` with 503, and closes its open connections spread evenly
+    /// over this window (WebSocket with close 1012, SSE with a jittered
+    /// `retry:`, held long-polls answered empty); it exits once they are
+    /// gone, or at the window plus 5 s at the latest. Whole seconds;
+    /// rounded up; 0 closes them all at once.
+    pub drain_window_ms: u64,
     /// Path of a WebSocket endpoint that echoes every message, for
     /// conformance testing (the Autobahn cases); empty (the default) means
     /// none. It runs the same connection code as `/ws`.
@@ -121,6 +128,7 @@ impl Default for Config {
             connections_max: 1_000_000,
             connections_per_ip_max: 0,
             handshakes_per_s_per_core: 0,
+            drain_window_ms: 10_000,
             ws_echo_path: String::new(),
             log_level: "info".to_string(),
         }
@@ -224,6 +232,11 @@ pub struct Cli {
     /// size); more get 503 + Retry-After; 0 = no limit. [default: 0]
     #[arg(long, value_name = "N")]
     pub handshakes_per_s_per_core: Option<u32>,
+    /// On SIGTERM/SIGINT, close the open connections spread over this many
+    /// milliseconds (rounded up to whole seconds), then exit; a second
+    /// signal exits at once. [default: 10000]
+    #[arg(long, value_name = "MS")]
+    pub drain_window_ms: Option<u64>,
     /// Serve a WebSocket echo endpoint at this path (e.g. "/"), for
     /// conformance testing; it runs the same connection code as /ws. [default: none]
     #[arg(long, value_name = "PATH")]
@@ -273,6 +286,7 @@ impl Cli {
             connections_max,
             connections_per_ip_max,
             handshakes_per_s_per_core,
+            drain_window_ms,
             ws_echo_path,
             log_level
         );
@@ -337,6 +351,7 @@ impl Config {
             || self.connections_max > u32::MAX as usize
             || self.connections_per_ip_max > u32::MAX as usize
             || self.outbound_queue_bytes_max > u32::MAX as usize / 2
+            || self.drain_window_ms > u64::from(u32::MAX) / 2
         {
             return Err("a limit is out of range".into());
         }
@@ -354,6 +369,11 @@ impl Config {
     pub fn ws_silence_s_max(&self) -> Option<u32> {
         let interval = self.heartbeat_interval_s()?;
         Some(interval + self.pong_timeout_ms.div_ceil(1000) as u32)
+    }
+
+    /// The drain window in whole seconds (rounded up).
+    pub fn drain_window_s(&self) -> u32 {
+        self.drain_window_ms.div_ceil(1000) as u32
     }
 
     /// The parser's limits; `'static` because the echo path is borrowed
@@ -432,5 +452,15 @@ mod tests {
             .unwrap();
         assert_eq!(cfg.heartbeat_interval_s(), None);
         assert_eq!(cfg.ws_silence_s_max(), None);
+    }
+
+    #[test]
+    fn drain_window_defaults_to_ten_seconds_and_rounds_up() {
+        assert_eq!(cli(&[]).resolve().unwrap().drain_window_s(), 10);
+        let cfg = cli(&["--drain-window-ms", "1500"]).resolve().unwrap();
+        assert_eq!(cfg.drain_window_s(), 2);
+        let cfg = cli(&["--drain-window-ms", "0"]).resolve().unwrap();
+        assert_eq!(cfg.drain_window_s(), 0);
+        assert!(toml::from_str::<Config>("drain_window_ms = 2000").is_ok());
     }
 }

@@ -25,17 +25,12 @@ use protocol::ws::{self, Closing, MessagePart, OpCode, ServerSession};
 use rand::Rng;
 use tracing::{debug, info};
 
-use crate::core::{peer, Core, Transport};
+use crate::core::{peer, Core, Drain, Transport, SSE_RETRY_MS_MAX, SSE_RETRY_MS_MIN};
+use crate::drain::draining;
 
 /// How long a closing connection waits for its last bytes to leave and for
 /// the peer to close its side, before the socket is dropped regardless.
 const LINGER: Duration = Duration::from_secs(2);
-
-/// The `retry:` an SSE stream starts with (milliseconds, EventSource's
-/// reconnection delay) is drawn from this range, uniformly, so that the
-/// clients of a gateway that goes away do not all come back at once.
-const SSE_RETRY_MS_MIN: u32 = 1_000;
-const SSE_RETRY_MS_MAX: u32 = 5_000;
 
 /// Serves one accepted connection, already entered in the core's slab
 /// under `key` (see [`Core::admit`]), until it closes.
@@ -110,6 +105,8 @@ enum Wake {
     PollAnswered,
     /// Long-poll: the poll timeout passed with nothing to say.
     PollTimedOut,
+    /// The gateway drains and asked this connection to go (reported once).
+    Drain,
 }
 
 /// Result of one non-blocking read into the core's scratch buffer.
@@ -167,6 +164,10 @@ where
                 }
                 match self.next().await {
                     Wake::Readable => {}
+                    // Between requests: gone now. Within one: it is
+                    // answered first (and the connection closed after).
+                    Wake::Drain if pending.is_empty() => return Phase::Close(Close::Linger),
+                    Wake::Drain => continue,
                     _ => return Phase::Close(Close::Now),
                 }
                 // Read at most what the head limit still allows, so a
@@ -179,8 +180,38 @@ where
             };
             pending.drain(..head_len);
             let leftover = std::mem::take(&mut pending);
+            // A draining gateway opens no new stream: the client is sent
+            // elsewhere (the balancer's other targets, or the other
+            // processes on this port).
+            if draining()
+                && matches!(
+                    request,
+                    Request::Sse { .. } | Request::WebSocket { .. } | Request::Echo { .. }
+                )
+            {
+                return Phase::Close(self.refuse_draining());
+            }
             match request {
+                Request::Ready { keep_alive } => {
+                    let draining = draining();
+                    let (ready, status) = if draining {
+                        (false, "draining")
+                    } else {
+                        (true, "ready")
+                    };
+                    let keep_alive = keep_alive && !draining;
+                    let response = http::ready_response(ready, status, keep_alive);
+                    if !Box::pin(self.respond(response)).await {
+                        return Phase::Close(Close::Now);
+                    }
+                    if !keep_alive {
+                        return Phase::Close(Close::Linger);
+                    }
+                    pending = leftover;
+                }
                 Request::Health { keep_alive } => {
+                    // While draining, every response is the connection's last.
+                    let keep_alive = keep_alive && !draining();
                     let counts: Vec<u64> = self
                         .core
                         .conn_counts
@@ -204,7 +235,7 @@ where
                 } => {
                     pending = leftover;
                     match Box::pin(self.long_poll(&channels, since, &mut pending)).await {
-                        Some(true) if keep_alive => {}
+                        Some(true) if keep_alive && !draining() => {}
                         Some(_) => return Phase::Close(Close::Linger),
                         None => return Phase::Close(Close::Now),
                     }
@@ -244,6 +275,15 @@ where
             "request refused"
         );
         self.queue(http::reject_response(reject).into());
+        Close::Linger
+    }
+
+    /// A stream asked for while draining: `503` with a jittered
+    /// `Retry-After`, then close.
+    fn refuse_draining(&mut self) -> Close {
+        let retry_after_s = rand::thread_rng()
+            .gen_range(crate::admission::RETRY_AFTER_S_MIN..=crate::admission::RETRY_AFTER_S_MAX);
+        self.queue(http::unavailable_response("draining", retry_after_s).into());
         Close::Linger
     }
 
@@ -319,6 +359,10 @@ where
                     if c.poll_answered && c.queue.is_empty() {
                         return Poll::Ready(Wake::PollAnswered);
                     }
+                }
+                if c.drain == Drain::Asked {
+                    c.drain = Drain::Seen;
+                    return Poll::Ready(Wake::Drain);
                 }
                 if !c.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
                     c.waker = Some(cx.waker().clone());
@@ -420,7 +464,7 @@ where
             c.poll_timed_out = false;
             // Messages up to the cursor are the client's already; live ones
             // before it may still be in flight to this core.
-            c.skip_through = since.unwrap_or(0).max(core.last_id.get());
+            c.skip_through = if resume.reset { 0 } else { since.unwrap_or(0) };
         });
         resume
     }
@@ -476,6 +520,8 @@ where
                         return Close::Now;
                     }
                 }
+                // Its `retry:` is queued: let it leave, then end the stream.
+                Wake::Drain => return Close::Linger,
                 _ => return Close::Now,
             }
         }
@@ -499,21 +545,24 @@ where
         if !resume.messages.is_empty() || !resume.gaps.is_empty() {
             self.unsubscribe();
             // After a gap with nothing left to send, the client continues
-            // from this core's present rather than asking for the gap again.
-            let cursor = resume
-                .messages
-                .last()
-                .map_or(self.core.last_id.get(), |m| m.id);
+            // from its channels' present rather than asking for the gap again.
+            let cursor = resume.messages.last().map_or(resume.present, |m| m.id);
             let items: Vec<&[u8]> = resume.messages.iter().map(|m| &m.poll_item[..]).collect();
             let gaps: Vec<&str> = resume.gaps.iter().map(|g| &**g).collect();
+            let keep_alive = !draining();
             let mut out = Vec::new();
-            envelope::longpoll_response(&items, cursor, &gaps, true, &mut out);
-            return self.respond(out).await.then_some(true);
+            envelope::longpoll_response(&items, cursor, &gaps, keep_alive, &mut out);
+            return self.respond(out).await.then_some(keep_alive);
         }
-        let cursor = self.with_conn(|c, core| {
-            c.deadline_s = core.deadline_after_ms(core.cfg.poll_timeout_ms);
-            c.skip_through
-        });
+        // Answered empty, the client polls again from where it was, or
+        // from where its channels stand.
+        let cursor = since.unwrap_or(resume.present);
+        if draining() {
+            // A gateway that is going away holds no poll.
+            self.unsubscribe();
+            return self.answer_empty(cursor, false).await;
+        }
+        self.with_conn(|c, core| c.deadline_s = core.deadline_after_ms(core.cfg.poll_timeout_ms));
         let limit = self.core.cfg.head_bytes_max;
         loop {
             match self.next().await {
@@ -523,9 +572,14 @@ where
                 }
                 Wake::PollTimedOut => {
                     self.unsubscribe();
-                    let mut out = Vec::new();
-                    envelope::longpoll_response(&[], cursor, &[], true, &mut out);
-                    return self.respond(out).await.then_some(true);
+                    return self.answer_empty(cursor, !draining()).await;
+                }
+                // An answer already queued leaves first (PollAnswered
+                // follows; the connection is closed after it).
+                Wake::Drain if self.with_conn(|c, _| c.poll_answered) => {}
+                Wake::Drain => {
+                    self.unsubscribe();
+                    return self.answer_empty(cursor, false).await;
                 }
                 Wake::Dead => return None,
                 Wake::Readable => {
@@ -540,6 +594,14 @@ where
                 }
             }
         }
+    }
+
+    /// Answers a long-poll with no message and `cursor`; the result is
+    /// `long_poll`'s.
+    async fn answer_empty(&mut self, cursor: Cursor, keep_alive: bool) -> Option<bool> {
+        let mut out = Vec::new();
+        envelope::longpoll_response(&[], cursor, &[], keep_alive, &mut out);
+        self.respond(out).await.then_some(keep_alive)
     }
 
     /// Answers the upgrade, subscribes, queues what the client missed and
@@ -648,6 +710,8 @@ where
                         }
                     }
                 }
+                // Its close 1012 is queued: let it leave, then close.
+                Wake::Drain => return Close::Linger,
                 _ => return Close::Now,
             }
         }

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use crossbeam_channel::Receiver;
 use indexmap::IndexSet;
+use rand::Rng;
 use slab::Slab;
 use tracing::{debug, info, warn};
 
@@ -37,6 +38,23 @@ pub enum Transport {
     Closing,
 }
 
+/// Ids this gateway issues start at its start time in microseconds, above
+/// this (2001-09-09). A publisher's ids below it are from another sequence
+/// than the gateway's: a cursor at or above it on such a channel is one the
+/// gateway handed out, not a position in the publisher's sequence.
+pub const GATEWAY_ID_FLOOR: u64 = 1_000_000_000_000_000;
+
+/// Where a connection stands in a drain (see `Core::drain_step`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Drain {
+    /// Not asked to go (yet).
+    No,
+    /// Asked to go; its task has not seen it yet.
+    Asked,
+    /// Its task has seen it (and closes the connection when it can).
+    Seen,
+}
+
 /// An empty WebSocket ping (FIN + opcode 0x9, no payload): the heartbeat of
 /// every WebSocket, one static buffer shared by all of them.
 pub const WS_PING: &[u8] = &[0x89, 0x00];
@@ -49,6 +67,19 @@ pub const WS_CLOSE_SLOW_CONSUMER: &[u8] = &[
     0x88, 15, 0x03, 0xf0, b's', b'l', b'o', b'w', b' ', b'c', b'o', b'n', b's', b'u', b'm', b'e',
     b'r',
 ];
+/// Close frame 1012 (service restart), reason "service restart": sent to
+/// every WebSocket when the gateway drains. Reconnect (elsewhere) with
+/// `since=` the last id.
+pub const WS_CLOSE_SERVICE_RESTART: &[u8] = &[
+    0x88, 17, 0x03, 0xf4, b's', b'e', b'r', b'v', b'i', b'c', b'e', b' ', b'r', b'e', b's', b't',
+    b'a', b'r', b't',
+];
+/// The `retry:` an SSE stream starts with, and the one it ends with when the
+/// gateway drains (milliseconds, EventSource's reconnection delay), is drawn
+/// from this range, uniformly, so that the clients of a gateway that goes
+/// away do not all come back at once.
+pub const SSE_RETRY_MS_MIN: u32 = 1_000;
+pub const SSE_RETRY_MS_MAX: u32 = 5_000;
 
 /// Per-connection state the core keeps in its slab. Fan-out touches only
 /// this; the connection's task holds the rest (its socket, its decoder).
@@ -66,6 +97,8 @@ pub struct Conn {
     pub poll_answered: bool,
     /// Long-poll: the poll timeout passed before any message came.
     pub poll_timed_out: bool,
+    /// The gateway is draining and asked this connection to go.
+    pub drain: Drain,
     /// Core clock second after which the sweep acts (0 = no deadline): the
     /// head timeout, the long-poll timeout, or a stream's next heartbeat.
     pub deadline_s: u32,
@@ -107,6 +140,7 @@ impl Conn {
             dirty: false,
             poll_answered: false,
             poll_timed_out: false,
+            drain: Drain::No,
             deadline_s: 0,
             last_heard_s: 0,
             sent_of_front: 0,
@@ -123,6 +157,34 @@ impl Conn {
         if let Some(w) = self.waker.take() {
             w.wake();
         }
+    }
+
+    /// Asks the connection to go, because the gateway drains. A stream is
+    /// told here, behind what is already queued, and takes no message
+    /// after it: a WebSocket gets close 1012 (service restart), an SSE
+    /// stream a jittered `retry:` before it ends. A held long-poll or a
+    /// connection between requests is left to its task (which knows the
+    /// cursor, or whether a response is under way).
+    fn ask_to_go(&mut self, bytes_max: usize) {
+        let farewell = match self.transport {
+            Transport::WebSocket => Some(Bytes::from_static(WS_CLOSE_SERVICE_RESTART)),
+            Transport::Sse => {
+                let ms = rand::thread_rng().gen_range(SSE_RETRY_MS_MIN..=SSE_RETRY_MS_MAX);
+                let mut out = Vec::with_capacity(16);
+                protocol::sse::encode_retry(&mut out, ms);
+                Some(Bytes::from(out))
+            }
+            Transport::Http | Transport::LongPoll | Transport::Closing => None,
+        };
+        if let Some(bytes) = farewell {
+            self.transport = Transport::Closing;
+            self.push(bytes, bytes_max);
+            if !self.blocked {
+                self.flush();
+            }
+        }
+        self.drain = Drain::Asked;
+        self.wake();
     }
 
     /// Queues bytes; a connection over its outbound budget is dropped as a
@@ -297,6 +359,17 @@ pub struct Registry {
 pub struct Resume {
     pub messages: Vec<Arc<Message>>,
     pub gaps: Vec<Box<str>>,
+    /// Where the subscribed channels stand on this core: the highest id
+    /// among their last messages (or, for a channel without one, the id
+    /// below which it knows nothing). A client without a cursor, or one told
+    /// of a gap, continues from here.
+    pub present: u64,
+    /// The cursor could not be used on some channel (it is not a position
+    /// this core can place: from the future, or from this gateway's own
+    /// sequence on a channel numbered by its publisher): that channel's
+    /// whole history was replayed after its gap, and the connection must
+    /// not skip live messages by that cursor.
+    pub reset: bool,
 }
 
 impl Registry {
@@ -355,6 +428,36 @@ impl Registry {
         self.age.retain(|&a| a != id);
     }
 
+    /// Appends a message to its channel's history (entering the channel
+    /// if need be) and returns the channel's id, and whether this message
+    /// showed that the channel is numbered by its publisher below this
+    /// gateway's own ids (subscribers waiting with a cursor of this
+    /// gateway's sequence must then not skip by it).
+    fn record(
+        &mut self,
+        msg: &Arc<Message>,
+        history_max: usize,
+        channels_max: usize,
+    ) -> (u32, bool) {
+        let id = self.id_of(&msg.channel, channels_max);
+        let ch = &mut self.channels[id as usize];
+        let mut renumbered = false;
+        if ch.history.is_empty() && msg.from_publisher {
+            // The first message of a channel whose ids are the publisher's:
+            // what it published before is unknown here, and its sequence
+            // says where that ends (ids increase per channel).
+            ch.evicted_through = msg.id - 1;
+            renumbered = msg.id < GATEWAY_ID_FLOOR;
+        }
+        if ch.history.len() >= history_max {
+            if let Some(old) = ch.history.pop_front() {
+                ch.evicted_through = old.id;
+            }
+        }
+        ch.history.push_back(msg.clone());
+        (id, renumbered)
+    }
+
     /// Subscribes `conn` to `names` and returns what it missed after `since`.
     /// Runs without yielding, so no message can slip between the history it
     /// replays and the live messages that follow.
@@ -371,22 +474,43 @@ impl Registry {
         let mut resume = Resume {
             messages: Vec::new(),
             gaps: Vec::new(),
+            present: 0,
+            reset: false,
         };
         for name in names {
             let id = self.id_of(name, channels_max);
             let ch = &mut self.channels[id as usize];
             ch.subscribers.insert(conn);
             ids.push(id);
+            let last = ch.history.back();
+            resume.present = resume
+                .present
+                .max(last.map_or(ch.evicted_through, |m| m.id));
             let Some(since) = since else { continue };
-            // A cursor from the future (another process, an earlier run) or
-            // from before what this core remembers is a gap, never a guess.
-            let gap = since > published_through || ch.evicted_through > since;
-            if gap {
+            // A cursor this core cannot place is a gap, then the whole
+            // history: one from the future (another process) on a channel
+            // whose ids this process issues, or one of this gateway's own
+            // sequence (a "nothing yet" handed out before the channel had a
+            // message) on a channel numbered by its publisher below it. A
+            // publisher's cursor merely ahead of this core comes from a
+            // gateway that got the message a moment earlier: taken at its
+            // word.
+            let unusable = match last {
+                Some(m) if m.from_publisher => {
+                    since > m.id && since >= GATEWAY_ID_FLOOR && m.id < GATEWAY_ID_FLOOR
+                }
+                _ => since > published_through,
+            };
+            // A cursor from before what this core remembers is a gap too,
+            // never a guess.
+            if unusable || ch.evicted_through > since {
                 resume.gaps.push(name.as_str().into());
             }
+            let after = if unusable { 0 } else { since };
+            resume.reset |= unusable;
             resume
                 .messages
-                .extend(ch.history.iter().filter(|m| m.id > since).cloned());
+                .extend(ch.history.iter().filter(|m| m.id > after).cloned());
         }
         // Several channels: deliver in id order, as live delivery would.
         resume.messages.sort_by_key(|m| m.id);
@@ -418,8 +542,6 @@ pub struct Core {
     /// The receive buffer every connection of this core reads into, right
     /// after readiness: idle connections hold no read buffer of their own.
     pub scratch: RefCell<Box<[u8]>>,
-    /// Highest message id this core has processed.
-    pub last_id: Cell<u64>,
     /// Highest id ingest has assigned (all cores).
     pub published_through: Arc<AtomicU64>,
     pub conn_counts: Arc<[AtomicU64]>,
@@ -428,6 +550,8 @@ pub struct Core {
     started: Instant,
     /// Connections with frames queued by the current batch.
     dirty: RefCell<Vec<u32>>,
+    /// Sweeps since this core saw the drain start (see `drain_step`).
+    drain_sweeps: Cell<u32>,
 }
 
 /// Size of the per-core receive buffer.
@@ -450,12 +574,12 @@ impl Core {
             conns: RefCell::new(Slab::new()),
             registry: RefCell::new(Registry::new(first_id)),
             scratch: RefCell::new(vec![0u8; SCRATCH_BYTES].into_boxed_slice()),
-            last_id: Cell::new(first_id),
             published_through,
             conn_counts,
             admission,
             started: Instant::now(),
             dirty: RefCell::new(Vec::new()),
+            drain_sweeps: Cell::new(0),
         }
     }
 
@@ -526,19 +650,18 @@ impl Core {
         while handled < DISPATCH_BATCH_MESSAGES {
             let Ok(msg) = rx.try_recv() else { break };
             handled += 1;
-            self.last_id.set(msg.id);
-            let id = registry.id_of(&msg.channel, cfg.channels_max);
-            let ch = &mut registry.channels[id as usize];
-            if ch.history.len() >= cfg.history_messages {
-                if let Some(old) = ch.history.pop_front() {
-                    ch.evicted_through = old.id;
-                }
-            }
-            ch.history.push_back(msg.clone());
+            let (id, renumbered) = registry.record(&msg, cfg.history_messages, cfg.channels_max);
+            let ch = &registry.channels[id as usize];
             for &key in &ch.subscribers {
                 let Some(conn) = conns.get_mut(key as usize) else {
                     continue;
                 };
+                if renumbered && conn.skip_through >= GATEWAY_ID_FLOOR {
+                    // Waiting since before the channel's first message
+                    // with a cursor of this gateway's sequence ("nothing
+                    // yet"): the publisher's ids are below it.
+                    conn.skip_through = 0;
+                }
                 if msg.id <= conn.skip_through || conn.dead {
                     continue;
                 }
@@ -645,6 +768,43 @@ impl Core {
                 "new connections refused with 503 in the last second"
             );
         }
+        if crate::drain::draining() {
+            self.drain_step();
+        }
+    }
+
+    /// One second of a drain: asks this second's share of the connections
+    /// not yet asked to go, so that the last are asked in the last second of
+    /// the window (the n-th sweep of a window of w seconds asks 1/(w-n) of
+    /// those left). Connections that go on their own, or arrive, only
+    /// change the share. No timer per connection: this is the sweep.
+    fn drain_step(&self) {
+        let sweep = self.drain_sweeps.get();
+        self.drain_sweeps.set(sweep + 1);
+        let seconds_left = self.cfg.drain_window_s().saturating_sub(sweep).max(1);
+        let mut conns = self.conns.borrow_mut();
+        let candidate =
+            |c: &Conn| !c.dead && c.drain == Drain::No && c.transport != Transport::Closing;
+        let open = conns.iter().filter(|(_, c)| candidate(c)).count();
+        let share = open.div_ceil(seconds_left as usize);
+        let mut asked = 0;
+        for (_, conn) in conns.iter_mut() {
+            if asked == share {
+                break;
+            }
+            if candidate(conn) {
+                conn.ask_to_go(self.cfg.outbound_queue_bytes_max);
+                asked += 1;
+            }
+        }
+        crate::drain::note_asked(asked as u64);
+        debug!(
+            core = self.index,
+            sweep,
+            asked,
+            not_asked_yet = open - asked,
+            "drain: connections asked to go"
+        );
     }
 }
 
@@ -743,13 +903,121 @@ mod tests {
     }
 
     fn publish(reg: &mut Registry, m: Arc<Message>, history: usize) {
-        let id = reg.id_of(&m.channel, 100);
-        let ch = &mut reg.channels[id as usize];
-        if ch.history.len() >= history {
-            let old = ch.history.pop_front().unwrap();
-            ch.evicted_through = old.id;
+        reg.record(&m, history, 100);
+    }
+
+    #[test]
+    fn a_cursor_of_the_gateways_own_sequence_on_a_publisher_channel_restarts_it() {
+        let first_id = 1_700_000_000_000_000;
+        let mut reg = Registry::new(first_id);
+        let names = vec!["p".to_string()];
+        // A long-poll on the channel before it had a message: its cursor
+        // is this gateway's "nothing yet".
+        let (_, r) = reg.subscribe(1, &names, None, first_id, 100, 100);
+        assert_eq!(r.present, first_id);
+        // The publisher numbers from 1: the first message says so.
+        assert!(reg.record(&pmsg(1, "p"), 10, 100).1);
+        assert!(!reg.record(&pmsg(2, "p"), 10, 100).1);
+        // Coming back with that cursor: a gap, then everything there is.
+        let (_, r) = reg.subscribe(2, &names, Some(first_id), first_id, 100, 100);
+        assert_eq!(r.gaps.len(), 1);
+        assert_eq!(ids(&r), [1, 2]);
+        assert!(r.reset);
+        // A publisher whose ids are microsecond timestamps is another
+        // matter: such a cursor is a position in its sequence.
+        let mut reg = Registry::new(first_id);
+        publish(&mut reg, pmsg(first_id + 5, "p"), 10);
+        let (_, r) = reg.subscribe(1, &names, Some(first_id + 9), first_id + 5, 100, 100);
+        assert!(r.gaps.is_empty() && r.messages.is_empty() && !r.reset);
+    }
+
+    #[test]
+    fn a_cursor_from_the_future_is_a_gap_then_the_whole_history_and_no_skipping() {
+        let mut reg = Registry::new(10);
+        publish(&mut reg, msg(11, "a"), 10);
+        publish(&mut reg, msg(12, "a"), 10);
+        let names = vec!["a".to_string()];
+        let (_, r) = reg.subscribe(1, &names, Some(99), 12, 100, 100);
+        assert_eq!(r.gaps.len(), 1);
+        assert_eq!(ids(&r), [11, 12]);
+        assert!(r.reset);
+        let (_, r) = reg.subscribe(2, &names, Some(11), 12, 100, 100);
+        assert!(!r.reset && r.gaps.is_empty());
+    }
+
+    /// A message whose id the publisher gave.
+    fn pmsg(id: u64, channel: &str) -> Arc<Message> {
+        let mut m = Message::encode(id, channel, None, b"x");
+        m.from_publisher = true;
+        Arc::new(m)
+    }
+
+    fn ids(r: &Resume) -> Vec<u64> {
+        r.messages.iter().map(|m| m.id).collect()
+    }
+
+    #[test]
+    fn publisher_ids_are_known_from_the_first_message_this_core_saw() {
+        // This process started at 1_000_000 (its own ids would follow that);
+        // the publisher numbers its messages from 1.
+        let mut reg = Registry::new(1_000_000);
+        let names = vec!["p".to_string()];
+        for id in 5..=8 {
+            publish(&mut reg, pmsg(id, "p"), 10);
         }
-        ch.history.push_back(m);
+        // From the message before the first one seen: complete.
+        let (_, r) = reg.subscribe(1, &names, Some(4), 1_000_000, 100, 100);
+        assert!(r.gaps.is_empty());
+        assert_eq!(ids(&r), [5, 6, 7, 8]);
+        assert_eq!(r.present, 8);
+        let (_, r) = reg.subscribe(2, &names, Some(6), 1_000_000, 100, 100);
+        assert!(r.gaps.is_empty());
+        assert_eq!(ids(&r), [7, 8]);
+        // From before it: what came between is unknown here.
+        let (_, r) = reg.subscribe(3, &names, Some(3), 1_000_000, 100, 100);
+        assert_eq!(r.gaps.len(), 1);
+        assert_eq!(ids(&r), [5, 6, 7, 8]);
+        // Ahead of this core (another gateway got it first): taken at its
+        // word, not a gap, nothing to replay.
+        let (_, r) = reg.subscribe(4, &names, Some(20), 8, 100, 100);
+        assert!(r.gaps.is_empty() && r.messages.is_empty());
+        // The history still bounds what can be replayed.
+        for id in 9..=20 {
+            publish(&mut reg, pmsg(id, "p"), 10);
+        }
+        let (_, r) = reg.subscribe(5, &names, Some(9), 1_000_000, 100, 100);
+        assert_eq!(r.gaps.len(), 1, "10 was evicted");
+        assert_eq!(ids(&r), (11..=20).collect::<Vec<_>>());
+        let (_, r) = reg.subscribe(6, &names, Some(10), 1_000_000, 100, 100);
+        assert!(r.gaps.is_empty());
+    }
+
+    #[test]
+    fn a_channel_entered_by_a_subscriber_learns_the_publisher_sequence_from_its_first_message() {
+        let mut reg = Registry::new(1_000_000);
+        let names = vec!["p".to_string()];
+        // No message yet: nothing is known, a small cursor is a gap.
+        let (_, r) = reg.subscribe(1, &names, Some(41), 1_000_000, 100, 100);
+        assert_eq!(r.gaps.len(), 1);
+        assert_eq!(r.present, 1_000_000);
+        publish(&mut reg, pmsg(42, "p"), 10);
+        let (_, r) = reg.subscribe(2, &names, Some(41), 1_000_000, 100, 100);
+        assert!(r.gaps.is_empty());
+        assert_eq!(ids(&r), [42]);
+        assert_eq!(r.present, 42);
+    }
+
+    #[test]
+    fn present_is_where_the_subscribed_channels_stand() {
+        let mut reg = Registry::new(10);
+        publish(&mut reg, msg(11, "a"), 10);
+        publish(&mut reg, msg(12, "b"), 10);
+        let a = vec!["a".to_string()];
+        assert_eq!(reg.subscribe(1, &a, None, 12, 100, 100).1.present, 11);
+        let ab = vec!["a".to_string(), "b".to_string(), "new".to_string()];
+        assert_eq!(reg.subscribe(2, &ab, None, 12, 100, 100).1.present, 12);
+        let new = vec!["other".to_string()];
+        assert_eq!(reg.subscribe(3, &new, None, 12, 100, 100).1.present, 10);
     }
 
     #[test]
@@ -950,6 +1218,13 @@ mod tests {
             &mut close,
         );
         assert_eq!(close, WS_CLOSE_SLOW_CONSUMER);
+        let mut close = Vec::new();
+        protocol::ws::encode_close(
+            protocol::ws::close_code::SERVICE_RESTART,
+            "service restart",
+            &mut close,
+        );
+        assert_eq!(close, WS_CLOSE_SERVICE_RESTART);
         let mut ping = Vec::new();
         protocol::ws::encode_frame(protocol::ws::OpCode::Ping, &[], &mut ping);
         assert_eq!(ping, WS_PING);

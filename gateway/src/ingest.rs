@@ -1,13 +1,21 @@
 //! ZeroMQ ingest: one thread owns the SUB socket, checks each publication,
-//! gives it the next id, encodes it once per transport and hands the same
-//! `Arc<Message>` to every core.
+//! gives it its id (the publisher's, or the next one of this process),
+//! encodes it once per transport and hands the same `Arc<Message>` to every
+//! core.
 //!
 //! Frames of a publication: `[channel, payload]` or `[channel, payload, meta]`
-//! where meta is a JSON object; today it knows one key, `"event"` (the SSE
-//! event name). Anything else is dropped with a warning: a publisher bug
-//! should be loud, not silently half-delivered.
+//! where meta is a JSON object with two optional keys: `"event"` (the SSE
+//! event name) and `"id"` (the publisher's id for the message, a decimal u64
+//! as a JSON string or number). Anything else is dropped with a warning: a
+//! publisher bug should be loud, not silently half-delivered.
+//!
+//! Ids never go backwards on a channel: a publication whose id is not greater
+//! than the last one of its channel (a duplicate, or a reordered or replayed
+//! publication) is dropped with a warning rather than delivered out of order.
 
+use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -24,6 +32,11 @@ use crate::config::Config;
 #[derive(Debug)]
 pub struct Message {
     pub id: u64,
+    /// The id came from the publisher (the meta frame's `"id"`): it is a
+    /// position in the publisher's sequence for the channel, the same on
+    /// every gateway fed by that publisher, rather than one this process
+    /// issued.
+    pub from_publisher: bool,
     pub channel: Box<str>,
     /// A whole WebSocket frame.
     pub ws: Bytes,
@@ -54,6 +67,7 @@ impl Message {
         envelope::longpoll_response(&[&poll_item], id, &[], true, &mut poll_response);
         Message {
             id,
+            from_publisher: false,
             channel: channel.into(),
             ws: ws.into(),
             sse: sse.into(),
@@ -102,6 +116,8 @@ impl CoreInbox {
 #[serde(deny_unknown_fields)]
 struct Meta {
     event: Option<String>,
+    /// Checked by [`publisher_id`]: a string or a number.
+    id: Option<serde_json::Value>,
 }
 
 /// Why a publication was dropped at ingest.
@@ -109,19 +125,46 @@ struct Meta {
 pub enum IngestError {
     WrongFrameCount(usize),
     BadChannelName,
-    PayloadTooLarge { size: usize, max_size: usize },
+    PayloadTooLarge {
+        size: usize,
+        max_size: usize,
+    },
     BadMeta(String),
     BadEventName,
+    /// `"id"` is not a decimal u64 from 1 to 2^64 - 1 (as a JSON string or
+    /// number).
+    BadId,
 }
 
 /// Longest SSE event name a publisher may set.
 const EVENT_NAME_BYTES_MAX: usize = 64;
 
-/// Checks a publication's frames and returns (channel, event, payload).
-pub fn check_frames<'a>(
-    frames: &'a [Vec<u8>],
-    cfg: &Config,
-) -> Result<(&'a str, Option<String>, &'a [u8]), IngestError> {
+/// A publication that passed the checks.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Checked<'a> {
+    pub channel: &'a str,
+    pub event: Option<String>,
+    /// The publisher's id for the message, if it gave one.
+    pub id: Option<u64>,
+    pub payload: &'a [u8],
+}
+
+/// The meta frame's `"id"`: a decimal u64 as a JSON string (`"42"`) or
+/// number (`42`). 0 is refused: a cursor of 0 means "before everything",
+/// so a message with id 0 could never be resumed to.
+fn publisher_id(v: &serde_json::Value) -> Result<u64, IngestError> {
+    let id = match v {
+        serde_json::Value::Number(n) => n.as_u64(),
+        serde_json::Value::String(s) if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) => {
+            s.parse::<u64>().ok()
+        }
+        _ => None,
+    };
+    id.filter(|&id| id > 0).ok_or(IngestError::BadId)
+}
+
+/// Checks a publication's frames.
+pub fn check_frames<'a>(frames: &'a [Vec<u8>], cfg: &Config) -> Result<Checked<'a>, IngestError> {
     if frames.len() != 2 && frames.len() != 3 {
         return Err(IngestError::WrongFrameCount(frames.len()));
     }
@@ -139,6 +182,7 @@ pub fn check_frames<'a>(
         });
     }
     let mut event = None;
+    let mut id = None;
     if let Some(meta) = frames.get(2) {
         let meta: Meta =
             serde_json::from_slice(meta).map_err(|e| IngestError::BadMeta(e.to_string()))?;
@@ -151,8 +195,63 @@ pub fn check_frames<'a>(
             }
             event = Some(name);
         }
+        if let Some(v) = &meta.id {
+            id = Some(publisher_id(v)?);
+        }
     }
-    Ok((channel, event, payload))
+    Ok(Checked {
+        channel,
+        event,
+        id,
+        payload,
+    })
+}
+
+/// The last id of each channel, so that ids never go backwards on a
+/// channel. Bounded like the cores' channel tables (`channels_max`): past
+/// it, the channel that entered first is forgotten (its next publication is
+/// accepted whatever its id).
+pub struct LastIds {
+    last: HashMap<Rc<str>, u64>,
+    /// Channels in the order they entered, for forgetting the oldest.
+    age: VecDeque<Rc<str>>,
+    channels_max: usize,
+}
+
+impl LastIds {
+    pub fn new(channels_max: usize) -> LastIds {
+        LastIds {
+            last: HashMap::new(),
+            age: VecDeque::new(),
+            channels_max: channels_max.max(1),
+        }
+    }
+
+    /// Makes `id` the last id of `channel`, or returns the channel's last id
+    /// when `id` is not greater than it.
+    pub fn advance(&mut self, channel: &str, id: u64) -> Result<(), u64> {
+        if let Some(last) = self.last.get_mut(channel) {
+            if id <= *last {
+                return Err(*last);
+            }
+            *last = id;
+            return Ok(());
+        }
+        if self.last.len() >= self.channels_max {
+            if let Some(oldest) = self.age.pop_front() {
+                self.last.remove(&oldest);
+            }
+        }
+        let name: Rc<str> = channel.into();
+        self.last.insert(name.clone(), id);
+        self.age.push_back(name);
+        Ok(())
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.last.len()
+    }
 }
 
 /// Where the SUB socket ended up, for the readiness line.
@@ -190,9 +289,48 @@ pub fn open(ctx: &zmq::Context, cfg: &Config) -> Result<(zmq::Socket, Bound), St
     Ok((sub, bound))
 }
 
+/// Gives a checked publication its id: the publisher's, or one past the
+/// highest id seen so far (`max_seen`, which starts at the process start
+/// time in microseconds). Err: the id does not advance its channel (the
+/// channel's last id), or no id is left.
+pub fn assign_id(
+    checked: &Checked,
+    max_seen: &mut u64,
+    last_ids: &mut LastIds,
+) -> Result<u64, IdRefusal> {
+    let id = match checked.id {
+        Some(id) => id,
+        None => max_seen.checked_add(1).ok_or(IdRefusal::Exhausted)?,
+    };
+    last_ids
+        .advance(checked.channel, id)
+        .map_err(|last| IdRefusal::NotAfterLast { last })?;
+    *max_seen = (*max_seen).max(id);
+    Ok(id)
+}
+
+/// Why a publication got no id.
+#[derive(Debug, PartialEq, Eq)]
+pub enum IdRefusal {
+    /// Its id is not greater than the channel's last one: a duplicate, or a
+    /// publication that arrived out of order.
+    NotAfterLast { last: u64 },
+    /// A publisher id of 2^64 - 1 was seen: no greater id is left to assign.
+    Exhausted,
+}
+
 /// The ingest loop; runs until the SUB socket fails or every core is gone.
-pub fn run(sub: zmq::Socket, cfg: &Config, cores: Vec<CoreInbox>, last_id: Arc<AtomicU64>) {
+/// `published_through` is the highest id seen (assigned or the
+/// publisher's); it starts at the process start time in microseconds.
+pub fn run(
+    sub: zmq::Socket,
+    cfg: &Config,
+    cores: Vec<CoreInbox>,
+    published_through: Arc<AtomicU64>,
+) {
     let mut dropped: u64 = 0;
+    let mut max_seen = published_through.load(Ordering::Relaxed);
+    let mut last_ids = LastIds::new(cfg.channels_max);
     loop {
         let frames = match sub.recv_multipart(0) {
             Ok(frames) => frames,
@@ -202,18 +340,40 @@ pub fn run(sub: zmq::Socket, cfg: &Config, cores: Vec<CoreInbox>, last_id: Arc<A
                 return;
             }
         };
-        let (channel, event, payload) = match check_frames(&frames, cfg) {
-            Ok(parts) => parts,
+        let checked = match check_frames(&frames, cfg) {
+            Ok(checked) => checked,
             Err(e) => {
                 dropped += 1;
                 warn!(error = ?e, dropped_total = dropped, "publication dropped");
                 continue;
             }
         };
-        // Only this thread assigns ids, so a plain increment is the order.
-        let id = last_id.load(Ordering::Relaxed) + 1;
-        let msg = Arc::new(Message::encode(id, channel, event.as_deref(), payload));
-        last_id.store(id, Ordering::Release);
+        // Only this thread assigns ids, so the order of this loop is the
+        // order of the ids.
+        let id = match assign_id(&checked, &mut max_seen, &mut last_ids) {
+            Ok(id) => id,
+            Err(why) => {
+                dropped += 1;
+                warn!(
+                    channel = checked.channel,
+                    id = ?checked.id,
+                    error = ?why,
+                    dropped_total = dropped,
+                    "publication dropped: its id does not follow the channel's last one \
+                     (a duplicate or a reordered publication)"
+                );
+                continue;
+            }
+        };
+        let mut msg = Message::encode(
+            id,
+            checked.channel,
+            checked.event.as_deref(),
+            checked.payload,
+        );
+        msg.from_publisher = checked.id.is_some();
+        let msg = Arc::new(msg);
+        published_through.store(max_seen, Ordering::Release);
         let mut alive = 0;
         for core in &cores {
             if core.deliver(msg.clone()) {
@@ -241,11 +401,143 @@ mod tests {
         let two = frames(&[b"news", b"hello"]);
         assert_eq!(
             check_frames(&two, &cfg).unwrap(),
-            ("news", None, &b"hello"[..])
+            Checked {
+                channel: "news",
+                event: None,
+                id: None,
+                payload: &b"hello"[..]
+            }
         );
         let three = frames(&[b"news", b"hello", br#"{"event":"price"}"#]);
-        let (_, event, _) = check_frames(&three, &cfg).unwrap();
-        assert_eq!(event.as_deref(), Some("price"));
+        let checked = check_frames(&three, &cfg).unwrap();
+        assert_eq!(checked.event.as_deref(), Some("price"));
+        assert_eq!(checked.id, None);
+    }
+
+    #[test]
+    fn a_publisher_id_is_a_decimal_u64_as_a_string_or_a_number() {
+        let cfg = Config::default();
+        let id_of = |meta: &[u8]| {
+            let f = frames(&[b"news", b"x", meta]);
+            check_frames(&f, &cfg).map(|c| c.id)
+        };
+        assert_eq!(id_of(br#"{"id":"42"}"#), Ok(Some(42)));
+        assert_eq!(id_of(br#"{"id":42}"#), Ok(Some(42)));
+        assert_eq!(
+            id_of(br#"{"id":"18446744073709551615","event":"e"}"#),
+            Ok(Some(u64::MAX))
+        );
+        assert_eq!(id_of(br#"{"id":18446744073709551615}"#), Ok(Some(u64::MAX)));
+        assert_eq!(id_of(br#"{"id":null}"#), Ok(None));
+        for bad in [
+            &br#"{"id":"0"}"#[..],
+            br#"{"id":0}"#,
+            br#"{"id":-1}"#,
+            br#"{"id":1.5}"#,
+            br#"{"id":"1.5"}"#,
+            br#"{"id":""}"#,
+            br#"{"id":" 1"}"#,
+            br#"{"id":"-1"}"#,
+            br#"{"id":"+1"}"#,
+            br#"{"id":"0x10"}"#,
+            br#"{"id":"18446744073709551616"}"#,
+            br#"{"id":18446744073709551616}"#,
+            br#"{"id":true}"#,
+            br#"{"id":[1]}"#,
+        ] {
+            assert_eq!(
+                id_of(bad),
+                Err(IngestError::BadId),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    fn checked<'a>(channel: &'a str, id: Option<u64>) -> Checked<'a> {
+        Checked {
+            channel,
+            event: None,
+            id,
+            payload: b"",
+        }
+    }
+
+    #[test]
+    fn publisher_ids_must_increase_per_channel_and_raise_the_max_seen() {
+        let mut max_seen = 1_000;
+        let mut last = LastIds::new(100);
+        // Publisher ids are taken as they are, even below the max seen.
+        assert_eq!(
+            assign_id(&checked("a", Some(5)), &mut max_seen, &mut last),
+            Ok(5)
+        );
+        assert_eq!(max_seen, 1_000);
+        assert_eq!(
+            assign_id(&checked("a", Some(7)), &mut max_seen, &mut last),
+            Ok(7)
+        );
+        // A duplicate or an older id on the same channel is refused...
+        for id in [7, 6, 1] {
+            assert_eq!(
+                assign_id(&checked("a", Some(id)), &mut max_seen, &mut last),
+                Err(IdRefusal::NotAfterLast { last: 7 })
+            );
+        }
+        // ... while another channel has its own sequence.
+        assert_eq!(
+            assign_id(&checked("b", Some(3)), &mut max_seen, &mut last),
+            Ok(3)
+        );
+        // A publisher id above the max seen raises it, and ids the gateway
+        // assigns continue above it.
+        assert_eq!(
+            assign_id(&checked("c", Some(5_000)), &mut max_seen, &mut last),
+            Ok(5_000)
+        );
+        assert_eq!(max_seen, 5_000);
+        assert_eq!(
+            assign_id(&checked("b", None), &mut max_seen, &mut last),
+            Ok(5_001)
+        );
+        // A publisher id below what the gateway gave the channel is refused:
+        // mixing the two on one channel never delivers out of order.
+        assert_eq!(
+            assign_id(&checked("b", Some(4)), &mut max_seen, &mut last),
+            Err(IdRefusal::NotAfterLast { last: 5_001 })
+        );
+        assert_eq!(
+            assign_id(&checked("d", Some(u64::MAX)), &mut max_seen, &mut last),
+            Ok(u64::MAX)
+        );
+        assert_eq!(
+            assign_id(&checked("e", None), &mut max_seen, &mut last),
+            Err(IdRefusal::Exhausted)
+        );
+    }
+
+    #[test]
+    fn gateway_ids_increase_across_channels() {
+        let mut max_seen = 100;
+        let mut last = LastIds::new(100);
+        let ids: Vec<u64> = ["a", "b", "a", "c"]
+            .iter()
+            .map(|ch| assign_id(&checked(ch, None), &mut max_seen, &mut last).unwrap())
+            .collect();
+        assert_eq!(ids, [101, 102, 103, 104]);
+    }
+
+    #[test]
+    fn the_last_id_table_is_bounded_and_forgets_the_oldest_channel() {
+        let mut last = LastIds::new(2);
+        last.advance("a", 10).unwrap();
+        last.advance("b", 10).unwrap();
+        last.advance("c", 10).unwrap();
+        assert_eq!(last.len(), 2);
+        // "a" was forgotten: its next id is taken whatever it is.
+        assert_eq!(last.advance("a", 1), Ok(()));
+        // "c" is still known.
+        assert_eq!(last.advance("c", 10), Err(10));
     }
 
     #[test]

@@ -1,11 +1,13 @@
 //! The gateway binary: reads its configuration, opens one SO_REUSEPORT
 //! listener per core, starts one pinned monoio io_uring runtime per core and
 //! the ZeroMQ ingest thread, then prints one `READY …` line on stdout.
+//! SIGTERM or SIGINT drains it (see `drain`).
 
 mod admission;
 mod config;
 mod conn;
 mod core;
+mod drain;
 mod ingest;
 
 use std::io::{IsTerminal, Write};
@@ -26,6 +28,8 @@ use crate::core::Core;
 use crate::ingest::{CoreInbox, Message};
 
 fn main() {
+    // Before any thread exists, so that every thread inherits the mask.
+    drain::block_signals();
     let cfg = match config::Cli::parse().resolve() {
         Ok(cfg) => cfg,
         Err(e) => {
@@ -58,6 +62,13 @@ fn run(cfg: &'static Config) -> Result<(), String> {
     let listeners = listeners(cfg.listen, cores, cfg.listen_backlog)
         .map_err(|e| format!("listen on {}: {e}", cfg.listen))?;
     let listen_addr = listeners[0].local_addr().map_err(|e| e.to_string())?;
+    // Duplicates for the drain, which shuts the listeners down from its own
+    // thread: valid whenever that happens, whatever a core did with its copy.
+    let listener_dups = listeners
+        .iter()
+        .map(|l| l.try_clone().map(OwnedFd::from))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("duplicate a listener: {e}"))?;
 
     let ctx = zmq::Context::new();
     let (sub, bound) = ingest::open(&ctx, cfg)?;
@@ -135,6 +146,9 @@ fn run(cfg: &'static Config) -> Result<(), String> {
                     let _ = ready.send(Ok(()));
                     drop(ready);
                     accept_loop(core, listener).await;
+                    // Draining: the connections, the doorbell and the sweep
+                    // go on until the process exits.
+                    std::future::pending::<()>().await;
                 });
             })
             .map_err(|e| format!("spawn core thread: {e}"))?;
@@ -156,6 +170,11 @@ fn run(cfg: &'static Config) -> Result<(), String> {
             ingest::run(sub, cfg, inboxes, published_through)
         })
         .map_err(|e| format!("spawn ingest thread: {e}"))?;
+    drain::spawn(
+        listener_dups,
+        conn_counts,
+        std::time::Duration::from_millis(cfg.drain_window_ms),
+    )?;
 
     info!(
         listen = %listen_addr,
@@ -179,9 +198,12 @@ fn run(cfg: &'static Config) -> Result<(), String> {
     Err("a core or the ingest thread stopped".into())
 }
 
-/// Accepts forever, admitting each connection or answering it 503. The one
-/// `accept()` future is always awaited to completion: dropping a pending
-/// accept loses the connection the kernel has already handed to it.
+/// Accepts until the drain shuts the listener down, admitting each
+/// connection or answering it 503. The one `accept()` future is always
+/// awaited to completion: dropping a pending accept loses the connection the
+/// kernel has already handed to it. The drain ends it from outside with
+/// `shutdown(SHUT_RD)` on the listener, which completes the pending accept
+/// with an error.
 async fn accept_loop(core: Rc<Core>, listener: monoio::net::TcpListener) {
     use std::os::fd::AsRawFd;
     loop {
@@ -197,6 +219,10 @@ async fn accept_loop(core: Rc<Core>, listener: monoio::net::TcpListener) {
                         monoio::spawn(conn::refuse(stream, admission::refusal_response(refusal)));
                     }
                 }
+            }
+            Err(e) if drain::draining() => {
+                info!(core = core.index, error = %e, "listener shut down for the drain");
+                return;
             }
             Err(e) => {
                 // Out of descriptors or memory: back off briefly rather than

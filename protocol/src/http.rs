@@ -61,8 +61,10 @@ pub enum Request {
         since: Option<Cursor>,
         keep_alive: bool,
     },
-    /// `GET /healthz`.
+    /// `GET /healthz`: the process is alive.
     Health { keep_alive: bool },
+    /// `GET /readyz`: the process takes new clients (not draining).
+    Ready { keep_alive: bool },
     /// `GET <echo_path>` with a valid RFC 6455 upgrade: a WebSocket that
     /// echoes every message, for conformance testing; only when
     /// [`HeadLimits::echo_path`] is set.
@@ -227,6 +229,7 @@ pub fn parse_request(buf: &[u8], limits: &HeadLimits) -> Result<Parsed, Reject> 
         "/ws" => Endpoint::WebSocket,
         "/events" => Endpoint::Events,
         "/healthz" => Endpoint::Health,
+        "/readyz" => Endpoint::Ready,
         p if Some(p) == limits.echo_path => Endpoint::Echo,
         _ => return Err(Reject::NotFound),
     };
@@ -240,6 +243,7 @@ pub fn parse_request(buf: &[u8], limits: &HeadLimits) -> Result<Parsed, Reject> 
 
     let request = match endpoint {
         Endpoint::Health => Request::Health { keep_alive },
+        Endpoint::Ready => Request::Ready { keep_alive },
         Endpoint::WebSocket => {
             // Order: upgrade headers, version, key, then the query (channels
             // and cursor), so a non-WebSocket client learns that first.
@@ -306,6 +310,7 @@ enum Endpoint {
     WebSocket,
     Events,
     Health,
+    Ready,
 }
 
 /// How many bytes of request target a partial head shows so far (0 if the
@@ -575,6 +580,35 @@ pub fn health_response(connections_per_core: &[u64], keep_alive: bool) -> Vec<u8
          Content-Length: {}\r\n\
          {connection}\r\n\
          {body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// The answer to `/readyz`: `200 OK` with `{"status":"<status>"}` when
+/// `ready`, else `503 Service Unavailable` with the same body (a balancer
+/// stops sending new clients); `Content-Type: application/json`,
+/// `Connection: close` when `!keep_alive`. `status` is one word of ASCII
+/// (`ready`, `draining`, ...).
+pub fn ready_response(ready: bool, status: &str, keep_alive: bool) -> Vec<u8> {
+    debug_assert!(status
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'_'));
+    let body = format!("{{\"status\":\"{status}\"}}\n");
+    let code = if ready { 200 } else { 503 };
+    let connection = if keep_alive {
+        ""
+    } else {
+        "Connection: close\r\n"
+    };
+    format!(
+        "HTTP/1.1 {code} {}\r\n\
+         Content-Type: application/json\r\n\
+         Cache-Control: no-store\r\n\
+         Content-Length: {}\r\n\
+         {connection}\r\n\
+         {body}",
+        status_line_reason(code),
         body.len()
     )
     .into_bytes()

@@ -245,6 +245,113 @@ impl Gateway {
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
+
+    /// Sends `sig` (e.g. `libc::SIGTERM`) to the gateway process.
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        let rc = unsafe { libc::kill(self.pid() as libc::pid_t, sig) };
+        assert_eq!(
+            rc,
+            0,
+            "kill({}, {sig}): {}",
+            self.pid(),
+            io::Error::last_os_error()
+        );
+    }
+
+    /// Waits for the gateway to exit, for at most `limit` (a safety net);
+    /// `None` if it is still running then. Polls the child's state (there is
+    /// no blocking wait with a timeout in std).
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait on the gateway") {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// `GET /readyz` on a fresh connection.
+    pub fn readyz(&self) -> HttpResponse {
+        self.http().get("/readyz", &[])
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Which process holds a connection (several gateways on one port)
+// ---------------------------------------------------------------------------
+
+/// The pid, among `pids`, of the process that holds the server side of the
+/// client connection `stream` (found through /proc/net/tcp and the
+/// processes' descriptors). For gateways sharing a port with SO_REUSEPORT,
+/// where the kernel decides who accepts. Call it once the connection has
+/// been answered (so it has been accepted).
+pub fn owner_pid(stream: &TcpStream, pids: &[u32]) -> Option<u32> {
+    let local = stream.local_addr().ok()?;
+    let peer = stream.peer_addr().ok()?;
+    // The server's socket: local = the gateway's address, remote = ours.
+    let want = |addr: &str, port: u16| -> Option<bool> {
+        let (_, p) = addr.split_once(':')?;
+        Some(u16::from_str_radix(p, 16).ok()? == port)
+    };
+    let mut inode = None;
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() < 10 {
+                continue;
+            }
+            if want(f[1], peer.port()) == Some(true) && want(f[2], local.port()) == Some(true) {
+                inode = Some(f[9].to_string());
+            }
+        }
+    }
+    let link = format!("socket:[{}]", inode?);
+    pids.iter().copied().find(|pid| {
+        std::fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|dir| {
+            dir.flatten()
+                .any(|e| std::fs::read_link(e.path()).is_ok_and(|l| l.as_os_str() == link.as_str()))
+        })
+    })
+}
+
+/// How many times a client may reconnect to land on a given gateway of a
+/// shared port before the test gives up (each try is a coin toss or so).
+pub const LAND_TRIES: usize = 200;
+
+/// A WebSocket on `path` that the gateway `want` (one of the processes
+/// `pids` sharing `addr`) accepted: connects until the kernel hands one to it.
+pub fn ws_on(addr: SocketAddr, path: &str, want: u32, pids: &[u32]) -> WsClient {
+    for _ in 0..LAND_TRIES {
+        let ws = WsClient::connect(addr, path);
+        if owner_pid(ws.ws.get_ref(), pids) == Some(want) {
+            return ws;
+        }
+    }
+    panic!("no WebSocket landed on gateway {want} in {LAND_TRIES} tries");
+}
+
+/// `GET /healthz` answered by the gateway `want` among the processes `pids`
+/// sharing `addr`; asserts 200 and returns the body.
+pub fn healthz_of(addr: SocketAddr, want: u32, pids: &[u32]) -> Value {
+    for _ in 0..LAND_TRIES {
+        let mut conn = HttpConn::connect(addr);
+        let resp = conn.get("/healthz", &[]);
+        if owner_pid(conn.reader.get_ref(), pids) != Some(want) {
+            continue;
+        }
+        assert_eq!(resp.status, 200, "GET /healthz: {}", resp.describe());
+        return serde_json::from_slice(&resp.body)
+            .unwrap_or_else(|e| panic!("/healthz body is not JSON ({e}): {}", resp.describe()));
+    }
+    panic!("no /healthz landed on gateway {want} in {LAND_TRIES} tries");
 }
 
 impl Drop for Gateway {
@@ -339,8 +446,15 @@ impl Publisher {
 
     /// PUB bound on a free loopback port; gateways connect to `endpoint`.
     pub fn bind() -> Publisher {
+        Self::bind_at("tcp://127.0.0.1:*")
+    }
+
+    /// PUB bound on `endpoint` (e.g. the endpoint of a publisher that went
+    /// away, to play the same publisher coming back).
+    pub fn bind_at(endpoint: &str) -> Publisher {
         let (ctx, sock) = Self::new_socket();
-        sock.bind("tcp://127.0.0.1:*").expect("zmq bind");
+        sock.bind(endpoint)
+            .unwrap_or_else(|e| panic!("zmq bind {endpoint}: {e}"));
         let endpoint = sock
             .get_last_endpoint()
             .expect("get_last_endpoint")
@@ -356,6 +470,20 @@ impl Publisher {
     pub fn publish(&self, channel: &str, payload: &[u8]) {
         self.sock
             .send_multipart([channel.as_bytes(), payload], 0)
+            .expect("zmq send");
+    }
+
+    /// Three frames: [channel, payload, {"id": "<id>"}]: the publisher
+    /// assigns the message's id.
+    pub fn publish_with_id(&self, channel: &str, payload: &[u8], id: u64) {
+        let meta = serde_json::json!({ "id": id.to_string() }).to_string();
+        self.publish_meta(channel, payload, &meta);
+    }
+
+    /// Three frames: [channel, payload, meta] with the meta as given.
+    pub fn publish_meta(&self, channel: &str, payload: &[u8], meta: &str) {
+        self.sock
+            .send_multipart([channel.as_bytes(), payload, meta.as_bytes()], 0)
             .expect("zmq send");
     }
 
@@ -382,10 +510,21 @@ pub struct Probe {
 /// publishes to `probe` every 20 ms (for at most 10 s) until every probe
 /// client has received one. Only after this may a test publish for real.
 pub fn wait_for_subscription(publisher: &Publisher, gateways: &[&Gateway]) -> Probe {
+    let clients = gateways
+        .iter()
+        .map(|gw| gw.ws(&format!("/ws?channel={PROBE_CHANNEL}")))
+        .collect();
+    wait_for_subscription_of(publisher, clients)
+}
+
+/// [`wait_for_subscription`] with probe clients the caller opened on
+/// `/ws?channel=probe` (one per gateway, e.g. with [`ws_on`] when gateways
+/// share a port).
+pub fn wait_for_subscription_of(publisher: &Publisher, probes: Vec<WsClient>) -> Probe {
     let (tx, rx) = mpsc::channel::<u64>();
     let mut handles = Vec::new();
-    for gw in gateways {
-        let mut ws = gw.ws(&format!("/ws?channel={PROBE_CHANNEL}"));
+    let gateways = probes.len();
+    for mut ws in probes {
         let tx = tx.clone();
         handles.push(thread::spawn(move || {
             let msg = ws.next_delivery();
@@ -401,12 +540,11 @@ pub fn wait_for_subscription(publisher: &Publisher, gateways: &[&Gateway]) -> Pr
     let mut got = 0;
     let mut last_id = 0;
     let mut sent = 0u64;
-    while got < gateways.len() {
+    while got < gateways {
         if Instant::now() > deadline {
             panic!(
-                "slow-joiner probe: only {got} of {} gateways delivered a probe message \
-                 after {sent} publishes over {PROBE_BUDGET:?}",
-                gateways.len()
+                "slow-joiner probe: only {got} of {gateways} gateways delivered a probe message \
+                 after {sent} publishes over {PROBE_BUDGET:?}"
             );
         }
         publisher.publish(PROBE_CHANNEL, b"probe");
@@ -1000,6 +1138,8 @@ pub struct SseClient {
     stream: TcpStream,
     pub head: HttpHead,
     pub path: String,
+    /// Every `retry:` value received, in order.
+    pub retries: Vec<u32>,
 }
 
 impl SseClient {
@@ -1036,12 +1176,22 @@ impl SseClient {
             stream,
             head,
             path: path.to_string(),
+            retries: Vec::new(),
         }
     }
 
     /// The next dispatched event. Comment lines (heartbeats) and blocks with
     /// no id, event or data (e.g. a lone `retry:`) are skipped.
     pub fn next_event(&mut self) -> SseEvent {
+        match self.next_event_or_end() {
+            Some(ev) => ev,
+            None => panic!("SSE {}: stream ended (gateway closed it)", self.path),
+        }
+    }
+
+    /// The next dispatched event, or `None` when the gateway ended the
+    /// stream between events (a reset counts as an end too).
+    pub fn next_event_or_end(&mut self) -> Option<SseEvent> {
         let mut ev = SseEvent {
             id: None,
             event: None,
@@ -1051,8 +1201,10 @@ impl SseClient {
         loop {
             let mut buf = Vec::new();
             match self.reader.read_until(b'\n', &mut buf) {
-                Ok(0) => panic!("SSE {}: stream ended (gateway closed it)", self.path),
+                Ok(0) if !any => return None,
+                Ok(0) => panic!("SSE {}: stream ended inside an event", self.path),
                 Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::ConnectionReset && !any => return None,
                 Err(e)
                     if matches!(
                         e.kind(),
@@ -1079,7 +1231,7 @@ impl SseClient {
                 .unwrap_or_else(|e| panic!("SSE {}: non-UTF-8 line: {e}", self.path));
             if line.is_empty() {
                 if any {
-                    return ev;
+                    return Some(ev);
                 }
                 continue;
             }
@@ -1103,7 +1255,9 @@ impl SseClient {
                     ev.data.push(value.to_string());
                     any = true;
                 }
-                "retry" => {}
+                "retry" => self.retries.push(value.parse().unwrap_or_else(|_| {
+                    panic!("SSE {}: retry is not a number: {line:?}", self.path)
+                })),
                 other => panic!(
                     "SSE {}: unknown field {other:?} in line {line:?}",
                     self.path
@@ -1127,6 +1281,11 @@ impl SseClient {
     /// Closes the client side of the connection.
     pub fn disconnect(self) {
         let _ = self.stream.shutdown(Shutdown::Both);
+    }
+
+    /// The client's socket.
+    pub fn stream(&self) -> &TcpStream {
+        &self.stream
     }
 }
 

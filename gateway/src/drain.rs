@@ -1,0 +1,189 @@
+//! Graceful drain: the first SIGTERM or SIGINT stops new connections and
+//! closes the open ones spread over `drain_window_ms`; the process exits 0
+//! once none is left, or at the window plus [`DRAIN_MARGIN`] at the latest.
+//! A second signal exits at once.
+//!
+//! Who does what:
+//!
+//! - this module's signal thread sets [`draining`], then shuts down every
+//!   core's listener (`shutdown(SHUT_RD)` on a duplicate of its descriptor):
+//!   the kernel stops routing new connections to it (the other listeners of
+//!   the `SO_REUSEPORT` group, another gateway process on the same port,
+//!   get them; with `net.ipv4.tcp_migrate_req=1` also the connections it had
+//!   queued), and the pending io_uring accept completes with an error, on
+//!   which the core's accept loop ends. No accept future is dropped;
+//! - `/readyz` answers 503 `draining`;
+//! - each core's once-a-second sweep asks its share of the open connections
+//!   to go (see `Core::drain_step`): no timer per connection;
+//! - a timeline thread logs the connections left every second and exits
+//!   the process when there are none, or at the deadline.
+
+use std::io::Write;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+use tracing::{info, warn};
+
+/// How long past the drain window the process waits for its last
+/// connections (a close handshake, a lingering slow client) before it exits
+/// regardless.
+pub const DRAIN_MARGIN: Duration = Duration::from_secs(5);
+
+/// How often the timeline thread looks at the connection counts (it exits
+/// the process as soon as they are all zero).
+const CHECK_EVERY: Duration = Duration::from_millis(20);
+
+static DRAINING: AtomicBool = AtomicBool::new(false);
+/// Connections the cores have asked to go so far, all cores together (for
+/// the timeline).
+static ASKED: AtomicU64 = AtomicU64::new(0);
+
+/// Whether the process is draining: no new streams, every response closes
+/// its connection, `/readyz` says `draining`.
+pub fn draining() -> bool {
+    DRAINING.load(Ordering::Acquire)
+}
+
+/// Counts connections a core has just asked to go.
+pub fn note_asked(n: u64) {
+    ASKED.fetch_add(n, Ordering::Relaxed);
+}
+
+/// Blocks SIGTERM and SIGINT in the calling thread and in every thread it
+/// starts afterwards, so that they reach only the signal thread (which
+/// unblocks them): a core's `io_uring_enter` or the ingest's `recv` is
+/// never interrupted. Call first thing in `main`, before any thread exists.
+pub fn block_signals() {
+    set_mask(libc::SIG_BLOCK);
+}
+
+fn set_mask(how: libc::c_int) {
+    // SAFETY: sigset_t is plain data, initialised by sigemptyset before use;
+    // pthread_sigmask only changes this thread's mask.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, SIGTERM);
+        libc::sigaddset(&mut set, SIGINT);
+        libc::pthread_sigmask(how, &set, std::ptr::null_mut());
+    }
+}
+
+/// Starts the signal thread. `listeners` are duplicates of the cores'
+/// listening sockets (shut down when the drain starts; as duplicates they
+/// stay valid whatever the cores do with theirs); `conn_counts` the cores'
+/// connection counters.
+pub fn spawn(
+    listeners: Vec<OwnedFd>,
+    conn_counts: Arc<[AtomicU64]>,
+    window: Duration,
+) -> Result<(), String> {
+    let mut signals =
+        Signals::new([SIGTERM, SIGINT]).map_err(|e| format!("signal handlers: {e}"))?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            set_mask(libc::SIG_UNBLOCK);
+            let mut signals = signals.forever();
+            let Some(first) = signals.next() else { return };
+            start(first, &listeners, conn_counts.clone(), window);
+            if let Some(sig) = signals.next() {
+                warn!(
+                    signal = name(sig),
+                    connections_left = total(&conn_counts),
+                    "second signal during the drain: exiting now"
+                );
+                exit_now();
+            }
+        })
+        .map_err(|e| format!("spawn signal thread: {e}"))?;
+    Ok(())
+}
+
+fn start(sig: libc::c_int, listeners: &[OwnedFd], counts: Arc<[AtomicU64]>, window: Duration) {
+    let open = total(&counts);
+    info!(
+        signal = name(sig),
+        connections = open,
+        drain_window_ms = window.as_millis() as u64,
+        "draining: no new connections; open ones are closed over the drain window"
+    );
+    DRAINING.store(true, Ordering::Release);
+    for fd in listeners {
+        // SAFETY: shutdown on a descriptor this thread owns (a duplicate of
+        // a core's listener).
+        if unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_RD) } != 0 {
+            warn!(error = %std::io::Error::last_os_error(), "shutting down a listener failed");
+        }
+    }
+    let spawned = std::thread::Builder::new()
+        .name("drain".into())
+        .spawn(move || timeline(&counts, window));
+    if let Err(e) = spawned {
+        warn!(error = %e, "no drain timeline thread; exiting now");
+        exit_now();
+    }
+}
+
+/// Logs the connections left once a second and exits the process when none
+/// is left, or at the window plus the margin.
+fn timeline(counts: &[AtomicU64], window: Duration) {
+    let started = Instant::now();
+    let deadline = started + window + DRAIN_MARGIN;
+    let mut next_log = started;
+    loop {
+        let left = total(counts);
+        let now = Instant::now();
+        let elapsed_ms = now.duration_since(started).as_millis() as u64;
+        if left == 0 {
+            info!(elapsed_ms, "drained: no connection left; exiting");
+            exit_now();
+        }
+        if now >= deadline {
+            warn!(
+                elapsed_ms,
+                connections_left = left,
+                "drain window and margin passed; exiting with connections still open"
+            );
+            exit_now();
+        }
+        if now >= next_log {
+            let per_core: Vec<u64> = counts.iter().map(|c| c.load(Ordering::Relaxed)).collect();
+            info!(
+                elapsed_ms,
+                asked_to_go = ASKED.load(Ordering::Relaxed),
+                connections_left = left,
+                ?per_core,
+                "draining"
+            );
+            next_log += Duration::from_secs(1);
+        }
+        std::thread::sleep(CHECK_EVERY);
+    }
+}
+
+fn total(counts: &[AtomicU64]) -> u64 {
+    counts.iter().map(|c| c.load(Ordering::Relaxed)).sum()
+}
+
+fn name(sig: libc::c_int) -> &'static str {
+    match sig {
+        SIGTERM => "SIGTERM",
+        SIGINT => "SIGINT",
+        _ => "signal",
+    }
+}
+
+/// Exits 0 without running destructors: the core, ingest and ZeroMQ threads
+/// are still running, and nothing is left to flush (logs go to stderr
+/// unbuffered, stdout was flushed after the READY line).
+fn exit_now() -> ! {
+    let _ = std::io::stderr().flush();
+    let _ = std::io::stdout().flush();
+    // SAFETY: _exit ends the process; nothing runs after it.
+    unsafe { libc::_exit(0) }
+}

@@ -1,0 +1,224 @@
+//! Publisher-assigned ids: a publication whose meta frame carries `"id"` has
+//! that id on every transport and every gateway, so two gateways fed by the
+//! same publisher give the same ids and a client resumes on either with the
+//! id it got from the other. An id that does not advance its channel (a
+//! duplicate, a reordered publication) is dropped, never delivered out of
+//! order.
+
+mod common;
+
+use common::*;
+
+fn texts(ds: &[Delivery]) -> Vec<String> {
+    ds.iter().map(Delivery::text).collect()
+}
+
+fn names(range: std::ops::RangeInclusive<u64>) -> Vec<String> {
+    range.map(|k| format!("m{k}")).collect()
+}
+
+/// The publisher's ids for m1, m2, ...: not the gateway's (which start at
+/// the process start time in microseconds), and not consecutive.
+fn id_of(k: u64) -> u64 {
+    1_000 + 10 * k
+}
+
+#[test]
+fn two_gateways_give_the_publishers_ids_and_a_client_resumes_on_the_other() {
+    let publisher = Publisher::bind();
+    let args = [
+        "--zmq-bind",
+        "",
+        "--zmq-connect",
+        publisher.endpoint.as_str(),
+    ];
+    let gw_a = Gateway::start(&args);
+    let gw_b = Gateway::start(&args);
+    let probe = wait_for_subscription(&publisher, &[&gw_a, &gw_b]);
+
+    let mut ws_a = gw_a.ws("/ws?channel=orders");
+    let mut sse_a = gw_a.sse("/events?channel=orders", None);
+    // B's witness stays connected throughout: it proves what reached B.
+    let mut ws_b = gw_b.ws("/ws?channel=orders");
+
+    for k in 1..=5 {
+        publisher.publish_with_id("orders", format!("m{k}").as_bytes(), id_of(k));
+    }
+    let want: Vec<u64> = (1..=5).map(id_of).collect();
+    let got_ws_a = ws_a.deliveries(5);
+    let got_sse_a = sse_a.deliveries(5);
+    let got_ws_b = ws_b.deliveries(5);
+    for (who, got) in [
+        ("WebSocket on A", &got_ws_a),
+        ("SSE on A", &got_sse_a),
+        ("WebSocket on B", &got_ws_b),
+    ] {
+        assert_eq!(texts(got), names(1..=5), "{who}: {got:?}");
+        assert_eq!(ids(got), want, "{who}: the publisher's ids: {got:?}");
+    }
+
+    // The SSE client leaves A having seen m5 and misses m6..m8.
+    let last_on_a = ids(&got_sse_a)[4].to_string();
+    sse_a.disconnect();
+    for k in 6..=8 {
+        publisher.publish_with_id("orders", format!("m{k}").as_bytes(), id_of(k));
+    }
+    let missed = ws_b.deliveries(3);
+    assert_eq!(texts(&missed), names(6..=8), "{missed:?}");
+    assert_eq!(ids(&ws_a.deliveries(3)), ids(&missed), "A and B agree");
+
+    // It resumes on B, the way EventSource would: exactly what it missed.
+    let mut sse_b = gw_b.sse("/events?channel=orders", Some(&last_on_a));
+    let resumed = sse_b.deliveries(3);
+    assert!(resumed.iter().all(|d| !d.gap), "{resumed:?}");
+    assert_eq!(texts(&resumed), names(6..=8), "{resumed:?}");
+    assert_eq!(ids(&resumed), ids(&missed), "{resumed:?}");
+    // WebSocket and long-poll resume on B from A's id the same way.
+    let mut ws_since = gw_b.ws(&format!("/ws?channel=orders&since={last_on_a}"));
+    assert_eq!(texts(&ws_since.deliveries(3)), names(6..=8));
+    let mut lp = gw_b.http();
+    let (got_lp, cursor) = longpoll_collect(&mut lp, &["orders"], id_of(5), 3);
+    assert_eq!(texts(&got_lp), names(6..=8));
+    assert_eq!(cursor, id_of(8));
+
+    // Live continues right after the replay, with nothing in between.
+    publisher.publish_with_id("orders", b"m9", id_of(9));
+    for (who, d) in [
+        ("SSE resumed on B", sse_b.next_delivery()),
+        ("WebSocket resumed on B", ws_since.next_delivery()),
+        ("WebSocket on B", ws_b.next_delivery()),
+        ("WebSocket on A", ws_a.next_delivery()),
+    ] {
+        assert_eq!(
+            (d.text(), d.id),
+            ("m9".to_string(), Some(id_of(9))),
+            "{who}: {d:?}"
+        );
+    }
+    drop(probe);
+}
+
+#[test]
+fn an_id_that_does_not_advance_its_channel_is_dropped_on_every_transport() {
+    let gw = Gateway::start(&[]);
+    let publisher = Publisher::connect(gw.zmq_endpoint());
+    let probe = wait_for_subscription(&publisher, &[&gw]);
+    let mut ws = gw.ws("/ws?channel=a&channel=b");
+    let mut sse = gw.sse("/events?channel=a&channel=b", None);
+
+    publisher.publish_with_id("a", b"a1", 50);
+    publisher.publish_with_id("a", b"dup", 50); // a duplicate
+    publisher.publish_with_id("a", b"old", 49); // reordered
+    publisher.publish_meta("a", b"a2", r#"{"id":51}"#); // a JSON number works too
+    publisher.publish_with_id("b", b"b1", 7); // another channel: its own sequence
+    publisher.publish_with_id("a", b"bad", 0); // not an id
+    publisher.publish_meta("a", b"bad", r#"{"id":"5x"}"#);
+    publisher.publish("a", b"a3"); // no id: the gateway gives one
+    publisher.publish_with_id("a", b"late", 52); // below the one just given
+    publisher.publish_with_id("b", b"b2", 8);
+
+    for (who, got) in [("WebSocket", ws.deliveries(5)), ("SSE", sse.deliveries(5))] {
+        assert_eq!(
+            texts(&got),
+            ["a1", "a2", "b1", "a3", "b2"],
+            "{who}: duplicates, reordered and bad ids dropped: {got:?}"
+        );
+        let got_ids = ids(&got);
+        assert_eq!(&got_ids[..3], [50, 51, 7], "{who}: {got:?}");
+        assert_eq!(got_ids[4], 8, "{who}: {got:?}");
+        assert!(
+            got_ids[3] > probe.last_id,
+            "{who}: a gateway id continues the gateway's sequence: {got:?}"
+        );
+    }
+    // Nothing else was queued behind them.
+    publisher.publish_with_id("b", b"end", 9);
+    assert_eq!(ws.next_delivery().text(), "end");
+    assert_eq!(sse.next_delivery().text(), "end");
+
+    let log = gw.log();
+    assert_eq!(
+        log.matches("publication dropped").count(),
+        5,
+        "each dropped publication is logged:\n{log}"
+    );
+    assert!(log.contains("BadId"), "{log}");
+    assert!(log.contains("NotAfterLast"), "{log}");
+}
+
+/// A long-poll on a channel that has had no message yet gets a cursor of
+/// the gateway's own sequence; the channel's first message may then carry
+/// a (much smaller) publisher id. That cursor must not make the gateway
+/// skip the publisher's messages.
+#[test]
+fn a_cursor_handed_out_before_a_channels_first_message_does_not_skip_publisher_ids() {
+    let gw = Gateway::start(&["--poll-timeout-ms", "1000"]);
+    let publisher = Publisher::connect(gw.zmq_endpoint());
+    let probe = wait_for_subscription(&publisher, &[&gw]);
+
+    let mut lp = gw.http();
+    let r = longpoll(&mut lp, &["quiet"], None);
+    assert!(r.messages.is_empty() && r.gaps.is_empty(), "{}", r.body);
+    let nothing_yet = r.cursor;
+
+    // Waiting with it when the first message comes: delivered.
+    let mut ws = gw.ws(&format!("/ws?channel=quiet&since={nothing_yet}"));
+    publisher.publish_with_id("quiet", b"q1", 7);
+    let d = ws.next_delivery();
+    assert_eq!((d.text(), d.id), ("q1".to_string(), Some(7)), "{d:?}");
+
+    // Coming back with it afterwards: the gateway cannot place it in the
+    // publisher's sequence, so it says so and gives what it has.
+    let r = longpoll(&mut lp, &["quiet"], Some(nothing_yet));
+    assert_eq!(r.gaps, ["quiet"], "{}", r.body);
+    assert_eq!(texts(&r.messages), ["q1"], "{}", r.body);
+    assert_eq!(r.cursor, 7, "{}", r.body);
+
+    // From there on, the publisher's ids.
+    publisher.publish_with_id("quiet", b"q2", 8);
+    let d = ws.next_delivery();
+    assert_eq!((d.text(), d.id), ("q2".to_string(), Some(8)), "{d:?}");
+    let r = longpoll(&mut lp, &["quiet"], Some(7));
+    assert!(r.gaps.is_empty(), "{}", r.body);
+    assert_eq!(texts(&r.messages), ["q2"], "{}", r.body);
+    drop(probe);
+}
+
+/// Without publisher ids each gateway numbers messages itself, from its
+/// start time: a client moving from a gateway started later to one started
+/// earlier brings a cursor from the other's future. It is told of the gap,
+/// gets the history, and then every live message (the cursor does not make
+/// the gateway skip its own, smaller, ids).
+#[test]
+fn a_cursor_from_a_gateway_started_later_is_a_gap_then_everything() {
+    let publisher = Publisher::bind();
+    let args = [
+        "--zmq-bind",
+        "",
+        "--zmq-connect",
+        publisher.endpoint.as_str(),
+    ];
+    let older = Gateway::start(&args);
+    let newer = Gateway::start(&args);
+    let probe = wait_for_subscription(&publisher, &[&older, &newer]);
+    let mut on_newer = newer.ws("/ws?channel=feed");
+    let mut witness = older.ws("/ws?channel=feed");
+    publisher.publish("feed", b"m1");
+    let from_newer = on_newer.next_delivery().id.unwrap();
+    let m1 = witness.next_delivery();
+    assert!(
+        from_newer > m1.id.unwrap(),
+        "the newer gateway's ids are larger: {from_newer} vs {m1:?}"
+    );
+
+    let mut moved = older.ws(&format!("/ws?channel=feed&since={from_newer}"));
+    let gap = moved.next_delivery();
+    assert!(gap.gap && gap.channel == "feed", "{gap:?}");
+    let replayed = moved.next_delivery();
+    assert_eq!((replayed.text(), replayed.id), ("m1".to_string(), m1.id));
+    publisher.publish("feed", b"m2");
+    let m2 = witness.next_delivery();
+    let d = moved.next_delivery();
+    assert_eq!((d.text(), d.id), ("m2".to_string(), m2.id), "{d:?}");
+    drop(probe);
+}
