@@ -11,6 +11,10 @@
 //! - [`sse`]: Server-Sent Events encoding.
 //! - [`envelope`]: how one published message is written, once per transport
 //!   (WebSocket frame, SSE event, long-poll JSON), and the long-poll response.
+//! - [`proxy`]: the PROXY protocol header (v1 text and v2 binary) a proxy in
+//!   front of the gateway writes to say who the client is.
+//! - [`token`]: JWT verification for upgrades (keys by `kid`, time passed in)
+//!   and the channel patterns a token grants.
 //! - [`limits`]: every default limit, with units in the names.
 
 #![forbid(unsafe_code)]
@@ -18,5 +22,7 @@
 pub mod envelope;
 pub mod http;
 pub mod limits;
+pub mod proxy;
 pub mod sse;
+pub mod token;
 pub mod ws;

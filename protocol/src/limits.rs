@@ -26,3 +26,22 @@ pub const WS_SERVER_HEAD_BYTES_MAX: usize = 10;
 /// A long-poll response carries at most this many messages; the client polls
 /// again with the returned cursor for the rest.
 pub const LONGPOLL_MESSAGES_MAX: usize = 256;
+/// PROXY protocol v1: the longest line a receiver must accept, CRLF included
+/// ("PROXY UNKNOWN" with two full-length IPv6 addresses and ports,
+/// proxy-protocol.txt §2.1). A line without its CRLF by then is refused.
+pub const PROXY_V1_BYTES_MAX: usize = 107;
+/// PROXY protocol v2: the longest header accepted (16 fixed bytes, the
+/// address block and its TLVs). The 16-bit length field would allow
+/// 16 + 65535 bytes, but the spec sizes both versions to fit the smallest TCP
+/// segment every host must accept (576 − 40 = 536 bytes, §2) and has the
+/// sender write the header at once; a longer one is refused rather than
+/// buffered. It is held per connection only until complete, and leaves 484
+/// bytes of TLVs after IPv6 addresses (e.g. ALPN, authority, a 128-byte
+/// unique ID and the SSL sub-TLVs).
+pub const PROXY_V2_BYTES_MAX: usize = 536;
+
+// The v2 limit holds the largest address block (AF_UNIX, 2 × 108 bytes) and
+// is no more than the length field can say; a buffer of PROXY_V2_BYTES_MAX
+// holds a header of either version.
+const _: () = assert!(PROXY_V2_BYTES_MAX >= 16 + 216 && PROXY_V2_BYTES_MAX <= 16 + 0xFFFF);
+const _: () = assert!(PROXY_V1_BYTES_MAX <= PROXY_V2_BYTES_MAX);
