@@ -872,10 +872,13 @@ pub async fn doorbell_loop(
     }
 }
 
-pub async fn sweep_loop(core: Rc<Core>) {
+/// Runs the sweep once a second and counts it in `alive`, which the systemd
+/// watchdog thread reads as this core's proof of life.
+pub async fn sweep_loop(core: Rc<Core>, alive: Arc<AtomicU64>) {
     loop {
         monoio::time::sleep(Duration::from_secs(1)).await;
         core.sweep();
+        alive.fetch_add(1, Ordering::Relaxed);
     }
 }
 

@@ -9,6 +9,7 @@ mod conn;
 mod core;
 mod drain;
 mod ingest;
+mod service;
 
 use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
@@ -81,6 +82,9 @@ fn run(cfg: &'static Config) -> Result<(), String> {
         .map_or(1, |d| d.as_micros() as u64);
     let published_through = Arc::new(AtomicU64::new(first_id));
     let conn_counts: Arc<[AtomicU64]> = (0..cores).map(|_| AtomicU64::new(0)).collect();
+    let conn_counts_for_watchdog = conn_counts.clone();
+    // Bumped by each core's sweep once a second: the watchdog's proof of life.
+    let mut sweeps: Vec<Arc<AtomicU64>> = Vec::with_capacity(cores);
     // One table for all cores: a client's connections land on any core.
     let per_ip = (cfg.connections_per_ip_max > 0)
         .then(|| Arc::new(IpCounts::new(cfg.connections_per_ip_max as u32)));
@@ -108,6 +112,8 @@ fn run(cfg: &'static Config) -> Result<(), String> {
         let ready = ready_tx.clone();
         let published = published_through.clone();
         let counts = conn_counts.clone();
+        let alive = Arc::new(AtomicU64::new(0));
+        sweeps.push(alive.clone());
         let per_ip = per_ip.clone();
         let thread = std::thread::Builder::new()
             .name(format!("core-{index}"))
@@ -142,7 +148,7 @@ fn run(cfg: &'static Config) -> Result<(), String> {
                         }
                     };
                     monoio::spawn(core::doorbell_loop(core.clone(), rx, rung, doorbell));
-                    monoio::spawn(core::sweep_loop(core.clone()));
+                    monoio::spawn(core::sweep_loop(core.clone(), alive));
                     let _ = ready.send(Ok(()));
                     drop(ready);
                     accept_loop(core, listener).await;
@@ -190,6 +196,8 @@ fn run(cfg: &'static Config) -> Result<(), String> {
         bound.endpoint.as_deref().unwrap_or("-")
     );
     let _ = stdout.flush();
+    service::ready(&format!("serving on {listen_addr}"));
+    service::spawn_watchdog(sweeps, conn_counts_for_watchdog);
 
     let _ = ingest_thread.join();
     for t in threads {

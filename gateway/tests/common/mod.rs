@@ -61,6 +61,11 @@ impl Gateway {
     /// `--listen 127.0.0.1:0` and `--zmq-bind tcp://127.0.0.1:*` so that
     /// tests running in parallel never share a port.
     pub fn start(args: &[&str]) -> Gateway {
+        Self::start_with_env(args, &[])
+    }
+
+    /// Like `start`, with extra environment variables for the gateway.
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Gateway {
         let mut argv: Vec<String> = args.iter().map(|s| s.to_string()).collect();
         if !args.contains(&"--listen") {
             argv.push("--listen".into());
@@ -89,6 +94,7 @@ impl Gateway {
 
         let mut child = Command::new(env!("CARGO_BIN_EXE_gateway"))
             .args(&argv)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log))
