@@ -206,6 +206,68 @@ def close_payload():
     }
 
 
+PP2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"  # proxy-protocol.txt §2.2
+
+
+def pp2(ver_cmd, fam, block):
+    """A PROXY protocol v2 header: signature, version/command, family, length, block."""
+    return PP2_SIGNATURE + bytes([ver_cmd, fam]) + struct.pack(">H", len(block)) + block
+
+
+def pp2_tlv(kind, value):
+    return bytes([kind]) + struct.pack(">H", len(value)) + value
+
+
+def proxy_header():
+    ipv6_max = "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"
+    v4 = bytes([192, 168, 0, 1, 192, 168, 0, 11]) + struct.pack(">HH", 56324, 443)
+    v6 = (bytes.fromhex("20010db8000000000000000000000001")
+          + bytes.fromhex("00000000000000000000ffffc0000201") + struct.pack(">HH", 65535, 0))
+    tlvs = (pp2_tlv(0x01, b"h2") + pp2_tlv(0x02, b"example.com") + pp2_tlv(0x04, b"")
+            + pp2_tlv(0x05, b"\x07" * 128) + pp2_tlv(0x20, b"\x01\x00\x00\x00\x00"))
+    request = b"GET /healthz HTTP/1.1\r\n\r\n"
+    return {
+        # v1, §2.1: the example and the maximum lengths.
+        "v1_tcp4_spec_example": b"PROXY TCP4 192.168.0.1 192.168.0.11 56324 443\r\n" + request,
+        "v1_tcp4_max": b"PROXY TCP4 255.255.255.255 255.255.255.255 65535 65535\r\n",
+        "v1_tcp6_max": f"PROXY TCP6 {ipv6_max} {ipv6_max} 65535 65535\r\n".encode(),
+        "v1_tcp6_compressed_mapped": b"PROXY TCP6 2001:db8::1 ::ffff:192.0.2.1 0 80\r\n",
+        "v1_unknown": b"PROXY UNKNOWN\r\n" + request,
+        "v1_unknown_107": f"PROXY UNKNOWN {ipv6_max} {ipv6_max} 65535 65535\r\n".encode(),
+        "v1_partial": b"PROXY TCP4 192.168.0.1 192.16",
+        "v1_cr_only": b"PROXY TCP4 192.168.0.1 192.168.0.11 56324 443\r",
+        "v1_leading_zero": b"PROXY TCP4 192.168.0.01 192.168.0.11 56324 443\r\n",
+        "v1_port_65536": b"PROXY TCP4 192.168.0.1 192.168.0.11 65536 443\r\n",
+        "v1_double_space": b"PROXY TCP4  192.168.0.1 192.168.0.11 56324 443\r\n",
+        "v1_family_mismatch": b"PROXY TCP4 ::1 192.168.0.11 56324 443\r\n",
+        "v1_bare_lf": b"PROXY TCP4 192.168.0.1 192.168.0.11 56324 443\n",
+        "v1_too_long": b"PROXY UNKNOWN " + b"a" * 100 + b"\r\n",
+        # v2, §2.2: HAProxy's own output (172.19.0.1:42578 -> 172.19.0.3:80), then
+        # each family, TLVs, LOCAL, and each error.
+        "v2_haproxy_tcp4": bytes.fromhex("0d0a0d0a000d0a515549540a2111000cac130001ac130003a6520050")
+        + request,
+        "v2_tcp4": pp2(0x21, 0x11, v4),
+        "v2_tcp4_tlvs": pp2(0x21, 0x11, v4 + tlvs) + request,
+        "v2_udp4": pp2(0x21, 0x12, v4),
+        "v2_tcp6_tlvs": pp2(0x21, 0x21, v6 + tlvs),
+        "v2_udp6": pp2(0x21, 0x22, v6),
+        "v2_unix": pp2(0x21, 0x31, b"/run/a.sock".ljust(108, b"\x00") * 2),
+        "v2_unspec": pp2(0x21, 0x00, b""),
+        "v2_local": pp2(0x20, 0x00, b"") + request,
+        "v2_local_with_block": pp2(0x20, 0x11, v4),
+        "v2_max_536": pp2(0x21, 0x11, v4 + pp2_tlv(0x04, b"\x00" * 505)),
+        "v2_too_long": pp2(0x21, 0x11, v4 + pp2_tlv(0x04, b"\x00" * 506)),
+        "v2_bad_version": pp2(0x11, 0x11, v4),
+        "v2_bad_command": pp2(0x22, 0x11, v4),
+        "v2_bad_family": pp2(0x21, 0x13, v4),
+        "v2_address_too_short": pp2(0x21, 0x21, v4),
+        "v2_partial": pp2(0x21, 0x21, v6)[:30],
+        # Neither signature.
+        "http": request,
+        "http_after_empty_lines": b"\r\n\r\n" + request,
+    }
+
+
 def main():
     targets = {
         "request_head": request_head(),
@@ -213,6 +275,7 @@ def main():
         "ws_session": ws_session(),
         "cursor": cursor(),
         "close_payload": close_payload(),
+        "proxy_header": proxy_header(),
     }
     for target, seeds in targets.items():
         d = os.path.join(SEEDS, target)
