@@ -38,11 +38,26 @@ pub enum Transport {
     Closing,
 }
 
-/// Ids this gateway issues start at its start time in microseconds, above
-/// this (2001-09-09). A publisher's ids below it are from another sequence
-/// than the gateway's: a cursor at or above it on such a channel is one the
-/// gateway handed out, not a position in the publisher's sequence.
-pub const GATEWAY_ID_FLOOR: u64 = 1_000_000_000_000_000;
+/// Ids this gateway issues are at or above this (2^56), and a publisher's
+/// must be below it (ingest refuses others): a cursor at or above it is one a
+/// gateway handed out, not a position in a publisher's sequence.
+///
+/// A gateway id is `counter << ID_TAG_BITS | tag`: the counter starts at the
+/// process start time in milliseconds (so ids grow across restarts) and the
+/// tag is drawn at random when the process starts. The tag is the epoch: a
+/// cursor with another tag comes from another process (another gateway, or
+/// an earlier run of this one), whose ids say nothing about this one's even
+/// where the numbers overlap, and resuming from it is a gap.
+pub const GATEWAY_ID_FLOOR: u64 = 1 << 56;
+/// Low bits of a gateway id that hold its process's tag.
+pub const ID_TAG_BITS: u32 = 16;
+pub const ID_TAG_MASK: u64 = (1 << ID_TAG_BITS) - 1;
+
+/// The first id of a process started at `start_ms` (Unix milliseconds) with
+/// `tag`: at or above [`GATEWAY_ID_FLOOR`] for any start after 2004.
+pub fn first_gateway_id(start_ms: u64, tag: u16) -> u64 {
+    (start_ms.max(GATEWAY_ID_FLOOR >> ID_TAG_BITS) << ID_TAG_BITS) | tag as u64
+}
 
 /// Where a connection stands in a drain (see `Core::drain_step`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -352,6 +367,8 @@ pub struct Registry {
     /// that was published before this process started: a cursor at or below
     /// it on an unknown channel cannot be trusted.
     forgotten_through: u64,
+    /// This process's tag, the low bits of every id it assigns.
+    own_tag: u64,
 }
 
 /// What a resuming client gets: messages after its cursor, and the channels
@@ -379,6 +396,7 @@ impl Registry {
             channels: Slab::new(),
             age: VecDeque::new(),
             forgotten_through: first_id,
+            own_tag: first_id & ID_TAG_MASK,
         }
     }
 
@@ -471,6 +489,7 @@ impl Registry {
         replay_max: usize,
     ) -> (Box<[u32]>, Resume) {
         let mut ids = Vec::with_capacity(names.len());
+        let own_tag = self.own_tag;
         let mut resume = Resume {
             messages: Vec::new(),
             gaps: Vec::new(),
@@ -499,7 +518,13 @@ impl Registry {
                 Some(m) if m.from_publisher => {
                     since > m.id && since >= GATEWAY_ID_FLOOR && m.id < GATEWAY_ID_FLOOR
                 }
-                _ => since > published_through,
+                // On a channel this gateway numbers: from the future, or
+                // another process's id (another tag), however close its
+                // number.
+                _ => {
+                    since > published_through
+                        || (since >= GATEWAY_ID_FLOOR && since & ID_TAG_MASK != own_tag)
+                }
             };
             // A cursor from before what this core remembers is a gap too,
             // never a guess.
@@ -910,8 +935,37 @@ mod tests {
     }
 
     #[test]
+    fn a_cursor_from_another_process_is_a_gap_even_where_the_numbers_overlap() {
+        // This process (tag 7) started a second before another (tag 9), and
+        // has since issued more ids than that second's worth of counter: the
+        // other process's ids fall inside this one's range.
+        let first_id = first_gateway_id(1_800_000_000_000, 7);
+        let mut reg = Registry::new(first_id);
+        let mine: Vec<u64> = (1..=3)
+            .map(|n| ((1_800_000_001_000 + n) << ID_TAG_BITS) | 7)
+            .collect();
+        for &id in &mine {
+            publish(&mut reg, msg(id, "a"), 10);
+        }
+        let names = vec!["a".to_string()];
+        let theirs = ((1_800_000_001_001) << ID_TAG_BITS) | 9;
+        assert!(first_id < theirs && theirs < mine[2]);
+        let (_, r) = reg.subscribe(1, &names, Some(theirs), mine[2], 100, 100);
+        assert_eq!(r.gaps.len(), 1, "another process's cursor is a gap");
+        assert!(r.reset);
+        assert_eq!(r.messages.len(), 3, "then the whole history");
+        // The same number with this process's tag is a position: no gap.
+        let (_, r) = reg.subscribe(2, &names, Some(mine[0]), mine[2], 100, 100);
+        assert!(r.gaps.is_empty() && !r.reset);
+        assert_eq!(
+            r.messages.iter().map(|m| m.id).collect::<Vec<_>>(),
+            &mine[1..]
+        );
+    }
+
+    #[test]
     fn a_cursor_of_the_gateways_own_sequence_on_a_publisher_channel_restarts_it() {
-        let first_id = 1_700_000_000_000_000;
+        let first_id = first_gateway_id(1_800_000_000_000, 7);
         let mut reg = Registry::new(first_id);
         let names = vec!["p".to_string()];
         // A long-poll on the channel before it had a message: its cursor
@@ -929,8 +983,9 @@ mod tests {
         // A publisher whose ids are microsecond timestamps is another
         // matter: such a cursor is a position in its sequence.
         let mut reg = Registry::new(first_id);
-        publish(&mut reg, pmsg(first_id + 5, "p"), 10);
-        let (_, r) = reg.subscribe(1, &names, Some(first_id + 9), first_id + 5, 100, 100);
+        let us = 1_700_000_000_000_000;
+        publish(&mut reg, pmsg(us + 5, "p"), 10);
+        let (_, r) = reg.subscribe(1, &names, Some(us + 9), first_id, 100, 100);
         assert!(r.gaps.is_empty() && r.messages.is_empty() && !r.reset);
     }
 

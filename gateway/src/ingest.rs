@@ -26,6 +26,7 @@ use serde::Deserialize;
 use tracing::{info, warn};
 
 use crate::config::Config;
+use crate::core::{GATEWAY_ID_FLOOR, ID_TAG_BITS, ID_TAG_MASK};
 
 /// One published message, encoded once for each transport. Cores and
 /// connections share it by reference count; no subscriber gets a copy.
@@ -160,7 +161,10 @@ fn publisher_id(v: &serde_json::Value) -> Result<u64, IngestError> {
         }
         _ => None,
     };
-    id.filter(|&id| id > 0).ok_or(IngestError::BadId)
+    // Ids from GATEWAY_ID_FLOOR up are the gateways' own (they carry a
+    // process tag); a publisher's there could pass for one.
+    id.filter(|&id| id > 0 && id < GATEWAY_ID_FLOOR)
+        .ok_or(IngestError::BadId)
 }
 
 /// Checks a publication's frames.
@@ -289,18 +293,26 @@ pub fn open(ctx: &zmq::Context, cfg: &Config) -> Result<(zmq::Socket, Bound), St
     Ok((sub, bound))
 }
 
-/// Gives a checked publication its id: the publisher's, or one past the
-/// highest id seen so far (`max_seen`, which starts at the process start
-/// time in microseconds). Err: the id does not advance its channel (the
-/// channel's last id), or no id is left.
+/// Gives a checked publication its id: the publisher's, or this
+/// gateway's next (`counter << ID_TAG_BITS | tag`, the counter one past the
+/// highest id seen, `max_seen`, which starts at the process's first id; see
+/// [`crate::core::GATEWAY_ID_FLOOR`]). Err: the id does not advance its
+/// channel (the channel's last id), or no id is left.
 pub fn assign_id(
     checked: &Checked,
     max_seen: &mut u64,
     last_ids: &mut LastIds,
+    tag: u64,
 ) -> Result<u64, IdRefusal> {
     let id = match checked.id {
         Some(id) => id,
-        None => max_seen.checked_add(1).ok_or(IdRefusal::Exhausted)?,
+        None => {
+            let counter = (*max_seen >> ID_TAG_BITS) + 1;
+            if counter >> (64 - ID_TAG_BITS) != 0 {
+                return Err(IdRefusal::Exhausted);
+            }
+            counter << ID_TAG_BITS | tag
+        }
     };
     last_ids
         .advance(checked.channel, id)
@@ -330,6 +342,8 @@ pub fn run(
 ) {
     let mut dropped: u64 = 0;
     let mut max_seen = published_through.load(Ordering::Relaxed);
+    // The process's first id carries its tag.
+    let tag = max_seen & ID_TAG_MASK;
     let mut last_ids = LastIds::new(cfg.channels_max);
     loop {
         let frames = match sub.recv_multipart(0) {
@@ -350,7 +364,7 @@ pub fn run(
         };
         // Only this thread assigns ids, so the order of this loop is the
         // order of the ids.
-        let id = match assign_id(&checked, &mut max_seen, &mut last_ids) {
+        let id = match assign_id(&checked, &mut max_seen, &mut last_ids, tag) {
             Ok(id) => id,
             Err(why) => {
                 dropped += 1;
@@ -423,16 +437,22 @@ mod tests {
         };
         assert_eq!(id_of(br#"{"id":"42"}"#), Ok(Some(42)));
         assert_eq!(id_of(br#"{"id":42}"#), Ok(Some(42)));
+        // Up to just below the gateways' own range (2^56).
         assert_eq!(
-            id_of(br#"{"id":"18446744073709551615","event":"e"}"#),
-            Ok(Some(u64::MAX))
+            id_of(br#"{"id":"72057594037927935","event":"e"}"#),
+            Ok(Some(GATEWAY_ID_FLOOR - 1))
         );
-        assert_eq!(id_of(br#"{"id":18446744073709551615}"#), Ok(Some(u64::MAX)));
+        assert_eq!(
+            id_of(br#"{"id":1700000000000000}"#),
+            Ok(Some(1_700_000_000_000_000))
+        );
         assert_eq!(id_of(br#"{"id":null}"#), Ok(None));
         for bad in [
             &br#"{"id":"0"}"#[..],
             br#"{"id":0}"#,
             br#"{"id":-1}"#,
+            br#"{"id":72057594037927936}"#,
+            br#"{"id":"18446744073709551615"}"#,
             br#"{"id":1.5}"#,
             br#"{"id":"1.5"}"#,
             br#"{"id":""}"#,
@@ -464,67 +484,64 @@ mod tests {
     }
 
     #[test]
-    fn publisher_ids_must_increase_per_channel_and_raise_the_max_seen() {
-        let mut max_seen = 1_000;
+    fn publisher_ids_must_increase_per_channel() {
+        let tag = 0x2a;
+        let first = crate::core::first_gateway_id(1_800_000_000_000, tag as u16);
+        let mut max_seen = first;
         let mut last = LastIds::new(100);
-        // Publisher ids are taken as they are, even below the max seen.
-        assert_eq!(
-            assign_id(&checked("a", Some(5)), &mut max_seen, &mut last),
-            Ok(5)
-        );
-        assert_eq!(max_seen, 1_000);
-        assert_eq!(
-            assign_id(&checked("a", Some(7)), &mut max_seen, &mut last),
-            Ok(7)
-        );
+        let mut id = |ch: &str, given: Option<u64>, max_seen: &mut u64| {
+            assign_id(&checked(ch, given), max_seen, &mut last, tag)
+        };
+        // Publisher ids are taken as they are, far below the gateway's.
+        assert_eq!(id("a", Some(5), &mut max_seen), Ok(5));
+        assert_eq!(id("a", Some(7), &mut max_seen), Ok(7));
+        assert_eq!(max_seen, first);
         // A duplicate or an older id on the same channel is refused...
-        for id in [7, 6, 1] {
+        for old in [7, 6, 1] {
             assert_eq!(
-                assign_id(&checked("a", Some(id)), &mut max_seen, &mut last),
+                id("a", Some(old), &mut max_seen),
                 Err(IdRefusal::NotAfterLast { last: 7 })
             );
         }
         // ... while another channel has its own sequence.
-        assert_eq!(
-            assign_id(&checked("b", Some(3)), &mut max_seen, &mut last),
-            Ok(3)
-        );
-        // A publisher id above the max seen raises it, and ids the gateway
-        // assigns continue above it.
-        assert_eq!(
-            assign_id(&checked("c", Some(5_000)), &mut max_seen, &mut last),
-            Ok(5_000)
-        );
-        assert_eq!(max_seen, 5_000);
-        assert_eq!(
-            assign_id(&checked("b", None), &mut max_seen, &mut last),
-            Ok(5_001)
-        );
+        assert_eq!(id("b", Some(3), &mut max_seen), Ok(3));
+        // The gateway's own ids carry its tag and keep increasing.
+        let g1 = id("c", None, &mut max_seen).unwrap();
+        let g2 = id("b", None, &mut max_seen).unwrap();
+        assert!(first < g1 && g1 < g2);
+        assert_eq!((g1 & ID_TAG_MASK, g2 & ID_TAG_MASK), (tag, tag));
         // A publisher id below what the gateway gave the channel is refused:
         // mixing the two on one channel never delivers out of order.
         assert_eq!(
-            assign_id(&checked("b", Some(4)), &mut max_seen, &mut last),
-            Err(IdRefusal::NotAfterLast { last: 5_001 })
+            id("b", Some(4), &mut max_seen),
+            Err(IdRefusal::NotAfterLast { last: g2 })
         );
-        assert_eq!(
-            assign_id(&checked("d", Some(u64::MAX)), &mut max_seen, &mut last),
-            Ok(u64::MAX)
-        );
-        assert_eq!(
-            assign_id(&checked("e", None), &mut max_seen, &mut last),
-            Err(IdRefusal::Exhausted)
-        );
+        // No counter is left past the top of the id space.
+        let mut top = u64::MAX;
+        assert_eq!(id("e", None, &mut top), Err(IdRefusal::Exhausted));
     }
 
     #[test]
-    fn gateway_ids_increase_across_channels() {
-        let mut max_seen = 100;
+    fn gateway_ids_increase_across_channels_with_the_tag_in_the_low_bits() {
+        let mut max_seen = crate::core::first_gateway_id(1_800_000_000_000, 7);
         let mut last = LastIds::new(100);
         let ids: Vec<u64> = ["a", "b", "a", "c"]
             .iter()
-            .map(|ch| assign_id(&checked(ch, None), &mut max_seen, &mut last).unwrap())
+            .map(|ch| assign_id(&checked(ch, None), &mut max_seen, &mut last, 7).unwrap())
             .collect();
-        assert_eq!(ids, [101, 102, 103, 104]);
+        let counters: Vec<u64> = ids.iter().map(|id| id >> ID_TAG_BITS).collect();
+        assert_eq!(
+            counters,
+            [
+                1_800_000_000_001,
+                1_800_000_000_002,
+                1_800_000_000_003,
+                1_800_000_000_004
+            ]
+        );
+        assert!(ids
+            .iter()
+            .all(|id| id & ID_TAG_MASK == 7 && *id >= GATEWAY_ID_FLOOR));
     }
 
     #[test]

@@ -74,12 +74,14 @@ fn run(cfg: &'static Config) -> Result<(), String> {
     let ctx = zmq::Context::new();
     let (sub, bound) = ingest::open(&ctx, cfg)?;
 
-    // Ids continue from the start time in microseconds, so they grow across
-    // restarts and a cursor from an earlier run is recognised as one (a gap),
-    // never mistaken for a position in this run.
-    let first_id = SystemTime::now()
+    // This process's ids: a counter from the start time in milliseconds (so
+    // ids grow across restarts) with a random tag in the low bits (the
+    // epoch: a cursor from another process or an earlier run is recognised
+    // as such, a gap, never mistaken for a position in this run).
+    let start_ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(1, |d| d.as_micros() as u64);
+        .map_or(0, |d| d.as_millis() as u64);
+    let first_id = core::first_gateway_id(start_ms, rand::random::<u16>());
     let published_through = Arc::new(AtomicU64::new(first_id));
     let conn_counts: Arc<[AtomicU64]> = (0..cores).map(|_| AtomicU64::new(0)).collect();
     let conn_counts_for_watchdog = conn_counts.clone();
