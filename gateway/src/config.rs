@@ -96,6 +96,12 @@ pub struct Config {
     /// conformance testing (the Autobahn cases); empty (the default) means
     /// none. It runs the same connection code as `/ws`.
     pub ws_echo_path: String,
+    /// `/readyz` answers 503 `no_publisher` while the ZeroMQ socket has no
+    /// peer (no publisher or forwarder connected), so a load balancer sends
+    /// clients only to gateways that can deliver. Off by default: with a
+    /// bound endpoint, publishers may connect only when they have something
+    /// to say.
+    pub ready_requires_publisher: bool,
     /// Log filter (error, warn, info, debug, trace, or a tracing directive).
     pub log_level: String,
 }
@@ -130,6 +136,7 @@ impl Default for Config {
             handshakes_per_s_per_core: 0,
             drain_window_ms: 10_000,
             ws_echo_path: String::new(),
+            ready_requires_publisher: false,
             log_level: "info".to_string(),
         }
     }
@@ -241,6 +248,10 @@ pub struct Cli {
     /// conformance testing; it runs the same connection code as /ws. [default: none]
     #[arg(long, value_name = "PATH")]
     pub ws_echo_path: Option<String>,
+    /// /readyz answers 503 "no_publisher" while no ZeroMQ publisher or
+    /// forwarder is connected. [default: off]
+    #[arg(long)]
+    pub ready_requires_publisher: bool,
     /// Log level or tracing filter directive, e.g. "info" or "gateway=debug". [default: info]
     #[arg(long, value_name = "FILTER")]
     pub log_level: Option<String>,
@@ -290,6 +301,9 @@ impl Cli {
             ws_echo_path,
             log_level
         );
+        if self.ready_requires_publisher {
+            cfg.ready_requires_publisher = true;
+        }
         if !self.zmq_connect.is_empty() {
             cfg.zmq_connect = self.zmq_connect;
         }

@@ -196,6 +196,10 @@ where
                     let draining = draining();
                     let (ready, status) = if draining {
                         (false, "draining")
+                    } else if self.core.cfg.ready_requires_publisher
+                        && crate::ingest::publisher_peers() <= 0
+                    {
+                        (false, "no_publisher")
                     } else {
                         (true, "ready")
                     };

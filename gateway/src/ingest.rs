@@ -16,7 +16,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -276,6 +276,7 @@ pub fn open(ctx: &zmq::Context, cfg: &Config) -> Result<(zmq::Socket, Bound), St
     // "news2").
     sub.set_subscribe(b"")
         .map_err(|e| format!("zmq subscribe: {e}"))?;
+    watch_peers(ctx, &sub)?;
     let mut bound = Bound { endpoint: None };
     if !cfg.zmq_bind.is_empty() {
         sub.bind(&cfg.zmq_bind)
@@ -291,6 +292,60 @@ pub fn open(ctx: &zmq::Context, cfg: &Config) -> Result<(zmq::Socket, Bound), St
             .map_err(|e| format!("zmq connect {endpoint}: {e}"))?;
     }
     Ok((sub, bound))
+}
+
+/// ZeroMQ peers (publishers or forwarders) the SUB socket is connected to
+/// now, as its monitor reports them; `/readyz` can require at least one.
+static PUBLISHER_PEERS: AtomicI64 = AtomicI64::new(0);
+
+pub fn publisher_peers() -> i64 {
+    PUBLISHER_PEERS.load(Ordering::Relaxed)
+}
+
+/// Counts the SUB socket's peers from its monitor events, on a thread of
+/// their own so the ingest loop keeps its single blocking receive.
+fn watch_peers(ctx: &zmq::Context, sub: &zmq::Socket) -> Result<(), String> {
+    const ENDPOINT: &str = "inproc://gateway-ingest-monitor";
+    let events = zmq::SocketEvent::CONNECTED as i32
+        | zmq::SocketEvent::ACCEPTED as i32
+        | zmq::SocketEvent::DISCONNECTED as i32;
+    sub.monitor(ENDPOINT, events)
+        .map_err(|e| format!("zmq monitor: {e}"))?;
+    let pair = ctx
+        .socket(zmq::PAIR)
+        .map_err(|e| format!("zmq monitor socket: {e}"))?;
+    pair.connect(ENDPOINT)
+        .map_err(|e| format!("zmq monitor connect: {e}"))?;
+    std::thread::Builder::new()
+        .name("ingest-monitor".into())
+        .spawn(move || loop {
+            // An event is two frames: 2 bytes of event number and 4 of
+            // value (little-endian), then the peer's endpoint.
+            let Ok(frames) = pair.recv_multipart(0) else {
+                return;
+            };
+            let Some(head) = frames.first().filter(|f| f.len() >= 2) else {
+                continue;
+            };
+            let event = zmq::SocketEvent::from_raw(u16::from_le_bytes([head[0], head[1]]));
+            let endpoint = frames
+                .get(1)
+                .map(|f| String::from_utf8_lossy(f).into_owned());
+            let delta = match event {
+                zmq::SocketEvent::CONNECTED | zmq::SocketEvent::ACCEPTED => 1,
+                zmq::SocketEvent::DISCONNECTED => -1,
+                _ => continue,
+            };
+            let now = PUBLISHER_PEERS.fetch_add(delta, Ordering::Relaxed) + delta;
+            info!(
+                ?event,
+                endpoint = endpoint.as_deref().unwrap_or("?"),
+                peers = now,
+                "zmq peer"
+            );
+        })
+        .map_err(|e| format!("spawn zmq monitor thread: {e}"))?;
+    Ok(())
 }
 
 /// Gives a checked publication its id: the publisher's, or this
