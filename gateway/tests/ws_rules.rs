@@ -45,7 +45,10 @@ fn upgrade(gw: &Gateway, path: &str) -> HttpConn {
     );
     let head = conn.read_head();
     assert_eq!(head.status, 101, "{head:?}");
-    assert_eq!(head.header("sec-websocket-accept"), Some("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="));
+    assert_eq!(
+        head.header("sec-websocket-accept"),
+        Some("s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")
+    );
     conn
 }
 
@@ -74,7 +77,10 @@ fn read_frame(conn: &mut HttpConn) -> (u8, Vec<u8>) {
 
 fn expect_close(conn: &mut HttpConn, code: u16, context: &str) {
     let (first, payload) = read_frame(conn);
-    assert_eq!(first, 0x88, "{context}: expected a close frame, got {first:#x} {payload:?}");
+    assert_eq!(
+        first, 0x88,
+        "{context}: expected a close frame, got {first:#x} {payload:?}"
+    );
     assert_eq!(&payload[..2], &code.to_be_bytes(), "{context}");
     // The client never answers the close: the gateway must still close the
     // connection (within its linger bound; the read timeout is only a
@@ -91,14 +97,38 @@ fn rule_breaking_clients_get_their_close_code_and_are_disconnected() {
         ("reserved opcode", frame(0x83, b"", true), 1002),
         ("fragmented ping", frame(0x09, b"", true), 1002),
         ("ping over 125 bytes", frame(0x89, &[0u8; 126], true), 1002),
-        ("continuation without a message", frame(0x80, b"x", true), 1002),
-        ("close code that must not be sent", frame(0x88, &1005u16.to_be_bytes(), true), 1002),
-        ("text that is not UTF-8", frame(0x81, &[b'a', 0xC3, 0x28], true), 1007),
-        ("close reason that is not UTF-8", frame(0x88, &[0x03, 0xE8, 0xFF], true), 1007),
-        ("message over the limit", frame(0x82, &[0u8; 1001], true), 1009),
+        (
+            "continuation without a message",
+            frame(0x80, b"x", true),
+            1002,
+        ),
+        (
+            "close code that must not be sent",
+            frame(0x88, &1005u16.to_be_bytes(), true),
+            1002,
+        ),
+        (
+            "text that is not UTF-8",
+            frame(0x81, &[b'a', 0xC3, 0x28], true),
+            1007,
+        ),
+        (
+            "close reason that is not UTF-8",
+            frame(0x88, &[0x03, 0xE8, 0xFF], true),
+            1007,
+        ),
+        (
+            "message over the limit",
+            frame(0x82, &[0u8; 1001], true),
+            1009,
+        ),
         (
             "fragments adding up over the limit",
-            [frame(0x02, &[0u8; 600], true), frame(0x80, &[0u8; 600], true)].concat(),
+            [
+                frame(0x02, &[0u8; 600], true),
+                frame(0x80, &[0u8; 600], true),
+            ]
+            .concat(),
             1009,
         ),
     ];
@@ -109,7 +139,9 @@ fn rule_breaking_clients_get_their_close_code_and_are_disconnected() {
     }
     // None of it hurt anybody else.
     let mut ws = gw.ws("/ws?channel=rules");
-    ws.ws.send(tungstenite::Message::Ping(b"still here".to_vec())).unwrap();
+    ws.ws
+        .send(tungstenite::Message::Ping(b"still here".to_vec()))
+        .unwrap();
     assert!(matches!(ws.next_message(), tungstenite::Message::Pong(p) if p == b"still here"));
 }
 
@@ -136,7 +168,10 @@ fn control_frames_inside_a_fragmented_message_are_answered() {
     conn.send(&frame(0x80, b"ment", true));
     conn.send(&frame(0x88, &1000u16.to_be_bytes(), true));
     let (first, payload) = read_frame(&mut conn);
-    assert_eq!((first, payload.as_slice()), (0x88, &1000u16.to_be_bytes()[..]));
+    assert_eq!(
+        (first, payload.as_slice()),
+        (0x88, &1000u16.to_be_bytes()[..])
+    );
     conn.expect_eof("after the close handshake");
 }
 
