@@ -60,7 +60,8 @@ fuzz_target!(|data: &[u8]| {
             Ok(Request::LongPoll {
                 channels: vec![s.to_string()],
                 since: None,
-                keep_alive: true
+                keep_alive: true,
+                token: None,
             })
         ),
         Ok(_) => assert_eq!(got, Err(Reject::BadChannelName)),
@@ -78,7 +79,8 @@ fuzz_target!(|data: &[u8]| {
             Ok(Request::LongPoll {
                 channels: vec!["a".into()],
                 since: Some(n),
-                keep_alive: true
+                keep_alive: true,
+                token: None,
             })
         ),
         (Ok(_), None) => assert_eq!(got, Err(Reject::BadCursor)),

@@ -104,6 +104,66 @@ pub struct Config {
     pub ready_requires_publisher: bool,
     /// Log filter (error, warn, info, debug, trace, or a tracing directive).
     pub log_level: String,
+    /// Admin listener (`/metrics`, `/healthz`, `/readyz`), served by a plain
+    /// thread apart from the cores; empty disables it.
+    pub admin_listen: String,
+    /// Every WebSocket, SSE and long-poll request must present a valid
+    /// token (JWT) signed with one of `auth_keys`, allowing the channels it
+    /// asks for. Off by default (a zero-setup development gateway).
+    pub auth: bool,
+    /// The keys tokens may be signed with. Re-read from the file on SIGHUP.
+    pub auth_keys: Vec<AuthKey>,
+    /// Clock skew tolerated on a token's `exp` and `nbf`, in seconds.
+    pub auth_leeway_s: u64,
+    /// HS256 keys given on the command line (`--auth-hs256-secret
+    /// KID=SECRET`, development only): kept across SIGHUP reloads.
+    #[serde(skip)]
+    pub auth_cli_keys: Vec<AuthKey>,
+    /// The file the configuration came from, re-read on SIGHUP.
+    #[serde(skip)]
+    pub config_path: Option<PathBuf>,
+}
+
+/// One token verification key (`[[auth_keys]]` in the file).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthKey {
+    /// The `kid` tokens name it by.
+    pub kid: String,
+    /// "HS256", "RS256" or "ES256".
+    pub alg: String,
+    /// HS256: the shared secret (at least 32 bytes).
+    #[serde(default)]
+    pub secret: Option<String>,
+    /// RS256 / ES256: a PEM public key file.
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+}
+
+impl AuthKey {
+    /// Adds this key to `set`, reading its file if it has one.
+    fn add_to(&self, set: &mut protocol::token::KeySet) -> Result<(), String> {
+        use protocol::token::KeyAlgorithm;
+        let kid = &self.kid;
+        let alg = KeyAlgorithm::from_name(&self.alg)
+            .ok_or_else(|| format!("auth key {kid:?}: alg must be HS256, RS256 or ES256"))?;
+        let material = match (alg, &self.secret, &self.key_file) {
+            (KeyAlgorithm::Hs256, Some(secret), None) => secret.clone().into_bytes(),
+            (KeyAlgorithm::Hs256, _, _) => {
+                return Err(format!(
+                    "auth key {kid:?}: HS256 takes a secret (and no key_file)"
+                ))
+            }
+            (_, None, Some(path)) => std::fs::read(path)
+                .map_err(|e| format!("auth key {kid:?}: reading {}: {e}", path.display()))?,
+            (_, _, _) => {
+                return Err(format!(
+                    "auth key {kid:?}: {alg} takes a key_file (and no secret)"
+                ))
+            }
+        };
+        set.add(kid, alg, &material).map_err(|e| e.to_string())
+    }
 }
 
 impl Default for Config {
@@ -138,6 +198,12 @@ impl Default for Config {
             ws_echo_path: String::new(),
             ready_requires_publisher: false,
             log_level: "info".to_string(),
+            admin_listen: "127.0.0.1:9090".to_string(),
+            auth: false,
+            auth_keys: Vec::new(),
+            auth_leeway_s: 30,
+            auth_cli_keys: Vec::new(),
+            config_path: None,
         }
     }
 }
@@ -255,6 +321,22 @@ pub struct Cli {
     /// Log level or tracing filter directive, e.g. "info" or "gateway=debug". [default: info]
     #[arg(long, value_name = "FILTER")]
     pub log_level: Option<String>,
+    /// Admin listener address: Prometheus /metrics, /healthz, /readyz; ""
+    /// disables it. Keep it off the public network. [default: 127.0.0.1:9090]
+    #[arg(long, value_name = "ADDR")]
+    pub admin_listen: Option<String>,
+    /// Require a valid token (JWT) on every WebSocket, SSE and long-poll
+    /// request. Keys come from `auth_keys` in the --config file (re-read on
+    /// SIGHUP) or --auth-hs256-secret. [default: off]
+    #[arg(long)]
+    pub auth: bool,
+    /// An HS256 key, KID=SECRET (at least 32 bytes); repeatable. For
+    /// development: the secret shows in the process list. [default: none]
+    #[arg(long, value_name = "KID=SECRET")]
+    pub auth_hs256_secret: Vec<String>,
+    /// Clock skew tolerated on a token's exp and nbf, in seconds. [default: 30]
+    #[arg(long, value_name = "S")]
+    pub auth_leeway_s: Option<u64>,
 }
 
 impl Cli {
@@ -299,8 +381,25 @@ impl Cli {
             handshakes_per_s_per_core,
             drain_window_ms,
             ws_echo_path,
-            log_level
+            log_level,
+            admin_listen,
+            auth_leeway_s
         );
+        if self.auth {
+            cfg.auth = true;
+        }
+        for arg in &self.auth_hs256_secret {
+            let (kid, secret) = arg
+                .split_once('=')
+                .ok_or("--auth-hs256-secret takes KID=SECRET")?;
+            cfg.auth_cli_keys.push(AuthKey {
+                kid: kid.to_string(),
+                alg: "HS256".to_string(),
+                secret: Some(secret.to_string()),
+                key_file: None,
+            });
+        }
+        cfg.config_path = self.config.clone();
         if self.ready_requires_publisher {
             cfg.ready_requires_publisher = true;
         }
@@ -313,6 +412,32 @@ impl Cli {
 }
 
 impl Config {
+    /// The key set of this configuration: `auth_keys` (files read now) and
+    /// the command line's. Also how SIGHUP rebuilds it from a re-read file.
+    pub fn key_set(&self) -> Result<protocol::token::KeySet, String> {
+        let mut set = protocol::token::KeySet::new();
+        for key in self.auth_keys.iter().chain(&self.auth_cli_keys) {
+            key.add_to(&mut set)?;
+        }
+        Ok(set)
+    }
+
+    /// The `auth_keys` of the configuration file as it is now, with the
+    /// command line's keys: the key set a SIGHUP swaps in.
+    pub fn reload_key_set(&self) -> Result<protocol::token::KeySet, String> {
+        let mut fresh = match &self.config_path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| format!("reading {}: {e}", path.display()))?;
+                toml::from_str::<Config>(&text)
+                    .map_err(|e| format!("parsing {}: {e}", path.display()))?
+            }
+            None => Config::default(),
+        };
+        fresh.auth_cli_keys = self.auth_cli_keys.clone();
+        fresh.key_set()
+    }
+
     fn validate(&self) -> Result<(), String> {
         if self.zmq_bind.is_empty() && self.zmq_connect.is_empty() {
             return Err("no ZeroMQ endpoint: set zmq_bind or at least one zmq_connect".into());
@@ -344,6 +469,11 @@ impl Config {
                 limits::HEADERS_MAX
             ));
         }
+        if !self.admin_listen.is_empty()
+            && self.admin_listen.parse::<std::net::SocketAddr>().is_err()
+        {
+            return Err("admin_listen must be an address like 127.0.0.1:9090, or empty".into());
+        }
         if !self.ws_echo_path.is_empty() && !self.ws_echo_path.starts_with('/') {
             return Err("ws_echo_path must start with /".into());
         }
@@ -359,6 +489,16 @@ impl Config {
         if self.heartbeat_interval_ms > 0 && self.pong_timeout_ms == 0 {
             return Err("pong_timeout_ms must be greater than 0 while heartbeats are on".into());
         }
+        if self.auth {
+            let keys = self.key_set()?;
+            if keys.is_empty() {
+                return Err(
+                    "auth is on but there is no key: set auth_keys in the config file or \
+                     --auth-hs256-secret"
+                        .into(),
+                );
+            }
+        }
         // The core clock and the outbound counters are u32 seconds and bytes.
         if self.heartbeat_interval_ms > u64::from(u32::MAX) / 2
             || self.pong_timeout_ms > u64::from(u32::MAX) / 2
@@ -366,6 +506,7 @@ impl Config {
             || self.connections_per_ip_max > u32::MAX as usize
             || self.outbound_queue_bytes_max > u32::MAX as usize / 2
             || self.drain_window_ms > u64::from(u32::MAX) / 2
+            || self.auth_leeway_s > u64::from(u32::MAX) / 2
         {
             return Err("a limit is out of range".into());
         }
@@ -466,6 +607,46 @@ mod tests {
             .unwrap();
         assert_eq!(cfg.heartbeat_interval_s(), None);
         assert_eq!(cfg.ws_silence_s_max(), None);
+    }
+
+    #[test]
+    fn auth_is_off_by_default_and_needs_a_key_when_on() {
+        let cfg = cli(&[]).resolve().unwrap();
+        assert!(!cfg.auth);
+        assert_eq!(cfg.auth_leeway_s, 30);
+        assert!(cli(&["--auth"]).resolve().unwrap_err().contains("no key"));
+        let secret = "k1=0123456789abcdef0123456789abcdef";
+        let cfg = cli(&[
+            "--auth",
+            "--auth-hs256-secret",
+            secret,
+            "--auth-leeway-s",
+            "0",
+        ])
+        .resolve()
+        .unwrap();
+        assert!(cfg.auth);
+        assert_eq!(cfg.auth_leeway_s, 0);
+        assert_eq!(cfg.key_set().unwrap().len(), 1);
+        // Too short a secret, a bad alg, a missing key file: config errors.
+        assert!(cli(&["--auth", "--auth-hs256-secret", "k1=short"])
+            .resolve()
+            .is_err());
+        assert!(cli(&["--auth-hs256-secret", "no-equals"])
+            .resolve()
+            .is_err());
+        let file = |text: &str| {
+            let mut cfg = toml::from_str::<Config>(text).unwrap();
+            cfg.auth = true;
+            cfg.validate()
+        };
+        assert!(file("[[auth_keys]]\nkid = \"a\"\nalg = \"HS256\"\nsecret = \"0123456789abcdef0123456789abcdef\"\n").is_ok());
+        assert!(file("[[auth_keys]]\nkid = \"a\"\nalg = \"none\"\nsecret = \"0123456789abcdef0123456789abcdef\"\n").is_err());
+        assert!(file(
+            "[[auth_keys]]\nkid = \"a\"\nalg = \"RS256\"\nkey_file = \"/nonexistent.pem\"\n"
+        )
+        .is_err());
+        assert!(file("[[auth_keys]]\nkid = \"a\"\nalg = \"RS256\"\nsecret = \"x\"\n").is_err());
     }
 
     #[test]

@@ -191,6 +191,9 @@ where
             {
                 return Phase::Close(self.refuse_draining());
             }
+            if let Err(close) = self.authorize(&request) {
+                return Phase::Close(close);
+            }
             match request {
                 Request::Ready { keep_alive } => {
                     let draining = draining();
@@ -236,6 +239,7 @@ where
                     channels,
                     since,
                     keep_alive,
+                    ..
                 } => {
                     pending = leftover;
                     match Box::pin(self.long_poll(&channels, since, &mut pending)).await {
@@ -249,6 +253,7 @@ where
                 Request::Sse {
                     channels,
                     last_event_id,
+                    ..
                 } => {
                     drop(leftover);
                     self.start_sse(channels, last_event_id);
@@ -258,6 +263,7 @@ where
                     channels,
                     accept,
                     since,
+                    ..
                 } => {
                     return match self.start_websocket(channels, accept, since, leftover) {
                         Ok(session) => Phase::WebSocket(session),
@@ -272,6 +278,7 @@ where
     }
 
     fn refuse(&mut self, reject: &http::Reject) -> Close {
+        self.core.stats.handshake(reject.reason());
         info!(
             peer = %peer(self.fd()),
             status = reject.status(),
@@ -282,9 +289,55 @@ where
         Close::Linger
     }
 
+    /// With `auth` on, a subscribing request needs a valid token allowing
+    /// every channel it asks for: 401 (with `WWW-Authenticate`) or 403
+    /// otherwise. A granted connection keeps its expiry in its slab entry,
+    /// where the sweep finds it (no timer per connection).
+    fn authorize(&mut self, request: &Request) -> Result<(), Close> {
+        if !self.core.cfg.auth {
+            return Ok(());
+        }
+        let channels = match request {
+            Request::WebSocket { channels, .. }
+            | Request::Sse { channels, .. }
+            | Request::LongPoll { channels, .. } => channels,
+            _ => return Ok(()),
+        };
+        let (status, reason, response) =
+            match crate::auth::check(self.core.cfg, request.token(), channels) {
+                Ok(seconds_left) => {
+                    // +1: the core clock is whole seconds, so "now" may be up
+                    // to a second old; expiry never comes early.
+                    let seconds_left = seconds_left.min(u64::from(u32::MAX / 2)) as u32 + 1;
+                    self.with_conn(|c, core| {
+                        c.auth_expires_s = core.now_s().saturating_add(seconds_left)
+                    });
+                    return Ok(());
+                }
+                Err(crate::auth::Denied::Token(e)) => (
+                    e.status(),
+                    e.reason(),
+                    http::unauthorized_response(e.www_authenticate(), e.reason()),
+                ),
+                Err(crate::auth::Denied::Channel(channel)) => {
+                    debug!(fd = self.fd(), channel, "channel not allowed by the token");
+                    (
+                        403,
+                        "channel not allowed",
+                        http::forbidden_response("channel not allowed"),
+                    )
+                }
+            };
+        info!(peer = %peer(self.fd()), status, reason, "request refused");
+        self.core.stats.handshake(reason);
+        self.queue(response.into());
+        Err(Close::Linger)
+    }
+
     /// A stream asked for while draining: `503` with a jittered
     /// `Retry-After`, then close.
     fn refuse_draining(&mut self) -> Close {
+        self.core.stats.handshake("draining");
         let retry_after_s = rand::thread_rng()
             .gen_range(crate::admission::RETRY_AFTER_S_MIN..=crate::admission::RETRY_AFTER_S_MAX);
         self.queue(http::unavailable_response("draining", retry_after_s).into());
@@ -491,6 +544,7 @@ where
 
     /// Subscribes an SSE client and queues the head and what it missed.
     fn start_sse(&mut self, channels: Vec<String>, since: Option<Cursor>) {
+        self.core.stats.handshake("sse");
         let resume = self.subscribe(&channels, since, Transport::Sse, self.replay_all());
         let subscribed = channels.len();
         drop(channels);
@@ -540,6 +594,7 @@ where
         since: Option<Cursor>,
         pending: &mut Vec<u8>,
     ) -> Option<bool> {
+        self.core.stats.handshake("longpoll");
         let resume = self.subscribe(
             channels,
             since,
@@ -617,6 +672,7 @@ where
         since: Option<Cursor>,
         leftover: Vec<u8>,
     ) -> Result<ServerSession, Close> {
+        self.core.stats.handshake("ws");
         self.queue(ws::switching_protocols_response(&accept).into());
         let resume = self.subscribe(&channels, since, Transport::WebSocket, self.replay_all());
         if !resume.gaps.is_empty() {

@@ -64,7 +64,8 @@ pub fn first_gateway_id(start_ms: u64, tag: u16) -> u64 {
 pub enum Drain {
     /// Not asked to go (yet).
     No,
-    /// Asked to go; its task has not seen it yet.
+    /// Asked to go (the drain, or its token expired); its task has not seen
+    /// it yet.
     Asked,
     /// Its task has seen it (and closes the connection when it can).
     Seen,
@@ -88,6 +89,13 @@ pub const WS_CLOSE_SLOW_CONSUMER: &[u8] = &[
 pub const WS_CLOSE_SERVICE_RESTART: &[u8] = &[
     0x88, 17, 0x03, 0xf4, b's', b'e', b'r', b'v', b'i', b'c', b'e', b' ', b'r', b'e', b's', b't',
     b'a', b'r', b't',
+];
+/// Close frame 4001 (application range), reason "token expired": sent to a
+/// WebSocket whose token's `exp` (plus the leeway) has passed. Fetch a new
+/// token and reconnect.
+pub const WS_CLOSE_TOKEN_EXPIRED: &[u8] = &[
+    0x88, 15, 0x0f, 0xa1, b't', b'o', b'k', b'e', b'n', b' ', b'e', b'x', b'p', b'i', b'r', b'e',
+    b'd',
 ];
 /// The `retry:` an SSE stream starts with, and the one it ends with when the
 /// gateway drains (milliseconds, EventSource's reconnection delay), is drawn
@@ -121,6 +129,9 @@ pub struct Conn {
     /// WebSocket silent for longer than the heartbeat interval plus the pong
     /// timeout is a dead peer.
     pub last_heard_s: u32,
+    /// Core clock second at which the token this stream was opened with
+    /// expires (0 = no token, auth off): the sweep closes it then.
+    pub auth_expires_s: u32,
     /// Bytes of `queue.front()` the kernel has already taken.
     sent_of_front: u32,
     /// Bytes queued and not yet sent.
@@ -158,6 +169,7 @@ impl Conn {
             drain: Drain::No,
             deadline_s: 0,
             last_heard_s: 0,
+            auth_expires_s: 0,
             sent_of_front: 0,
             queued_bytes: 0,
             skip_through: 0,
@@ -202,6 +214,22 @@ impl Conn {
         self.wake();
     }
 
+    /// Ends a stream whose token expired, behind what is already queued: a
+    /// WebSocket gets close 4001 "token expired", an SSE stream just ends.
+    /// Its task sees it as asked to go (`Drain::Asked`) and closes after
+    /// the bytes leave.
+    fn token_expired(&mut self, bytes_max: usize) {
+        if self.transport == Transport::WebSocket {
+            self.push(Bytes::from_static(WS_CLOSE_TOKEN_EXPIRED), bytes_max);
+            if !self.blocked {
+                self.flush();
+            }
+        }
+        self.transport = Transport::Closing;
+        self.drain = Drain::Asked;
+        self.wake();
+    }
+
     /// Queues bytes; a connection over its outbound budget is dropped as a
     /// slow consumer.
     pub fn push(&mut self, frame: Bytes, bytes_max: usize) {
@@ -233,6 +261,7 @@ impl Conn {
     /// "slow consumer", in one write attempt. An SSE stream or a response
     /// just ends: there is no way to say why that a client would see.
     fn drop_slow_consumer(&mut self, wanted_bytes: usize) {
+        crate::metrics::note_slow_consumer();
         warn!(
             peer = %peer(self.fd),
             transport = ?self.transport,
@@ -369,6 +398,9 @@ pub struct Registry {
     forgotten_through: u64,
     /// This process's tag, the low bits of every id it assigns.
     own_tag: u64,
+    /// Messages pushed out of a channel's history by `history_messages`
+    /// (for `/metrics`).
+    pub evictions: u64,
 }
 
 /// What a resuming client gets: messages after its cursor, and the channels
@@ -397,6 +429,7 @@ impl Registry {
             age: VecDeque::new(),
             forgotten_through: first_id,
             own_tag: first_id & ID_TAG_MASK,
+            evictions: 0,
         }
     }
 
@@ -470,6 +503,7 @@ impl Registry {
         if ch.history.len() >= history_max {
             if let Some(old) = ch.history.pop_front() {
                 ch.evicted_through = old.id;
+                self.evictions += 1;
             }
         }
         ch.history.push_back(msg.clone());
@@ -577,6 +611,11 @@ pub struct Core {
     dirty: RefCell<Vec<u32>>,
     /// Sweeps since this core saw the drain start (see `drain_step`).
     drain_sweeps: Cell<u32>,
+    /// This core's counters for `/metrics`, published by the sweep.
+    pub stats: crate::metrics::CoreStats,
+    /// Encoding times of the current batch's delivered messages, for the
+    /// publish→send latency (reused, never shrunk).
+    batch_stamps: RefCell<Vec<Instant>>,
 }
 
 /// Size of the per-core receive buffer.
@@ -605,6 +644,8 @@ impl Core {
             started: Instant::now(),
             dirty: RefCell::new(Vec::new()),
             drain_sweeps: Cell::new(0),
+            stats: crate::metrics::CoreStats::default(),
+            batch_stamps: RefCell::new(Vec::new()),
         }
     }
 
@@ -672,11 +713,14 @@ impl Core {
         let mut registry = self.registry.borrow_mut();
         let mut conns = self.conns.borrow_mut();
         let mut dirty = self.dirty.borrow_mut();
+        let mut stamps = self.batch_stamps.borrow_mut();
+        let (mut deliveries, mut delivered_bytes) = (0u64, 0u64);
         while handled < DISPATCH_BATCH_MESSAGES {
             let Ok(msg) = rx.try_recv() else { break };
             handled += 1;
             let (id, renumbered) = registry.record(&msg, cfg.history_messages, cfg.channels_max);
             let ch = &registry.channels[id as usize];
+            let delivered_before = deliveries;
             for &key in &ch.subscribers {
                 let Some(conn) = conns.get_mut(key as usize) else {
                     continue;
@@ -700,11 +744,16 @@ impl Core {
                     }
                     Transport::LongPoll | Transport::Http | Transport::Closing => continue,
                 };
+                deliveries += 1;
+                delivered_bytes += frame.len() as u64;
                 conn.push(frame, cfg.outbound_queue_bytes_max);
                 if !conn.dirty {
                     conn.dirty = true;
                     dirty.push(key);
                 }
+            }
+            if deliveries > delivered_before {
+                stamps.push(msg.stamped);
             }
         }
         for key in dirty.drain(..) {
@@ -715,6 +764,15 @@ impl Core {
                 }
             }
         }
+        // Once per message per batch, after its writes: never per delivery.
+        if !stamps.is_empty() {
+            let now = Instant::now();
+            for stamp in stamps.drain(..) {
+                let latency = now.saturating_duration_since(stamp);
+                self.stats.observe_latency(latency);
+            }
+        }
+        self.stats.delivered(deliveries, delivered_bytes);
         handled
     }
 
@@ -728,8 +786,20 @@ impl Core {
         let interval_s = cfg.heartbeat_interval_s();
         let silence_s_max = cfg.ws_silence_s_max();
         let mut silent = 0u64;
+        let mut expired = 0u64;
+        let mut by_transport = [0u64; 5];
         for (_, conn) in self.conns.borrow_mut().iter_mut() {
+            by_transport[crate::metrics::transport_slot(conn.transport)] += 1;
             if conn.dead {
+                continue;
+            }
+            if conn.auth_expires_s != 0
+                && conn.auth_expires_s <= now
+                && matches!(conn.transport, Transport::WebSocket | Transport::Sse)
+            {
+                debug!(fd = conn.fd, transport = ?conn.transport, "token expired, closing");
+                conn.token_expired(cfg.outbound_queue_bytes_max);
+                expired += 1;
                 continue;
             }
             let beat = match conn.transport {
@@ -778,6 +848,13 @@ impl Core {
                 conn.flush();
             }
         }
+        if expired > 0 {
+            info!(
+                core = self.index,
+                closed = expired,
+                "streams closed: token expired (websocket close 4001)"
+            );
+        }
         if silent > 0 {
             info!(
                 core = self.index,
@@ -793,6 +870,9 @@ impl Core {
                 "new connections refused with 503 in the last second"
             );
         }
+        let mut snapshot = self.stats.snapshot(by_transport);
+        snapshot.history_evictions = self.registry.borrow().evictions;
+        crate::metrics::publish(self.index, snapshot);
         if crate::drain::draining() {
             self.drain_step();
         }

@@ -56,9 +56,27 @@ pub fn note_asked(n: u64) {
 /// Blocks SIGTERM and SIGINT in the calling thread and in every thread it
 /// starts afterwards, so that they reach only the signal thread (which
 /// unblocks them): a core's `io_uring_enter` or the ingest's `recv` is
-/// never interrupted. Call first thing in `main`, before any thread exists.
+/// never interrupted. SIGHUP too: it reaches only the auth key reload thread
+/// (`auth`), and is ignored (left pending) when that thread does not run.
+/// Call first thing in `main`, before any thread exists.
 pub fn block_signals() {
     set_mask(libc::SIG_BLOCK);
+    sighup_mask(libc::SIG_BLOCK);
+}
+
+/// Lets SIGHUP reach the calling thread (the auth key reload thread).
+pub fn unblock_sighup() {
+    sighup_mask(libc::SIG_UNBLOCK);
+}
+
+fn sighup_mask(how: libc::c_int) {
+    // SAFETY: as in `set_mask`.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGHUP);
+        libc::pthread_sigmask(how, &set, std::ptr::null_mut());
+    }
 }
 
 fn set_mask(how: libc::c_int) {

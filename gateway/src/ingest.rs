@@ -48,6 +48,8 @@ pub struct Message {
     /// A whole keep-alive long-poll response carrying only this message,
     /// shared by every long-poll client it is the next message for.
     pub poll_response: Bytes,
+    /// When ingest encoded it: the start of the publish→send latency.
+    pub stamped: std::time::Instant,
 }
 
 impl Message {
@@ -74,6 +76,7 @@ impl Message {
             sse: sse.into(),
             poll_item: poll_item.into(),
             poll_response: poll_response.into(),
+            stamped: std::time::Instant::now(),
         }
     }
 }
@@ -135,6 +138,20 @@ pub enum IngestError {
     /// `"id"` is not a decimal u64 from 1 to 2^64 - 1 (as a JSON string or
     /// number).
     BadId,
+}
+
+impl IngestError {
+    /// Its index in [`crate::metrics::DROP_REASONS`].
+    fn metric_reason(&self) -> usize {
+        match self {
+            IngestError::WrongFrameCount(_) => 0,
+            IngestError::BadChannelName => 1,
+            IngestError::PayloadTooLarge { .. } => 2,
+            IngestError::BadMeta(_) => 3,
+            IngestError::BadEventName => 4,
+            IngestError::BadId => 5,
+        }
+    }
 }
 
 /// Longest SSE event name a publisher may set.
@@ -409,9 +426,11 @@ pub fn run(
                 return;
             }
         };
+        crate::metrics::note_message_in();
         let checked = match check_frames(&frames, cfg) {
             Ok(checked) => checked,
             Err(e) => {
+                crate::metrics::note_dropped(e.metric_reason());
                 dropped += 1;
                 warn!(error = ?e, dropped_total = dropped, "publication dropped");
                 continue;
@@ -422,6 +441,10 @@ pub fn run(
         let id = match assign_id(&checked, &mut max_seen, &mut last_ids, tag) {
             Ok(id) => id,
             Err(why) => {
+                crate::metrics::note_dropped(match why {
+                    IdRefusal::NotAfterLast { .. } => 6,
+                    IdRefusal::Exhausted => 7,
+                });
                 dropped += 1;
                 warn!(
                     channel = checked.channel,

@@ -3,12 +3,15 @@
 //! the ZeroMQ ingest thread, then prints one `READY …` line on stdout.
 //! SIGTERM or SIGINT drains it (see `drain`).
 
+mod admin;
 mod admission;
+mod auth;
 mod config;
 mod conn;
 mod core;
 mod drain;
 mod ingest;
+mod metrics;
 mod service;
 
 use std::io::{IsTerminal, Write};
@@ -55,6 +58,9 @@ fn main() {
 
 fn run(cfg: &'static Config) -> Result<(), String> {
     raise_open_files_limit();
+    // Keys in place (and the SIGHUP reload thread started) before any
+    // core serves a request.
+    auth::start(cfg)?;
     let cores = if cfg.cores == 0 {
         std::thread::available_parallelism().map_or(1, |n| n.get())
     } else {
@@ -184,8 +190,10 @@ fn run(cfg: &'static Config) -> Result<(), String> {
         std::time::Duration::from_millis(cfg.drain_window_ms),
     )?;
 
+    let admin_addr = admin::spawn(cfg, conn_counts_for_watchdog.clone())?;
     info!(
         listen = %listen_addr,
+        admin = %admin_addr.map_or_else(|| "-".to_string(), |a| a.to_string()),
         cores,
         zmq_bind = bound.endpoint.as_deref().unwrap_or("-"),
         zmq_connect = ?cfg.zmq_connect,
@@ -224,6 +232,7 @@ async fn accept_loop(core: Rc<Core>, listener: monoio::net::TcpListener) {
                         monoio::spawn(conn::serve(core.clone(), stream, key));
                     }
                     Err(refusal) => {
+                        core.stats.handshake(refusal.reason());
                         // Counted here, logged by the sweep once a second.
                         debug!(core = core.index, %peer, reason = refusal.reason(), "connection refused");
                         monoio::spawn(conn::refuse(stream, admission::refusal_response(refusal)));

@@ -48,18 +48,22 @@ pub enum Request {
         /// The `Sec-WebSocket-Accept` value for the client's key (28 base64 chars).
         accept: String,
         since: Option<Cursor>,
+        /// The presented token (see [`Request::token`]).
+        token: Option<String>,
     },
     /// `GET /events?channel=A` with `Accept: text/event-stream`; the resume
     /// point is the `Last-Event-ID` header, or a `since` query parameter.
     Sse {
         channels: Vec<String>,
         last_event_id: Option<Cursor>,
+        token: Option<String>,
     },
     /// `GET /events?channel=A[&since=N]` without `Accept: text/event-stream`.
     LongPoll {
         channels: Vec<String>,
         since: Option<Cursor>,
         keep_alive: bool,
+        token: Option<String>,
     },
     /// `GET /healthz`: the process is alive.
     Health { keep_alive: bool },
@@ -69,6 +73,23 @@ pub enum Request {
     /// echoes every message, for conformance testing; only when
     /// [`HeadLimits::echo_path`] is set.
     Echo { accept: String },
+}
+
+impl Request {
+    /// The token a subscribing request presented: `Authorization: Bearer
+    /// <token>` ([`crate::token::bearer`]), or else a `token` query parameter
+    /// (percent-decoded), since browsers cannot set headers on WebSocket or
+    /// EventSource. `None` for the other requests, and when neither is there
+    /// (a repeated `token` parameter is `BadQuery`). Whether one is required
+    /// is the server's decision.
+    pub fn token(&self) -> Option<&str> {
+        match self {
+            Request::WebSocket { token, .. }
+            | Request::Sse { token, .. }
+            | Request::LongPoll { token, .. } => token.as_deref(),
+            _ => None,
+        }
+    }
 }
 
 /// Result of feeding bytes to [`parse_request`].
@@ -253,6 +274,7 @@ pub fn parse_request(buf: &[u8], limits: &HeadLimits) -> Result<Parsed, Reject> 
                 channels: query.channels,
                 accept,
                 since: query.since,
+                token: head.bearer().or(query.token),
             }
         }
         Endpoint::Echo => Request::Echo {
@@ -273,12 +295,14 @@ pub fn parse_request(buf: &[u8], limits: &HeadLimits) -> Result<Parsed, Reject> 
                 Request::Sse {
                     channels: query.channels,
                     last_event_id,
+                    token: head.bearer().or(query.token),
                 }
             } else {
                 Request::LongPoll {
                     channels: query.channels,
                     since: query.since,
                     keep_alive,
+                    token: head.bearer().or(query.token),
                 }
             }
         }
@@ -372,6 +396,13 @@ impl<'b> Head<'_, 'b> {
         })
     }
 
+    /// The token of the first `Authorization: Bearer <token>` header, if any.
+    fn bearer(&self) -> Option<String> {
+        self.values("authorization")
+            .find_map(crate::token::bearer)
+            .map(str::to_owned)
+    }
+
     /// A body is announced by any Transfer-Encoding, or a Content-Length other
     /// than 0 (an unparsable one included).
     fn has_body(&self) -> bool {
@@ -423,6 +454,7 @@ fn valid_websocket_key(key: &[u8]) -> bool {
 struct Query {
     channels: Vec<String>,
     since: Option<Cursor>,
+    token: Option<String>,
 }
 
 /// Reads `channel` (repeated, at least one) and `since` (at most once) from a
@@ -430,6 +462,7 @@ struct Query {
 fn parse_query(query: &str, limits: &HeadLimits) -> Result<Query, Reject> {
     let mut channels: Vec<String> = Vec::new();
     let mut since = None;
+    let mut token: Option<String> = None;
     for pair in query.split('&') {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
         match key {
@@ -455,13 +488,28 @@ fn parse_query(query: &str, limits: &HeadLimits) -> Result<Query, Reject> {
                 let value = percent_decode_strict(value).ok_or(Reject::BadQuery)?;
                 since = Some(parse_cursor(value.as_bytes()).ok_or(Reject::BadCursor)?);
             }
+            "token" => {
+                // Two tokens would be ambiguous.
+                if token.is_some() {
+                    return Err(Reject::BadQuery);
+                }
+                token = Some(
+                    percent_decode_strict(value)
+                        .ok_or(Reject::BadQuery)?
+                        .into_owned(),
+                );
+            }
             _ => {}
         }
     }
     if channels.is_empty() {
         return Err(Reject::NoChannel);
     }
-    Ok(Query { channels, since })
+    Ok(Query {
+        channels,
+        since,
+        token,
+    })
 }
 
 /// Percent-decodes `s`, refusing a `%` not followed by two hex digits (which
@@ -506,6 +554,8 @@ fn status_line_reason(status: u16) -> &'static str {
     match status {
         200 => "OK",
         400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
         414 => "URI Too Long",
@@ -528,6 +578,39 @@ pub fn reject_response(reject: &Reject) -> Vec<u8> {
         Reject::UnsupportedWebSocketVersion => "Sec-WebSocket-Version: 13\r\n",
         _ => "",
     };
+    format!(
+        "HTTP/1.1 {status} {}\r\n\
+         Content-Type: text/plain\r\n\
+         Content-Length: {}\r\n\
+         Connection: close\r\n\
+         {extra}\r\n\
+         {reason}\n",
+        status_line_reason(status),
+        reason.len() + 1,
+    )
+    .into_bytes()
+}
+
+/// `401 Unauthorized` for a subscribing request without a valid token:
+/// `WWW-Authenticate: <www_authenticate>` (RFC 6750 §3, e.g. `Bearer
+/// error="invalid_token"`), `Connection: close`, `reason` plus "\n" as the
+/// body. Both must be one line of ASCII.
+pub fn unauthorized_response(www_authenticate: &str, reason: &str) -> Vec<u8> {
+    refusal_with_header(
+        401,
+        &format!("WWW-Authenticate: {www_authenticate}\r\n"),
+        reason,
+    )
+}
+
+/// `403 Forbidden` with `reason` plus "\n" as the body and `Connection:
+/// close`: a valid token that does not allow what was asked for.
+pub fn forbidden_response(reason: &str) -> Vec<u8> {
+    refusal_with_header(403, "", reason)
+}
+
+fn refusal_with_header(status: u16, extra: &str, reason: &str) -> Vec<u8> {
+    debug_assert!(reason.bytes().all(|b| b.is_ascii_graphic() || b == b' '));
     format!(
         "HTTP/1.1 {status} {}\r\n\
          Content-Type: text/plain\r\n\
@@ -657,6 +740,7 @@ mod tests {
             Ok(Request::WebSocket {
                 channels: channels(&["news", "sport"]),
                 accept: ACCEPT.to_string(),
+                token: None,
                 since: Some(41),
             })
         );
@@ -668,6 +752,69 @@ mod tests {
             panic!("not complete");
         };
         assert_eq!(head_len, head.len());
+    }
+
+    #[test]
+    fn token_from_bearer_header_or_query() {
+        // Header form, on each subscribing endpoint.
+        let ws = ws_head("/ws?channel=a", "Authorization: Bearer abc.def.ghi\r\n");
+        assert_eq!(request(&ws).unwrap().token(), Some("abc.def.ghi"));
+        let sse = "GET /events?channel=a HTTP/1.1\r\nAccept: text/event-stream\r\n\
+                   authorization: bearer  abc.def.ghi \r\n\r\n";
+        let sse = request(sse).unwrap();
+        assert!(matches!(sse, Request::Sse { .. }));
+        assert_eq!(sse.token(), Some("abc.def.ghi"));
+        let lp = "GET /events?channel=a HTTP/1.1\r\nAuthorization: Bearer t1\r\n\r\n";
+        assert_eq!(request(lp).unwrap().token(), Some("t1"));
+        // Query form, percent-decoded.
+        let ws = ws_head("/ws?channel=a&token=abc%2Edef.g%2Bh", "");
+        assert_eq!(request(&ws).unwrap().token(), Some("abc.def.g+h"));
+        let sse = "GET /events?token=q.r.s&channel=a HTTP/1.1\r\nAccept: text/event-stream\r\n\r\n";
+        assert_eq!(request(sse).unwrap().token(), Some("q.r.s"));
+        // The header wins over the query.
+        let ws = ws_head(
+            "/ws?channel=a&token=query",
+            "Authorization: Bearer header\r\n",
+        );
+        assert_eq!(request(&ws).unwrap().token(), Some("header"));
+        // Another scheme is no token; none at all is None.
+        let ws = ws_head("/ws?channel=a", "Authorization: Basic dTpw\r\n");
+        assert_eq!(request(&ws).unwrap().token(), None);
+        assert_eq!(
+            request(&ws_head("/ws?channel=a", "")).unwrap().token(),
+            None
+        );
+        // Two tokens, or a badly encoded one, are a bad query.
+        assert_eq!(
+            request(&ws_head("/ws?channel=a&token=x&token=y", "")),
+            Err(Reject::BadQuery)
+        );
+        assert_eq!(
+            request(&ws_head("/ws?channel=a&token=%zz", "")),
+            Err(Reject::BadQuery)
+        );
+        // Endpoints that do not subscribe carry none.
+        let health = "GET /healthz?token=x HTTP/1.1\r\nAuthorization: Bearer y\r\n\r\n";
+        assert_eq!(request(health).unwrap().token(), None);
+    }
+
+    #[test]
+    fn auth_refusals_carry_their_header_and_reason() {
+        let r = String::from_utf8(unauthorized_response(
+            "Bearer error=\"invalid_token\"",
+            "token expired",
+        ))
+        .unwrap();
+        assert!(r.starts_with("HTTP/1.1 401 Unauthorized\r\n"), "{r}");
+        assert!(
+            r.contains("\r\nWWW-Authenticate: Bearer error=\"invalid_token\"\r\n"),
+            "{r}"
+        );
+        assert!(r.ends_with("\r\n\r\ntoken expired\n"), "{r}");
+        let r = String::from_utf8(forbidden_response("channel not allowed")).unwrap();
+        assert!(r.starts_with("HTTP/1.1 403 Forbidden\r\n"), "{r}");
+        assert!(r.contains("Content-Length: 20\r\n"), "{r}");
+        assert!(r.ends_with("\r\n\r\nchannel not allowed\n"), "{r}");
     }
 
     #[test]
@@ -697,6 +844,7 @@ mod tests {
                 request: Request::WebSocket {
                     channels: channels(&["news"]),
                     accept: ACCEPT.to_string(),
+                    token: None,
                     since: None,
                 },
                 head_len: head.len(),
@@ -715,6 +863,7 @@ mod tests {
             Ok(Request::Sse {
                 channels: channels(names),
                 last_event_id,
+                token: None,
             })
         };
         assert_eq!(sse("", "channel=a"), sse_ok(&["a"], None));
@@ -759,7 +908,8 @@ mod tests {
                 Ok(Request::LongPoll {
                     channels: channels(&["x:y"]),
                     since: Some(0),
-                    keep_alive
+                    keep_alive,
+                    token: None,
                 }),
                 "{version} {extra:?}"
             );

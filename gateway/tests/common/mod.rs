@@ -58,8 +58,9 @@ pub struct Gateway {
 
 impl Gateway {
     /// Starts the gateway with `args`. Unless the caller gives them, adds
-    /// `--listen 127.0.0.1:0` and `--zmq-bind tcp://127.0.0.1:*` so that
-    /// tests running in parallel never share a port.
+    /// `--listen 127.0.0.1:0`, `--zmq-bind tcp://127.0.0.1:*` and
+    /// `--admin-listen ""` so that tests running in parallel never share a
+    /// port.
     pub fn start(args: &[&str]) -> Gateway {
         Self::start_with_env(args, &[])
     }
@@ -74,6 +75,12 @@ impl Gateway {
         if !args.contains(&"--zmq-bind") {
             argv.push("--zmq-bind".into());
             argv.push("tcp://127.0.0.1:*".into());
+        }
+        // The admin listener's default port would collide between gateways
+        // running in parallel: off unless the test picks a port.
+        if !args.contains(&"--admin-listen") {
+            argv.push("--admin-listen".into());
+            argv.push(String::new());
         }
 
         let log_dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("gateway-logs");

@@ -1,0 +1,354 @@
+//! Counters for `/metrics` on the admin listener (see `admin`).
+//!
+//! Nothing here is shared on the delivery path: each core counts in plain
+//! `Cell`s of its own ([`CoreStats`]), touched once per batch or per rare
+//! event (a handshake, a slow consumer), and its once-a-second sweep copies
+//! them into this core's slot of a shared table ([`publish`]). A scrape reads
+//! that table, so per-core values are up to a second old. The ingest thread
+//! (a single writer) counts in relaxed atomics, once per publication.
+
+use std::cell::{Cell, RefCell};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use prometheus::proto::{
+    Bucket, Counter, Gauge, Histogram, LabelPair, Metric, MetricFamily, MetricType,
+};
+
+/// Upper bounds (seconds) of the publish→send latency histogram.
+pub const LATENCY_BUCKETS_S: [f64; 14] = [
+    0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
+
+/// Transports as the connections gauge labels them, in `Transport` order.
+pub const TRANSPORTS: [&str; 5] = ["http", "websocket", "sse", "longpoll", "closing"];
+
+/// A transport's place in [`TRANSPORTS`].
+pub fn transport_slot(t: crate::core::Transport) -> usize {
+    use crate::core::Transport;
+    match t {
+        Transport::Http => 0,
+        Transport::WebSocket => 1,
+        Transport::Sse => 2,
+        Transport::LongPoll => 3,
+        Transport::Closing => 4,
+    }
+}
+
+/// What one core has counted, as of its last sweep.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    /// Open connections per transport ([`TRANSPORTS`] order).
+    pub connections: [u64; 5],
+    /// Handshake results: a stream opened (`ws`, `sse`, `longpoll`) or why
+    /// a request or connection was refused.
+    pub handshakes: Vec<(&'static str, u64)>,
+    pub deliveries: u64,
+    pub delivered_bytes: u64,
+    pub slow_consumer_disconnects: u64,
+    pub history_evictions: u64,
+    /// Non-cumulative counts per bucket of [`LATENCY_BUCKETS_S`], plus +Inf.
+    pub latency_buckets: [u64; 15],
+    pub latency_sum_ns: u64,
+    pub latency_count: u64,
+}
+
+/// One core's counters: plain cells, only its own thread touches them.
+#[derive(Default)]
+pub struct CoreStats {
+    handshakes: RefCell<Vec<(&'static str, u64)>>,
+    deliveries: Cell<u64>,
+    delivered_bytes: Cell<u64>,
+    latency_buckets: [Cell<u64>; 15],
+    latency_sum_ns: Cell<u64>,
+    latency_count: Cell<u64>,
+}
+
+thread_local! {
+    /// Slow consumers dropped by this thread (a core): counted where the
+    /// connection is dropped, which does not know its core.
+    static SLOW_CONSUMERS: Cell<u64> = const { Cell::new(0) };
+}
+
+/// Counts a slow consumer dropped on the calling core.
+pub fn note_slow_consumer() {
+    SLOW_CONSUMERS.with(|c| c.set(c.get() + 1));
+}
+
+impl CoreStats {
+    /// Counts one handshake result (`ws`, `sse`, `longpoll`, or a refusal
+    /// reason).
+    pub fn handshake(&self, result: &'static str) {
+        let mut all = self.handshakes.borrow_mut();
+        match all.iter_mut().find(|(r, _)| *r == result) {
+            Some((_, n)) => *n += 1,
+            None => all.push((result, 1)),
+        }
+    }
+
+    /// Counts one dispatch batch: frames queued and their bytes.
+    pub fn delivered(&self, deliveries: u64, bytes: u64) {
+        self.deliveries.set(self.deliveries.get() + deliveries);
+        self.delivered_bytes.set(self.delivered_bytes.get() + bytes);
+    }
+
+    /// One publish→send latency observation.
+    pub fn observe_latency(&self, latency: Duration) {
+        let s = latency.as_secs_f64();
+        let i = LATENCY_BUCKETS_S
+            .iter()
+            .position(|&le| s <= le)
+            .unwrap_or(LATENCY_BUCKETS_S.len());
+        let b = &self.latency_buckets[i];
+        b.set(b.get() + 1);
+        self.latency_sum_ns
+            .set(self.latency_sum_ns.get() + latency.as_nanos() as u64);
+        self.latency_count.set(self.latency_count.get() + 1);
+    }
+
+    /// What this core counted so far, with its connection counts.
+    pub fn snapshot(&self, connections: [u64; 5]) -> Snapshot {
+        Snapshot {
+            connections,
+            handshakes: self.handshakes.borrow().clone(),
+            deliveries: self.deliveries.get(),
+            delivered_bytes: self.delivered_bytes.get(),
+            slow_consumer_disconnects: SLOW_CONSUMERS.with(Cell::get),
+            // The core's registry counts these; the sweep fills them in.
+            history_evictions: 0,
+            latency_buckets: std::array::from_fn(|i| self.latency_buckets[i].get()),
+            latency_sum_ns: self.latency_sum_ns.get(),
+            latency_count: self.latency_count.get(),
+        }
+    }
+}
+
+/// Each core's last published snapshot, by core index.
+static CORES: Mutex<Vec<Snapshot>> = Mutex::new(Vec::new());
+
+/// Publishes a core's snapshot (once a second, from its sweep).
+pub fn publish(core: usize, snapshot: Snapshot) {
+    let mut cores = CORES.lock().unwrap_or_else(|e| e.into_inner());
+    if cores.len() <= core {
+        cores.resize_with(core + 1, Snapshot::default);
+    }
+    cores[core] = snapshot;
+}
+
+/// Publications received from ZeroMQ (accepted or dropped).
+static MESSAGES_IN: AtomicU64 = AtomicU64::new(0);
+
+/// Why ingest dropped a publication, as the `reason` label says it.
+pub const DROP_REASONS: [&str; 8] = [
+    "wrong_frame_count",
+    "bad_channel_name",
+    "payload_too_large",
+    "bad_meta",
+    "bad_event_name",
+    "bad_id",
+    "not_after_last",
+    "ids_exhausted",
+];
+static DROPPED: [AtomicU64; 8] = [const { AtomicU64::new(0) }; 8];
+
+/// Counts a publication received by ingest.
+pub fn note_message_in() {
+    MESSAGES_IN.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Counts a publication dropped by ingest, by its [`DROP_REASONS`] index.
+pub fn note_dropped(reason: usize) {
+    DROPPED[reason].fetch_add(1, Ordering::Relaxed);
+}
+
+fn label(name: &str, value: &str) -> LabelPair {
+    let mut l = LabelPair::default();
+    l.set_name(name.to_string());
+    l.set_value(value.to_string());
+    l
+}
+
+fn family(name: &str, help: &str, kind: MetricType, metrics: Vec<Metric>) -> MetricFamily {
+    let mut f = MetricFamily::default();
+    f.set_name(name.to_string());
+    f.set_help(help.to_string());
+    f.set_field_type(kind);
+    f.set_metric(metrics);
+    f
+}
+
+fn counter(labels: Vec<LabelPair>, v: u64) -> Metric {
+    let mut c = Counter::default();
+    c.set_value(v as f64);
+    let mut m = Metric::default();
+    m.set_label(labels);
+    m.set_counter(c);
+    m
+}
+
+fn gauge(labels: Vec<LabelPair>, v: f64) -> Metric {
+    let mut g = Gauge::default();
+    g.set_value(v);
+    let mut m = Metric::default();
+    m.set_label(labels);
+    m.set_gauge(g);
+    m
+}
+
+/// The whole `/metrics` body, Prometheus text format 0.0.4.
+pub fn render() -> String {
+    let cores = CORES.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let mut families = Vec::new();
+
+    let mut conns = Vec::new();
+    for (i, s) in cores.iter().enumerate() {
+        for (t, &n) in TRANSPORTS.iter().zip(&s.connections) {
+            let labels = vec![label("core", &i.to_string()), label("transport", t)];
+            conns.push(gauge(labels, n as f64));
+        }
+    }
+    families.push(family(
+        "gateway_connections",
+        "Open connections by transport and core (as of each core's last once-a-second sweep).",
+        MetricType::GAUGE,
+        conns,
+    ));
+
+    let mut handshakes: Vec<(&'static str, u64)> = Vec::new();
+    for s in &cores {
+        for &(r, n) in &s.handshakes {
+            match handshakes.iter_mut().find(|(h, _)| *h == r) {
+                Some((_, total)) => *total += n,
+                None => handshakes.push((r, n)),
+            }
+        }
+    }
+    handshakes.sort();
+    families.push(family(
+        "gateway_handshakes_total",
+        "Requests by result: a stream opened (ws, sse, longpoll) or why it was refused (up to 1 s old).",
+        MetricType::COUNTER,
+        handshakes
+            .iter()
+            .map(|&(r, n)| counter(vec![label("result", r)], n))
+            .collect(),
+    ));
+
+    families.push(family(
+        "gateway_messages_in_total",
+        "Publications received from ZeroMQ, accepted or dropped.",
+        MetricType::COUNTER,
+        vec![counter(vec![], MESSAGES_IN.load(Ordering::Relaxed))],
+    ));
+    families.push(family(
+        "gateway_messages_dropped_total",
+        "Publications dropped at ingest, by reason.",
+        MetricType::COUNTER,
+        DROP_REASONS
+            .iter()
+            .zip(&DROPPED)
+            .map(|(r, n)| counter(vec![label("reason", r)], n.load(Ordering::Relaxed)))
+            .collect(),
+    ));
+
+    let sum = |f: fn(&Snapshot) -> u64| cores.iter().map(f).sum::<u64>();
+    for (name, help, v) in [
+        (
+            "gateway_deliveries_total",
+            "Messages queued to a subscriber (one per subscriber per message; up to 1 s old).",
+            sum(|s| s.deliveries),
+        ),
+        (
+            "gateway_delivered_bytes_total",
+            "Bytes of those messages (up to 1 s old).",
+            sum(|s| s.delivered_bytes),
+        ),
+        (
+            "gateway_slow_consumer_disconnects_total",
+            "Connections dropped for letting their outbound queue overflow (up to 1 s old).",
+            sum(|s| s.slow_consumer_disconnects),
+        ),
+        (
+            "gateway_history_evictions_total",
+            "Messages pushed out of a channel's history by history_messages, per core (up to 1 s old).",
+            sum(|s| s.history_evictions),
+        ),
+    ] {
+        families.push(family(name, help, MetricType::COUNTER, vec![counter(vec![], v)]));
+    }
+
+    families.push(family(
+        "gateway_zmq_peers",
+        "ZeroMQ publishers or forwarders connected to the SUB socket.",
+        MetricType::GAUGE,
+        vec![gauge(vec![], crate::ingest::publisher_peers() as f64)],
+    ));
+
+    let mut buckets = [0u64; 15];
+    for s in &cores {
+        for (b, n) in buckets.iter_mut().zip(&s.latency_buckets) {
+            *b += n;
+        }
+    }
+    let mut cumulative = 0;
+    let bucket_list = LATENCY_BUCKETS_S
+        .iter()
+        .zip(&buckets)
+        .map(|(&le, &n)| {
+            cumulative += n;
+            let mut b = Bucket::default();
+            b.set_upper_bound(le);
+            b.set_cumulative_count(cumulative);
+            b
+        })
+        .collect();
+    let mut h = Histogram::default();
+    h.set_sample_count(sum(|s| s.latency_count));
+    h.set_sample_sum(sum(|s| s.latency_sum_ns) as f64 / 1e9);
+    h.set_bucket(bucket_list);
+    let mut m = Metric::default();
+    m.set_histogram(h);
+    families.push(family(
+        "gateway_publish_to_send_seconds",
+        "From a publication's encoding at ingest to its batch being written, once per message per core that delivered it (up to 1 s old).",
+        MetricType::HISTOGRAM,
+        vec![m],
+    ));
+
+    families.retain(|f| !f.get_metric().is_empty());
+    let mut out = String::new();
+    if let Err(e) = prometheus::TextEncoder::new().encode_utf8(&families, &mut out) {
+        tracing::warn!(error = %e, "metrics encoding failed");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latency_lands_in_its_bucket_and_renders_cumulatively() {
+        let stats = CoreStats::default();
+        stats.observe_latency(Duration::from_micros(50));
+        stats.observe_latency(Duration::from_millis(3));
+        stats.observe_latency(Duration::from_secs(10));
+        stats.handshake("ws");
+        stats.handshake("ws");
+        let snap = stats.snapshot([0, 2, 0, 0, 0]);
+        assert_eq!(snap.latency_buckets[0], 1);
+        assert_eq!(snap.latency_buckets[5], 1);
+        assert_eq!(snap.latency_buckets[14], 1);
+        assert_eq!(snap.handshakes, vec![("ws", 2)]);
+        publish(0, snap);
+        let text = render();
+        assert!(
+            text.contains("gateway_publish_to_send_seconds_count 3"),
+            "{text}"
+        );
+        assert!(text.contains("gateway_publish_to_send_seconds_bucket{le=\"0.005\"} 2"));
+        assert!(text.contains("gateway_handshakes_total{result=\"ws\"} 2"));
+        assert!(text.contains("gateway_connections{core=\"0\",transport=\"websocket\"} 2"));
+    }
+}
