@@ -118,14 +118,7 @@ fn respond(
             protocol::http::health_response(&counts, false)
         }
         "/readyz" => {
-            // As the public listener answers it (conn.rs).
-            let (ready, status) = if crate::drain::draining() {
-                (false, "draining")
-            } else if cfg.ready_requires_publisher && crate::ingest::publisher_peers() <= 0 {
-                (false, "no_publisher")
-            } else {
-                (true, "ready")
-            };
+            let (ready, status) = crate::service::readiness(cfg);
             protocol::http::ready_response(ready, status, false)
         }
         _ => plain(404, "Not Found", "not found\n"),

@@ -197,15 +197,7 @@ where
             match request {
                 Request::Ready { keep_alive } => {
                     let draining = draining();
-                    let (ready, status) = if draining {
-                        (false, "draining")
-                    } else if self.core.cfg.ready_requires_publisher
-                        && crate::ingest::publisher_peers() <= 0
-                    {
-                        (false, "no_publisher")
-                    } else {
-                        (true, "ready")
-                    };
+                    let (ready, status) = crate::service::readiness(self.core.cfg);
                     let keep_alive = keep_alive && !draining;
                     let response = http::ready_response(ready, status, keep_alive);
                     if !Box::pin(self.respond(response)).await {

@@ -16,6 +16,19 @@ fn notify(states: &[NotifyState]) {
     }
 }
 
+/// What `/readyz` answers, on the public and the admin listener alike:
+/// not ready while draining, nor (when configured) while no ZeroMQ
+/// publisher is connected.
+pub fn readiness(cfg: &crate::config::Config) -> (bool, &'static str) {
+    if crate::drain::draining() {
+        (false, "draining")
+    } else if cfg.ready_requires_publisher && crate::ingest::publisher_peers() <= 0 {
+        (false, "no_publisher")
+    } else {
+        (true, "ready")
+    }
+}
+
 pub fn ready(status: &str) {
     notify(&[NotifyState::Ready, NotifyState::Status(status)]);
 }
