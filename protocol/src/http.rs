@@ -571,24 +571,12 @@ fn status_line_reason(status: u16) -> &'static str {
 /// rule needs (`Allow: GET`, `Sec-WebSocket-Version: 13`), and the reason plus
 /// "\n" as the body.
 pub fn reject_response(reject: &Reject) -> Vec<u8> {
-    let status = reject.status();
-    let reason = reject.reason();
     let extra = match reject {
         Reject::MethodNotAllowed => "Allow: GET\r\n",
         Reject::UnsupportedWebSocketVersion => "Sec-WebSocket-Version: 13\r\n",
         _ => "",
     };
-    format!(
-        "HTTP/1.1 {status} {}\r\n\
-         Content-Type: text/plain\r\n\
-         Content-Length: {}\r\n\
-         Connection: close\r\n\
-         {extra}\r\n\
-         {reason}\n",
-        status_line_reason(status),
-        reason.len() + 1,
-    )
-    .into_bytes()
+    refusal_with_header(reject.status(), extra, reject.reason())
 }
 
 /// `401 Unauthorized` for a subscribing request without a valid token:
@@ -609,6 +597,9 @@ pub fn forbidden_response(reason: &str) -> Vec<u8> {
     refusal_with_header(403, "", reason)
 }
 
+/// A refusal: status line, `Content-Type: text/plain`, `Content-Length`,
+/// `Connection: close`, `extra` header lines (each ending in CRLF), and
+/// `reason` plus "\n" as the body.
 fn refusal_with_header(status: u16, extra: &str, reason: &str) -> Vec<u8> {
     debug_assert!(reason.bytes().all(|b| b.is_ascii_graphic() || b == b' '));
     format!(
@@ -629,18 +620,7 @@ fn refusal_with_header(status: u16, extra: &str, reason: &str) -> Vec<u8> {
 /// `Retry-After` in seconds (the caller jitters it), `Connection: close`, and
 /// `reason` plus "\n" as the body. `reason` must be one line of ASCII.
 pub fn unavailable_response(reason: &str, retry_after_s: u32) -> Vec<u8> {
-    debug_assert!(reason.bytes().all(|b| b.is_ascii_graphic() || b == b' '));
-    format!(
-        "HTTP/1.1 503 {}\r\n\
-         Content-Type: text/plain\r\n\
-         Content-Length: {}\r\n\
-         Connection: close\r\n\
-         Retry-After: {retry_after_s}\r\n\r\n\
-         {reason}\n",
-        status_line_reason(503),
-        reason.len() + 1,
-    )
-    .into_bytes()
+    refusal_with_header(503, &format!("Retry-After: {retry_after_s}\r\n"), reason)
 }
 
 /// `200 OK` for `/healthz`, `Content-Type: application/json`, body
