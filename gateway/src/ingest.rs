@@ -405,7 +405,8 @@ pub enum IdRefusal {
 
 /// The ingest loop; runs until the SUB socket fails or every core is gone.
 /// `published_through` is the highest id seen (assigned or the
-/// publisher's); it starts at the process start time in microseconds.
+/// publisher's); it starts at the process's first id (see
+/// [`crate::core::first_gateway_id`]).
 pub fn run(
     sub: zmq::Socket,
     cfg: &Config,

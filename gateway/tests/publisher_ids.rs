@@ -17,8 +17,8 @@ fn names(range: std::ops::RangeInclusive<u64>) -> Vec<String> {
     range.map(|k| format!("m{k}")).collect()
 }
 
-/// The publisher's ids for m1, m2, ...: not the gateway's (which start at
-/// the process start time in microseconds), and not consecutive.
+/// The publisher's ids for m1, m2, ...: not the gateway's (which are at or
+/// above 2^56 and carry the process's tag), and not consecutive.
 fn id_of(k: u64) -> u64 {
     1_000 + 10 * k
 }
@@ -26,14 +26,8 @@ fn id_of(k: u64) -> u64 {
 #[test]
 fn two_gateways_give_the_publishers_ids_and_a_client_resumes_on_the_other() {
     let publisher = Publisher::bind();
-    let args = [
-        "--zmq-bind",
-        "",
-        "--zmq-connect",
-        publisher.endpoint.as_str(),
-    ];
-    let gw_a = Gateway::start(&args);
-    let gw_b = Gateway::start(&args);
+    let gw_a = Gateway::start_connected_to(&publisher);
+    let gw_b = Gateway::start_connected_to(&publisher);
     let probe = wait_for_subscription(&publisher, &[&gw_a, &gw_b]);
 
     let mut ws_a = gw_a.ws("/ws?channel=orders");
@@ -185,21 +179,15 @@ fn a_cursor_handed_out_before_a_channels_first_message_does_not_skip_publisher_i
 }
 
 /// Without publisher ids each gateway numbers messages itself, from its
-/// start time: a client moving from a gateway started later to one started
-/// earlier brings a cursor from the other's future. It is told of the gap,
+/// start time, with its own tag: a client moving from a gateway started later
+/// to one started earlier brings a cursor from the other's future. It is told of the gap,
 /// gets the history, and then every live message (the cursor does not make
 /// the gateway skip its own, smaller, ids).
 #[test]
 fn a_cursor_from_a_gateway_started_later_is_a_gap_then_everything() {
     let publisher = Publisher::bind();
-    let args = [
-        "--zmq-bind",
-        "",
-        "--zmq-connect",
-        publisher.endpoint.as_str(),
-    ];
-    let older = Gateway::start(&args);
-    let newer = Gateway::start(&args);
+    let older = Gateway::start_connected_to(&publisher);
+    let newer = Gateway::start_connected_to(&publisher);
     let probe = wait_for_subscription(&publisher, &[&older, &newer]);
     let mut on_newer = newer.ws("/ws?channel=feed");
     let mut witness = older.ws("/ws?channel=feed");

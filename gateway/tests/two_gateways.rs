@@ -13,14 +13,8 @@ const MESSAGES: usize = 100;
 #[test]
 fn two_gateways_fed_by_one_publisher_each_deliver_everything() {
     let publisher = Publisher::bind();
-    let args = [
-        "--zmq-bind",
-        "",
-        "--zmq-connect",
-        publisher.endpoint.as_str(),
-    ];
-    let gw_a = Gateway::start(&args);
-    let gw_b = Gateway::start(&args);
+    let gw_a = Gateway::start_connected_to(&publisher);
+    let gw_b = Gateway::start_connected_to(&publisher);
     for gw in [&gw_a, &gw_b] {
         assert!(
             gw.ready_line.ends_with(" zmq=-") && gw.zmq.is_none(),

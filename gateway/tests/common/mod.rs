@@ -65,6 +65,17 @@ impl Gateway {
         Self::start_with_env(args, &[])
     }
 
+    /// A gateway that binds nothing and connects its SUB socket to the
+    /// test's bound publisher.
+    pub fn start_connected_to(publisher: &Publisher) -> Gateway {
+        Self::start(&[
+            "--zmq-bind",
+            "",
+            "--zmq-connect",
+            publisher.endpoint.as_str(),
+        ])
+    }
+
     /// Like `start`, with extra environment variables for the gateway.
     pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Gateway {
         let mut argv: Vec<String> = args.iter().map(|s| s.to_string()).collect();
