@@ -15,7 +15,9 @@ fn percent_encoded(data: &[u8]) -> String {
 fn long_poll(query: &str) -> Result<Request, Reject> {
     let head = format!("GET /events?{query} HTTP/1.1\r\n\r\n");
     match parse_request(head.as_bytes(), &HeadLimits::default())? {
-        Parsed::Complete { request, head_len } => {
+        Parsed::Complete {
+            request, head_len, ..
+        } => {
             assert_eq!(head_len, head.len());
             Ok(request)
         }

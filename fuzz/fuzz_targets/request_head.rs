@@ -19,7 +19,15 @@ const SMALL: HeadLimits = HeadLimits {
 fn check(data: &[u8], limits: &HeadLimits) {
     match parse_request(data, limits) {
         Ok(Parsed::Partial) => assert!(data.len() < limits.head_bytes_max),
-        Ok(Parsed::Complete { request, head_len }) => {
+        Ok(Parsed::Complete {
+            request,
+            head_len,
+            origin,
+        }) => {
+            // An origin is printable ASCII, never empty.
+            if let Some(o) = &origin {
+                assert!(!o.is_empty() && o.bytes().all(|b| b.is_ascii_graphic()));
+            }
             assert!(head_len <= data.len() && head_len <= limits.head_bytes_max);
             // httparse also accepts bare LF line ends (RFC 9112 §2.2), so the
             // head ends with an empty line: "\n\n" or "\n\r\n".
@@ -33,7 +41,8 @@ fn check(data: &[u8], limits: &HeadLimits) {
                 parse_request(head, limits),
                 Ok(Parsed::Complete {
                     request: request.clone(),
-                    head_len
+                    head_len,
+                    origin: origin.clone(),
                 })
             );
             assert!(!matches!(
@@ -52,9 +61,15 @@ fn check(data: &[u8], limits: &HeadLimits) {
                     &[]
                 }
                 Request::Sse { channels, .. } | Request::LongPoll { channels, .. } => channels,
-                Request::Health { .. } | Request::Ready { .. } => &[],
+                Request::Health { .. } | Request::Ready { .. } | Request::Preflight { .. } => &[],
             };
-            if !matches!(request, Request::Health { .. } | Request::Ready { .. } | Request::Echo { .. }) {
+            if !matches!(
+                request,
+                Request::Health { .. }
+                    | Request::Ready { .. }
+                    | Request::Echo { .. }
+                    | Request::Preflight { .. }
+            ) {
                 assert!(
                     !channels.is_empty() && channels.len() <= limits.channels_per_connection_max
                 );

@@ -119,6 +119,20 @@ pub struct Config {
     /// KID=SECRET`, development only): kept across SIGHUP reloads.
     #[serde(skip)]
     pub auth_cli_keys: Vec<AuthKey>,
+    /// Browser origins (`https://app.example.com`, exact, or `*` for any)
+    /// allowed to open WebSocket, SSE and long-poll streams. A request
+    /// whose `Origin` is not listed is refused 403 before the upgrade
+    /// (cross-site WebSocket hijacking); a listed origin's SSE and long-poll
+    /// responses carry the CORS headers, and its preflights are answered.
+    /// Requests without `Origin` (same-origin pages, non-browser clients)
+    /// pass. Empty (the default): no check, and no CORS headers.
+    pub allowed_origins: Vec<String>,
+    /// CORS responses allow credentials (cookies) for the listed origins
+    /// (`Access-Control-Allow-Credentials: true`); not with `*`.
+    pub cors_allow_credentials: bool,
+    /// `allowed_origins`, checked and with its header lines written once.
+    #[serde(skip)]
+    pub origins: protocol::origin::Origins,
     /// The file the configuration came from, re-read on SIGHUP.
     #[serde(skip)]
     pub config_path: Option<PathBuf>,
@@ -203,6 +217,9 @@ impl Default for Config {
             auth_keys: Vec::new(),
             auth_leeway_s: 30,
             auth_cli_keys: Vec::new(),
+            allowed_origins: Vec::new(),
+            cors_allow_credentials: false,
+            origins: protocol::origin::Origins::default(),
             config_path: None,
         }
     }
@@ -337,6 +354,14 @@ pub struct Cli {
     /// Clock skew tolerated on a token's exp and nbf, in seconds. [default: 30]
     #[arg(long, value_name = "S")]
     pub auth_leeway_s: Option<u64>,
+    /// A browser origin allowed to open streams (scheme://host[:port], or
+    /// "*"); repeatable. Other origins are refused 403; listed ones get CORS
+    /// headers on SSE and long-poll. [default: none: no check, no CORS]
+    #[arg(long = "allowed-origin", value_name = "ORIGIN")]
+    pub allowed_origins: Vec<String>,
+    /// Allow credentials (cookies) on CORS responses to the allowed origins. [default: off]
+    #[arg(long)]
+    pub cors_allow_credentials: bool,
 }
 
 impl Cli {
@@ -406,6 +431,15 @@ impl Cli {
         if !self.zmq_connect.is_empty() {
             cfg.zmq_connect = self.zmq_connect;
         }
+        if !self.allowed_origins.is_empty() {
+            cfg.allowed_origins = self.allowed_origins;
+        }
+        if self.cors_allow_credentials {
+            cfg.cors_allow_credentials = true;
+        }
+        cfg.origins =
+            protocol::origin::Origins::new(&cfg.allowed_origins, cfg.cors_allow_credentials)
+                .map_err(|e| e.to_string())?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -585,6 +619,18 @@ mod tests {
         assert!(toml::from_str::<Config>("no_such_key = 1").is_err());
         assert!(cli(&["--zmq-bind", ""]).resolve().is_err());
         assert!(cli(&["--history-messages", "0"]).resolve().is_err());
+        // An allowed origin no browser would send could never match.
+        let err = cli(&["--allowed-origin", "https://app.example/"])
+            .resolve()
+            .unwrap_err();
+        assert!(err.contains("scheme://host"), "{err}");
+        assert!(cli(&["--allowed-origin", "*", "--cors-allow-credentials"])
+            .resolve()
+            .is_err());
+        let cfg = cli(&["--allowed-origin", "https://app.example"])
+            .resolve()
+            .unwrap();
+        assert!(cfg.origins.is_on());
         assert!(cli(&["--headers-max", "1000"]).resolve().is_err());
         assert!(cli(&["--connections-max", "0"]).resolve().is_err());
         assert!(cli(&["--pong-timeout-ms", "0"]).resolve().is_err());

@@ -20,6 +20,7 @@ use monoio::io::AsyncWriteRentExt;
 use monoio::net::TcpStream;
 use protocol::envelope;
 use protocol::http::{self, Cursor, Parsed, Request};
+use protocol::origin::Verdict;
 use protocol::sse;
 use protocol::ws::{self, Closing, MessagePart, OpCode, ServerSession};
 use rand::Rng;
@@ -154,10 +155,14 @@ where
                 c.transport = Transport::Http;
                 c.deadline_s = core.deadline_after_ms(core.cfg.head_timeout_ms);
             });
-            let (request, head_len) = loop {
+            let (request, head_len, origin) = loop {
                 if !pending.is_empty() {
                     match http::parse_request(&pending, &limits) {
-                        Ok(Parsed::Complete { request, head_len }) => break (request, head_len),
+                        Ok(Parsed::Complete {
+                            request,
+                            head_len,
+                            origin,
+                        }) => break (request, head_len, origin),
                         Ok(Parsed::Partial) => {}
                         Err(reject) => return Phase::Close(self.refuse(&reject)),
                     }
@@ -190,6 +195,26 @@ where
                 )
             {
                 return Phase::Close(self.refuse_draining());
+            }
+            if let Request::Preflight { keep_alive } = request {
+                let origins = &self.core.cfg.origins;
+                let allowed = matches!(
+                    origins.check(origin.as_deref()),
+                    Verdict::Allowed { cors } if cors != 0
+                );
+                let keep_alive = keep_alive && allowed && !draining();
+                let response = origins.preflight_response(origin.as_deref(), keep_alive);
+                if !Box::pin(self.respond(response)).await {
+                    return Phase::Close(Close::Now);
+                }
+                if !keep_alive {
+                    return Phase::Close(Close::Linger);
+                }
+                pending = leftover;
+                continue;
+            }
+            if let Err(close) = self.check_origin(&request, origin) {
+                return Phase::Close(close);
             }
             if let Err(close) = self.authorize(&request) {
                 return Phase::Close(close);
@@ -265,8 +290,43 @@ where
                 Request::Echo { accept } => {
                     return Phase::Close(Box::pin(self.echo(accept, leftover)).await)
                 }
+                Request::Preflight { .. } => unreachable!("answered above"),
             }
         }
+    }
+
+    /// A browser page may open a stream only from an allowed origin
+    /// (checked before the upgrade: a WebSocket is not protected by CORS).
+    /// An allowed one's CORS slot is kept for the responses that follow.
+    fn check_origin(&mut self, request: &Request, origin: Option<String>) -> Result<(), Close> {
+        if matches!(request, Request::Health { .. } | Request::Ready { .. }) {
+            return Ok(());
+        }
+        match self.core.cfg.origins.check(origin.as_deref()) {
+            Verdict::Allowed { cors } => {
+                self.with_conn(|c, _| c.cors = cors);
+                Ok(())
+            }
+            Verdict::Refused => {
+                const REASON: &str = "origin not allowed";
+                info!(
+                    peer = %peer(self.fd()),
+                    origin = origin.as_deref().unwrap_or(""),
+                    status = 403,
+                    reason = REASON,
+                    "request refused"
+                );
+                self.core.stats.handshake(REASON);
+                self.queue(http::forbidden_response(REASON, "").into());
+                Err(Close::Linger)
+            }
+        }
+    }
+
+    /// This connection's CORS header lines ("" without CORS).
+    fn cors_lines(&self) -> &'static str {
+        let cfg: &'static crate::config::Config = self.core.cfg;
+        cfg.origins.cors_lines(self.with_conn(|c, _| c.cors))
     }
 
     fn refuse(&mut self, reject: &http::Reject) -> Close {
@@ -309,14 +369,14 @@ where
                 Err(crate::auth::Denied::Token(e)) => (
                     e.status(),
                     e.reason(),
-                    http::unauthorized_response(e.www_authenticate(), e.reason()),
+                    http::unauthorized_response(e.www_authenticate(), e.reason(), self.cors_lines()),
                 ),
                 Err(crate::auth::Denied::Channel(channel)) => {
                     debug!(fd = self.fd(), channel, "channel not allowed by the token");
                     (
                         403,
                         "channel not allowed",
-                        http::forbidden_response("channel not allowed"),
+                        http::forbidden_response("channel not allowed", self.cors_lines()),
                     )
                 }
             };
@@ -540,7 +600,8 @@ where
         let resume = self.subscribe(&channels, since, Transport::Sse, self.replay_all());
         let subscribed = channels.len();
         drop(channels);
-        let mut out = sse::stream_response_head().to_vec();
+        let mut out = Vec::with_capacity(256);
+        sse::stream_response_head(self.cors_lines(), &mut out);
         let retry_ms = rand::thread_rng().gen_range(SSE_RETRY_MS_MIN..=SSE_RETRY_MS_MAX);
         sse::encode_retry(&mut out, retry_ms);
         for gap in &resume.gaps {
@@ -602,7 +663,14 @@ where
             let gaps: Vec<&str> = resume.gaps.iter().map(|g| &**g).collect();
             let keep_alive = !draining();
             let mut out = Vec::new();
-            envelope::longpoll_response(&items, cursor, &gaps, keep_alive, &mut out);
+            envelope::longpoll_response(
+                &items,
+                cursor,
+                &gaps,
+                keep_alive,
+                self.cors_lines(),
+                &mut out,
+            );
             return self.respond(out).await.then_some(keep_alive);
         }
         // Answered empty, the client polls again from where it was, or
@@ -651,7 +719,7 @@ where
     /// `long_poll`'s.
     async fn answer_empty(&mut self, cursor: Cursor, keep_alive: bool) -> Option<bool> {
         let mut out = Vec::new();
-        envelope::longpoll_response(&[], cursor, &[], keep_alive, &mut out);
+        envelope::longpoll_response(&[], cursor, &[], keep_alive, self.cors_lines(), &mut out);
         self.respond(out).await.then_some(keep_alive)
     }
 

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use crossbeam_channel::Receiver;
+use protocol::envelope;
 use indexmap::IndexSet;
 use rand::Rng;
 use slab::Slab;
@@ -149,6 +150,10 @@ pub struct Conn {
     /// The client address it holds a place under in the shared
     /// per-address table; None when that limit is off.
     peer_ip: Option<IpAddr>,
+    /// Its origin's CORS slot (see `protocol::origin`; 0 = no CORS
+    /// headers): a long-poll answer shared by many clients goes out behind
+    /// this client's own status line and CORS headers.
+    pub cors: u8,
 }
 
 /// The per-connection byte budget of the core's slab entry. Raising it costs
@@ -177,6 +182,7 @@ impl Conn {
             waker: None,
             channels: Box::new([]),
             peer_ip,
+            cors: 0,
         }
     }
 
@@ -616,6 +622,9 @@ pub struct Core {
     /// Encoding times of the current batch's delivered messages, for the
     /// publish→send latency (reused, never shrunk).
     batch_stamps: RefCell<Vec<Instant>>,
+    /// Per CORS slot (index = slot - 1): the long-poll status line and that
+    /// origin's CORS lines, written once.
+    cors_poll_heads: Vec<Bytes>,
 }
 
 /// Size of the per-core receive buffer.
@@ -646,6 +655,15 @@ impl Core {
             drain_sweeps: Cell::new(0),
             stats: crate::metrics::CoreStats::default(),
             batch_stamps: RefCell::new(Vec::new()),
+            cors_poll_heads: cfg
+                .origins
+                .all_cors_lines()
+                .map(|lines| {
+                    let mut head = envelope::LONGPOLL_STATUS_LINE.to_vec();
+                    head.extend_from_slice(lines.as_bytes());
+                    Bytes::from(head)
+                })
+                .collect(),
         }
     }
 
@@ -740,7 +758,17 @@ impl Core {
                     Transport::LongPoll if !conn.poll_answered && !conn.poll_timed_out => {
                         conn.poll_answered = true;
                         conn.wake();
-                        msg.poll_response.clone()
+                        match self.cors_poll_heads.get(usize::from(conn.cors).wrapping_sub(1)) {
+                            None => msg.poll_response.clone(),
+                            Some(head) => {
+                                // This client's status line and CORS lines,
+                                // then the shared response after its own.
+                                delivered_bytes += head.len() as u64;
+                                conn.push(head.clone(), cfg.outbound_queue_bytes_max);
+                                msg.poll_response
+                                    .slice(envelope::LONGPOLL_STATUS_LINE.len()..)
+                            }
+                        }
                     }
                     Transport::LongPoll | Transport::Http | Transport::Closing => continue,
                 };
@@ -1370,5 +1398,57 @@ mod tests {
         protocol::sse::encode_comment(&mut beat, "heartbeat");
         beat.push(b'\n');
         assert_eq!(beat, SSE_HEARTBEAT);
+    }
+
+    #[test]
+    fn a_shared_long_poll_answer_goes_out_behind_each_clients_cors_head() {
+        use std::io::Read;
+        let cfg: &'static Config = Box::leak(Box::new(Config {
+            origins: protocol::origin::Origins::new(&["https://app.example".to_string()], false)
+                .unwrap(),
+            ..Config::default()
+        }));
+        let counts: Arc<[AtomicU64]> = vec![AtomicU64::new(0)].into();
+        let admission = Admission::new(cfg, 1, None, 0);
+        let core = Core::new(0, cfg, 1, Arc::new(AtomicU64::new(1)), counts, admission);
+        let (a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let (plain, mut plain_peer) = std::os::unix::net::UnixStream::pair().unwrap();
+        let mut keys = Vec::new();
+        for (fd, cors) in [(a.as_raw_fd(), 1), (plain.as_raw_fd(), 0)] {
+            let key = core.register(fd, None);
+            let (ids, _) = core.registry.borrow_mut().subscribe(
+                key,
+                &["news".to_string()],
+                None,
+                1,
+                cfg.channels_max,
+                10,
+            );
+            let mut conns = core.conns.borrow_mut();
+            let c = &mut conns[key as usize];
+            c.channels = ids;
+            c.transport = Transport::LongPoll;
+            c.cors = cors;
+            keys.push(key);
+        }
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let m = msg(5, "news");
+        tx.send(m.clone()).unwrap();
+        assert_eq!(core.dispatch(&rx), 1);
+        let len = envelope::LONGPOLL_STATUS_LINE.len();
+        let head = "HTTP/1.1 200 OK\r\nAccess-Control-Allow-Origin: https://app.example\r\n\
+                    Vary: Origin\r\n";
+        let mut got = vec![0u8; head.len() + m.poll_response.len() - len];
+        b.read_exact(&mut got).unwrap();
+        let mut want = head.as_bytes().to_vec();
+        want.extend_from_slice(&m.poll_response[len..]);
+        assert_eq!(String::from_utf8(got).unwrap(), String::from_utf8(want).unwrap());
+        // Without an origin: the shared response as it is.
+        let mut got = vec![0u8; m.poll_response.len()];
+        plain_peer.read_exact(&mut got).unwrap();
+        assert_eq!(got, m.poll_response);
+        for key in keys {
+            assert!(core.conns.borrow()[key as usize].poll_answered);
+        }
     }
 }

@@ -67,7 +67,7 @@ impl Message {
         let mut poll_item = Vec::with_capacity(payload.len() + channel.len() + 48);
         envelope::encode_longpoll_item(&p, &mut poll_item);
         let mut poll_response = Vec::with_capacity(poll_item.len() + 160);
-        envelope::longpoll_response(&[&poll_item], id, &[], true, &mut poll_response);
+        envelope::longpoll_response(&[&poll_item], id, &[], true, "", &mut poll_response);
         Message {
             id,
             from_publisher: false,

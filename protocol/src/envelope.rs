@@ -113,9 +113,15 @@ pub fn encode_sse_gap(channel: &str, out: &mut Vec<u8>) {
     out.push(b'\n');
 }
 
+/// The status line every long-poll response starts with: a response
+/// shared by many clients can be sent from behind it, after a status line
+/// with one client's own headers (CORS).
+pub const LONGPOLL_STATUS_LINE: &[u8] = b"HTTP/1.1 200 OK\r\n";
+
 /// A whole long-poll HTTP response: `200 OK`, `Content-Type: application/json`,
 /// `Cache-Control: no-store`, `Content-Length`, `Connection: close` when
-/// `!keep_alive`, and the body
+/// `!keep_alive`, the `extra` header lines (each ending in CRLF: CORS, or ""),
+/// and the body
 /// `{"cursor":"<cursor>","messages":[<items joined by ",">],"gaps":["chan",…]}`.
 /// `items` are outputs of [`encode_longpoll_item`].
 pub fn longpoll_response(
@@ -123,6 +129,7 @@ pub fn longpoll_response(
     cursor: Cursor,
     gaps: &[&str],
     keep_alive: bool,
+    extra: &str,
     out: &mut Vec<u8>,
 ) {
     let body_len = measure(|w| write_longpoll_body(w, items, cursor, gaps));
@@ -132,13 +139,13 @@ pub fn longpoll_response(
         "Connection: close\r\n"
     };
     let head = format!(
-        "HTTP/1.1 200 OK\r\n\
-         Content-Type: application/json\r\n\
+        "Content-Type: application/json\r\n\
          Cache-Control: no-store\r\n\
          Content-Length: {body_len}\r\n\
-         {connection}\r\n"
+         {connection}{extra}\r\n"
     );
-    out.reserve(head.len() + body_len);
+    out.reserve(LONGPOLL_STATUS_LINE.len() + head.len() + body_len);
+    out.extend_from_slice(LONGPOLL_STATUS_LINE);
     out.extend_from_slice(head.as_bytes());
     infallible(write_longpoll_body(out, items, cursor, gaps));
 }
@@ -439,7 +446,7 @@ mod tests {
         let items: [&[u8]; 2] = [a.as_bytes(), b.as_bytes()];
         for keep_alive in [true, false] {
             let mut out = Vec::new();
-            longpoll_response(&items, 43, &["news", "sp\"ort"], keep_alive, &mut out);
+            longpoll_response(&items, 43, &["news", "sp\"ort"], keep_alive, "", &mut out);
             let text = String::from_utf8(out).unwrap();
             let (head, body) = text.split_once("\r\n\r\n").unwrap();
             assert!(head.starts_with("HTTP/1.1 200 OK\r\n"));
@@ -462,10 +469,16 @@ mod tests {
         }
 
         let mut out = Vec::new();
-        longpoll_response(&[], 0, &[], true, &mut out);
+        longpoll_response(&[], 0, &[], true, "", &mut out);
         let text = String::from_utf8(out).unwrap();
         assert!(text
             .ends_with("Content-Length: 38\r\n\r\n{\"cursor\":\"0\",\"messages\":[],\"gaps\":[]}"));
+
+        let mut out = Vec::new();
+        longpoll_response(&[], 0, &[], false, "Vary: Origin\r\n", &mut out);
+        assert!(out.starts_with(LONGPOLL_STATUS_LINE));
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.contains("\r\nConnection: close\r\nVary: Origin\r\n\r\n{"));
     }
 
     mod properties {

@@ -69,6 +69,10 @@ pub enum Request {
     Health { keep_alive: bool },
     /// `GET /readyz`: the process takes new clients (not draining).
     Ready { keep_alive: bool },
+    /// `OPTIONS /events`: a CORS preflight (a cross-origin `fetch` with
+    /// `Authorization`, or an EventSource polyfill); answered by the origin
+    /// allowlist ([`crate::origin::Origins::preflight_response`]).
+    Preflight { keep_alive: bool },
     /// `GET <echo_path>` with a valid RFC 6455 upgrade: a WebSocket that
     /// echoes every message, for conformance testing; only when
     /// [`HeadLimits::echo_path`] is set.
@@ -99,7 +103,12 @@ pub enum Parsed {
     Partial,
     /// A complete head of `head_len` bytes (bytes after it belong to the next
     /// request or to the WebSocket stream).
-    Complete { request: Request, head_len: usize },
+    Complete {
+        request: Request,
+        head_len: usize,
+        /// The `Origin` header, for the allowlist (see [`crate::origin`]).
+        origin: Option<String>,
+    },
 }
 
 /// Why a request was refused: every variant maps to one HTTP status. Named
@@ -136,6 +145,8 @@ pub enum Reject {
     BadCursor,
     /// Bad percent-encoding or a non-UTF-8 query. 400
     BadQuery,
+    /// `Origin` repeated, or not printable ASCII. 400
+    BadOrigin,
 }
 
 impl Reject {
@@ -155,7 +166,8 @@ impl Reject {
             | Reject::TooManyChannels
             | Reject::BadChannelName
             | Reject::BadCursor
-            | Reject::BadQuery => 400,
+            | Reject::BadQuery
+            | Reject::BadOrigin => 400,
         }
     }
 
@@ -178,6 +190,7 @@ impl Reject {
             Reject::BadChannelName => "bad channel name",
             Reject::BadCursor => "bad cursor",
             Reject::BadQuery => "bad query",
+            Reject::BadOrigin => "bad origin",
         }
     }
 }
@@ -196,7 +209,8 @@ const HEADER_SLOTS: usize = limits::HEADERS_MAX;
 ///
 /// Checks run in this order, the first broken rule answering: head syntax and
 /// size limits, URL length, path (an unknown path is 404 whatever the
-/// method), method, body; then for `/ws` the upgrade headers, version and key;
+/// method), method (GET; OPTIONS on `/events` is a CORS preflight), body,
+/// `Origin`; then for `/ws` the upgrade headers, version and key;
 /// then the query (`channel`, `since`) and, for SSE, `Last-Event-ID`. A
 /// repeated `since` or `Last-Event-ID` is `BadCursor`; an empty
 /// `Last-Event-ID` is ignored (the `since` parameter, if any, applies).
@@ -254,13 +268,29 @@ pub fn parse_request(buf: &[u8], limits: &HeadLimits) -> Result<Parsed, Reject> 
         p if Some(p) == limits.echo_path => Endpoint::Echo,
         _ => return Err(Reject::NotFound),
     };
-    if method != "GET" {
+    let preflight = method == "OPTIONS" && matches!(endpoint, Endpoint::Events);
+    if method != "GET" && !preflight {
         return Err(Reject::MethodNotAllowed);
     }
     if head.has_body() {
         return Err(Reject::BodyNotAllowed);
     }
     let keep_alive = head.keep_alive(version);
+    let origin = match head.single("origin") {
+        Ok(None) => None,
+        Ok(Some(v)) if !v.is_empty() && v.iter().all(|b| b.is_ascii_graphic()) => {
+            // Printable ASCII, so this is valid UTF-8.
+            Some(String::from_utf8_lossy(v).into_owned())
+        }
+        _ => return Err(Reject::BadOrigin),
+    };
+    if preflight {
+        return Ok(Parsed::Complete {
+            request: Request::Preflight { keep_alive },
+            head_len,
+            origin,
+        });
+    }
 
     let request = match endpoint {
         Endpoint::Health => Request::Health { keep_alive },
@@ -307,7 +337,11 @@ pub fn parse_request(buf: &[u8], limits: &HeadLimits) -> Result<Parsed, Reject> 
             }
         }
     };
-    Ok(Parsed::Complete { request, head_len })
+    Ok(Parsed::Complete {
+        request,
+        head_len,
+        origin,
+    })
 }
 
 /// Checks an RFC 6455 opening handshake and returns its accept value.
@@ -583,18 +617,21 @@ pub fn reject_response(reject: &Reject) -> Vec<u8> {
 /// `WWW-Authenticate: <www_authenticate>` (RFC 6750 §3, e.g. `Bearer
 /// error="invalid_token"`), `Connection: close`, `reason` plus "\n" as the
 /// body. Both must be one line of ASCII.
-pub fn unauthorized_response(www_authenticate: &str, reason: &str) -> Vec<u8> {
+/// `cors` is the request's CORS header lines (see [`crate::origin`]), so a
+/// cross-origin page can read the status and fetch a new token.
+pub fn unauthorized_response(www_authenticate: &str, reason: &str, cors: &str) -> Vec<u8> {
     refusal_with_header(
         401,
-        &format!("WWW-Authenticate: {www_authenticate}\r\n"),
+        &format!("WWW-Authenticate: {www_authenticate}\r\n{cors}"),
         reason,
     )
 }
 
 /// `403 Forbidden` with `reason` plus "\n" as the body and `Connection:
-/// close`: a valid token that does not allow what was asked for.
-pub fn forbidden_response(reason: &str) -> Vec<u8> {
-    refusal_with_header(403, "", reason)
+/// close`: a valid token that does not allow what was asked for, or an
+/// origin off the allowlist. `cors`: CORS header lines, or "".
+pub fn forbidden_response(reason: &str, cors: &str) -> Vec<u8> {
+    refusal_with_header(403, cors, reason)
 }
 
 /// A refusal: status line, `Content-Type: text/plain`, `Content-Length`,
@@ -700,7 +737,9 @@ mod tests {
     /// Parses a head that must be complete, returning the request.
     fn request(head: &str) -> Result<Request, Reject> {
         match parse(head)? {
-            Parsed::Complete { request, head_len } => {
+            Parsed::Complete {
+                request, head_len, ..
+            } => {
                 assert_eq!(head_len, head.len());
                 Ok(request)
             }
@@ -783,6 +822,7 @@ mod tests {
         let r = String::from_utf8(unauthorized_response(
             "Bearer error=\"invalid_token\"",
             "token expired",
+            "",
         ))
         .unwrap();
         assert!(r.starts_with("HTTP/1.1 401 Unauthorized\r\n"), "{r}");
@@ -791,10 +831,75 @@ mod tests {
             "{r}"
         );
         assert!(r.ends_with("\r\n\r\ntoken expired\n"), "{r}");
-        let r = String::from_utf8(forbidden_response("channel not allowed")).unwrap();
+        let r = String::from_utf8(forbidden_response("channel not allowed", "")).unwrap();
         assert!(r.starts_with("HTTP/1.1 403 Forbidden\r\n"), "{r}");
         assert!(r.contains("Content-Length: 20\r\n"), "{r}");
         assert!(r.ends_with("\r\n\r\nchannel not allowed\n"), "{r}");
+    }
+
+    /// The `Origin` of a complete head.
+    fn origin_of(head: &str) -> Result<Option<String>, Reject> {
+        match parse(head)? {
+            Parsed::Complete { origin, .. } => Ok(origin),
+            Parsed::Partial => panic!("partial: {head:?}"),
+        }
+    }
+
+    #[test]
+    fn the_origin_is_read_once_and_must_be_printable_ascii() {
+        assert_eq!(origin_of(&ws_head("/ws?channel=a", "")), Ok(None));
+        assert_eq!(
+            origin_of(&ws_head("/ws?channel=a", "Origin: https://app.example\r\n")),
+            Ok(Some("https://app.example".to_string()))
+        );
+        assert_eq!(
+            origin_of("GET /events?channel=a HTTP/1.1\r\nOrigin: null\r\n\r\n"),
+            Ok(Some("null".to_string()))
+        );
+        for bad in [
+            "Origin: https://a.example\r\nOrigin: https://b.example\r\n",
+            "Origin: https://a example\r\n",
+            "Origin:\r\n",
+        ] {
+            assert_eq!(
+                origin_of(&ws_head("/ws?channel=a", bad)),
+                Err(Reject::BadOrigin),
+                "{bad}"
+            );
+        }
+        let non_ascii = b"GET /events?channel=a HTTP/1.1\r\nOrigin: https://\xc3\xa9.example\r\n\r\n";
+        assert_eq!(
+            parse_request(non_ascii, &HeadLimits::default()),
+            Err(Reject::BadOrigin)
+        );
+    }
+
+    #[test]
+    fn options_on_events_is_a_preflight_and_elsewhere_not_allowed() {
+        let head = "OPTIONS /events?channel=a HTTP/1.1\r\nOrigin: https://app.example\r\n\
+                    Access-Control-Request-Method: GET\r\n\
+                    Access-Control-Request-Headers: authorization\r\n\r\n";
+        assert_eq!(
+            request(head),
+            Ok(Request::Preflight { keep_alive: true })
+        );
+        assert_eq!(
+            origin_of(head),
+            Ok(Some("https://app.example".to_string()))
+        );
+        // A preflight carries no query the endpoint would check.
+        assert_eq!(
+            request("OPTIONS /events HTTP/1.0\r\n\r\n"),
+            Ok(Request::Preflight { keep_alive: false })
+        );
+        assert_eq!(
+            request("OPTIONS /ws?channel=a HTTP/1.1\r\n\r\n"),
+            Err(Reject::MethodNotAllowed)
+        );
+        assert_eq!(
+            request("POST /events?channel=a HTTP/1.1\r\n\r\n"),
+            Err(Reject::MethodNotAllowed)
+        );
     }
 
     #[test]
@@ -828,6 +933,7 @@ mod tests {
                     since: None,
                 },
                 head_len: head.len(),
+                origin: None,
             })
         );
     }

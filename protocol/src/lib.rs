@@ -11,6 +11,8 @@
 //! - [`sse`]: Server-Sent Events encoding.
 //! - [`envelope`]: how one published message is written, once per transport
 //!   (WebSocket frame, SSE event, long-poll JSON), and the long-poll response.
+//! - [`origin`]: the `Origin` allowlist (cross-site WebSocket hijacking)
+//!   and the CORS headers of the origins on it.
 //! - [`proxy`]: the PROXY protocol header (v1 text and v2 binary) a proxy in
 //!   front of the gateway writes to say who the client is.
 //! - [`token`]: JWT verification for upgrades (keys by `kid`, time passed in)
@@ -22,6 +24,7 @@
 pub mod envelope;
 pub mod http;
 pub mod limits;
+pub mod origin;
 pub mod proxy;
 pub mod sse;
 pub mod token;

@@ -1,13 +1,18 @@
 //! Server-Sent Events (HTML Living Standard, "server-sent events").
 
-/// The response head that opens an event stream.
-pub fn stream_response_head() -> &'static [u8] {
+/// Appends the response head that opens an event stream, with `extra`
+/// header lines (each ending in CRLF: the CORS headers, or "").
+pub fn stream_response_head(extra: &str, out: &mut Vec<u8>) {
     // `X-Accel-Buffering: no` stops nginx-style proxies from holding events back.
-    b"HTTP/1.1 200 OK\r\n\
-      Content-Type: text/event-stream\r\n\
-      Cache-Control: no-cache\r\n\
-      X-Accel-Buffering: no\r\n\
-      Connection: keep-alive\r\n\r\n"
+    out.extend_from_slice(
+        b"HTTP/1.1 200 OK\r\n\
+          Content-Type: text/event-stream\r\n\
+          Cache-Control: no-cache\r\n\
+          X-Accel-Buffering: no\r\n\
+          Connection: keep-alive\r\n",
+    );
+    out.extend_from_slice(extra.as_bytes());
+    out.extend_from_slice(b"\r\n");
 }
 
 /// Appends one event. `data` is text: each line (split on "\r\n", "\r" or "\n")
@@ -198,11 +203,16 @@ pub(crate) mod tests {
 
     #[test]
     fn stream_head() {
+        let mut out = Vec::new();
+        stream_response_head("", &mut out);
         assert_eq!(
-            stream_response_head(),
+            out,
             b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n\
               X-Accel-Buffering: no\r\nConnection: keep-alive\r\n\r\n"
         );
+        out.clear();
+        stream_response_head("Vary: Origin\r\n", &mut out);
+        assert!(out.ends_with(b"Connection: keep-alive\r\nVary: Origin\r\n\r\n"));
     }
 
     proptest! {

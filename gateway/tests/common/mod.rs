@@ -964,7 +964,10 @@ impl HttpConn {
     /// Reads one response: body by Content-Length, chunked, or to EOF.
     pub fn read_response(&mut self) -> HttpResponse {
         let head = self.read_head();
-        let body = if let Some(len) = head.header("content-length") {
+        // RFC 9112 §6.3: these never have a body, whatever the headers say.
+        let body = if head.status == 204 || head.status == 304 || head.status < 200 {
+            Vec::new()
+        } else if let Some(len) = head.header("content-length") {
             let len: usize = len
                 .parse()
                 .unwrap_or_else(|_| panic!("bad Content-Length {len:?} in {head:?}"));
@@ -1170,12 +1173,22 @@ impl SseClient {
     /// Opens `GET path` with `Accept: text/event-stream` (and
     /// `Last-Event-ID` when given); asserts `200` + `text/event-stream`.
     pub fn connect(addr: SocketAddr, path: &str, last_event_id: Option<&str>) -> SseClient {
+        let extra: Vec<(&str, &str)> = last_event_id
+            .map(|id| ("Last-Event-ID", id))
+            .into_iter()
+            .collect();
+        SseClient::connect_with(addr, path, &extra)
+    }
+
+    /// [`SseClient::connect`] with extra request headers (`Origin`,
+    /// `Last-Event-ID`, ...).
+    pub fn connect_with(addr: SocketAddr, path: &str, extra: &[(&str, &str)]) -> SseClient {
         let mut conn = HttpConn::connect(addr);
         let mut req = format!(
             "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\nCache-Control: no-cache\r\n"
         );
-        if let Some(id) = last_event_id {
-            req.push_str(&format!("Last-Event-ID: {id}\r\n"));
+        for (name, value) in extra {
+            req.push_str(&format!("{name}: {value}\r\n"));
         }
         req.push_str("\r\n");
         conn.send(req.as_bytes());
