@@ -161,10 +161,24 @@ impl Admission {
     }
 
     /// Decides on a new connection while `open` connections are served by
-    /// this core. On success the connection holds a place in the address
-    /// table (when there is one) until [`Admission::release`].
-    pub fn admit(&self, open: usize, ip: IpAddr, now_ms: u64) -> Result<(), Refusal> {
-        let verdict = self.decide(open, ip, now_ms);
+    /// this core. On success the connection holds a place under `ip` in the
+    /// address table (when there is one) until [`Admission::release`].
+    /// `ip` is None for a proxy's connection, whose client is not known
+    /// yet (see [`Admission::admit_address`]).
+    pub fn admit(&self, open: usize, ip: Option<IpAddr>, now_ms: u64) -> Result<(), Refusal> {
+        self.count(self.decide(open, ip, now_ms))
+    }
+
+    /// Takes a place in the address table for a client named by its
+    /// proxy's PROXY header.
+    pub fn admit_address(&self, ip: IpAddr) -> Result<(), Refusal> {
+        self.count(match &self.per_ip {
+            Some(table) if !table.acquire(ip) => Err(Refusal::ConnectionsPerIpMax),
+            _ => Ok(()),
+        })
+    }
+
+    fn count(&self, verdict: Result<(), Refusal>) -> Result<(), Refusal> {
         if let Err(refusal) = verdict {
             let counter = &self.refused[refusal.index()];
             counter.set(counter.get() + 1);
@@ -172,7 +186,7 @@ impl Admission {
         verdict
     }
 
-    fn decide(&self, open: usize, ip: IpAddr, now_ms: u64) -> Result<(), Refusal> {
+    fn decide(&self, open: usize, ip: Option<IpAddr>, now_ms: u64) -> Result<(), Refusal> {
         if open >= self.connections_max {
             return Err(Refusal::ConnectionsMax);
         }
@@ -183,7 +197,7 @@ impl Admission {
                 return Err(Refusal::HandshakeRate);
             }
         }
-        if let Some(table) = &self.per_ip {
+        if let (Some(table), Some(ip)) = (&self.per_ip, ip) {
             if !table.acquire(ip) {
                 return Err(Refusal::ConnectionsPerIpMax);
             }
@@ -265,17 +279,24 @@ mod tests {
         let adm = Admission::new(&cfg, 2, Some(table.clone()), 0);
         let a: IpAddr = "10.0.0.1".parse().unwrap();
         let b: IpAddr = "10.0.0.2".parse().unwrap();
-        assert_eq!(adm.admit(0, a, 0), Ok(()));
-        assert_eq!(adm.admit(1, a, 0), Err(Refusal::ConnectionsPerIpMax));
-        assert_eq!(adm.admit(1, b, 0), Err(Refusal::HandshakeRate));
-        assert_eq!(adm.admit(2, b, 5_000), Err(Refusal::ConnectionsMax));
-        assert_eq!(adm.admit(1, b, 5_000), Ok(()));
+        assert_eq!(adm.admit(0, Some(a), 0), Ok(()));
+        assert_eq!(adm.admit(1, Some(a), 0), Err(Refusal::ConnectionsPerIpMax));
+        assert_eq!(adm.admit(1, Some(b), 0), Err(Refusal::HandshakeRate));
+        assert_eq!(adm.admit(2, Some(b), 5_000), Err(Refusal::ConnectionsMax));
+        assert_eq!(adm.admit(1, Some(b), 5_000), Ok(()));
+        // A proxy's connection: the client is counted once its header
+        // names it.
+        assert_eq!(adm.admit(0, None, 10_000), Ok(()));
+        assert_eq!(adm.admit_address(b), Err(Refusal::ConnectionsPerIpMax));
+        let c: IpAddr = "10.0.0.3".parse().unwrap();
+        assert_eq!(adm.admit_address(c), Ok(()));
+        assert_eq!(adm.admit_address(c), Err(Refusal::ConnectionsPerIpMax));
         let refused: Vec<_> = adm.take_refused().collect();
         assert_eq!(
             refused,
             vec![
                 (Refusal::ConnectionsMax, 1),
-                (Refusal::ConnectionsPerIpMax, 1),
+                (Refusal::ConnectionsPerIpMax, 3),
                 (Refusal::HandshakeRate, 1)
             ]
         );

@@ -130,6 +130,17 @@ pub struct Config {
     /// CORS responses allow credentials (cookies) for the listed origins
     /// (`Access-Control-Allow-Credentials: true`); not with `*`.
     pub cors_allow_credentials: bool,
+    /// Source ranges (CIDR, or single addresses) of the proxies in front:
+    /// a connection from one of them must open with a PROXY protocol
+    /// header (v1 or v2), whose client address is then the one used for
+    /// `connections_per_ip_max` and in logs. Connections from anywhere
+    /// else are clients themselves and may not send one (a PROXY header
+    /// from them is a malformed request, 400). Empty (the default): no
+    /// PROXY protocol.
+    pub proxy_protocol_from: Vec<String>,
+    /// `proxy_protocol_from`, parsed.
+    #[serde(skip)]
+    pub proxy_trusted: Vec<ipnet::IpNet>,
     /// `allowed_origins`, checked and with its header lines written once.
     #[serde(skip)]
     pub origins: protocol::origin::Origins,
@@ -219,6 +230,8 @@ impl Default for Config {
             auth_cli_keys: Vec::new(),
             allowed_origins: Vec::new(),
             cors_allow_credentials: false,
+            proxy_protocol_from: Vec::new(),
+            proxy_trusted: Vec::new(),
             origins: protocol::origin::Origins::default(),
             config_path: None,
         }
@@ -362,6 +375,11 @@ pub struct Cli {
     /// Allow credentials (cookies) on CORS responses to the allowed origins. [default: off]
     #[arg(long)]
     pub cors_allow_credentials: bool,
+    /// A proxy's source range (CIDR like 10.0.0.0/8, or one address) whose
+    /// connections open with a PROXY protocol v1/v2 header naming the
+    /// client; repeatable. [default: none]
+    #[arg(long = "proxy-protocol-from", value_name = "CIDR")]
+    pub proxy_protocol_from: Vec<String>,
 }
 
 impl Cli {
@@ -437,6 +455,14 @@ impl Cli {
         if self.cors_allow_credentials {
             cfg.cors_allow_credentials = true;
         }
+        if !self.proxy_protocol_from.is_empty() {
+            cfg.proxy_protocol_from = self.proxy_protocol_from;
+        }
+        cfg.proxy_trusted = cfg
+            .proxy_protocol_from
+            .iter()
+            .map(|s| parse_range(s))
+            .collect::<Result<_, _>>()?;
         cfg.origins =
             protocol::origin::Origins::new(&cfg.allowed_origins, cfg.cors_allow_credentials)
                 .map_err(|e| e.to_string())?;
@@ -445,7 +471,30 @@ impl Cli {
     }
 }
 
+/// A CIDR range (`10.0.0.0/8`, `fd00::/8`) or a single address.
+fn parse_range(s: &str) -> Result<ipnet::IpNet, String> {
+    if let Ok(ip) = s.parse::<std::net::IpAddr>() {
+        return Ok(ipnet::IpNet::from(ip));
+    }
+    let net: ipnet::IpNet = s.parse().map_err(|_| {
+        format!("proxy_protocol_from: {s:?} is not an address or a CIDR range like 10.0.0.0/8")
+    })?;
+    // 10.1.2.3/8 is probably a typo for 10.0.0.0/8 or 10.1.2.3/32.
+    if net.trunc() != net {
+        return Err(format!(
+            "proxy_protocol_from: {s:?} has host bits set (did you mean {}?)",
+            net.trunc()
+        ));
+    }
+    Ok(net)
+}
+
 impl Config {
+    /// Does a connection from `ip` open with a PROXY protocol header?
+    pub fn expects_proxy_header(&self, ip: std::net::IpAddr) -> bool {
+        self.proxy_trusted.iter().any(|net| net.contains(&ip))
+    }
+
     /// The key set of this configuration: `auth_keys` (files read now) and
     /// the command line's. Also how SIGHUP rebuilds it from a re-read file.
     pub fn key_set(&self) -> Result<protocol::token::KeySet, String> {
@@ -631,6 +680,32 @@ mod tests {
             .resolve()
             .unwrap();
         assert!(cfg.origins.is_on());
+        for bad in ["10.0.0.0/33", "10.1.2.3/8", "localhost", ""] {
+            assert!(
+                cli(&["--proxy-protocol-from", bad]).resolve().is_err(),
+                "{bad}"
+            );
+        }
+        let cfg = cli(&[
+            "--proxy-protocol-from",
+            "10.0.0.0/8",
+            "--proxy-protocol-from",
+            "::1",
+        ])
+        .resolve()
+        .unwrap();
+        for (ip, trusted) in [
+            ("10.200.0.1", true),
+            ("11.0.0.1", false),
+            ("::1", true),
+            ("127.0.0.1", false),
+        ] {
+            assert_eq!(
+                cfg.expects_proxy_header(ip.parse().unwrap()),
+                trusted,
+                "{ip}"
+            );
+        }
         assert!(cli(&["--headers-max", "1000"]).resolve().is_err());
         assert!(cli(&["--connections-max", "0"]).resolve().is_err());
         assert!(cli(&["--pong-timeout-ms", "0"]).resolve().is_err());

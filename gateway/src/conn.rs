@@ -21,12 +21,13 @@ use monoio::net::TcpStream;
 use protocol::envelope;
 use protocol::http::{self, Cursor, Parsed, Request};
 use protocol::origin::Verdict;
+use protocol::proxy::{self, ProxyParsed};
 use protocol::sse;
 use protocol::ws::{self, Closing, MessagePart, OpCode, ServerSession};
 use rand::Rng;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
-use crate::core::{peer, Core, Drain, Transport, SSE_RETRY_MS_MAX, SSE_RETRY_MS_MIN};
+use crate::core::{Core, Drain, Transport, SSE_RETRY_MS_MAX, SSE_RETRY_MS_MIN};
 use crate::drain::draining;
 
 /// How long a closing connection waits for its last bytes to leave and for
@@ -150,6 +151,14 @@ where
         // nearly every connection, whose head arrives in one read.
         let mut pending: Vec<u8> = Vec::new();
         let limits = self.core.cfg.head_limits();
+        if self.with_conn(|c, _| c.expects_proxy_header) {
+            self.with_conn(|c, core| {
+                c.deadline_s = core.deadline_after_ms(core.cfg.head_timeout_ms);
+            });
+            if let Err(close) = self.proxy_header(&mut pending).await {
+                return Phase::Close(close);
+            }
+        }
         loop {
             self.with_conn(|c, core| {
                 c.transport = Transport::Http;
@@ -310,7 +319,7 @@ where
             Verdict::Refused => {
                 const REASON: &str = "origin not allowed";
                 info!(
-                    peer = %peer(self.fd()),
+                    peer = %self.client(),
                     origin = origin.as_deref().unwrap_or(""),
                     status = 403,
                     reason = REASON,
@@ -329,10 +338,72 @@ where
         cfg.origins.cors_lines(self.with_conn(|c, _| c.cors))
     }
 
+    /// A trusted proxy's connection opens with a PROXY header (v1 or v2)
+    /// naming the client: read it, within the head deadline and
+    /// `PROXY_V2_BYTES_MAX`, and keep what follows it for the request
+    /// parser. The client it names replaces the proxy as the connection's
+    /// address and takes its place in the per-address limit (503 when
+    /// over). A missing or broken header closes the connection without an
+    /// answer, as the spec asks: the proxy, not a client, is at fault.
+    async fn proxy_header(&mut self, pending: &mut Vec<u8>) -> Result<(), Close> {
+        const BYTES_MAX: usize = protocol::limits::PROXY_V2_BYTES_MAX;
+        loop {
+            if !pending.is_empty() {
+                match proxy::parse_proxy_header(pending) {
+                    Ok(ProxyParsed::Partial) => {}
+                    Ok(ProxyParsed::Complete {
+                        header_len, source, ..
+                    }) => {
+                        pending.drain(..header_len);
+                        // LOCAL (the proxy's own health check) and UNKNOWN
+                        // name no client: the connection stays the proxy's,
+                        // outside the per-address limit.
+                        let Some(client) = source else { return Ok(()) };
+                        let proxy_addr = self.client();
+                        if let Err(refusal) = self.core.readdress(self.key, client) {
+                            self.core.stats.handshake(refusal.reason());
+                            debug!(peer = %client, proxy = %proxy_addr, reason = refusal.reason(), "connection refused");
+                            self.queue(crate::admission::refusal_response(refusal).into());
+                            return Err(Close::Linger);
+                        }
+                        debug!(peer = %client, proxy = %proxy_addr, "client named by PROXY header");
+                        return Ok(());
+                    }
+                    Err(e) => {
+                        warn!(
+                            proxy = %self.client(),
+                            reason = e.reason(),
+                            "PROXY header refused, closing (a connection from a trusted proxy \
+                             range must open with one)"
+                        );
+                        self.core.stats.handshake("bad proxy header");
+                        return Err(Close::Now);
+                    }
+                }
+            }
+            match self.next().await {
+                Wake::Readable => {}
+                Wake::Drain if pending.is_empty() => return Err(Close::Linger),
+                Wake::Drain => continue,
+                _ => return Err(Close::Now),
+            }
+            let room = BYTES_MAX + 1 - pending.len().min(BYTES_MAX);
+            match self.read_into(|bytes| pending.extend_from_slice(bytes), room) {
+                Read::Data | Read::WouldBlock => {}
+                Read::Eof => return Err(Close::Now),
+            }
+        }
+    }
+
+    /// The client's address (its proxy's PROXY header's, if any), for logs.
+    fn client(&self) -> std::net::SocketAddr {
+        self.with_conn(|c, _| c.client())
+    }
+
     fn refuse(&mut self, reject: &http::Reject) -> Close {
         self.core.stats.handshake(reject.reason());
         info!(
-            peer = %peer(self.fd()),
+            peer = %self.client(),
             status = reject.status(),
             reason = reject.reason(),
             "request refused"
@@ -380,7 +451,7 @@ where
                     )
                 }
             };
-        info!(peer = %peer(self.fd()), status, reason, "request refused");
+        info!(peer = %self.client(), status, reason, "request refused");
         self.core.stats.handshake(reason);
         self.queue(response.into());
         Err(Close::Linger)
@@ -844,7 +915,7 @@ where
         }
         match end? {
             Closing::Violation { code, rule } => {
-                info!(peer = %peer(self.fd()), code, rule, "websocket closed: client broke a rule");
+                info!(peer = %self.client(), code, rule, "websocket closed: client broke a rule");
             }
             Closing::PeerClosed { code } => {
                 debug!(fd = self.fd(), ?code, "websocket closed by client")
@@ -956,7 +1027,7 @@ mod tests {
                 counts,
                 admission,
             ));
-            let key = core.register(stream.as_raw_fd(), None);
+            let key = core.register(stream.as_raw_fd(), ([127, 0, 0, 1], 1).into());
             let task = serve(core, stream, key);
             let size = std::mem::size_of_val(&task);
             eprintln!(

@@ -5,7 +5,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -147,9 +147,15 @@ pub struct Conn {
     pub waker: Option<Waker>,
     /// Registry ids of the channels it is subscribed to.
     pub channels: Box<[u32]>,
-    /// The client address it holds a place under in the shared
-    /// per-address table; None when that limit is off.
-    peer_ip: Option<IpAddr>,
+    /// The client's address: the TCP peer, or what its proxy's PROXY
+    /// header said. Logged, and counted by `connections_per_ip_max`.
+    client_ip: IpAddr,
+    client_port: u16,
+    /// It holds a place under `client_ip` in the shared per-address table
+    /// (given back when it closes).
+    counted_ip: bool,
+    /// It comes from a trusted proxy: its first bytes are a PROXY header.
+    pub expects_proxy_header: bool,
     /// Its origin's CORS slot (see `protocol::origin`; 0 = no CORS
     /// headers): a long-poll answer shared by many clients goes out behind
     /// this client's own status line and CORS headers.
@@ -162,7 +168,7 @@ const CONN_BYTES_MAX: usize = 128;
 const _: () = assert!(std::mem::size_of::<Conn>() <= CONN_BYTES_MAX);
 
 impl Conn {
-    fn new(fd: RawFd, peer_ip: Option<IpAddr>) -> Conn {
+    fn new(fd: RawFd, client: SocketAddr) -> Conn {
         Conn {
             fd,
             transport: Transport::Http,
@@ -181,9 +187,17 @@ impl Conn {
             queue: VecDeque::new(),
             waker: None,
             channels: Box::new([]),
-            peer_ip,
+            client_ip: client.ip(),
+            client_port: client.port(),
+            counted_ip: false,
+            expects_proxy_header: false,
             cors: 0,
         }
+    }
+
+    /// The client's address, for logs.
+    pub fn client(&self) -> SocketAddr {
+        SocketAddr::new(self.client_ip, self.client_port)
     }
 
     pub fn wake(&mut self) {
@@ -269,7 +283,7 @@ impl Conn {
     fn drop_slow_consumer(&mut self, wanted_bytes: usize) {
         crate::metrics::note_slow_consumer();
         warn!(
-            peer = %peer(self.fd),
+            peer = %self.client(),
             transport = ?self.transport,
             queued_bytes = self.queued_bytes,
             wanted_bytes,
@@ -684,26 +698,49 @@ impl Core {
         self.started.elapsed().as_millis() as u64
     }
 
-    /// Admission control for a just-accepted connection from `ip`: its slab
-    /// key, or why it is refused. Refused connections never enter the slab.
-    pub fn admit(&self, fd: RawFd, ip: IpAddr) -> Result<u32, Refusal> {
+    /// Admission control for a just-accepted connection from `peer`: its
+    /// slab key, or why it is refused. Refused connections never enter the
+    /// slab. A trusted proxy's connection is counted per address only once
+    /// its PROXY header names the client (see [`Core::readdress`]).
+    pub fn admit(&self, fd: RawFd, peer: SocketAddr) -> Result<u32, Refusal> {
         let open = self.conns.borrow().len();
-        self.admission.admit(open, ip, self.now_ms())?;
-        Ok(self.register(fd, self.admission.counts_addresses().then_some(ip)))
+        let peer = SocketAddr::new(crate::admission::client_ip(peer), peer.port());
+        let proxied = self.cfg.expects_proxy_header(peer.ip());
+        let counted = (!proxied).then_some(peer.ip());
+        self.admission.admit(open, counted, self.now_ms())?;
+        let key = self.register(fd, peer);
+        let mut conns = self.conns.borrow_mut();
+        let c = &mut conns[key as usize];
+        c.counted_ip = counted.is_some() && self.admission.counts_addresses();
+        c.expects_proxy_header = proxied;
+        Ok(key)
     }
 
-    /// Enters a connection in the slab. `peer_ip` is the per-address table
-    /// place it holds, given back by [`Core::deregister`].
-    pub fn register(&self, fd: RawFd, peer_ip: Option<IpAddr>) -> u32 {
+    /// The client a trusted proxy's PROXY header named: its address
+    /// replaces the proxy's, and takes its place in the per-address limit.
+    pub fn readdress(&self, key: u32, client: SocketAddr) -> Result<(), Refusal> {
+        let client = SocketAddr::new(crate::admission::client_ip(client), client.port());
+        self.admission.admit_address(client.ip())?;
+        let mut conns = self.conns.borrow_mut();
+        let c = &mut conns[key as usize];
+        c.client_ip = client.ip();
+        c.client_port = client.port();
+        c.counted_ip = self.admission.counts_addresses();
+        Ok(())
+    }
+
+    /// Enters a connection in the slab, from `client` (holding no place in
+    /// the per-address table yet).
+    pub fn register(&self, fd: RawFd, client: SocketAddr) -> u32 {
         self.conn_counts[self.index].fetch_add(1, Ordering::Relaxed);
-        self.conns.borrow_mut().insert(Conn::new(fd, peer_ip)) as u32
+        self.conns.borrow_mut().insert(Conn::new(fd, client)) as u32
     }
 
     pub fn deregister(&self, key: u32) {
         let conn = self.conns.borrow_mut().remove(key as usize);
         self.registry.borrow_mut().unsubscribe(key, &conn.channels);
-        if let Some(ip) = conn.peer_ip {
-            self.admission.release(ip);
+        if conn.counted_ip {
+            self.admission.release(conn.client_ip);
         }
         self.conn_counts[self.index].fetch_sub(1, Ordering::Relaxed);
     }
@@ -942,16 +979,6 @@ impl Core {
 }
 
 /// The peer address of a socket, looked up only for a log line.
-pub fn peer(fd: RawFd) -> String {
-    // SAFETY: the fd is a live socket; a borrowed std socket view does not
-    // close it (ManuallyDrop).
-    let s = std::mem::ManuallyDrop::new(unsafe {
-        <std::net::TcpStream as std::os::fd::FromRawFd>::from_raw_fd(fd)
-    });
-    s.peer_addr()
-        .map_or_else(|_| "?".to_string(), |a| a.to_string())
-}
-
 /// Reads the core's doorbell through io_uring and dispatches whatever ingest
 /// queued. Yields between batches so connection tasks are not starved.
 pub async fn doorbell_loop(
@@ -1275,7 +1302,7 @@ mod tests {
     fn flush_writes_queued_frames_in_order_and_stops_at_a_full_socket() {
         use std::io::Read;
         let (a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
-        let mut conn = Conn::new(a.as_raw_fd(), None);
+        let mut conn = Conn::new(a.as_raw_fd(), ([127, 0, 0, 1], 1).into());
         conn.push(Bytes::from_static(b"one "), 1 << 30);
         conn.push(Bytes::from_static(b"two"), 1 << 30);
         conn.flush();
@@ -1301,7 +1328,7 @@ mod tests {
     #[test]
     fn a_queue_over_its_budget_marks_the_connection_dead_and_frees_it() {
         let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
-        let mut conn = Conn::new(a.as_raw_fd(), None);
+        let mut conn = Conn::new(a.as_raw_fd(), ([127, 0, 0, 1], 1).into());
         conn.transport = Transport::Sse;
         let max = 3 << 20;
         let big = Bytes::from(vec![7u8; 1 << 20]);
@@ -1332,7 +1359,7 @@ mod tests {
     fn a_batch_over_the_budget_is_written_before_the_client_is_called_slow() {
         use std::io::Read;
         let (a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
-        let mut conn = Conn::new(a.as_raw_fd(), None);
+        let mut conn = Conn::new(a.as_raw_fd(), ([127, 0, 0, 1], 1).into());
         conn.transport = Transport::WebSocket;
         // Ten frames of 100 bytes against a budget of 250: the dispatcher
         // has not flushed yet, but the socket has room for all of them.
@@ -1350,7 +1377,7 @@ mod tests {
         use std::io::Read;
         for started in [3, 0] {
             let (a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
-            let mut conn = Conn::new(a.as_raw_fd(), None);
+            let mut conn = Conn::new(a.as_raw_fd(), ([127, 0, 0, 1], 1).into());
             conn.transport = Transport::WebSocket;
             conn.push(Bytes::from_static(b"first frame"), 64);
             conn.push(Bytes::from_static(b"second"), 64);
@@ -1415,7 +1442,7 @@ mod tests {
         let (plain, mut plain_peer) = std::os::unix::net::UnixStream::pair().unwrap();
         let mut keys = Vec::new();
         for (fd, cors) in [(a.as_raw_fd(), 1), (plain.as_raw_fd(), 0)] {
-            let key = core.register(fd, None);
+            let key = core.register(fd, ([127, 0, 0, 1], 1).into());
             let (ids, _) = core.registry.borrow_mut().subscribe(
                 key,
                 &["news".to_string()],

@@ -227,7 +227,7 @@ async fn accept_loop(core: Rc<Core>, listener: monoio::net::TcpListener) {
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
-                match core.admit(stream.as_raw_fd(), admission::client_ip(peer)) {
+                match core.admit(stream.as_raw_fd(), peer) {
                     Ok(key) => {
                         monoio::spawn(conn::serve(core.clone(), stream, key));
                     }
