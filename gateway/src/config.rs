@@ -32,6 +32,18 @@ pub struct Config {
     pub zmq_connect: Vec<String>,
     /// ZeroMQ receive high-water mark (messages queued in libzmq before it drops).
     pub zmq_rcvhwm_messages: i32,
+    /// What the SUB socket subscribes to: `all` (every channel: history for
+    /// every channel, for a gateway fed directly by its publishers) or
+    /// `demand` (only the channels its clients subscribe to, so that a
+    /// publisher or a forwarder sends this gateway only what its clients
+    /// want; for many gateways behind one forwarder).
+    pub zmq_subscribe: SubscribeMode,
+    /// With `zmq_subscribe = demand`: how long a channel stays subscribed
+    /// upstream after its last local subscriber left, so that long-poll
+    /// clients between polls and clients reconnecting after a blip resume
+    /// from history. When it is dropped, its history here is forgotten
+    /// (a resume from before is a gap).
+    pub zmq_unsubscribe_linger_ms: u64,
     /// Messages kept per channel for resume (SSE Last-Event-ID, long-poll
     /// `since`, WebSocket `since`). Each costs one pointer per core; the
     /// message bytes are shared.
@@ -104,6 +116,9 @@ pub struct Config {
     pub ready_requires_publisher: bool,
     /// Log filter (error, warn, info, debug, trace, or a tracing directive).
     pub log_level: String,
+    /// `text` (one line per event, `key=value` fields) or `json` (one JSON
+    /// object per line, for log pipelines). Both on stderr.
+    pub log_format: LogFormat,
     /// Admin listener (`/metrics`, `/healthz`, `/readyz`), served by a plain
     /// thread apart from the cores; empty disables it.
     pub admin_listen: String,
@@ -147,6 +162,22 @@ pub struct Config {
     /// The file the configuration came from, re-read on SIGHUP.
     #[serde(skip)]
     pub config_path: Option<PathBuf>,
+}
+
+/// How log lines are written on stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// What the ingest SUB socket subscribes to (see `Config::zmq_subscribe`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum SubscribeMode {
+    All,
+    Demand,
 }
 
 /// One token verification key (`[[auth_keys]]` in the file).
@@ -201,6 +232,8 @@ impl Default for Config {
             zmq_bind: "tcp://127.0.0.1:5560".to_string(),
             zmq_connect: Vec::new(),
             zmq_rcvhwm_messages: 100_000,
+            zmq_subscribe: SubscribeMode::All,
+            zmq_unsubscribe_linger_ms: 60_000,
             history_messages: 100,
             channels_max: 100_000,
             poll_timeout_ms: 30_000,
@@ -223,6 +256,7 @@ impl Default for Config {
             ws_echo_path: String::new(),
             ready_requires_publisher: false,
             log_level: "info".to_string(),
+            log_format: LogFormat::Text,
             admin_listen: "127.0.0.1:9090".to_string(),
             auth: false,
             auth_keys: Vec::new(),
@@ -246,8 +280,10 @@ impl Default for Config {
 /// With no arguments it serves 127.0.0.1:8080 and binds tcp://127.0.0.1:5560
 /// for publishers.
 #[derive(Debug, Parser)]
-#[command(name = "gateway", version)]
+#[command(name = "gateway", version, args_conflicts_with_subcommands = true)]
 pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
     /// TOML configuration file.
     #[arg(short, long, value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -274,6 +310,14 @@ pub struct Cli {
     /// ZeroMQ receive high-water mark, in messages. [default: 100000]
     #[arg(long, value_name = "N")]
     pub zmq_rcvhwm_messages: Option<i32>,
+    /// Subscribe upstream to every channel ("all"), or only to channels
+    /// with local subscribers ("demand", behind a forwarder). [default: all]
+    #[arg(long, value_name = "MODE")]
+    pub zmq_subscribe: Option<SubscribeMode>,
+    /// zmq_subscribe = demand: a channel stays subscribed this long after
+    /// its last local subscriber left, in milliseconds. [default: 60000]
+    #[arg(long, value_name = "MS")]
+    pub zmq_unsubscribe_linger_ms: Option<u64>,
     /// Messages kept per channel for resuming clients. [default: 100]
     #[arg(long, value_name = "N")]
     pub history_messages: Option<usize>,
@@ -351,6 +395,9 @@ pub struct Cli {
     /// Log level or tracing filter directive, e.g. "info" or "gateway=debug". [default: info]
     #[arg(long, value_name = "FILTER")]
     pub log_level: Option<String>,
+    /// Log lines on stderr as "text" or one JSON object each ("json"). [default: text]
+    #[arg(long, value_name = "FORMAT")]
+    pub log_format: Option<LogFormat>,
     /// Admin listener address: Prometheus /metrics, /healthz, /readyz; ""
     /// disables it. Keep it off the public network. [default: 127.0.0.1:9090]
     #[arg(long, value_name = "ADDR")]
@@ -382,6 +429,16 @@ pub struct Cli {
     pub proxy_protocol_from: Vec<String>,
 }
 
+/// The other things the binary can be.
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// A ZeroMQ forwarder (XSUB ↔ XPUB) between many publishers and many
+    /// gateways: publishers connect to --publishers, gateways (with
+    /// zmq_subscribe = demand) to --gateways, and each gateway receives
+    /// only the channels its clients subscribe to.
+    Forwarder(crate::forwarder::ForwarderArgs),
+}
+
 impl Cli {
     /// Defaults, overridden by the file, overridden by the flags.
     pub fn resolve(self) -> Result<Config, String> {
@@ -404,6 +461,8 @@ impl Cli {
             ring_entries,
             zmq_bind,
             zmq_rcvhwm_messages,
+            zmq_subscribe,
+            zmq_unsubscribe_linger_ms,
             history_messages,
             channels_max,
             poll_timeout_ms,
@@ -425,6 +484,7 @@ impl Cli {
             drain_window_ms,
             ws_echo_path,
             log_level,
+            log_format,
             admin_listen,
             auth_leeway_s
         );
@@ -634,6 +694,14 @@ mod tests {
 
     fn cli(args: &[&str]) -> Cli {
         Cli::try_parse_from(std::iter::once("gateway").chain(args.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn the_shipped_production_config_parses() {
+        let cfg: Config = toml::from_str(include_str!("../../systemd/gateway.toml")).unwrap();
+        assert_eq!(cfg.zmq_subscribe, SubscribeMode::Demand);
+        assert_eq!(cfg.log_format, LogFormat::Json);
+        assert!(cfg.zmq_bind.is_empty() && !cfg.zmq_connect.is_empty());
     }
 
     #[test]

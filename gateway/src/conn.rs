@@ -440,7 +440,11 @@ where
                 Err(crate::auth::Denied::Token(e)) => (
                     e.status(),
                     e.reason(),
-                    http::unauthorized_response(e.www_authenticate(), e.reason(), self.cors_lines()),
+                    http::unauthorized_response(
+                        e.www_authenticate(),
+                        e.reason(),
+                        self.cors_lines(),
+                    ),
                 ),
                 Err(crate::auth::Denied::Channel(channel)) => {
                     debug!(fd = self.fd(), channel, "channel not allowed by the token");
@@ -1026,6 +1030,7 @@ mod tests {
                 Arc::new(AtomicU64::new(1)),
                 counts,
                 admission,
+                None,
             ));
             let key = core.register(stream.as_raw_fd(), ([127, 0, 0, 1], 1).into());
             let task = serve(core, stream, key);

@@ -15,15 +15,15 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use crossbeam_channel::Receiver;
-use protocol::envelope;
 use indexmap::IndexSet;
+use protocol::envelope;
 use rand::Rng;
 use slab::Slab;
 use tracing::{debug, info, warn};
 
 use crate::admission::{Admission, Refusal};
 use crate::config::Config;
-use crate::ingest::Message;
+use crate::ingest::{Interest, InterestTx, Message, ToCore};
 
 /// What a connection is doing, as far as fan-out is concerned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -421,6 +421,9 @@ pub struct Registry {
     /// Messages pushed out of a channel's history by `history_messages`
     /// (for `/metrics`).
     pub evictions: u64,
+    /// Demand mode: where this core reports a channel's first local
+    /// subscriber and its last one leaving.
+    interest: Option<InterestTx>,
 }
 
 /// What a resuming client gets: messages after its cursor, and the channels
@@ -442,7 +445,7 @@ pub struct Resume {
 }
 
 impl Registry {
-    fn new(first_id: u64) -> Registry {
+    fn new(first_id: u64, interest: Option<InterestTx>) -> Registry {
         Registry {
             ids: HashMap::new(),
             channels: Slab::new(),
@@ -450,7 +453,27 @@ impl Registry {
             forgotten_through: first_id,
             own_tag: first_id & ID_TAG_MASK,
             evictions: 0,
+            interest,
         }
+    }
+
+    /// Ingest no longer subscribes to `name` (demand mode): what is
+    /// published on it from now on may never reach this core, so nothing
+    /// before now can be resumed completely here. A channel without
+    /// subscribers is forgotten; one that got a subscriber meanwhile (ingest
+    /// subscribes again when it hears of it) loses its history, and its
+    /// subscribers are returned to be told of the gap.
+    fn forget(&mut self, name: &str, published_through: u64) -> Option<&IndexSet<u32>> {
+        self.forgotten_through = self.forgotten_through.max(published_through);
+        let id = *self.ids.get(name)?;
+        let ch = &mut self.channels[id as usize];
+        if ch.subscribers.is_empty() {
+            self.remove(id);
+            return None;
+        }
+        ch.history.clear();
+        ch.evicted_through = ch.evicted_through.max(published_through);
+        Some(&self.channels[id as usize].subscribers)
     }
 
     fn id_of(&mut self, name: &str, channels_max: usize) -> u32 {
@@ -553,6 +576,11 @@ impl Registry {
         for name in names {
             let id = self.id_of(name, channels_max);
             let ch = &mut self.channels[id as usize];
+            if ch.subscribers.is_empty() {
+                if let Some(interest) = &self.interest {
+                    interest.send(Interest::On(name.as_str().into()));
+                }
+            }
             ch.subscribers.insert(conn);
             ids.push(id);
             let last = ch.history.back();
@@ -602,7 +630,11 @@ impl Registry {
             let Some(ch) = self.channels.get_mut(id as usize) else {
                 continue;
             };
-            ch.subscribers.swap_remove(&conn);
+            if ch.subscribers.swap_remove(&conn) && ch.subscribers.is_empty() {
+                if let Some(interest) = &self.interest {
+                    interest.send(Interest::Off(ch.name.clone()));
+                }
+            }
             // A channel nobody listens to and nothing was published on would
             // otherwise let clients grow the table with made-up names.
             if ch.subscribers.is_empty() && ch.history.is_empty() {
@@ -654,12 +686,13 @@ impl Core {
         published_through: Arc<AtomicU64>,
         conn_counts: Arc<[AtomicU64]>,
         admission: Admission,
+        interest: Option<InterestTx>,
     ) -> Core {
         Core {
             index,
             cfg,
             conns: RefCell::new(Slab::new()),
-            registry: RefCell::new(Registry::new(first_id)),
+            registry: RefCell::new(Registry::new(first_id, interest)),
             scratch: RefCell::new(vec![0u8; SCRATCH_BYTES].into_boxed_slice()),
             published_through,
             conn_counts,
@@ -762,7 +795,7 @@ impl Core {
     /// Takes one batch of messages from ingest, appends them to the history
     /// and queues them on every local subscriber, then writes each touched
     /// connection once.
-    fn dispatch(&self, rx: &Receiver<Arc<Message>>) -> usize {
+    fn dispatch(&self, rx: &Receiver<ToCore>) -> usize {
         let cfg = self.cfg;
         let mut handled = 0;
         let mut registry = self.registry.borrow_mut();
@@ -771,8 +804,36 @@ impl Core {
         let mut stamps = self.batch_stamps.borrow_mut();
         let (mut deliveries, mut delivered_bytes) = (0u64, 0u64);
         while handled < DISPATCH_BATCH_MESSAGES {
-            let Ok(msg) = rx.try_recv() else { break };
+            let Ok(item) = rx.try_recv() else { break };
             handled += 1;
+            let msg = match item {
+                ToCore::Message(msg) => msg,
+                ToCore::Unsubscribed(name) => {
+                    let published = self.published_through.load(Ordering::Acquire);
+                    if let Some(subscribers) = registry.forget(&name, published) {
+                        // Subscribed while ingest let the channel go: they
+                        // may miss what was published before it subscribes
+                        // again, and are told so.
+                        for &key in subscribers {
+                            let Some(conn) = conns.get_mut(key as usize) else {
+                                continue;
+                            };
+                            let mut gap = Vec::new();
+                            match conn.transport {
+                                Transport::WebSocket => envelope::encode_ws_gap(&name, &mut gap),
+                                Transport::Sse => envelope::encode_sse_gap(&name, &mut gap),
+                                _ => continue,
+                            }
+                            conn.push(gap.into(), cfg.outbound_queue_bytes_max);
+                            if !conn.dirty {
+                                conn.dirty = true;
+                                dirty.push(key);
+                            }
+                        }
+                    }
+                    continue;
+                }
+            };
             let (id, renumbered) = registry.record(&msg, cfg.history_messages, cfg.channels_max);
             let ch = &registry.channels[id as usize];
             let delivered_before = deliveries;
@@ -795,7 +856,10 @@ impl Core {
                     Transport::LongPoll if !conn.poll_answered && !conn.poll_timed_out => {
                         conn.poll_answered = true;
                         conn.wake();
-                        match self.cors_poll_heads.get(usize::from(conn.cors).wrapping_sub(1)) {
+                        match self
+                            .cors_poll_heads
+                            .get(usize::from(conn.cors).wrapping_sub(1))
+                        {
                             None => msg.poll_response.clone(),
                             Some(head) => {
                                 // This client's status line and CORS lines,
@@ -983,7 +1047,7 @@ impl Core {
 /// queued. Yields between batches so connection tasks are not starved.
 pub async fn doorbell_loop(
     core: Rc<Core>,
-    rx: Receiver<Arc<Message>>,
+    rx: Receiver<ToCore>,
     rung: Arc<AtomicBool>,
     doorbell: Arc<OwnedFd>,
 ) {
@@ -1075,7 +1139,7 @@ mod tests {
         // has since issued more ids than that second's worth of counter: the
         // other process's ids fall inside this one's range.
         let first_id = first_gateway_id(1_800_000_000_000, 7);
-        let mut reg = Registry::new(first_id);
+        let mut reg = Registry::new(first_id, None);
         let mine: Vec<u64> = (1..=3)
             .map(|n| ((1_800_000_001_000 + n) << ID_TAG_BITS) | 7)
             .collect();
@@ -1101,7 +1165,7 @@ mod tests {
     #[test]
     fn a_cursor_of_the_gateways_own_sequence_on_a_publisher_channel_restarts_it() {
         let first_id = first_gateway_id(1_800_000_000_000, 7);
-        let mut reg = Registry::new(first_id);
+        let mut reg = Registry::new(first_id, None);
         let names = vec!["p".to_string()];
         // A long-poll on the channel before it had a message: its cursor
         // is this gateway's "nothing yet".
@@ -1117,7 +1181,7 @@ mod tests {
         assert!(r.reset);
         // A publisher whose ids are microsecond timestamps is another
         // matter: such a cursor is a position in its sequence.
-        let mut reg = Registry::new(first_id);
+        let mut reg = Registry::new(first_id, None);
         let us = 1_700_000_000_000_000;
         publish(&mut reg, pmsg(us + 5, "p"), 10);
         let (_, r) = reg.subscribe(1, &names, Some(us + 9), first_id, 100, 100);
@@ -1126,7 +1190,7 @@ mod tests {
 
     #[test]
     fn a_cursor_from_the_future_is_a_gap_then_the_whole_history_and_no_skipping() {
-        let mut reg = Registry::new(10);
+        let mut reg = Registry::new(10, None);
         publish(&mut reg, msg(11, "a"), 10);
         publish(&mut reg, msg(12, "a"), 10);
         let names = vec!["a".to_string()];
@@ -1153,7 +1217,7 @@ mod tests {
     fn publisher_ids_are_known_from_the_first_message_this_core_saw() {
         // This process started at 1_000_000 (its own ids would follow that);
         // the publisher numbers its messages from 1.
-        let mut reg = Registry::new(1_000_000);
+        let mut reg = Registry::new(1_000_000, None);
         let names = vec!["p".to_string()];
         for id in 5..=8 {
             publish(&mut reg, pmsg(id, "p"), 10);
@@ -1187,7 +1251,7 @@ mod tests {
 
     #[test]
     fn a_channel_entered_by_a_subscriber_learns_the_publisher_sequence_from_its_first_message() {
-        let mut reg = Registry::new(1_000_000);
+        let mut reg = Registry::new(1_000_000, None);
         let names = vec!["p".to_string()];
         // No message yet: nothing is known, a small cursor is a gap.
         let (_, r) = reg.subscribe(1, &names, Some(41), 1_000_000, 100, 100);
@@ -1202,7 +1266,7 @@ mod tests {
 
     #[test]
     fn present_is_where_the_subscribed_channels_stand() {
-        let mut reg = Registry::new(10);
+        let mut reg = Registry::new(10, None);
         publish(&mut reg, msg(11, "a"), 10);
         publish(&mut reg, msg(12, "b"), 10);
         let a = vec!["a".to_string()];
@@ -1215,7 +1279,7 @@ mod tests {
 
     #[test]
     fn resume_replays_after_cursor_in_id_order_across_channels() {
-        let mut reg = Registry::new(10);
+        let mut reg = Registry::new(10, None);
         for (id, ch) in [(11, "a"), (12, "b"), (13, "a"), (14, "c"), (15, "b")] {
             publish(&mut reg, msg(id, ch), 10);
         }
@@ -1228,7 +1292,7 @@ mod tests {
 
     #[test]
     fn a_cursor_the_history_does_not_cover_is_a_gap() {
-        let mut reg = Registry::new(10);
+        let mut reg = Registry::new(10, None);
         for id in 11..=20 {
             publish(&mut reg, msg(id, "a"), 3);
         }
@@ -1263,8 +1327,52 @@ mod tests {
     }
 
     #[test]
+    fn a_channel_let_go_upstream_cannot_be_resumed_from_before_and_reports_interest() {
+        let (tx, rx) = crate::ingest::interest_channel().unwrap();
+        let mut reg = Registry::new(10, Some(tx));
+        let names = vec!["a".to_string()];
+        // First subscriber on this core: ingest hears of it; the second
+        // changes nothing; the last one leaving is news again.
+        let (ids, _) = reg.subscribe(1, &names, None, 10, 100, 100);
+        reg.subscribe(2, &names, None, 10, 100, 100);
+        for id in 11..=13 {
+            publish(&mut reg, msg(id, "a"), 10);
+        }
+        reg.unsubscribe(1, &ids);
+        reg.unsubscribe(2, &ids);
+        let news: Vec<Interest> = rx.rx_for_tests().try_iter().collect();
+        assert_eq!(
+            news,
+            vec![Interest::On("a".into()), Interest::Off("a".into())]
+        );
+        // Within the linger, a resume is served from history.
+        let (ids, r) = reg.subscribe(3, &names, Some(11), 13, 100, 100);
+        assert!(r.gaps.is_empty());
+        assert_eq!(ids_of(&r), vec![12, 13]);
+        reg.unsubscribe(3, &ids);
+        // Ingest let it go while messages up to 20 went elsewhere: a cursor
+        // from before is a gap, though the numbers look close.
+        assert!(reg.forget("a", 20).is_none());
+        let (_, r) = reg.subscribe(4, &names, Some(13), 20, 100, 100);
+        assert_eq!(r.gaps.len(), 1);
+        assert!(r.messages.is_empty());
+        // A channel with a subscriber when it is let go keeps it (ingest
+        // subscribes again) but not its history.
+        publish(&mut reg, msg(21, "a"), 10);
+        let subscribers: Vec<u32> = reg.forget("a", 21).unwrap().iter().copied().collect();
+        assert_eq!(subscribers, vec![4]);
+        let (_, r) = reg.subscribe(5, &names, Some(20), 21, 100, 100);
+        assert_eq!(r.gaps.len(), 1);
+        assert!(r.messages.is_empty());
+    }
+
+    fn ids_of(r: &Resume) -> Vec<u64> {
+        r.messages.iter().map(|m| m.id).collect()
+    }
+
+    #[test]
     fn a_cursor_from_before_this_process_is_a_gap_even_on_a_channel_it_knows() {
-        let mut reg = Registry::new(100);
+        let mut reg = Registry::new(100, None);
         publish(&mut reg, msg(101, "a"), 10);
         let names = vec!["a".to_string()];
         let (_, r) = reg.subscribe(1, &names, Some(99), 101, 100, 100);
@@ -1276,7 +1384,7 @@ mod tests {
 
     #[test]
     fn channel_table_is_bounded_and_remembers_what_it_forgot() {
-        let mut reg = Registry::new(0);
+        let mut reg = Registry::new(0, None);
         let keep = vec!["busy".to_string()];
         reg.subscribe(1, &keep, None, 0, 2, 100);
         publish(&mut reg, msg(1, "old"), 10);
@@ -1291,7 +1399,7 @@ mod tests {
 
     #[test]
     fn unsubscribing_the_last_listener_of_an_unused_name_frees_it() {
-        let mut reg = Registry::new(0);
+        let mut reg = Registry::new(0, None);
         let names = vec!["made-up".to_string()];
         let (ids, _) = reg.subscribe(1, &names, None, 0, 10, 100);
         reg.unsubscribe(1, &ids);
@@ -1437,7 +1545,15 @@ mod tests {
         }));
         let counts: Arc<[AtomicU64]> = vec![AtomicU64::new(0)].into();
         let admission = Admission::new(cfg, 1, None, 0);
-        let core = Core::new(0, cfg, 1, Arc::new(AtomicU64::new(1)), counts, admission);
+        let core = Core::new(
+            0,
+            cfg,
+            1,
+            Arc::new(AtomicU64::new(1)),
+            counts,
+            admission,
+            None,
+        );
         let (a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
         let (plain, mut plain_peer) = std::os::unix::net::UnixStream::pair().unwrap();
         let mut keys = Vec::new();
@@ -1460,7 +1576,7 @@ mod tests {
         }
         let (tx, rx) = crossbeam_channel::unbounded();
         let m = msg(5, "news");
-        tx.send(m.clone()).unwrap();
+        tx.send(ToCore::Message(m.clone())).unwrap();
         assert_eq!(core.dispatch(&rx), 1);
         let len = envelope::LONGPOLL_STATUS_LINE.len();
         let head = "HTTP/1.1 200 OK\r\nAccess-Control-Allow-Origin: https://app.example\r\n\
@@ -1469,7 +1585,10 @@ mod tests {
         b.read_exact(&mut got).unwrap();
         let mut want = head.as_bytes().to_vec();
         want.extend_from_slice(&m.poll_response[len..]);
-        assert_eq!(String::from_utf8(got).unwrap(), String::from_utf8(want).unwrap());
+        assert_eq!(
+            String::from_utf8(got).unwrap(),
+            String::from_utf8(want).unwrap()
+        );
         // Without an origin: the shared response as it is.
         let mut got = vec![0u8; m.poll_response.len()];
         plain_peer.read_exact(&mut got).unwrap();

@@ -64,6 +64,11 @@ pub fn block_signals() {
     sighup_mask(libc::SIG_BLOCK);
 }
 
+/// Lets SIGTERM and SIGINT reach the calling thread (a signal thread).
+pub fn unblock_terminate_signals() {
+    set_mask(libc::SIG_UNBLOCK);
+}
+
 /// Lets SIGHUP reach the calling thread (the auth key reload thread).
 pub fn unblock_sighup() {
     sighup_mask(libc::SIG_UNBLOCK);

@@ -12,20 +12,30 @@
 //! Ids never go backwards on a channel: a publication whose id is not greater
 //! than the last one of its channel (a duplicate, or a reordered or replayed
 //! publication) is dropped with a warning rather than delivered out of order.
+//!
+//! With `zmq_subscribe = demand` the SUB socket subscribes only to channels
+//! that have a subscriber on some core: each core reports its first
+//! subscriber of a channel and its last one leaving ([`Interest`]), ingest
+//! counts the cores per channel ([`Demand`]) and subscribes, or
+//! unsubscribes once a channel has had no subscriber for the linger. A
+//! publisher or forwarder (XPUB) then sends this gateway only what its
+//! clients want. When a channel is unsubscribed the cores are told
+//! ([`ToCore::Unsubscribed`]): its history here stops being complete.
 
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use crossbeam_channel::Sender;
+use crossbeam_channel::{Receiver, Sender};
 use protocol::envelope::{self, Publication};
 use serde::Deserialize;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
-use crate::config::Config;
+use crate::config::{Config, SubscribeMode};
 use crate::core::{GATEWAY_ID_FLOOR, ID_TAG_BITS, ID_TAG_MASK};
 
 /// One published message, encoded once for each transport. Cores and
@@ -81,9 +91,18 @@ impl Message {
     }
 }
 
+/// What ingest sends a core, in the order it happened.
+pub enum ToCore {
+    Message(Arc<Message>),
+    /// The SUB socket no longer subscribes to this channel (demand mode,
+    /// after the linger): publications on it may be missed from now on, so
+    /// its history here no longer shows everything since its first message.
+    Unsubscribed(Box<str>),
+}
+
 /// The ingest thread's handle on one core: its queue and its doorbell.
 pub struct CoreInbox {
-    pub tx: Sender<Arc<Message>>,
+    pub tx: Sender<ToCore>,
     /// Set by ingest when it rings, cleared by the core before it drains, so
     /// a burst of messages rings the doorbell once instead of once each.
     pub rung: Arc<AtomicBool>,
@@ -93,27 +112,187 @@ pub struct CoreInbox {
 }
 
 impl CoreInbox {
-    fn deliver(&self, msg: Arc<Message>) -> bool {
-        if self.tx.send(msg).is_err() {
+    fn deliver(&self, item: ToCore) -> bool {
+        if self.tx.send(item).is_err() {
             return false;
         }
         if !self.rung.swap(true, Ordering::AcqRel) {
-            let one: u64 = 1;
-            // SAFETY: writing 8 bytes from a live u64 to an eventfd we own.
-            let n = unsafe {
-                libc::write(
-                    self.doorbell.as_raw_fd(),
-                    &one as *const u64 as *const libc::c_void,
-                    8,
-                )
-            };
-            // EAGAIN means the counter is saturated: the core is already woken.
-            debug_assert!(
-                n == 8 || std::io::Error::last_os_error().kind() == std::io::ErrorKind::WouldBlock
-            );
+            ring(&self.doorbell);
         }
         true
     }
+}
+
+/// Adds one to an eventfd's counter: wakes whoever reads or polls it.
+fn ring(eventfd: &OwnedFd) {
+    let one: u64 = 1;
+    // SAFETY: writing 8 bytes from a live u64 to an eventfd we own.
+    let n = unsafe {
+        libc::write(
+            eventfd.as_raw_fd(),
+            &one as *const u64 as *const libc::c_void,
+            8,
+        )
+    };
+    // EAGAIN means the counter is saturated: the reader is already woken.
+    debug_assert!(
+        n == 8 || std::io::Error::last_os_error().kind() == std::io::ErrorKind::WouldBlock
+    );
+}
+
+/// A core's news for ingest in demand mode: its first subscriber of a
+/// channel arrived, or its last one left.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Interest {
+    On(Box<str>),
+    Off(Box<str>),
+}
+
+/// How a core tells ingest about [`Interest`]: one queue for all cores
+/// (so ingest sees the news in the order the cores sent it) and an eventfd
+/// the ingest loop polls next to the SUB socket.
+#[derive(Clone)]
+pub struct InterestTx {
+    tx: Sender<Interest>,
+    doorbell: Arc<OwnedFd>,
+}
+
+impl InterestTx {
+    pub fn send(&self, interest: Interest) {
+        // Only fails once ingest is gone, when nothing is delivered anyway.
+        if self.tx.send(interest).is_ok() {
+            ring(&self.doorbell);
+        }
+    }
+}
+
+/// Ingest's end of the cores' [`Interest`] queue.
+pub struct InterestRx {
+    rx: Receiver<Interest>,
+    doorbell: Arc<OwnedFd>,
+}
+
+#[cfg(test)]
+impl InterestRx {
+    pub fn rx_for_tests(&self) -> &Receiver<Interest> {
+        &self.rx
+    }
+}
+
+/// The queue from the cores to ingest, for demand mode.
+pub fn interest_channel() -> std::io::Result<(InterestTx, InterestRx)> {
+    // SAFETY: eventfd returns a new descriptor or -1, checked below.
+    let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+    if efd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: efd is a fresh descriptor owned by nothing else.
+    let doorbell = Arc::new(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(efd) });
+    let (tx, rx) = crossbeam_channel::unbounded();
+    Ok((
+        InterestTx {
+            tx,
+            doorbell: doorbell.clone(),
+        },
+        InterestRx { rx, doorbell },
+    ))
+}
+
+/// Which channels the SUB socket subscribes to in demand mode: the number
+/// of cores with a subscriber of each, and since when a channel has none.
+pub struct Demand {
+    channels: HashMap<Box<str>, Wanted>,
+    linger: Duration,
+}
+
+struct Wanted {
+    /// Cores with at least one subscriber of the channel.
+    cores: u32,
+    /// When `cores` fell to 0; the subscription goes after the linger.
+    idle_since: Option<Instant>,
+}
+
+/// What a [`Demand`] change asks of the SUB socket.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Upstream {
+    Subscribe,
+    Nothing,
+}
+
+impl Demand {
+    pub fn new(linger: Duration) -> Demand {
+        Demand {
+            channels: HashMap::new(),
+            linger,
+        }
+    }
+
+    pub fn apply(&mut self, interest: Interest, now: Instant) -> Upstream {
+        match interest {
+            Interest::On(name) => match self.channels.get_mut(&name) {
+                Some(w) => {
+                    w.cores += 1;
+                    w.idle_since = None;
+                    Upstream::Nothing
+                }
+                None => {
+                    self.channels.insert(
+                        name,
+                        Wanted {
+                            cores: 1,
+                            idle_since: None,
+                        },
+                    );
+                    Upstream::Subscribe
+                }
+            },
+            Interest::Off(name) => {
+                if let Some(w) = self.channels.get_mut(&name) {
+                    w.cores = w.cores.saturating_sub(1);
+                    if w.cores == 0 {
+                        w.idle_since = Some(now);
+                    }
+                }
+                Upstream::Nothing
+            }
+        }
+    }
+
+    /// Channels without a subscriber for the whole linger: forgotten here,
+    /// to be unsubscribed.
+    pub fn expire(&mut self, now: Instant) -> Vec<Box<str>> {
+        let linger = self.linger;
+        let gone: Vec<Box<str>> = self
+            .channels
+            .iter()
+            .filter(|(_, w)| {
+                w.idle_since
+                    .is_some_and(|t| now.duration_since(t) >= linger)
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in &gone {
+            self.channels.remove(name);
+        }
+        gone
+    }
+
+    /// Is the SUB socket subscribed to exactly this channel? (Its
+    /// subscriptions are prefixes: "news" also lets "news2" through.)
+    pub fn wants(&self, channel: &str) -> bool {
+        self.channels.contains_key(channel)
+    }
+
+    pub fn len(&self) -> usize {
+        self.channels.len()
+    }
+}
+
+/// Channels subscribed upstream (for `/metrics`).
+static UPSTREAM_SUBSCRIPTIONS: AtomicU64 = AtomicU64::new(0);
+
+pub fn upstream_subscriptions() -> u64 {
+    UPSTREAM_SUBSCRIPTIONS.load(Ordering::Relaxed)
 }
 
 #[derive(Deserialize)]
@@ -288,11 +467,14 @@ pub fn open(ctx: &zmq::Context, cfg: &Config) -> Result<(zmq::Socket, Bound), St
         .map_err(|e| format!("zmq socket: {e}"))?;
     sub.set_rcvhwm(cfg.zmq_rcvhwm_messages)
         .map_err(|e| format!("zmq rcvhwm: {e}"))?;
-    // Every message is taken; exact channel matching happens in each core's
-    // registry (ZeroMQ subscriptions are byte prefixes: "news" would match
-    // "news2").
-    sub.set_subscribe(b"")
-        .map_err(|e| format!("zmq subscribe: {e}"))?;
+    if cfg.zmq_subscribe == SubscribeMode::All {
+        // Every message is taken; exact channel matching happens in each
+        // core's registry (ZeroMQ subscriptions are byte prefixes: "news"
+        // would match "news2").
+        sub.set_subscribe(b"")
+            .map_err(|e| format!("zmq subscribe: {e}"))?;
+        UPSTREAM_SUBSCRIPTIONS.store(1, Ordering::Relaxed);
+    }
     watch_peers(ctx, &sub)?;
     let mut bound = Bound { endpoint: None };
     if !cfg.zmq_bind.is_empty() {
@@ -403,59 +585,160 @@ pub enum IdRefusal {
     Exhausted,
 }
 
+/// Publications received per wake-up before the loop looks at the cores'
+/// interest again.
+const RECEIVE_BATCH_MESSAGES: usize = 1024;
+
 /// The ingest loop; runs until the SUB socket fails or every core is gone.
 /// `published_through` is the highest id seen (assigned or the
 /// publisher's); it starts at the process's first id (see
-/// [`crate::core::first_gateway_id`]).
+/// [`crate::core::first_gateway_id`]). `interest` is the cores' queue in
+/// demand mode.
 pub fn run(
     sub: zmq::Socket,
     cfg: &Config,
     cores: Vec<CoreInbox>,
     published_through: Arc<AtomicU64>,
+    interest: Option<InterestRx>,
 ) {
-    let mut dropped: u64 = 0;
-    let mut max_seen = published_through.load(Ordering::Relaxed);
-    // The process's first id carries its tag.
-    let tag = max_seen & ID_TAG_MASK;
-    let mut last_ids = LastIds::new(cfg.channels_max);
+    let mut state = Ingest {
+        cfg,
+        dropped: 0,
+        max_seen: published_through.load(Ordering::Relaxed),
+        // The process's first id carries its tag.
+        tag: published_through.load(Ordering::Relaxed) & ID_TAG_MASK,
+        last_ids: LastIds::new(cfg.channels_max),
+        published_through,
+        cores,
+        demand: interest
+            .as_ref()
+            .map(|_| Demand::new(Duration::from_millis(cfg.zmq_unsubscribe_linger_ms))),
+    };
+    let mut items = vec![sub.as_poll_item(zmq::POLLIN)];
+    if let Some(i) = &interest {
+        items.push(zmq::PollItem::from_fd(i.doorbell.as_raw_fd(), zmq::POLLIN));
+    }
+    // Demand mode wakes at least once a second to let lingering channels go.
+    let timeout_ms = if interest.is_some() { 1000 } else { -1 };
     loop {
-        let frames = match sub.recv_multipart(0) {
-            Ok(frames) => frames,
-            Err(zmq::Error::EINTR) => continue,
+        match zmq::poll(&mut items, timeout_ms) {
+            Ok(_) | Err(zmq::Error::EINTR) => {}
             Err(e) => {
-                warn!(error = %e, "zmq receive failed; ingest stops");
+                warn!(error = %e, "zmq poll failed; ingest stops");
                 return;
             }
-        };
+        }
+        if let (Some(i), Some(demand)) = (&interest, &mut state.demand) {
+            let mut counter = [0u8; 8];
+            // SAFETY: reading 8 bytes into a local buffer from our eventfd
+            // (non-blocking: EAGAIN when nothing was rung).
+            unsafe { libc::read(i.doorbell.as_raw_fd(), counter.as_mut_ptr().cast(), 8) };
+            let now = Instant::now();
+            // Every queued change first, so a channel is never dropped
+            // while a core's "first subscriber" for it waits here.
+            for change in i.rx.try_iter() {
+                let name = match &change {
+                    Interest::On(name) => Some(name.clone()),
+                    Interest::Off(_) => None,
+                };
+                if demand.apply(change, now) == Upstream::Subscribe {
+                    let name = name.unwrap_or_default();
+                    if let Err(e) = sub.set_subscribe(name.as_bytes()) {
+                        warn!(channel = &*name, error = %e, "zmq subscribe failed");
+                    }
+                    debug!(channel = &*name, "subscribed upstream");
+                }
+            }
+            for name in demand.expire(now) {
+                if let Err(e) = sub.set_unsubscribe(name.as_bytes()) {
+                    warn!(channel = &*name, error = %e, "zmq unsubscribe failed");
+                }
+                debug!(
+                    channel = &*name,
+                    "unsubscribed upstream: no subscriber for the linger"
+                );
+                for core in &state.cores {
+                    core.deliver(ToCore::Unsubscribed(name.clone()));
+                }
+            }
+            UPSTREAM_SUBSCRIPTIONS.store(demand.len() as u64, Ordering::Relaxed);
+        }
+        for _ in 0..RECEIVE_BATCH_MESSAGES {
+            let frames = match sub.recv_multipart(zmq::DONTWAIT) {
+                Ok(frames) => frames,
+                Err(zmq::Error::EAGAIN) => break,
+                Err(zmq::Error::EINTR) => continue,
+                Err(e) => {
+                    warn!(error = %e, "zmq receive failed; ingest stops");
+                    return;
+                }
+            };
+            if !state.publication(&frames) {
+                info!("no core is running; ingest stops");
+                return;
+            }
+        }
+    }
+}
+
+/// The ingest thread's state between publications.
+struct Ingest<'a> {
+    cfg: &'a Config,
+    dropped: u64,
+    max_seen: u64,
+    tag: u64,
+    last_ids: LastIds,
+    published_through: Arc<AtomicU64>,
+    cores: Vec<CoreInbox>,
+    demand: Option<Demand>,
+}
+
+impl Ingest<'_> {
+    /// Checks one publication, gives it its id and hands it to every core.
+    /// False when no core is left.
+    fn publication(&mut self, frames: &[Vec<u8>]) -> bool {
         crate::metrics::note_message_in();
-        let checked = match check_frames(&frames, cfg) {
+        let checked = match check_frames(frames, self.cfg) {
             Ok(checked) => checked,
             Err(e) => {
                 crate::metrics::note_dropped(e.metric_reason());
-                dropped += 1;
-                warn!(error = ?e, dropped_total = dropped, "publication dropped");
-                continue;
+                self.dropped += 1;
+                warn!(error = ?e, dropped_total = self.dropped, "publication dropped");
+                return true;
             }
         };
+        if let Some(demand) = &self.demand {
+            if !demand.wants(checked.channel) {
+                // A longer name let through by a prefix subscription, or one
+                // still in flight when its channel was unsubscribed: nobody
+                // here wants it.
+                crate::metrics::note_dropped(8);
+                debug!(
+                    channel = checked.channel,
+                    "publication on a channel not subscribed"
+                );
+                return true;
+            }
+        }
         // Only this thread assigns ids, so the order of this loop is the
         // order of the ids.
-        let id = match assign_id(&checked, &mut max_seen, &mut last_ids, tag) {
+        let id = match assign_id(&checked, &mut self.max_seen, &mut self.last_ids, self.tag) {
             Ok(id) => id,
             Err(why) => {
                 crate::metrics::note_dropped(match why {
                     IdRefusal::NotAfterLast { .. } => 6,
                     IdRefusal::Exhausted => 7,
                 });
-                dropped += 1;
+                self.dropped += 1;
                 warn!(
                     channel = checked.channel,
                     id = ?checked.id,
                     error = ?why,
-                    dropped_total = dropped,
+                    dropped_total = self.dropped,
                     "publication dropped: its id does not follow the channel's last one \
                      (a duplicate or a reordered publication)"
                 );
-                continue;
+                return true;
             }
         };
         let mut msg = Message::encode(
@@ -466,17 +749,15 @@ pub fn run(
         );
         msg.from_publisher = checked.id.is_some();
         let msg = Arc::new(msg);
-        published_through.store(max_seen, Ordering::Release);
+        self.published_through
+            .store(self.max_seen, Ordering::Release);
         let mut alive = 0;
-        for core in &cores {
-            if core.deliver(msg.clone()) {
+        for core in &self.cores {
+            if core.deliver(ToCore::Message(msg.clone())) {
                 alive += 1;
             }
         }
-        if alive == 0 {
-            info!("no core is running; ingest stops");
-            return;
-        }
+        alive > 0
     }
 }
 
@@ -674,6 +955,35 @@ mod tests {
             let err = check_frames(&input, &cfg).unwrap_err();
             assert!(expected(&err), "{input:?} gave {err:?}");
         }
+    }
+
+    #[test]
+    fn demand_subscribes_on_the_first_core_and_lets_go_after_the_linger() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs(1);
+        let mut d = Demand::new(Duration::from_secs(60));
+        let on = |n: &str| Interest::On(n.into());
+        let off = |n: &str| Interest::Off(n.into());
+        assert_eq!(d.apply(on("news"), t0), Upstream::Subscribe);
+        // A second core with subscribers: already subscribed.
+        assert_eq!(d.apply(on("news"), t0), Upstream::Nothing);
+        assert!(d.wants("news") && !d.wants("news2") && !d.wants("new"));
+        assert_eq!(d.apply(off("news"), t0 + s), Upstream::Nothing);
+        // One core still has a subscriber: never expires.
+        assert!(d.expire(t0 + 600 * s).is_empty());
+        assert_eq!(d.apply(off("news"), t0 + 2 * s), Upstream::Nothing);
+        assert!(d.expire(t0 + 61 * s).is_empty(), "within the linger");
+        // A subscriber back within the linger keeps the subscription.
+        assert_eq!(d.apply(on("news"), t0 + 30 * s), Upstream::Nothing);
+        assert_eq!(d.apply(off("news"), t0 + 40 * s), Upstream::Nothing);
+        assert!(d.expire(t0 + 99 * s).is_empty());
+        assert_eq!(d.expire(t0 + 100 * s), vec![Box::<str>::from("news")]);
+        assert!(!d.wants("news") && d.len() == 0);
+        // Gone, a channel is subscribed again by its next subscriber.
+        assert_eq!(d.apply(on("news"), t0 + 101 * s), Upstream::Subscribe);
+        // An unknown channel leaving changes nothing.
+        assert_eq!(d.apply(off("other"), t0), Upstream::Nothing);
+        assert_eq!(d.len(), 1);
     }
 
     #[test]

@@ -10,6 +10,7 @@ mod config;
 mod conn;
 mod core;
 mod drain;
+mod forwarder;
 mod ingest;
 mod metrics;
 mod service;
@@ -29,30 +30,47 @@ use tracing::{debug, error, info, warn};
 use crate::admission::{Admission, IpCounts};
 use crate::config::Config;
 use crate::core::Core;
-use crate::ingest::{CoreInbox, Message};
+use crate::ingest::{CoreInbox, ToCore};
 
 fn main() {
     // Before any thread exists, so that every thread inherits the mask.
     drain::block_signals();
-    let cfg = match config::Cli::parse().resolve() {
+    let cli = config::Cli::parse();
+    if let Some(config::Command::Forwarder(args)) = &cli.command {
+        init_logs(&args.log_level, args.log_format);
+        if let Err(e) = forwarder::run(args) {
+            error!("{e}");
+            std::process::exit(1);
+        }
+        return;
+    }
+    let cfg = match cli.resolve() {
         Ok(cfg) => cfg,
         Err(e) => {
             eprintln!("gateway: {e}");
             std::process::exit(2);
         }
     };
-    let filter = tracing_subscriber::EnvFilter::try_new(&cfg.log_level).unwrap_or_else(|e| {
-        eprintln!("gateway: bad log_level {:?}: {e}", cfg.log_level);
-        std::process::exit(2);
-    });
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_env_filter(filter)
-        .init();
+    init_logs(&cfg.log_level, cfg.log_format);
     if let Err(e) = run(Box::leak(Box::new(cfg))) {
         error!("{e}");
         std::process::exit(1);
+    }
+}
+
+/// Structured logs on stderr (journald keeps them under systemd): text
+/// lines with `key=value` fields, or one JSON object per line.
+fn init_logs(level: &str, format: config::LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_new(level).unwrap_or_else(|e| {
+        eprintln!("gateway: bad log_level {level:?}: {e}");
+        std::process::exit(2);
+    });
+    let logs = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(filter);
+    match format {
+        config::LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+        config::LogFormat::Json => logs.json().with_ansi(false).init(),
     }
 }
 
@@ -98,11 +116,21 @@ fn run(cfg: &'static Config) -> Result<(), String> {
         .then(|| Arc::new(IpCounts::new(cfg.connections_per_ip_max as u32)));
     let cpu_ids = core_affinity::get_core_ids().unwrap_or_default();
 
+    // Demand mode: the cores tell ingest which channels they have
+    // subscribers for.
+    let (interest_tx, interest_rx) = match cfg.zmq_subscribe {
+        config::SubscribeMode::Demand => {
+            let (tx, rx) = ingest::interest_channel()
+                .map_err(|e| format!("eventfd for subscriptions: {e}"))?;
+            (Some(tx), Some(rx))
+        }
+        config::SubscribeMode::All => (None, None),
+    };
     let (ready_tx, ready_rx) = mpsc::channel::<Result<(), String>>();
     let mut inboxes = Vec::with_capacity(cores);
     let mut threads = Vec::with_capacity(cores);
     for (index, listener) in listeners.into_iter().enumerate() {
-        let (tx, rx) = crossbeam_channel::bounded::<Arc<Message>>(cfg.core_queue_messages_max);
+        let (tx, rx) = crossbeam_channel::bounded::<ToCore>(cfg.core_queue_messages_max);
         // SAFETY: eventfd returns a new descriptor or -1, checked below.
         let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
         if efd < 0 {
@@ -123,6 +151,7 @@ fn run(cfg: &'static Config) -> Result<(), String> {
         let alive = Arc::new(AtomicU64::new(0));
         sweeps.push(alive.clone());
         let per_ip = per_ip.clone();
+        let interest = interest_tx.clone();
         let thread = std::thread::Builder::new()
             .name(format!("core-{index}"))
             .spawn(move || {
@@ -145,7 +174,7 @@ fn run(cfg: &'static Config) -> Result<(), String> {
                 rt.block_on(async move {
                     let admission = Admission::new(cfg, cores, per_ip, 0);
                     let core = Rc::new(Core::new(
-                        index, cfg, first_id, published, counts, admission,
+                        index, cfg, first_id, published, counts, admission, interest,
                     ));
                     // monoio's listener must be made inside the runtime.
                     let listener = match monoio::net::TcpListener::from_std(listener) {
@@ -181,7 +210,7 @@ fn run(cfg: &'static Config) -> Result<(), String> {
         .name("ingest".into())
         .spawn(move || {
             let _ctx = ctx;
-            ingest::run(sub, cfg, inboxes, published_through)
+            ingest::run(sub, cfg, inboxes, published_through, interest_rx)
         })
         .map_err(|e| format!("spawn ingest thread: {e}"))?;
     drain::spawn(

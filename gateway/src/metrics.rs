@@ -140,7 +140,7 @@ pub fn publish(core: usize, snapshot: Snapshot) {
 static MESSAGES_IN: AtomicU64 = AtomicU64::new(0);
 
 /// Why ingest dropped a publication, as the `reason` label says it.
-pub const DROP_REASONS: [&str; 8] = [
+pub const DROP_REASONS: [&str; 9] = [
     "wrong_frame_count",
     "bad_channel_name",
     "payload_too_large",
@@ -149,8 +149,9 @@ pub const DROP_REASONS: [&str; 8] = [
     "bad_id",
     "not_after_last",
     "ids_exhausted",
+    "not_subscribed",
 ];
-static DROPPED: [AtomicU64; 8] = [const { AtomicU64::new(0) }; 8];
+static DROPPED: [AtomicU64; 9] = [const { AtomicU64::new(0) }; 9];
 
 /// Counts a publication received by ingest.
 pub fn note_message_in() {
@@ -283,6 +284,16 @@ pub fn render() -> String {
         "ZeroMQ publishers or forwarders connected to the SUB socket.",
         MetricType::GAUGE,
         vec![gauge(vec![], crate::ingest::publisher_peers() as f64)],
+    ));
+    families.push(family(
+        "gateway_zmq_subscriptions",
+        "Channels the SUB socket subscribes to upstream (zmq_subscribe = demand: channels with \
+         local subscribers, or left within the linger); 1 with zmq_subscribe = all.",
+        MetricType::GAUGE,
+        vec![gauge(
+            vec![],
+            crate::ingest::upstream_subscriptions() as f64,
+        )],
     ));
 
     let mut buckets = [0u64; 15];

@@ -137,3 +137,30 @@ fn errors_are_answered_and_the_gateway_keeps_serving() {
     );
     websocket_still_works(&gw, "all the bad requests");
 }
+
+#[test]
+fn refusals_are_logged_as_json_objects_with_their_fields() {
+    let gw = Gateway::start(&["--log-format", "json"]);
+    expect_error(
+        &gw,
+        "unknown path",
+        b"GET /nowhere HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+        404,
+    );
+    let log = gw.log();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let refused = lines
+        .iter()
+        .find(|l| l["fields"]["message"] == "request refused")
+        .unwrap_or_else(|| panic!("no refusal in\n{log}"));
+    assert_eq!(refused["level"], "INFO");
+    assert_eq!(refused["fields"]["status"], 404);
+    assert_eq!(refused["fields"]["reason"], "not found");
+    assert!(refused["fields"]["peer"]
+        .as_str()
+        .is_some_and(|p| p.starts_with("127.0.0.1:")));
+    assert!(lines.iter().any(|l| l["fields"]["message"] == "gateway ready"));
+}

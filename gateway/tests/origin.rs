@@ -113,7 +113,10 @@ fn a_cross_origin_event_source_is_allowed_by_cors_and_another_refused() {
     let (resp, mut conn) = raw_request(gw.listen, preflight.as_bytes());
     assert_eq!(resp.status, 204, "{}", resp.describe());
     assert_eq!(resp.header("access-control-allow-origin"), Some(APP));
-    assert_eq!(resp.header("access-control-allow-credentials"), Some("true"));
+    assert_eq!(
+        resp.header("access-control-allow-credentials"),
+        Some("true")
+    );
     assert_eq!(resp.header("access-control-allow-methods"), Some("GET"));
     let allowed_headers = resp
         .header("access-control-allow-headers")
@@ -166,16 +169,29 @@ fn long_poll_answers_carry_the_cors_headers_of_their_own_origin() {
     let mut app = gw.http();
     let mut admin = gw.http();
     let mut same_site = gw.http();
-    for (conn, origin) in [(&mut app, Some(APP)), (&mut admin, Some(ADMIN)), (&mut same_site, None)] {
+    for (conn, origin) in [
+        (&mut app, Some(APP)),
+        (&mut admin, Some(ADMIN)),
+        (&mut same_site, None),
+    ] {
         let origin_line = origin.map_or(String::new(), |o| format!("Origin: {o}\r\n"));
         conn.set_read_timeout(std::time::Duration::from_secs(30));
         conn.send(format!("GET {path} HTTP/1.1\r\nHost: gateway\r\n{origin_line}\r\n").as_bytes());
     }
     publisher.publish("feed", b"tick");
-    for (conn, origin) in [(&mut app, Some(APP)), (&mut admin, Some(ADMIN)), (&mut same_site, None)] {
+    for (conn, origin) in [
+        (&mut app, Some(APP)),
+        (&mut admin, Some(ADMIN)),
+        (&mut same_site, None),
+    ] {
         let resp = conn.read_response();
         assert_eq!(resp.status, 200, "{}", resp.describe());
-        assert_eq!(resp.header("access-control-allow-origin"), origin, "{}", resp.describe());
+        assert_eq!(
+            resp.header("access-control-allow-origin"),
+            origin,
+            "{}",
+            resp.describe()
+        );
         assert_eq!(
             resp.header("access-control-allow-credentials"),
             None,

@@ -867,7 +867,8 @@ mod tests {
                 "{bad}"
             );
         }
-        let non_ascii = b"GET /events?channel=a HTTP/1.1\r\nOrigin: https://\xc3\xa9.example\r\n\r\n";
+        let non_ascii =
+            b"GET /events?channel=a HTTP/1.1\r\nOrigin: https://\xc3\xa9.example\r\n\r\n";
         assert_eq!(
             parse_request(non_ascii, &HeadLimits::default()),
             Err(Reject::BadOrigin)
@@ -879,14 +880,8 @@ mod tests {
         let head = "OPTIONS /events?channel=a HTTP/1.1\r\nOrigin: https://app.example\r\n\
                     Access-Control-Request-Method: GET\r\n\
                     Access-Control-Request-Headers: authorization\r\n\r\n";
-        assert_eq!(
-            request(head),
-            Ok(Request::Preflight { keep_alive: true })
-        );
-        assert_eq!(
-            origin_of(head),
-            Ok(Some("https://app.example".to_string()))
-        );
+        assert_eq!(request(head), Ok(Request::Preflight { keep_alive: true }));
+        assert_eq!(origin_of(head), Ok(Some("https://app.example".to_string())));
         // A preflight carries no query the endpoint would check.
         assert_eq!(
             request("OPTIONS /events HTTP/1.0\r\n\r\n"),

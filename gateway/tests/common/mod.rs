@@ -94,77 +94,8 @@ impl Gateway {
             argv.push(String::new());
         }
 
-        let log_dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("gateway-logs");
-        std::fs::create_dir_all(&log_dir).expect("create log dir");
-        let test_name: String = thread::current()
-            .name()
-            .unwrap_or("test")
-            .chars()
-            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
-            .collect();
-        let log_path = log_dir.join(format!(
-            "{}-{}-{}.log",
-            test_name,
-            std::process::id(),
-            GATEWAY_SEQ.fetch_add(1, Ordering::SeqCst)
-        ));
-        let log = File::create(&log_path).expect("create gateway log file");
-
-        let mut child = Command::new(env!("CARGO_BIN_EXE_gateway"))
-            .args(&argv)
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("spawn gateway binary");
-
-        // Read stdout on a thread: the first line must be READY; everything
-        // after it is drained so the gateway can never block on its stdout.
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, rx) = mpsc::channel::<Result<String, String>>();
-        thread::spawn(move || {
-            let mut reader = BufReader::new(stdout);
-            let mut first = true;
-            loop {
-                let mut line = String::new();
-                match reader.read_line(&mut line) {
-                    Ok(0) | Err(_) => {
-                        if first {
-                            let _ = tx.send(Err("stdout closed before any line".into()));
-                        }
-                        return;
-                    }
-                    Ok(_) => {
-                        if first {
-                            first = false;
-                            let line = line.trim_end().to_string();
-                            if line.starts_with("READY ") {
-                                let _ = tx.send(Ok(line));
-                            } else {
-                                let _ = tx
-                                    .send(Err(format!("first stdout line is not READY: {line:?}")));
-                            }
-                        }
-                    }
-                }
-            }
-        });
-
-        let mut gw_for_cleanup = PartialGateway {
-            child: Some(child),
-            log_path: log_path.clone(),
-        };
-        let ready = match rx.recv_timeout(READY_TIMEOUT) {
-            Ok(Ok(line)) => line,
-            Ok(Err(why)) => gw_for_cleanup.fail(&format!("gateway did not become ready: {why}")),
-            Err(mpsc::RecvTimeoutError::Timeout) => gw_for_cleanup.fail(&format!(
-                "gateway printed no READY line within {READY_TIMEOUT:?}"
-            )),
-            Err(mpsc::RecvTimeoutError::Disconnected) => {
-                gw_for_cleanup.fail("gateway stdout reader ended without READY")
-            }
-        };
+        let (mut gw_for_cleanup, ready) = spawn_until_ready(&argv, env);
+        let log_path = gw_for_cleanup.log_path.clone();
 
         let mut listen = None;
         let mut zmq = None;
@@ -395,6 +326,85 @@ impl Drop for Gateway {
     }
 }
 
+/// Spawns the gateway binary with `argv` (stderr to a log file) and waits
+/// for the `READY …` line it prints first on stdout; the rest of its stdout
+/// is drained. Panics (with the log) if it does not come.
+fn spawn_until_ready(argv: &[String], env: &[(&str, &str)]) -> (PartialGateway, String) {
+    let log_dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("gateway-logs");
+    std::fs::create_dir_all(&log_dir).expect("create log dir");
+    let test_name: String = thread::current()
+        .name()
+        .unwrap_or("test")
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    let log_path = log_dir.join(format!(
+        "{}-{}-{}.log",
+        test_name,
+        std::process::id(),
+        GATEWAY_SEQ.fetch_add(1, Ordering::SeqCst)
+    ));
+    let log = File::create(&log_path).expect("create gateway log file");
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_gateway"))
+        .args(argv)
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(log))
+        .spawn()
+        .expect("spawn gateway binary");
+
+    // Read stdout on a thread: the first line must be READY; everything
+    // after it is drained so the gateway can never block on its stdout.
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = mpsc::channel::<Result<String, String>>();
+    thread::spawn(move || {
+        let mut reader = BufReader::new(stdout);
+        let mut first = true;
+        loop {
+            let mut line = String::new();
+            match reader.read_line(&mut line) {
+                Ok(0) | Err(_) => {
+                    if first {
+                        let _ = tx.send(Err("stdout closed before any line".into()));
+                    }
+                    return;
+                }
+                Ok(_) => {
+                    if first {
+                        first = false;
+                        let line = line.trim_end().to_string();
+                        if line.starts_with("READY ") {
+                            let _ = tx.send(Ok(line));
+                        } else {
+                            let _ =
+                                tx.send(Err(format!("first stdout line is not READY: {line:?}")));
+                        }
+                    }
+                }
+            }
+        }
+    });
+
+    let mut gw_for_cleanup = PartialGateway {
+        child: Some(child),
+        log_path: log_path.clone(),
+    };
+    let ready = match rx.recv_timeout(READY_TIMEOUT) {
+        Ok(Ok(line)) => line,
+        Ok(Err(why)) => gw_for_cleanup.fail(&format!("gateway did not become ready: {why}")),
+        Err(mpsc::RecvTimeoutError::Timeout) => gw_for_cleanup.fail(&format!(
+            "gateway printed no READY line within {READY_TIMEOUT:?}"
+        )),
+        Err(mpsc::RecvTimeoutError::Disconnected) => {
+            gw_for_cleanup.fail("gateway stdout reader ended without READY")
+        }
+    };
+
+    (gw_for_cleanup, ready)
+}
+
 /// Holds the child while READY is awaited, so a failure kills it.
 struct PartialGateway {
     child: Option<Child>,
@@ -433,6 +443,63 @@ fn log_tail(path: &PathBuf) -> String {
     let lines: Vec<&str> = text.lines().collect();
     let start = lines.len().saturating_sub(60);
     lines[start..].join("\n")
+}
+
+/// A running `gateway forwarder` on free loopback ports; killed when dropped.
+pub struct Forwarder {
+    child: Child,
+    /// Where publishers connect (its XSUB side).
+    pub publishers: String,
+    /// Where gateways connect (its XPUB side).
+    pub gateways: String,
+    pub log_path: PathBuf,
+}
+
+impl Forwarder {
+    pub fn start() -> Forwarder {
+        let argv: Vec<String> = [
+            "forwarder",
+            "--publishers",
+            "tcp://127.0.0.1:*",
+            "--gateways",
+            "tcp://127.0.0.1:*",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let (mut partial, ready) = spawn_until_ready(&argv, &[]);
+        let field = |name: &str| {
+            ready
+                .split_whitespace()
+                .find_map(|t| t.strip_prefix(name))
+                .map(str::to_string)
+        };
+        let (Some(publishers), Some(gateways)) = (field("publishers="), field("gateways=")) else {
+            partial.fail(&format!("READY line of the forwarder: {ready:?}"))
+        };
+        Forwarder {
+            child: partial.child.take().unwrap(),
+            publishers,
+            gateways,
+            log_path: partial.log_path.clone(),
+        }
+    }
+}
+
+impl Drop for Forwarder {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if thread::panicking() {
+            eprintln!(
+                "---- forwarder log ({}) ----\n{}",
+                self.log_path.display(),
+                log_tail(&self.log_path)
+            );
+        } else {
+            let _ = std::fs::remove_file(&self.log_path);
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------
