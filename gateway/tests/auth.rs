@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::net::TcpStream;
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -98,39 +98,8 @@ fn valid_hs(channels: &[&str]) -> String {
     hs_token("hs", HS_SECRET, &claims(channels, now_s() + 3600))
 }
 
-/// A WebSocket upgrade for `path` with extra header lines; the response
-/// head and body (for a refusal), and the stream.
 fn upgrade(gw: &Gateway, path: &str, extra: &str) -> (HttpResponse, TcpStream) {
-    let mut stream = tcp_connect(gw.listen, None, None);
-    let req = format!(
-        "GET {path} HTTP/1.1\r\nHost: gateway\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
-    );
-    stream.write_all(req.as_bytes()).unwrap();
-    let mut raw = Vec::new();
-    let mut byte = [0u8; 1];
-    while !raw.ends_with(b"\r\n\r\n") {
-        match stream.read(&mut byte) {
-            Ok(1) => raw.push(byte[0]),
-            other => panic!(
-                "upgrade {path}: {other:?} after {:?}",
-                String::from_utf8_lossy(&raw)
-            ),
-        }
-    }
-    let head = read_head(&mut &raw[..]);
-    let mut body = Vec::new();
-    if head.status != 101 {
-        let len: usize = head.header("content-length").unwrap().parse().unwrap();
-        body.resize(len, 0);
-        stream.read_exact(&mut body).unwrap();
-    }
-    let resp = HttpResponse {
-        status: head.status,
-        head,
-        body,
-    };
-    (resp, stream)
+    upgrade_with(gw.listen, path, extra)
 }
 
 fn assert_refused(resp: &HttpResponse, status: u16, reason: &str, context: &str) {

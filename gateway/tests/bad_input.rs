@@ -162,5 +162,7 @@ fn refusals_are_logged_as_json_objects_with_their_fields() {
     assert!(refused["fields"]["peer"]
         .as_str()
         .is_some_and(|p| p.starts_with("127.0.0.1:")));
-    assert!(lines.iter().any(|l| l["fields"]["message"] == "gateway ready"));
+    assert!(lines
+        .iter()
+        .any(|l| l["fields"]["message"] == "gateway ready"));
 }

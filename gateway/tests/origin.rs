@@ -5,8 +5,6 @@
 
 mod common;
 
-use std::io::{Read, Write};
-
 use common::*;
 
 const APP: &str = "https://app.example";
@@ -19,35 +17,8 @@ fn start(extra: &[&str]) -> Gateway {
     Gateway::start(&args)
 }
 
-/// A WebSocket upgrade with extra header lines: the response head (and body
-/// for a refusal).
 fn upgrade(gw: &Gateway, path: &str, extra: &str) -> HttpResponse {
-    let mut stream = tcp_connect(gw.listen, None, None);
-    let req = format!(
-        "GET {path} HTTP/1.1\r\nHost: gateway\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
-    );
-    stream.write_all(req.as_bytes()).unwrap();
-    let mut raw = Vec::new();
-    let mut byte = [0u8; 1];
-    while !raw.ends_with(b"\r\n\r\n") {
-        match stream.read(&mut byte) {
-            Ok(1) => raw.push(byte[0]),
-            other => panic!("upgrade {path}: {other:?} after {raw:?}"),
-        }
-    }
-    let head = read_head(&mut &raw[..]);
-    let mut body = Vec::new();
-    if head.status != 101 {
-        let len: usize = head.header("content-length").unwrap().parse().unwrap();
-        body.resize(len, 0);
-        stream.read_exact(&mut body).unwrap();
-    }
-    HttpResponse {
-        status: head.status,
-        head,
-        body,
-    }
+    upgrade_with(gw.listen, path, extra).0
 }
 
 fn no_cors_headers(resp: &HttpResponse, context: &str) {

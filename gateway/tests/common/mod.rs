@@ -836,9 +836,14 @@ pub fn tcp_connect(
 /// head byte by byte (so nothing after it is consumed). Returns the head
 /// and, when it is not `101`, the body (by Content-Length).
 pub fn send_upgrade(stream: &mut TcpStream, path: &str) -> (HttpHead, Vec<u8>) {
+    send_upgrade_with(stream, path, "")
+}
+
+/// [`send_upgrade`] with extra header lines (each ending in CRLF).
+pub fn send_upgrade_with(stream: &mut TcpStream, path: &str, extra: &str) -> (HttpHead, Vec<u8>) {
     let req = format!(
         "GET {path} HTTP/1.1\r\nHost: gateway\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
     );
     stream
         .write_all(req.as_bytes())
@@ -868,6 +873,20 @@ pub fn send_upgrade(stream: &mut TcpStream, path: &str) -> (HttpHead, Vec<u8>) {
             .unwrap_or_else(|e| panic!("upgrade for {path}: body of {head:?}: {e}"));
     }
     (head, body)
+}
+
+/// A WebSocket upgrade for `path` with extra header lines on a fresh
+/// connection to `addr`: the response (with the body of a refusal) and the
+/// stream, upgraded or not.
+pub fn upgrade_with(addr: SocketAddr, path: &str, extra: &str) -> (HttpResponse, TcpStream) {
+    let mut stream = tcp_connect(addr, None, None);
+    let (head, body) = send_upgrade_with(&mut stream, path, extra);
+    let resp = HttpResponse {
+        status: head.status,
+        head,
+        body,
+    };
+    (resp, stream)
 }
 
 /// A WebSocket on `stream` for `path`, or the HTTP response that refused it.
