@@ -15,7 +15,11 @@
 //! epoll_wait that reported it returned (it was in the socket by then; a
 //! frame sent later than that, and any further read, takes the clock again):
 //! the latency does not include the client working through a batch of
-//! ready sockets. The client's and the server's CPU use over the publish
+//! ready sockets. A second histogram takes the arrival from the kernel's
+//! receive timestamp of the read (`SO_TIMESTAMPNS`, the last segment the
+//! read took): publish→socket, which leaves out how long the client thread
+//! took to be scheduled and woken, the load generator's share of a shared
+//! machine. The client's and the server's CPU use over the publish
 //! window are reported, to tell whether the client kept up.
 //!
 //! Per frame the receiver parses the header, reads 33 bytes at the end of
@@ -39,7 +43,7 @@ use crate::http;
 use crate::procfs;
 use crate::report::{bytes, failures_json, server_line, Health, Latency};
 use crate::sys::{self, Epoll};
-use crate::util::{monotonic_ns, opt, thousands};
+use crate::util::{monotonic_ns, opt, realtime_minus_monotonic_ns, thousands};
 use crate::ws::{self, FrameHead, ReadEnd, SeqTally, Tail, KIND_MEASURED, KIND_PROBE};
 
 const HEALTHZ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -120,6 +124,9 @@ pub struct Counters {
     /// Reads (recv calls that returned data).
     pub reads: u64,
     pub bytes: u64,
+    /// Sockets the kernel would not stamp (SO_TIMESTAMPNS refused): their
+    /// deliveries are missing from the socket latency.
+    pub unstamped_sockets: u64,
 }
 
 impl Counters {
@@ -139,12 +146,14 @@ impl Counters {
         self.read_errors += o.read_errors;
         self.reads += o.reads;
         self.bytes += o.bytes;
+        self.unstamped_sockets += o.unstamped_sockets;
     }
 }
 
 /// What a client thread hands back at the end.
 struct WorkerResult {
     hist: Histogram<u64>,
+    socket_hist: Histogram<u64>,
     /// (channel, tally) of every connection that opened.
     tallies: Vec<(u32, SeqTally)>,
     counters: Counters,
@@ -154,17 +163,33 @@ struct WorkerResult {
     connect_end: Option<Instant>,
 }
 
-/// Handles one frame for connection `conn`, read at `now_ns`.
+/// When a frame arrived: when its read returned (the `epoll_wait` that
+/// reported it, or the clock at a further read), and when the kernel
+/// received its data (monotonic ns), if it said.
+#[derive(Clone, Copy)]
+struct Arrival {
+    read_ns: u64,
+    socket_ns: Option<u64>,
+}
+
+/// The histograms one client thread fills.
+struct Hists {
+    read: Histogram<u64>,
+    socket: Histogram<u64>,
+}
+
+/// Handles one frame for connection `conn`, read at `at`.
 #[inline]
 fn on_frame(
     conn: &mut Conn,
     h: &FrameHead,
     payload: &[u8],
-    now_ns: u64,
-    hist: &mut Histogram<u64>,
+    at: Arrival,
+    hists: &mut Hists,
     c: &mut Counters,
     shared: &Shared,
 ) {
+    let now_ns = at.read_ns;
     c.frames += 1;
     if h.masked {
         c.masked += 1;
@@ -189,7 +214,12 @@ fn on_frame(
                     } else {
                         monotonic_ns().saturating_sub(sent_ns)
                     };
-                    hist.saturating_record(latency.max(1));
+                    hists.read.saturating_record(latency.max(1));
+                    if let Some(socket_ns) = at.socket_ns {
+                        hists
+                            .socket
+                            .saturating_record(socket_ns.saturating_sub(sent_ns).max(1));
+                    }
                 }
             }
             Some(Tail {
@@ -224,7 +254,9 @@ struct Worker {
     ep: Epoll,
     dialer: Dialer,
     shared: Arc<Shared>,
-    hist: Histogram<u64>,
+    hists: Hists,
+    /// CLOCK_REALTIME - CLOCK_MONOTONIC, for the kernel's timestamps.
+    clock_offset_ns: i64,
     counters: Counters,
     scratch: Vec<u8>,
     opened: u64,
@@ -258,7 +290,11 @@ impl Worker {
             ep: Epoll::new().map_err(|e| format!("epoll_create1: {e}"))?,
             dialer: Dialer::new(cfg, base, 0x5eed ^ index as u64),
             shared,
-            hist: new_histogram(),
+            hists: Hists {
+                read: new_histogram(),
+                socket: new_histogram(),
+            },
+            clock_offset_ns: realtime_minus_monotonic_ns(),
             counters: Counters::default(),
             scratch: vec![0u8; ws::READ_BUF_BYTES],
             opened: 0,
@@ -272,17 +308,23 @@ impl Worker {
             Outcome::Opened(o) => {
                 let conn = &mut self.conns[o.local as usize];
                 conn.fd = o.fd;
+                if sys::enable_receive_timestamps(o.fd).is_err() {
+                    self.counters.unstamped_sockets += 1;
+                }
                 conn.opened = true;
                 self.opened += 1;
                 self.shared.open.fetch_add(1, Relaxed);
                 self.connect_end = Some(Instant::now());
                 if !o.extra.is_empty() {
                     // Frames that came with the response head.
-                    let now = monotonic_ns();
-                    let (hist, counters, shared) =
-                        (&mut self.hist, &mut self.counters, &*self.shared);
+                    let at = Arrival {
+                        read_ns: monotonic_ns(),
+                        socket_ns: None,
+                    };
+                    let (hists, counters, shared) =
+                        (&mut self.hists, &mut self.counters, &*self.shared);
                     let used = ws::split_frames(&o.extra, |h, p| {
-                        on_frame(conn, h, p, now, hist, counters, shared)
+                        on_frame(conn, h, p, at, hists, counters, shared)
                     });
                     conn.carry.extend_from_slice(&o.extra[used..]);
                 }
@@ -301,8 +343,12 @@ impl Worker {
             return;
         }
         let fd = conn.fd;
-        let (hist, counters, shared) = (&mut self.hist, &mut self.counters, &*self.shared);
-        let now = std::cell::Cell::new(0u64);
+        let (hists, counters, shared) = (&mut self.hists, &mut self.counters, &*self.shared);
+        let offset = self.clock_offset_ns;
+        let at = std::cell::Cell::new(Arrival {
+            read_ns: 0,
+            socket_ns: None,
+        });
         let mut first = true;
         let mut reads = 0u64;
         let mut bytes = 0u64;
@@ -311,19 +357,22 @@ impl Worker {
             &mut carry,
             &mut self.scratch,
             |buf| {
-                let r = sys::recv(fd, buf, 0);
-                if let Ok(n) = r {
+                let r = sys::recv_stamped(fd, buf);
+                if let Ok((n, stamp)) = r {
                     reads += 1;
                     bytes += n as u64;
                     // What the first read gets was in the socket when
                     // epoll_wait returned; a further read (after a full
                     // buffer) takes the clock again.
-                    now.set(if first { ready_ns } else { monotonic_ns() });
+                    at.set(Arrival {
+                        read_ns: if first { ready_ns } else { monotonic_ns() },
+                        socket_ns: stamp.map(|real| (real as i64 - offset).max(0) as u64),
+                    });
                     first = false;
                 }
-                r
+                r.map(|(n, _)| n)
             },
-            |h, p| on_frame(conn, h, p, now.get(), hist, counters, shared),
+            |h, p| on_frame(conn, h, p, at.get(), hists, counters, shared),
         );
         conn.carry = carry;
         counters.reads += reads;
@@ -423,7 +472,8 @@ impl Worker {
             }
         }
         WorkerResult {
-            hist: std::mem::replace(&mut self.hist, new_histogram()),
+            hist: std::mem::replace(&mut self.hists.read, new_histogram()),
+            socket_hist: std::mem::replace(&mut self.hists.socket, new_histogram()),
             tallies: self
                 .conns
                 .iter()
@@ -486,6 +536,8 @@ pub struct FanoutReport {
     pub counters: Counters,
     pub closed_by_server: u64,
     pub latency: Latency,
+    /// Publish→socket: by the kernel's receive timestamps.
+    pub socket_latency: Latency,
     pub rss_before: u64,
     pub rss_subscribed: u64,
     pub rss_after: u64,
@@ -667,20 +719,24 @@ impl FanoutReport {
             "out of order / duplicates",
             format!("{} / {}", self.loss.out_of_order, self.loss.duplicates),
         );
-        let l = &self.latency;
-        row(
-            &mut t,
-            "latency µs p50/p99/p99.9/max",
-            format!(
-                "{} / {} / {} / {}   (mean {}, {} samples)",
-                opt(l.p50_us, 0),
-                opt(l.p99_us, 0),
-                opt(l.p999_us, 0),
-                opt(l.max_us, 0),
-                opt(l.mean_us, 0),
-                thousands(l.count)
-            ),
-        );
+        for (name, l) in [
+            ("latency µs p50/p99/p99.9/max", &self.latency),
+            ("  at the socket (kernel stamp)", &self.socket_latency),
+        ] {
+            row(
+                &mut t,
+                name,
+                format!(
+                    "{} / {} / {} / {}   (mean {}, {} samples)",
+                    opt(l.p50_us, 0),
+                    opt(l.p99_us, 0),
+                    opt(l.p999_us, 0),
+                    opt(l.max_us, 0),
+                    opt(l.mean_us, 0),
+                    thousands(l.count)
+                ),
+            );
+        }
         row(
             &mut t,
             "CPU, % of one core",
@@ -754,6 +810,7 @@ impl FanoutReport {
             "unrecognized_frames": c.unrecognized,
             "closed_by_server": self.closed_by_server,
             "latency_us": self.latency.json(),
+            "socket_latency_us": self.socket_latency.json(),
             "rss_before_bytes": self.rss_before,
             "rss_subscribed_bytes": self.rss_subscribed,
             "rss_after_bytes": self.rss_after,
@@ -1058,6 +1115,7 @@ pub fn run_one(
     stop_all(&shared);
 
     let mut hist = new_histogram();
+    let mut socket_hist = new_histogram();
     let mut tallies: Vec<(u32, SeqTally)> = Vec::with_capacity(open as usize);
     let mut counters = Counters::default();
     let mut failures: BTreeMap<String, (u64, String)> = BTreeMap::new();
@@ -1069,6 +1127,7 @@ pub fn run_one(
             .recv_timeout(Duration::from_secs(60))
             .map_err(|_| "a client thread did not report".to_string())?;
         merge_histograms(&mut hist, &r.hist);
+        merge_histograms(&mut socket_hist, &r.socket_hist);
         tallies.extend(r.tallies);
         counters.add(&r.counters);
         for (k, (n, ex)) in r.failures {
@@ -1115,6 +1174,7 @@ pub fn run_one(
         counters,
         closed_by_server: closed,
         latency: Latency::from_ns(&hist),
+        socket_latency: Latency::from_ns(&socket_hist),
         rss_before,
         rss_subscribed,
         rss_after,
@@ -1141,6 +1201,8 @@ pub const COMPARED: &[(&str, &str)] = &[
     ("latency p99 (µs)", "latency_us.p99"),
     ("latency p99.9 (µs)", "latency_us.p999"),
     ("latency max (µs)", "latency_us.max"),
+    ("socket latency p50 (µs)", "socket_latency_us.p50"),
+    ("socket latency p99 (µs)", "socket_latency_us.p99"),
     ("server CPU (% of a core)", "server_cpu_pct"),
     ("bench CPU (% of a core)", "client_cpu_pct"),
     ("server RSS subscribed (B)", "rss_subscribed_bytes"),

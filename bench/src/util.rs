@@ -14,6 +14,21 @@ pub fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+/// CLOCK_REALTIME minus CLOCK_MONOTONIC, in nanoseconds: turns a kernel
+/// receive timestamp (realtime) into the monotonic clock the publisher
+/// stamps with. Taken once per client thread; a clock step during a run
+/// would show as a shifted socket latency.
+pub fn realtime_minus_monotonic_ns() -> i64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into a local timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut ts) };
+    let real = ts.tv_sec as i64 * 1_000_000_000 + ts.tv_nsec as i64;
+    real - monotonic_ns() as i64
+}
+
 /// xorshift64*: jitter and backoff, nothing that needs to be unpredictable.
 #[derive(Debug, Clone)]
 pub struct Rng(u64);
