@@ -675,8 +675,16 @@ pub struct Core {
 
 /// Size of the per-core receive buffer.
 const SCRATCH_BYTES: usize = 64 * 1024;
-/// Messages handled before the dispatcher yields to connection tasks.
-const DISPATCH_BATCH_MESSAGES: usize = 256;
+/// A dispatch batch ends after this many messages or this many deliveries,
+/// whichever comes first; its frames are then written, one `sendmsg` per
+/// connection, and the dispatcher yields to connection tasks. Behind by
+/// many messages, a larger batch puts more frames in each `sendmsg` (the
+/// send, not the frame, is what costs); the delivery cap bounds what a
+/// batch holds queued (a 32-byte queue slot per delivery: 8 MiB) and how
+/// long the core goes without serving its connections, however many
+/// subscribers a channel has.
+const DISPATCH_BATCH_MESSAGES: usize = 1024;
+const DISPATCH_BATCH_DELIVERIES: u64 = 262_144;
 
 impl Core {
     pub fn new(
@@ -803,7 +811,7 @@ impl Core {
         let mut dirty = self.dirty.borrow_mut();
         let mut stamps = self.batch_stamps.borrow_mut();
         let (mut deliveries, mut delivered_bytes) = (0u64, 0u64);
-        while handled < DISPATCH_BATCH_MESSAGES {
+        while handled < DISPATCH_BATCH_MESSAGES && deliveries < DISPATCH_BATCH_DELIVERIES {
             let Ok(item) = rx.try_recv() else { break };
             handled += 1;
             let msg = match item {
@@ -1087,8 +1095,10 @@ pub async fn doorbell_loop(
         // Clear before draining: a message queued after this point rings again.
         rung.store(false, Ordering::Release);
         loop {
-            let n = core.dispatch(&rx);
-            if n < DISPATCH_BATCH_MESSAGES {
+            core.dispatch(&rx);
+            // Stopped at a batch limit with more waiting: yield, then go
+            // on (nothing will ring for what is already queued).
+            if rx.is_empty() {
                 break;
             }
             yield_now().await;
