@@ -205,24 +205,7 @@ where
             {
                 return Phase::Close(self.refuse_draining());
             }
-            if let Request::Preflight { keep_alive } = request {
-                let origins = &self.core.cfg.origins;
-                let allowed = matches!(
-                    origins.check(origin.as_deref()),
-                    Verdict::Allowed { cors } if cors != 0
-                );
-                let keep_alive = keep_alive && allowed && !draining();
-                let response = origins.preflight_response(origin.as_deref(), keep_alive);
-                if !Box::pin(self.respond(response)).await {
-                    return Phase::Close(Close::Now);
-                }
-                if !keep_alive {
-                    return Phase::Close(Close::Linger);
-                }
-                pending = leftover;
-                continue;
-            }
-            if let Err(close) = self.check_origin(&request, origin) {
+            if let Err(close) = self.check_origin(&request, origin.as_deref()) {
                 return Phase::Close(close);
             }
             if let Err(close) = self.authorize(&request) {
@@ -299,7 +282,23 @@ where
                 Request::Echo { accept } => {
                     return Phase::Close(Box::pin(self.echo(accept, leftover)).await)
                 }
-                Request::Preflight { .. } => unreachable!("answered above"),
+                // A CORS preflight: its answer depends on the origin only.
+                Request::Preflight { keep_alive } => {
+                    let origins = &self.core.cfg.origins;
+                    let allowed = matches!(
+                        origins.check(origin.as_deref()),
+                        Verdict::Allowed { cors } if cors != 0
+                    );
+                    let keep_alive = keep_alive && allowed && !draining();
+                    let response = origins.preflight_response(origin.as_deref(), keep_alive);
+                    if !Box::pin(self.respond(response)).await {
+                        return Phase::Close(Close::Now);
+                    }
+                    if !keep_alive {
+                        return Phase::Close(Close::Linger);
+                    }
+                    pending = leftover;
+                }
             }
         }
     }
@@ -307,11 +306,14 @@ where
     /// A browser page may open a stream only from an allowed origin
     /// (checked before the upgrade: a WebSocket is not protected by CORS).
     /// An allowed one's CORS slot is kept for the responses that follow.
-    fn check_origin(&mut self, request: &Request, origin: Option<String>) -> Result<(), Close> {
-        if matches!(request, Request::Health { .. } | Request::Ready { .. }) {
+    fn check_origin(&mut self, request: &Request, origin: Option<&str>) -> Result<(), Close> {
+        if matches!(
+            request,
+            Request::Health { .. } | Request::Ready { .. } | Request::Preflight { .. }
+        ) {
             return Ok(());
         }
-        match self.core.cfg.origins.check(origin.as_deref()) {
+        match self.core.cfg.origins.check(origin) {
             Verdict::Allowed { cors } => {
                 self.with_conn(|c, _| c.cors = cors);
                 Ok(())
@@ -320,7 +322,7 @@ where
                 const REASON: &str = "origin not allowed";
                 info!(
                     peer = %self.client(),
-                    origin = origin.as_deref().unwrap_or(""),
+                    origin = origin.unwrap_or(""),
                     status = 403,
                     reason = REASON,
                     "request refused"
