@@ -833,6 +833,22 @@ impl Core {
                             match conn.transport {
                                 Transport::WebSocket => envelope::encode_ws_gap(&name, &mut gap),
                                 Transport::Sse => envelope::encode_sse_gap(&name, &mut gap),
+                                // A held poll is answered with the gap; the
+                                // client goes on from the present.
+                                Transport::LongPoll
+                                    if !conn.poll_answered && !conn.poll_timed_out =>
+                                {
+                                    conn.poll_answered = true;
+                                    conn.wake();
+                                    envelope::longpoll_response(
+                                        &[],
+                                        published,
+                                        &[&name],
+                                        true,
+                                        cfg.origins.cors_lines(conn.cors),
+                                        &mut gap,
+                                    );
+                                }
                                 _ => continue,
                             }
                             conn.push(gap.into(), cfg.outbound_queue_bytes_max);
@@ -1377,6 +1393,58 @@ mod tests {
         let (_, r) = reg.subscribe(5, &names, Some(20), 21, 100, 100);
         assert_eq!(r.gaps.len(), 1);
         assert!(r.messages.is_empty());
+    }
+
+    #[test]
+    fn subscribers_of_a_channel_let_go_upstream_are_told_of_the_gap() {
+        use std::io::Read;
+        let cfg: &'static Config = Box::leak(Box::default());
+        let counts: Arc<[AtomicU64]> = vec![AtomicU64::new(0)].into();
+        let admission = Admission::new(cfg, 1, None, 0);
+        let core = Core::new(
+            0,
+            cfg,
+            1,
+            Arc::new(AtomicU64::new(7)),
+            counts,
+            admission,
+            None,
+        );
+        let mut peers = Vec::new();
+        for transport in [Transport::WebSocket, Transport::Sse, Transport::LongPoll] {
+            let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+            let key = core.register(a.as_raw_fd(), ([127, 0, 0, 1], 1).into());
+            let (ids, _) =
+                core.registry
+                    .borrow_mut()
+                    .subscribe(key, &["a".to_string()], None, 7, 100, 10);
+            let mut conns = core.conns.borrow_mut();
+            conns[key as usize].channels = ids;
+            conns[key as usize].transport = transport;
+            b.set_nonblocking(true).unwrap();
+            peers.push((a, b));
+        }
+        let (tx, rx) = crossbeam_channel::unbounded();
+        tx.send(ToCore::Unsubscribed("a".into())).unwrap();
+        core.dispatch(&rx);
+        let mut got = Vec::new();
+        for (_, b) in &mut peers {
+            let mut buf = vec![0u8; 4096];
+            let n = b.read(&mut buf).unwrap();
+            got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+        assert!(
+            got[0].ends_with("{\"channel\":\"a\",\"gap\":true}\n"),
+            "{:?}",
+            got[0]
+        );
+        assert!(got[1].starts_with("event: gap\ndata: "), "{:?}", got[1]);
+        assert!(got[2].starts_with("HTTP/1.1 200 OK\r\n"), "{:?}", got[2]);
+        assert!(
+            got[2].ends_with("{\"cursor\":\"7\",\"messages\":[],\"gaps\":[\"a\"]}"),
+            "{:?}",
+            got[2]
+        );
     }
 
     fn ids_of(r: &Resume) -> Vec<u64> {
