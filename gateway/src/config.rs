@@ -134,8 +134,9 @@ pub struct Config {
     /// KID=SECRET`, development only): kept across SIGHUP reloads.
     #[serde(skip)]
     pub auth_cli_keys: Vec<AuthKey>,
-    /// Browser origins (`https://app.example.com`, exact, or `*` for any)
-    /// allowed to open WebSocket, SSE and long-poll streams. A request
+    /// Browser origins (`https://app.example.com`, exact; subdomain
+    /// patterns, `https://*.example.com`; or `*` for any) allowed to open
+    /// WebSocket, SSE and long-poll streams. A request
     /// whose `Origin` is not listed is refused 403 before the upgrade
     /// (cross-site WebSocket hijacking); a listed origin's SSE and long-poll
     /// responses carry the CORS headers, and its preflights are answered.
@@ -414,8 +415,8 @@ pub struct Cli {
     /// Clock skew tolerated on a token's exp and nbf, in seconds. [default: 30]
     #[arg(long, value_name = "S")]
     pub auth_leeway_s: Option<u64>,
-    /// A browser origin allowed to open streams (scheme://host[:port], or
-    /// "*"); repeatable. Other origins are refused 403; listed ones get CORS
+    /// A browser origin allowed to open streams (scheme://host[:port],
+    /// scheme://*.domain[:port] for its subdomains, or "*"); repeatable. Other origins are refused 403; listed ones get CORS
     /// headers on SSE and long-poll. [default: none: no check, no CORS]
     #[arg(long = "allowed-origin", value_name = "ORIGIN")]
     pub allowed_origins: Vec<String>,

@@ -20,7 +20,7 @@ use monoio::io::AsyncWriteRentExt;
 use monoio::net::TcpStream;
 use protocol::envelope;
 use protocol::http::{self, Cursor, Parsed, Request};
-use protocol::origin::Verdict;
+use protocol::origin::{Verdict, PATTERN_SLOT};
 use protocol::proxy::{self, ProxyParsed};
 use protocol::sse;
 use protocol::ws::{self, Closing, MessagePart, OpCode, ServerSession};
@@ -305,7 +305,9 @@ where
 
     /// A browser page may open a stream only from an allowed origin
     /// (checked before the upgrade: a WebSocket is not protected by CORS).
-    /// An allowed one's CORS slot is kept for the responses that follow.
+    /// An allowed one's CORS slot is kept for the responses that follow;
+    /// for an origin allowed by a pattern, the lines echoing it are kept in
+    /// the core (SSE and long-poll only: a WebSocket answer has none).
     fn check_origin(&mut self, request: &Request, origin: Option<&str>) -> Result<(), Close> {
         if matches!(
             request,
@@ -313,9 +315,19 @@ where
         ) {
             return Ok(());
         }
-        match self.core.cfg.origins.check(origin) {
+        let origins = &self.core.cfg.origins;
+        match origins.check(origin) {
             Verdict::Allowed { cors } => {
                 self.with_conn(|c, _| c.cors = cors);
+                if cors == PATTERN_SLOT
+                    && matches!(request, Request::Sse { .. } | Request::LongPoll { .. })
+                {
+                    let lines = origins.cors_lines_for(cors, origin).into_owned();
+                    self.core
+                        .cors_by_conn
+                        .borrow_mut()
+                        .insert(self.key, Bytes::from(lines));
+                }
                 Ok(())
             }
             Verdict::Refused => {
@@ -335,9 +347,18 @@ where
     }
 
     /// This connection's CORS header lines ("" without CORS).
-    fn cors_lines(&self) -> &'static str {
+    fn cors_lines(&self) -> std::borrow::Cow<'static, str> {
         let cfg: &'static crate::config::Config = self.core.cfg;
-        cfg.origins.cors_lines(self.with_conn(|c, _| c.cors))
+        match self.with_conn(|c, _| c.cors) {
+            PATTERN_SLOT => self
+                .core
+                .cors_by_conn
+                .borrow()
+                .get(&self.key)
+                .map(|b| String::from_utf8_lossy(b).into_owned().into())
+                .unwrap_or_default(),
+            cors => cfg.origins.cors_lines(cors).into(),
+        }
     }
 
     /// A trusted proxy's connection opens with a PROXY header (v1 or v2)
@@ -445,7 +466,7 @@ where
                     http::unauthorized_response(
                         e.www_authenticate(),
                         e.reason(),
-                        self.cors_lines(),
+                        &self.cors_lines(),
                     ),
                 ),
                 Err(crate::auth::Denied::Channel(channel)) => {
@@ -453,7 +474,7 @@ where
                     (
                         403,
                         "channel not allowed",
-                        http::forbidden_response("channel not allowed", self.cors_lines()),
+                        http::forbidden_response("channel not allowed", &self.cors_lines()),
                     )
                 }
             };
@@ -678,7 +699,9 @@ where
         let subscribed = channels.len();
         drop(channels);
         let mut out = Vec::with_capacity(256);
-        sse::stream_response_head(self.cors_lines(), &mut out);
+        sse::stream_response_head(&self.cors_lines(), &mut out);
+        // The stream needs its lines no more.
+        self.core.cors_by_conn.borrow_mut().remove(&self.key);
         let retry_ms = rand::thread_rng().gen_range(SSE_RETRY_MS_MIN..=SSE_RETRY_MS_MAX);
         sse::encode_retry(&mut out, retry_ms);
         for gap in &resume.gaps {
@@ -745,7 +768,7 @@ where
                 cursor,
                 &gaps,
                 keep_alive,
-                self.cors_lines(),
+                &self.cors_lines(),
                 &mut out,
             );
             return self.respond(out).await.then_some(keep_alive);
@@ -796,7 +819,7 @@ where
     /// `long_poll`'s.
     async fn answer_empty(&mut self, cursor: Cursor, keep_alive: bool) -> Option<bool> {
         let mut out = Vec::new();
-        envelope::longpoll_response(&[], cursor, &[], keep_alive, self.cors_lines(), &mut out);
+        envelope::longpoll_response(&[], cursor, &[], keep_alive, &self.cors_lines(), &mut out);
         self.respond(out).await.then_some(keep_alive)
     }
 

@@ -17,6 +17,7 @@ use bytes::Bytes;
 use crossbeam_channel::Receiver;
 use indexmap::IndexSet;
 use protocol::envelope;
+use protocol::origin::PATTERN_SLOT;
 use rand::Rng;
 use slab::Slab;
 use tracing::{debug, info, warn};
@@ -671,6 +672,11 @@ pub struct Core {
     /// Per CORS slot (index = slot - 1): the long-poll status line and that
     /// origin's CORS lines, written once.
     cors_poll_heads: Vec<Bytes>,
+    /// The CORS lines of the connections whose origin an allowlist pattern
+    /// allowed (`PATTERN_SLOT`: they echo the origin), while a long-poll or
+    /// the opening of an SSE stream needs them; nothing for other
+    /// connections.
+    pub cors_by_conn: RefCell<HashMap<u32, Bytes>>,
 }
 
 /// Size of the per-core receive buffer.
@@ -722,6 +728,7 @@ impl Core {
                     Bytes::from(head)
                 })
                 .collect(),
+            cors_by_conn: RefCell::new(HashMap::new()),
         }
     }
 
@@ -782,6 +789,9 @@ impl Core {
 
     pub fn deregister(&self, key: u32) {
         let conn = self.conns.borrow_mut().remove(key as usize);
+        if conn.cors == PATTERN_SLOT {
+            self.cors_by_conn.borrow_mut().remove(&key);
+        }
         self.registry.borrow_mut().unsubscribe(key, &conn.channels);
         if conn.counted_ip {
             self.admission.release(conn.client_ip);
@@ -813,6 +823,7 @@ impl Core {
         let mut conns = self.conns.borrow_mut();
         let mut dirty = self.dirty.borrow_mut();
         let mut stamps = self.batch_stamps.borrow_mut();
+        let cors_by_conn = self.cors_by_conn.borrow();
         let (mut deliveries, mut delivered_bytes) = (0u64, 0u64);
         while handled < DISPATCH_BATCH_MESSAGES && deliveries < DISPATCH_BATCH_DELIVERIES {
             let Ok(item) = rx.try_recv() else { break };
@@ -840,12 +851,19 @@ impl Core {
                                 {
                                     conn.poll_answered = true;
                                     conn.wake();
+                                    let lines = match conn.cors {
+                                        PATTERN_SLOT => cors_by_conn
+                                            .get(&key)
+                                            .map(|b| String::from_utf8_lossy(b).into_owned())
+                                            .unwrap_or_default(),
+                                        n => cfg.origins.cors_lines(n).to_string(),
+                                    };
                                     envelope::longpoll_response(
                                         &[],
                                         published,
                                         &[&name],
                                         true,
-                                        cfg.origins.cors_lines(conn.cors),
+                                        &lines,
                                         &mut gap,
                                     );
                                 }
@@ -883,19 +901,31 @@ impl Core {
                     Transport::LongPoll if !conn.poll_answered && !conn.poll_timed_out => {
                         conn.poll_answered = true;
                         conn.wake();
-                        match self
-                            .cors_poll_heads
-                            .get(usize::from(conn.cors).wrapping_sub(1))
-                        {
-                            None => msg.poll_response.clone(),
-                            Some(head) => {
-                                // This client's status line and CORS lines,
-                                // then the shared response after its own.
-                                delivered_bytes += head.len() as u64;
-                                conn.push(head.clone(), cfg.outbound_queue_bytes_max);
-                                msg.poll_response
-                                    .slice(envelope::LONGPOLL_STATUS_LINE.len()..)
+                        let head: &[Bytes] = match conn.cors {
+                            0 => &[],
+                            PATTERN_SLOT => match cors_by_conn.get(&key) {
+                                Some(lines) => &[
+                                    Bytes::from_static(envelope::LONGPOLL_STATUS_LINE),
+                                    lines.clone(),
+                                ],
+                                None => &[],
+                            },
+                            n => self
+                                .cors_poll_heads
+                                .get(usize::from(n) - 1)
+                                .map_or(&[], std::slice::from_ref),
+                        };
+                        if head.is_empty() {
+                            msg.poll_response.clone()
+                        } else {
+                            // This client's status line and CORS lines,
+                            // then the shared response after its own.
+                            for part in head {
+                                delivered_bytes += part.len() as u64;
+                                conn.push(part.clone(), cfg.outbound_queue_bytes_max);
                             }
+                            msg.poll_response
+                                .slice(envelope::LONGPOLL_STATUS_LINE.len()..)
                         }
                     }
                     Transport::LongPoll | Transport::Http | Transport::Closing => continue,
@@ -1620,8 +1650,14 @@ mod tests {
     fn a_shared_long_poll_answer_goes_out_behind_each_clients_cors_head() {
         use std::io::Read;
         let cfg: &'static Config = Box::leak(Box::new(Config {
-            origins: protocol::origin::Origins::new(&["https://app.example".to_string()], false)
-                .unwrap(),
+            origins: protocol::origin::Origins::new(
+                &[
+                    "https://app.example".to_string(),
+                    "https://*.app.example".to_string(),
+                ],
+                false,
+            )
+            .unwrap(),
             ..Config::default()
         }));
         let counts: Arc<[AtomicU64]> = vec![AtomicU64::new(0)].into();
@@ -1637,8 +1673,13 @@ mod tests {
         );
         let (a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
         let (plain, mut plain_peer) = std::os::unix::net::UnixStream::pair().unwrap();
+        let (sub, mut sub_peer) = std::os::unix::net::UnixStream::pair().unwrap();
         let mut keys = Vec::new();
-        for (fd, cors) in [(a.as_raw_fd(), 1), (plain.as_raw_fd(), 0)] {
+        for (fd, cors) in [
+            (a.as_raw_fd(), 1),
+            (plain.as_raw_fd(), 0),
+            (sub.as_raw_fd(), PATTERN_SLOT),
+        ] {
             let key = core.register(fd, ([127, 0, 0, 1], 1).into());
             let (ids, _) = core.registry.borrow_mut().subscribe(
                 key,
@@ -1653,6 +1694,13 @@ mod tests {
             c.channels = ids;
             c.transport = Transport::LongPoll;
             c.cors = cors;
+            if cors == PATTERN_SLOT {
+                let lines = cfg
+                    .origins
+                    .cors_lines_for(cors, Some("https://x.app.example"))
+                    .into_owned();
+                core.cors_by_conn.borrow_mut().insert(key, lines.into());
+            }
             keys.push(key);
         }
         let (tx, rx) = crossbeam_channel::unbounded();
@@ -1674,6 +1722,12 @@ mod tests {
         let mut got = vec![0u8; m.poll_response.len()];
         plain_peer.read_exact(&mut got).unwrap();
         assert_eq!(got, m.poll_response);
+        // Allowed by a pattern: its own origin echoed.
+        let head = "HTTP/1.1 200 OK\r\nAccess-Control-Allow-Origin: https://x.app.example\r\n\
+                    Vary: Origin\r\n";
+        let mut got = vec![0u8; head.len() + m.poll_response.len() - len];
+        sub_peer.read_exact(&mut got).unwrap();
+        assert!(String::from_utf8(got).unwrap().starts_with(head));
         for key in keys {
             assert!(core.conns.borrow()[key as usize].poll_answered);
         }

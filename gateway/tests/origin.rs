@@ -198,3 +198,65 @@ fn without_an_allowlist_any_origin_passes_and_no_cors_header_is_sent() {
     let (resp, _conn) = raw_request(gw.listen, preflight.as_bytes());
     assert_origin_refused(&resp, "preflight without an allowlist");
 }
+
+#[test]
+fn a_subdomain_pattern_allows_each_subdomain_with_its_own_origin_echoed() {
+    let gw = Gateway::start(&["--allowed-origin", "https://*.example.com"]);
+    let publisher = Publisher::connect(gw.zmq_endpoint());
+    let probe = wait_for_subscription(&publisher, &[&gw]);
+
+    // The domain itself and look-alikes are not subdomains.
+    for refused in [
+        "https://example.com",
+        "https://evil-example.com",
+        "http://app.example.com",
+    ] {
+        let resp = upgrade(&gw, "/ws?channel=news", &format!("Origin: {refused}\r\n"));
+        assert_origin_refused(&resp, refused);
+    }
+    let ok = upgrade(
+        &gw,
+        "/ws?channel=news",
+        "Origin: https://chat.example.com\r\n",
+    );
+    assert_eq!(ok.status, 101, "{}", ok.describe());
+
+    let sse = SseClient::connect_with(
+        gw.listen,
+        "/events?channel=news",
+        &[("Origin", "https://app.example.com")],
+    );
+    assert_eq!(
+        sse.head.header("access-control-allow-origin"),
+        Some("https://app.example.com")
+    );
+    assert_eq!(sse.head.header("vary"), Some("Origin"));
+
+    // Two held long-polls from two subdomains, answered by one message.
+    let path = format!("/events?channel=feed&since={}", probe.last_id);
+    let origins = ["https://a.example.com", "https://b.c.example.com"];
+    let mut conns: Vec<HttpConn> = origins.iter().map(|_| gw.http()).collect();
+    for (conn, origin) in conns.iter_mut().zip(origins) {
+        conn.set_read_timeout(std::time::Duration::from_secs(30));
+        conn.send(
+            format!("GET {path} HTTP/1.1\r\nHost: gateway\r\nOrigin: {origin}\r\n\r\n").as_bytes(),
+        );
+    }
+    publisher.publish("feed", b"tick");
+    for (conn, origin) in conns.iter_mut().zip(origins) {
+        let resp = conn.read_response();
+        assert_eq!(resp.status, 200, "{}", resp.describe());
+        assert_eq!(resp.header("access-control-allow-origin"), Some(origin));
+        let body: serde_json::Value = serde_json::from_slice(&resp.body).unwrap();
+        assert_eq!(body["messages"][0]["data"], "tick", "{body}");
+    }
+
+    let preflight = "OPTIONS /events?channel=news HTTP/1.1\r\nHost: gateway\r\n\
+                     Origin: https://app.example.com\r\nAccess-Control-Request-Method: GET\r\n\r\n";
+    let (resp, _conn) = raw_request(gw.listen, preflight.as_bytes());
+    assert_eq!(resp.status, 204, "{}", resp.describe());
+    assert_eq!(
+        resp.header("access-control-allow-origin"),
+        Some("https://app.example.com")
+    );
+}

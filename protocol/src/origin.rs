@@ -10,6 +10,14 @@
 //! headers. A request without `Origin` is not a cross-origin browser
 //! request (a same-origin page, or a client that is no browser, which could
 //! send any `Origin` it liked): it passes, without CORS headers.
+//!
+//! Entries are exact origins, `*`, or subdomain patterns
+//! (`https://*.example.com`). The CORS lines of exact entries and `*` are
+//! written once and named by a one-byte slot; a pattern's answer must echo
+//! the request's own origin, so its lines are written per request
+//! ([`Origins::cors_lines_for`], slot [`PATTERN_SLOT`]).
+
+use std::borrow::Cow;
 
 /// The allowlist, with the CORS header lines of each entry written once.
 #[derive(Debug, Clone, Default)]
@@ -20,6 +28,12 @@ pub struct Origins {
     /// `*` was listed: any origin passes, and gets `Access-Control-Allow-Origin: *`
     /// (slot `exact.len() + 1`).
     any: bool,
+    /// Subdomain patterns, `https://*.example.com[:port]`, as (scheme and
+    /// "://", ".example.com[:port]"): any subdomain, at any depth, of that
+    /// scheme and port, not the domain itself.
+    patterns: Vec<(Box<str>, Box<str>)>,
+    /// `Access-Control-Allow-Credentials: true\r\n`, or "".
+    credentials_line: &'static str,
     /// The header lines of each slot (index = slot - 1), each ending in CRLF.
     lines: Vec<Box<str>>,
 }
@@ -44,16 +58,21 @@ pub enum OriginsError {
     /// `*` with credentials: browsers refuse `Access-Control-Allow-Origin: *`
     /// on a credentialed request.
     AnyWithCredentials,
-    /// More entries than a connection's slot can name.
+    /// More exact entries than a connection's slot can name.
     TooMany,
 }
+
+/// The slot of an origin allowed by a pattern: its lines echo the request's
+/// origin and are written per request.
+pub const PATTERN_SLOT: u8 = u8::MAX;
 
 impl std::fmt::Display for OriginsError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             OriginsError::NotAnOrigin(s) => write!(
                 f,
-                "allowed origin {s:?} is not scheme://host[:port] (no path, no trailing slash)"
+                "allowed origin {s:?} is not scheme://host[:port] or scheme://*.domain[:port] \
+                 (no path, no trailing slash)"
             ),
             OriginsError::AnyWithCredentials => {
                 f.write_str("allowed origin \"*\" cannot be combined with CORS credentials")
@@ -63,21 +82,28 @@ impl std::fmt::Display for OriginsError {
     }
 }
 
-/// Entries of the allowlist: a connection names its CORS lines by a one-byte slot.
-pub const ORIGINS_MAX: usize = 254;
+/// Exact entries of the allowlist: a connection names its CORS lines by a
+/// one-byte slot (`*` takes one more; 255 is [`PATTERN_SLOT`]).
+pub const ORIGINS_MAX: usize = 253;
 
 /// How long a browser may cache a preflight answer.
 const PREFLIGHT_MAX_AGE_S: u32 = 600;
 
 impl Origins {
-    /// An allowlist of exact origins, or `*` for any. Empty: no origin is
+    /// An allowlist of exact origins, subdomain patterns
+    /// (`https://*.example.com`), or `*` for any. Empty: no origin is
     /// checked and no CORS headers are sent (a page may read streams of its
     /// own origin only).
     pub fn new(entries: &[String], credentials: bool) -> Result<Origins, OriginsError> {
-        if entries.len() > ORIGINS_MAX {
-            return Err(OriginsError::TooMany);
-        }
-        let mut origins = Origins::default();
+        let credentials_line = if credentials {
+            "Access-Control-Allow-Credentials: true\r\n"
+        } else {
+            ""
+        };
+        let mut origins = Origins {
+            credentials_line,
+            ..Origins::default()
+        };
         for entry in entries {
             if entry == "*" {
                 if credentials {
@@ -90,16 +116,27 @@ impl Origins {
                 return Err(OriginsError::NotAnOrigin(entry.clone()));
             }
             // Browsers serialise scheme and host in lowercase.
-            let origin = entry.to_ascii_lowercase().into_boxed_str();
+            let origin = entry.to_ascii_lowercase();
+            if let Some((scheme, rest)) = origin.split_once("://*.") {
+                if !looks_like_origin(&format!("{scheme}://{rest}")) || rest.contains('*') {
+                    return Err(OriginsError::NotAnOrigin(entry.clone()));
+                }
+                origins
+                    .patterns
+                    .push((format!("{scheme}://").into(), format!(".{rest}").into()));
+                continue;
+            }
+            if origin.contains('*') {
+                return Err(OriginsError::NotAnOrigin(entry.clone()));
+            }
+            let origin = origin.into_boxed_str();
             if !origins.exact.contains(&origin) {
                 origins.exact.push(origin);
             }
         }
-        let credentials_line = if credentials {
-            "Access-Control-Allow-Credentials: true\r\n"
-        } else {
-            ""
-        };
+        if origins.exact.len() > ORIGINS_MAX {
+            return Err(OriginsError::TooMany);
+        }
         origins.lines = origins
             .exact
             .iter()
@@ -119,7 +156,7 @@ impl Origins {
 
     /// Is the allowlist on (at least one entry)?
     pub fn is_on(&self) -> bool {
-        !self.lines.is_empty()
+        !self.lines.is_empty() || !self.patterns.is_empty()
     }
 
     /// The verdict on a request's `Origin` header (`None`: there was none).
@@ -129,6 +166,22 @@ impl Origins {
         };
         if let Some(i) = self.exact.iter().position(|o| **o == *origin) {
             return Verdict::Allowed { cors: i as u8 + 1 };
+        }
+        if self.patterns.iter().any(|(scheme, suffix)| {
+            origin
+                .strip_prefix(&**scheme)
+                .and_then(|host| host.strip_suffix(&**suffix))
+                .is_some_and(|sub| {
+                    // One or more labels: letters, digits, '-', dots between.
+                    !sub.is_empty()
+                        && !sub.starts_with('.')
+                        && !sub.ends_with('.')
+                        && sub.bytes().all(|b| {
+                            b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.'
+                        })
+                })
+        }) {
+            return Verdict::Allowed { cors: PATTERN_SLOT };
         }
         if self.any {
             return Verdict::Allowed {
@@ -142,11 +195,26 @@ impl Origins {
         }
     }
 
-    /// The CORS header lines of a slot (each ending in CRLF); "" for slot 0.
+    /// The CORS header lines of a slot (each ending in CRLF); "" for slot 0
+    /// and for [`PATTERN_SLOT`], whose lines depend on the origin (see
+    /// [`Origins::cors_lines_for`]).
     pub fn cors_lines(&self, cors: u8) -> &str {
         match cors {
-            0 => "",
+            0 | PATTERN_SLOT => "",
             n => self.lines.get(n as usize - 1).map_or("", |l| l),
+        }
+    }
+
+    /// The CORS header lines for a request from `origin` given `cors` by
+    /// [`Origins::check`]: the slot's, or for a pattern, lines echoing the
+    /// origin.
+    pub fn cors_lines_for<'a>(&'a self, cors: u8, origin: Option<&str>) -> Cow<'a, str> {
+        match (cors, origin) {
+            (PATTERN_SLOT, Some(origin)) => Cow::Owned(format!(
+                "Access-Control-Allow-Origin: {origin}\r\nVary: Origin\r\n{}",
+                self.credentials_line
+            )),
+            _ => Cow::Borrowed(self.cors_lines(cors)),
         }
     }
 
@@ -177,7 +245,7 @@ impl Origins {
              Access-Control-Allow-Headers: Authorization, Last-Event-ID, Cache-Control\r\n\
              Access-Control-Max-Age: {PREFLIGHT_MAX_AGE_S}\r\n\
              {connection}\r\n",
-            self.cors_lines(cors)
+            self.cors_lines_for(cors, origin)
         )
         .into_bytes()
     }
@@ -299,6 +367,59 @@ mod tests {
             OriginsError::TooMany
         );
         assert!(Origins::new(&many[..ORIGINS_MAX], false).is_ok());
+    }
+
+    #[test]
+    fn a_subdomain_pattern_allows_its_subdomains_and_echoes_the_origin() {
+        let o = origins(
+            &["https://*.example.com", "https://*.example.org:8443"],
+            true,
+        );
+        for allowed in [
+            "https://app.example.com",
+            "https://a.b.example.com",
+            "https://x-1.example.org:8443",
+        ] {
+            assert_eq!(
+                o.check(Some(allowed)),
+                Verdict::Allowed { cors: PATTERN_SLOT },
+                "{allowed}"
+            );
+            assert_eq!(
+                o.cors_lines_for(PATTERN_SLOT, Some(allowed)),
+                format!(
+                    "Access-Control-Allow-Origin: {allowed}\r\nVary: Origin\r\n\
+                     Access-Control-Allow-Credentials: true\r\n"
+                )
+            );
+        }
+        for refused in [
+            "https://example.com",
+            "http://app.example.com",
+            "https://app.example.com:8443",
+            "https://app.example.org",
+            "https://evilexample.com",
+            "https://app.example.com.evil.net",
+            "https://.example.com",
+            "https://a..example.com",
+            "https://a_b.example.com",
+            "https://user@app.example.com",
+        ] {
+            assert_eq!(o.check(Some(refused)), Verdict::Refused, "{refused}");
+        }
+        let pre =
+            String::from_utf8(o.preflight_response(Some("https://app.example.com"), true)).unwrap();
+        assert!(pre.starts_with("HTTP/1.1 204 "), "{pre}");
+        assert!(pre.contains("\r\nAccess-Control-Allow-Origin: https://app.example.com\r\n"));
+        for bad in [
+            "https://*",
+            "https://*.",
+            "https://a.*.com",
+            "https://*example.com",
+            "*.example.com",
+        ] {
+            assert!(Origins::new(&[bad.to_string()], false).is_err(), "{bad}");
+        }
     }
 
     #[test]
