@@ -416,8 +416,9 @@ pub struct Cli {
     #[arg(long, value_name = "S")]
     pub auth_leeway_s: Option<u64>,
     /// A browser origin allowed to open streams (scheme://host[:port],
-    /// scheme://*.domain[:port] for its subdomains, or "*"); repeatable. Other origins are refused 403; listed ones get CORS
-    /// headers on SSE and long-poll. [default: none: no check, no CORS]
+    /// scheme://*.domain[:port] for its subdomains, or "*"); repeatable.
+    /// Other origins are refused 403; listed ones get CORS headers on SSE
+    /// and long-poll. [default: none: no check, no CORS]
     #[arg(long = "allowed-origin", value_name = "ORIGIN")]
     pub allowed_origins: Vec<String>,
     /// Allow credentials (cookies) on CORS responses to the allowed origins. [default: off]
