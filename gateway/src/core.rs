@@ -1428,18 +1428,7 @@ mod tests {
     #[test]
     fn subscribers_of_a_channel_let_go_upstream_are_told_of_the_gap() {
         use std::io::Read;
-        let cfg: &'static Config = Box::leak(Box::default());
-        let counts: Arc<[AtomicU64]> = vec![AtomicU64::new(0)].into();
-        let admission = Admission::new(cfg, 1, None, 0);
-        let core = Core::new(
-            0,
-            cfg,
-            1,
-            Arc::new(AtomicU64::new(7)),
-            counts,
-            admission,
-            None,
-        );
+        let core = test_core(Box::leak(Box::default()), 7);
         let mut peers = Vec::new();
         for transport in [Transport::WebSocket, Transport::Sse, Transport::LongPoll] {
             let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
@@ -1475,6 +1464,15 @@ mod tests {
             "{:?}",
             got[2]
         );
+    }
+
+    /// A lone core (index 0 of 1) with no interest queue, at
+    /// `published_through`.
+    fn test_core(cfg: &'static Config, published_through: u64) -> Core {
+        let counts: Arc<[AtomicU64]> = vec![AtomicU64::new(0)].into();
+        let admission = Admission::new(cfg, 1, None, 0);
+        let published = Arc::new(AtomicU64::new(published_through));
+        Core::new(0, cfg, 1, published, counts, admission, None)
     }
 
     fn ids_of(r: &Resume) -> Vec<u64> {
@@ -1660,17 +1658,7 @@ mod tests {
             .unwrap(),
             ..Config::default()
         }));
-        let counts: Arc<[AtomicU64]> = vec![AtomicU64::new(0)].into();
-        let admission = Admission::new(cfg, 1, None, 0);
-        let core = Core::new(
-            0,
-            cfg,
-            1,
-            Arc::new(AtomicU64::new(1)),
-            counts,
-            admission,
-            None,
-        );
+        let core = test_core(cfg, 1);
         let (a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
         let (plain, mut plain_peer) = std::os::unix::net::UnixStream::pair().unwrap();
         let (sub, mut sub_peer) = std::os::unix::net::UnixStream::pair().unwrap();
