@@ -56,7 +56,7 @@ fn check(data: &[u8], limits: &HeadLimits) {
                     assert_eq!(accept.len(), 28);
                     channels.as_slice()
                 }
-                Request::Echo { accept } => {
+                Request::Echo { accept, .. } => {
                     assert_eq!(accept.len(), 28);
                     &[]
                 }

@@ -92,9 +92,15 @@ fn respond(
     path: Option<&str>,
 ) -> Vec<u8> {
     let path = path.unwrap_or("").split('?').next().unwrap_or("");
-    if method != Some("GET") {
-        return plain(405, "Method Not Allowed", "GET only\n");
+    // HEAD answers like GET without the body (balancers check with it).
+    match method {
+        Some("GET") => respond_get(cfg, conn_counts, path),
+        Some("HEAD") => protocol::http::without_body(respond_get(cfg, conn_counts, path)),
+        _ => plain(405, "Method Not Allowed", "GET or HEAD only\n"),
     }
+}
+
+fn respond_get(cfg: &Config, conn_counts: &[AtomicU64], path: &str) -> Vec<u8> {
     match path {
         "/metrics" => {
             let body = crate::metrics::render();

@@ -108,6 +108,13 @@ pub struct Config {
     /// conformance testing (the Autobahn cases); empty (the default) means
     /// none. It runs the same connection code as `/ws`.
     pub ws_echo_path: String,
+    /// WebSocket subprotocols the gateway accepts (`Sec-WebSocket-Protocol`),
+    /// each a token: a client offering several gets the first it offered
+    /// that this list holds; one offering none of them gets no
+    /// `Sec-WebSocket-Protocol` (a browser then fails the connection, as
+    /// RFC 6455 asks). Whatever is chosen, the gateway speaks the same
+    /// frames. Empty (the default): the header is never answered.
+    pub ws_subprotocols: Vec<String>,
     /// `/readyz` answers 503 `no_publisher` while the ZeroMQ socket has no
     /// peer (no publisher or forwarder connected), so a load balancer sends
     /// clients only to gateways that can deliver. Off by default: with a
@@ -130,6 +137,14 @@ pub struct Config {
     pub auth_keys: Vec<AuthKey>,
     /// Clock skew tolerated on a token's `exp` and `nbf`, in seconds.
     pub auth_leeway_s: u64,
+    /// The audiences this gateway answers to (RFC 7519 `aud`): a token
+    /// must name one of them. Empty (the default): a token that carries
+    /// `aud` at all is refused, since it was meant for someone else.
+    /// Re-read from the file on SIGHUP, unless given on the command line.
+    pub auth_audience: Vec<String>,
+    /// `auth_audience` came from the command line (a SIGHUP keeps it).
+    #[serde(skip)]
+    pub auth_audience_from_cli: bool,
     /// HS256 keys given on the command line (`--auth-hs256-secret
     /// KID=SECRET`, development only): kept across SIGHUP reloads.
     #[serde(skip)]
@@ -255,6 +270,7 @@ impl Default for Config {
             handshakes_per_s_per_core: 0,
             drain_window_ms: 10_000,
             ws_echo_path: String::new(),
+            ws_subprotocols: Vec::new(),
             ready_requires_publisher: false,
             log_level: "info".to_string(),
             log_format: LogFormat::Text,
@@ -262,6 +278,8 @@ impl Default for Config {
             auth: false,
             auth_keys: Vec::new(),
             auth_leeway_s: 30,
+            auth_audience: Vec::new(),
+            auth_audience_from_cli: false,
             auth_cli_keys: Vec::new(),
             allowed_origins: Vec::new(),
             cors_allow_credentials: false,
@@ -389,6 +407,11 @@ pub struct Cli {
     /// conformance testing; it runs the same connection code as /ws. [default: none]
     #[arg(long, value_name = "PATH")]
     pub ws_echo_path: Option<String>,
+    /// A WebSocket subprotocol the gateway accepts (a token, e.g. "chat");
+    /// repeatable. A client gets the first it offered that is listed, or
+    /// no Sec-WebSocket-Protocol. [default: none]
+    #[arg(long = "ws-subprotocol", value_name = "NAME")]
+    pub ws_subprotocols: Vec<String>,
     /// /readyz answers 503 "no_publisher" while no ZeroMQ publisher or
     /// forwarder is connected. [default: off]
     #[arg(long)]
@@ -415,6 +438,10 @@ pub struct Cli {
     /// Clock skew tolerated on a token's exp and nbf, in seconds. [default: 30]
     #[arg(long, value_name = "S")]
     pub auth_leeway_s: Option<u64>,
+    /// An audience this gateway answers to: tokens must name one in `aud`;
+    /// repeatable. [default: none: tokens with `aud` are refused]
+    #[arg(long = "auth-audience", value_name = "AUD")]
+    pub auth_audience: Vec<String>,
     /// A browser origin allowed to open streams (scheme://host[:port],
     /// scheme://*.domain[:port] for its subdomains, or "*"); repeatable.
     /// Other origins are refused 403; listed ones get CORS headers on SSE
@@ -514,6 +541,13 @@ impl Cli {
         if !self.allowed_origins.is_empty() {
             cfg.allowed_origins = self.allowed_origins;
         }
+        if !self.ws_subprotocols.is_empty() {
+            cfg.ws_subprotocols = self.ws_subprotocols;
+        }
+        if !self.auth_audience.is_empty() {
+            cfg.auth_audience = self.auth_audience;
+            cfg.auth_audience_from_cli = true;
+        }
         if self.cors_allow_credentials {
             cfg.cors_allow_credentials = true;
         }
@@ -564,6 +598,10 @@ impl Config {
         for key in self.auth_keys.iter().chain(&self.auth_cli_keys) {
             key.add_to(&mut set)?;
         }
+        if let Some(bad) = self.auth_audience.iter().find(|a| a.is_empty()) {
+            return Err(format!("auth_audience: {bad:?} is not an audience"));
+        }
+        set.set_audiences(&self.auth_audience);
         Ok(set)
     }
 
@@ -580,10 +618,22 @@ impl Config {
             None => Config::default(),
         };
         fresh.auth_cli_keys = self.auth_cli_keys.clone();
+        if self.auth_audience_from_cli {
+            fresh.auth_audience = self.auth_audience.clone();
+        }
         fresh.key_set()
     }
 
     fn validate(&self) -> Result<(), String> {
+        if let Some(bad) = self
+            .ws_subprotocols
+            .iter()
+            .find(|p| !protocol::ws::valid_subprotocol(p))
+        {
+            return Err(format!(
+                "ws_subprotocols: {bad:?} is not a token (letters, digits, !#$%&'*+-.^_`|~)"
+            ));
+        }
         if self.zmq_bind.is_empty() && self.zmq_connect.is_empty() {
             return Err("no ZeroMQ endpoint: set zmq_bind or at least one zmq_connect".into());
         }
@@ -686,6 +736,7 @@ impl Config {
             channel_name_bytes_max: self.channel_name_bytes_max,
             channels_per_connection_max: self.channels_per_connection_max,
             echo_path: (!self.ws_echo_path.is_empty()).then_some(self.ws_echo_path.as_str()),
+            ws_subprotocols: &self.ws_subprotocols,
         }
     }
 }

@@ -212,11 +212,14 @@ where
                 return Phase::Close(close);
             }
             match request {
-                Request::Ready { keep_alive } => {
+                Request::Ready { keep_alive, head } => {
                     let draining = draining();
                     let (ready, status) = crate::service::readiness(self.core.cfg);
                     let keep_alive = keep_alive && !draining;
-                    let response = http::ready_response(ready, status, keep_alive);
+                    let mut response = http::ready_response(ready, status, keep_alive);
+                    if head {
+                        response = http::without_body(response);
+                    }
                     if !Box::pin(self.respond(response)).await {
                         return Phase::Close(Close::Now);
                     }
@@ -225,7 +228,7 @@ where
                     }
                     pending = leftover;
                 }
-                Request::Health { keep_alive } => {
+                Request::Health { keep_alive, head } => {
                     // While draining, every response is the connection's last.
                     let keep_alive = keep_alive && !draining();
                     let counts: Vec<u64> = self
@@ -236,7 +239,11 @@ where
                         .collect();
                     // Transient branches are boxed: the task of every idle
                     // connection is as large as its largest await point.
-                    if !Box::pin(self.respond(http::health_response(&counts, keep_alive))).await {
+                    let mut response = http::health_response(&counts, keep_alive);
+                    if head {
+                        response = http::without_body(response);
+                    }
+                    if !Box::pin(self.respond(response)).await {
                         return Phase::Close(Close::Now);
                     }
                     if !keep_alive {
@@ -271,16 +278,19 @@ where
                 Request::WebSocket {
                     channels,
                     accept,
+                    protocol,
                     since,
                     ..
                 } => {
-                    return match self.start_websocket(channels, accept, since, leftover) {
+                    let response = ws::switching_protocols_response(&accept, protocol);
+                    return match self.start_websocket(channels, response, since, leftover) {
                         Ok(session) => Phase::WebSocket(session),
                         Err(close) => Phase::Close(close),
                     };
                 }
-                Request::Echo { accept } => {
-                    return Phase::Close(Box::pin(self.echo(accept, leftover)).await)
+                Request::Echo { accept, protocol } => {
+                    let response = ws::switching_protocols_response(&accept, protocol);
+                    return Phase::Close(Box::pin(self.echo(response, leftover)).await);
                 }
                 // A CORS preflight: its answer depends on the origin only.
                 Request::Preflight { keep_alive } => {
@@ -348,17 +358,8 @@ where
 
     /// This connection's CORS header lines ("" without CORS).
     fn cors_lines(&self) -> std::borrow::Cow<'static, str> {
-        let cfg: &'static crate::config::Config = self.core.cfg;
-        match self.with_conn(|c, _| c.cors) {
-            PATTERN_SLOT => self
-                .core
-                .cors_by_conn
-                .borrow()
-                .get(&self.key)
-                .map(|b| String::from_utf8_lossy(b).into_owned().into())
-                .unwrap_or_default(),
-            cors => cfg.origins.cors_lines(cors).into(),
-        }
+        self.core
+            .cors_lines(self.key, self.with_conn(|c, _| c.cors))
     }
 
     /// A trusted proxy's connection opens with a PROXY header (v1 or v2)
@@ -677,10 +678,14 @@ where
     }
 
     fn unsubscribe(&self) {
-        let channels = self.with_conn(|c, _| {
+        let (channels, was_poll) = self.with_conn(|c, _| {
+            let was_poll = c.transport == Transport::LongPoll;
             c.transport = Transport::Http;
-            std::mem::take(&mut c.channels)
+            (std::mem::take(&mut c.channels), was_poll)
         });
+        if was_poll {
+            self.core.poll_gaps.borrow_mut().remove(&self.key);
+        }
         self.core
             .registry
             .borrow_mut()
@@ -754,10 +759,8 @@ where
             Transport::LongPoll,
             protocol::limits::LONGPOLL_MESSAGES_MAX,
         );
-        if !resume.messages.is_empty() || !resume.gaps.is_empty() {
+        if !resume.messages.is_empty() {
             self.unsubscribe();
-            // After a gap with nothing left to send, the client continues
-            // from its channels' present rather than asking for the gap again.
             let cursor = resume.messages.last().map_or(resume.present, |m| m.id);
             let items: Vec<&[u8]> = resume.messages.iter().map(|m| &m.poll_item[..]).collect();
             let gaps: Vec<&str> = resume.gaps.iter().map(|g| &**g).collect();
@@ -772,6 +775,19 @@ where
                 &mut out,
             );
             return self.respond(out).await.then_some(keep_alive);
+        }
+        // A gap with nothing after it yet is told with the next message,
+        // whose id is then the cursor. Answered at once, the cursor could
+        // only be this gateway's own position, which another gateway behind
+        // the same balancer cannot place on a channel its publisher numbers
+        // (the client would get that gateway's whole history again). Should
+        // the poll time out first, it is answered empty with its own cursor
+        // and the next poll finds the same gap.
+        if !resume.gaps.is_empty() {
+            self.core
+                .poll_gaps
+                .borrow_mut()
+                .insert(self.key, resume.gaps);
         }
         // Answered empty, the client polls again from where it was, or
         // from where its channels stand.
@@ -823,17 +839,17 @@ where
         self.respond(out).await.then_some(keep_alive)
     }
 
-    /// Answers the upgrade, subscribes, queues what the client missed and
+    /// Answers the upgrade (`response`, the 101), subscribes, queues what the client missed and
     /// handles bytes that came with the head. Err: close right away.
     fn start_websocket(
         &mut self,
         channels: Vec<String>,
-        accept: String,
+        response: Vec<u8>,
         since: Option<Cursor>,
         leftover: Vec<u8>,
     ) -> Result<ServerSession, Close> {
         self.core.stats.handshake("ws");
-        self.queue(ws::switching_protocols_response(&accept).into());
+        self.queue(response.into());
         let resume = self.subscribe(&channels, since, Transport::WebSocket, self.replay_all());
         if !resume.gaps.is_empty() {
             let mut out = Vec::new();
@@ -867,8 +883,8 @@ where
 
     /// The conformance endpoint: every message is sent back as it arrives,
     /// fragment by fragment.
-    async fn echo(&mut self, accept: String, leftover: Vec<u8>) -> Close {
-        self.queue(ws::switching_protocols_response(&accept).into());
+    async fn echo(&mut self, response: Vec<u8>, leftover: Vec<u8>) -> Close {
+        self.queue(response.into());
         let key = self.key;
         self.with_conn(|c, core| core.open_stream(c, key, Transport::WebSocket));
         // Reading goes on while the client is not reading its echoes (a

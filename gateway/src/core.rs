@@ -677,6 +677,13 @@ pub struct Core {
     /// the opening of an SSE stream needs them; nothing for other
     /// connections.
     pub cors_by_conn: RefCell<HashMap<u32, Bytes>>,
+    /// Held long-polls whose cursor this core could not place on some
+    /// channels (they resumed here from a position this core never saw, or
+    /// ingest let the channel go while they waited): the first message
+    /// answers them with those gaps and itself, and its id as the cursor,
+    /// never with a cursor of this gateway's own sequence, which another
+    /// gateway could not place on a channel numbered by its publisher.
+    pub poll_gaps: RefCell<HashMap<u32, Vec<Box<str>>>>,
 }
 
 /// Size of the per-core receive buffer.
@@ -729,6 +736,21 @@ impl Core {
                 })
                 .collect(),
             cors_by_conn: RefCell::new(HashMap::new()),
+            poll_gaps: RefCell::new(HashMap::new()),
+        }
+    }
+
+    /// The CORS header lines a response to connection `key`, whose origin
+    /// has CORS slot `cors`, carries ("" for none).
+    pub fn cors_lines(&self, key: u32, cors: u8) -> std::borrow::Cow<'static, str> {
+        match cors {
+            PATTERN_SLOT => self
+                .cors_by_conn
+                .borrow()
+                .get(&key)
+                .map(|b| String::from_utf8_lossy(b).into_owned().into())
+                .unwrap_or_default(),
+            cors => self.cfg.origins.cors_lines(cors).into(),
         }
     }
 
@@ -792,6 +814,9 @@ impl Core {
         if conn.cors == PATTERN_SLOT {
             self.cors_by_conn.borrow_mut().remove(&key);
         }
+        if conn.transport == Transport::LongPoll {
+            self.poll_gaps.borrow_mut().remove(&key);
+        }
         self.registry.borrow_mut().unsubscribe(key, &conn.channels);
         if conn.counted_ip {
             self.admission.release(conn.client_ip);
@@ -824,6 +849,7 @@ impl Core {
         let mut dirty = self.dirty.borrow_mut();
         let mut stamps = self.batch_stamps.borrow_mut();
         let cors_by_conn = self.cors_by_conn.borrow();
+        let mut poll_gaps = self.poll_gaps.borrow_mut();
         let (mut deliveries, mut delivered_bytes) = (0u64, 0u64);
         while handled < DISPATCH_BATCH_MESSAGES && deliveries < DISPATCH_BATCH_DELIVERIES {
             let Ok(item) = rx.try_recv() else { break };
@@ -844,28 +870,10 @@ impl Core {
                             match conn.transport {
                                 Transport::WebSocket => envelope::encode_ws_gap(&name, &mut gap),
                                 Transport::Sse => envelope::encode_sse_gap(&name, &mut gap),
-                                // A held poll is answered with the gap; the
-                                // client goes on from the present.
-                                Transport::LongPoll
-                                    if !conn.poll_answered && !conn.poll_timed_out =>
-                                {
-                                    conn.poll_answered = true;
-                                    conn.wake();
-                                    let lines = match conn.cors {
-                                        PATTERN_SLOT => cors_by_conn
-                                            .get(&key)
-                                            .map(|b| String::from_utf8_lossy(b).into_owned())
-                                            .unwrap_or_default(),
-                                        n => cfg.origins.cors_lines(n).to_string(),
-                                    };
-                                    envelope::longpoll_response(
-                                        &[],
-                                        published,
-                                        &[&name],
-                                        true,
-                                        &lines,
-                                        &mut gap,
-                                    );
+                                // A held poll is told with its next message.
+                                Transport::LongPoll => {
+                                    poll_gaps.entry(key).or_default().push(name.clone());
+                                    continue;
                                 }
                                 _ => continue,
                             }
@@ -901,31 +909,53 @@ impl Core {
                     Transport::LongPoll if !conn.poll_answered && !conn.poll_timed_out => {
                         conn.poll_answered = true;
                         conn.wake();
-                        let head: &[Bytes] = match conn.cors {
-                            0 => &[],
-                            PATTERN_SLOT => match cors_by_conn.get(&key) {
-                                Some(lines) => &[
-                                    Bytes::from_static(envelope::LONGPOLL_STATUS_LINE),
-                                    lines.clone(),
-                                ],
-                                None => &[],
-                            },
-                            n => self
-                                .cors_poll_heads
-                                .get(usize::from(n) - 1)
-                                .map_or(&[], std::slice::from_ref),
-                        };
-                        if head.is_empty() {
-                            msg.poll_response.clone()
+                        let gaps = if poll_gaps.is_empty() {
+                            None
                         } else {
-                            // This client's status line and CORS lines,
-                            // then the shared response after its own.
-                            for part in head {
-                                delivered_bytes += part.len() as u64;
-                                conn.push(part.clone(), cfg.outbound_queue_bytes_max);
+                            poll_gaps.remove(&key)
+                        };
+                        if let Some(gaps) = gaps {
+                            // Its own answer: the gaps, this message, and
+                            // this message's id as the cursor.
+                            let lines = self.cors_lines(key, conn.cors);
+                            let gaps: Vec<&str> = gaps.iter().map(|g| &**g).collect();
+                            let mut out = Vec::new();
+                            envelope::longpoll_response(
+                                &[&msg.poll_item],
+                                msg.id,
+                                &gaps,
+                                true,
+                                &lines,
+                                &mut out,
+                            );
+                            Bytes::from(out)
+                        } else {
+                            let head: &[Bytes] = match conn.cors {
+                                0 => &[],
+                                PATTERN_SLOT => match cors_by_conn.get(&key) {
+                                    Some(lines) => &[
+                                        Bytes::from_static(envelope::LONGPOLL_STATUS_LINE),
+                                        lines.clone(),
+                                    ],
+                                    None => &[],
+                                },
+                                n => self
+                                    .cors_poll_heads
+                                    .get(usize::from(n) - 1)
+                                    .map_or(&[], std::slice::from_ref),
+                            };
+                            if head.is_empty() {
+                                msg.poll_response.clone()
+                            } else {
+                                // This client's status line and CORS lines,
+                                // then the shared response after its own.
+                                for part in head {
+                                    delivered_bytes += part.len() as u64;
+                                    conn.push(part.clone(), cfg.outbound_queue_bytes_max);
+                                }
+                                msg.poll_response
+                                    .slice(envelope::LONGPOLL_STATUS_LINE.len()..)
                             }
-                            msg.poll_response
-                                .slice(envelope::LONGPOLL_STATUS_LINE.len()..)
                         }
                     }
                     Transport::LongPoll | Transport::Http | Transport::Closing => continue,
@@ -1447,7 +1477,7 @@ mod tests {
         tx.send(ToCore::Unsubscribed("a".into())).unwrap();
         core.dispatch(&rx);
         let mut got = Vec::new();
-        for (_, b) in &mut peers {
+        for (_, b) in &mut peers[..2] {
             let mut buf = vec![0u8; 4096];
             let n = b.read(&mut buf).unwrap();
             got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
@@ -1458,12 +1488,26 @@ mod tests {
             got[0]
         );
         assert!(got[1].starts_with("event: gap\ndata: "), "{:?}", got[1]);
-        assert!(got[2].starts_with("HTTP/1.1 200 OK\r\n"), "{:?}", got[2]);
+        // The held poll is told with the next message, whose id is its
+        // cursor (an answer now could only carry this gateway's position).
+        let mut buf = vec![0u8; 4096];
+        let held = peers[2].1.read(&mut buf);
         assert!(
-            got[2].ends_with("{\"cursor\":\"7\",\"messages\":[],\"gaps\":[\"a\"]}"),
-            "{:?}",
-            got[2]
+            matches!(&held, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+            "{held:?}"
         );
+        tx.send(ToCore::Message(msg(8, "a"))).unwrap();
+        core.dispatch(&rx);
+        let n = peers[2].1.read(&mut buf).unwrap();
+        let answer = String::from_utf8_lossy(&buf[..n]);
+        assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer:?}");
+        assert!(
+            answer.ends_with(
+                "{\"cursor\":\"8\",\"messages\":[{\"channel\":\"a\",\"id\":\"8\",\"data\":\"x\"}],\"gaps\":[\"a\"]}"
+            ),
+            "{answer:?}"
+        );
+        assert!(core.poll_gaps.borrow().is_empty());
     }
 
     /// A lone core (index 0 of 1) with no interest queue, at

@@ -12,10 +12,11 @@ mod core;
 mod drain;
 mod forwarder;
 mod ingest;
+mod logs;
 mod metrics;
 mod service;
 
-use std::io::{IsTerminal, Write};
+use std::io::Write;
 use std::net::SocketAddr;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::rc::Rc;
@@ -35,9 +36,14 @@ use crate::ingest::{CoreInbox, ToCore};
 fn main() {
     // Before any thread exists, so that every thread inherits the mask.
     drain::block_signals();
-    let cli = config::Cli::parse();
+    // clap's own exit panics when it cannot print (a closed stdout or
+    // stderr); a failed print here still exits with its code.
+    let cli = config::Cli::try_parse().unwrap_or_else(|e| {
+        let _ = e.print();
+        std::process::exit(e.exit_code());
+    });
     if let Some(config::Command::Forwarder(args)) = &cli.command {
-        init_logs(&args.log_level, args.log_format);
+        logs::init(&args.log_level, args.log_format);
         if let Err(e) = forwarder::run(args) {
             error!("{e}");
             std::process::exit(1);
@@ -47,30 +53,14 @@ fn main() {
     let cfg = match cli.resolve() {
         Ok(cfg) => cfg,
         Err(e) => {
-            eprintln!("gateway: {e}");
+            logs::print_stderr(&format!("gateway: {e}"));
             std::process::exit(2);
         }
     };
-    init_logs(&cfg.log_level, cfg.log_format);
+    logs::init(&cfg.log_level, cfg.log_format);
     if let Err(e) = run(Box::leak(Box::new(cfg))) {
         error!("{e}");
         std::process::exit(1);
-    }
-}
-
-/// Structured logs on stderr (journald keeps them under systemd): text
-/// lines with `key=value` fields, or one JSON object per line.
-fn init_logs(level: &str, format: config::LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_new(level).unwrap_or_else(|e| {
-        eprintln!("gateway: bad log_level {level:?}: {e}");
-        std::process::exit(2);
-    });
-    let logs = tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(filter);
-    match format {
-        config::LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
-        config::LogFormat::Json => logs.json().with_ansi(false).init(),
     }
 }
 
@@ -268,8 +258,14 @@ async fn accept_loop(core: Rc<Core>, listener: monoio::net::TcpListener) {
                     }
                 }
             }
-            Err(e) if drain::draining() => {
-                info!(core = core.index, error = %e, "listener shut down for the drain");
+            // The drain's shutdown(SHUT_RD) completes the pending accept
+            // with EINVAL: that is the listener closing as asked, not an
+            // error.
+            Err(_) if drain::draining() => {
+                info!(
+                    core = core.index,
+                    "stopped accepting: the drain closed this core's listener"
+                );
                 return;
             }
             Err(e) => {

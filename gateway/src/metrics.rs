@@ -296,6 +296,13 @@ pub fn render() -> String {
         )],
     ));
 
+    families.push(family(
+        "gateway_log_lines_lost_total",
+        "Log lines that could not be written to stderr (its reader gone); serving goes on.",
+        MetricType::COUNTER,
+        vec![counter(vec![], crate::logs::lines_lost())],
+    ));
+
     let mut buckets = [0u64; 15];
     for s in &cores {
         for (b, n) in buckets.iter_mut().zip(&s.latency_buckets) {

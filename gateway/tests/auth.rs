@@ -43,9 +43,20 @@ fn scratch(name: &str) -> PathBuf {
 /// The configuration file: the `hs` secret kid named `hs_kid`, and the
 /// ES256 key `es` from `es_file`.
 fn write_config(dir: &std::path::Path, hs_kid: &str, hs_secret: &str, es_file: &str) -> PathBuf {
+    write_config_with(dir, hs_kid, hs_secret, es_file, "")
+}
+
+/// `write_config` with more top-level settings (`extra`, whole lines).
+fn write_config_with(
+    dir: &std::path::Path,
+    hs_kid: &str,
+    hs_secret: &str,
+    es_file: &str,
+    extra: &str,
+) -> PathBuf {
     let path = dir.join("gateway.toml");
     let text = format!(
-        "auth = true\nauth_leeway_s = 0\n\n\
+        "auth = true\nauth_leeway_s = 0\n{extra}\n\
          [[auth_keys]]\nkid = \"{hs_kid}\"\nalg = \"HS256\"\nsecret = \"{hs_secret}\"\n\n\
          [[auth_keys]]\nkid = \"es\"\nalg = \"ES256\"\nkey_file = \"{}\"\n",
         dir.join(es_file).display()
@@ -217,6 +228,89 @@ fn missing_expired_forged_and_unknown_tokens_get_401_and_other_channels_403() {
     // Health checks do not.
     gw.healthz();
     assert!(gw.log().contains("request refused"), "refusals are logged");
+}
+
+#[test]
+fn tokens_must_name_a_configured_audience_and_carry_none_without_one() {
+    let with_aud = |aud: Value| {
+        let mut c = claims(&["news"], now_s() + 3600);
+        c["aud"] = aud;
+        hs_token("hs", HS_SECRET, &c)
+    };
+    let ws = "/ws?channel=news";
+
+    // No audience configured: a token meant for someone is refused.
+    let (gw, _dir) = start("no-audience");
+    let (resp, _) = upgrade(
+        &gw,
+        &format!("{ws}&token={}", with_aud(json!("gateway"))),
+        "",
+    );
+    assert_refused(&resp, 401, "audience mismatch", "aud without auth_audience");
+    drop(gw);
+
+    // Two audiences in the file (as an identity provider and a rename
+    // would have it): a token naming either is let through, on every
+    // transport; one naming another audience, or none, is refused.
+    let dir = scratch("audience");
+    let config = write_config_with(
+        &dir,
+        "hs",
+        HS_SECRET,
+        "es.pem",
+        "auth_audience = [\"https://rt.example.com\", \"gateway\"]\n",
+    );
+    let gw = Gateway::start(&["--config", config.to_str().unwrap()]);
+    for aud in [
+        json!("gateway"),
+        json!("https://rt.example.com"),
+        json!(["billing", "gateway"]),
+    ] {
+        let token = with_aud(aud.clone());
+        let (resp, _ws) = upgrade(&gw, &format!("{ws}&token={token}"), "");
+        assert_eq!(resp.status, 101, "aud {aud}: {}", resp.describe());
+        let mut conn = gw.http();
+        conn.send(
+            format!(
+                "GET /events?channel=news HTTP/1.1\r\nHost: gateway\r\n\
+                 Accept: text/event-stream\r\nAuthorization: Bearer {token}\r\n\r\n"
+            )
+            .as_bytes(),
+        );
+        let head = conn.read_head();
+        assert_eq!(head.status, 200, "SSE, aud {aud}: {head:?}");
+    }
+    for (token, context) in [
+        (with_aud(json!("billing")), "another audience"),
+        (
+            with_aud(json!(["billing", "Gateway"])),
+            "audiences differing in case",
+        ),
+        (valid_hs(&["news"]), "no aud"),
+    ] {
+        let (resp, _) = upgrade(&gw, &format!("{ws}&token={token}"), "");
+        assert_refused(&resp, 401, "audience mismatch", context);
+        let resp = gw
+            .http()
+            .get(&format!("/events?channel=news&since=0&token={token}"), &[]);
+        assert_refused(&resp, 401, "audience mismatch", context);
+    }
+
+    // The flag works as the file does.
+    let secret = format!("hs={HS_SECRET}");
+    let gw = Gateway::start(&[
+        "--auth",
+        "--auth-hs256-secret",
+        &secret,
+        "--auth-audience",
+        "gateway",
+    ]);
+    let (resp, _ws) = upgrade(
+        &gw,
+        &format!("{ws}&token={}", with_aud(json!("gateway"))),
+        "",
+    );
+    assert_eq!(resp.status, 101, "--auth-audience: {}", resp.describe());
 }
 
 /// Waits (safety net only) for the gateway to log `line` a `count`-th time.

@@ -166,3 +166,88 @@ fn refusals_are_logged_as_json_objects_with_their_fields() {
         .iter()
         .any(|l| l["fields"]["message"] == "gateway ready"));
 }
+
+#[test]
+fn http_1_1_needs_one_host_and_absolute_targets_and_head_are_served() {
+    let gw = Gateway::start(&[]);
+    // RFC 9112 §3.2: no Host in HTTP/1.1, or two anywhere, is a 400.
+    for (what, request) in [
+        ("no Host", &b"GET /healthz HTTP/1.1\r\n\r\n"[..]),
+        (
+            "two Hosts",
+            b"GET /healthz HTTP/1.1\r\nHost: a\r\nHost: a\r\n\r\n",
+        ),
+        (
+            "a Host that is no host",
+            b"GET /healthz HTTP/1.1\r\nHost: a b\r\n\r\n",
+        ),
+        (
+            "an upgrade without Host",
+            b"GET /ws?channel=news HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        ),
+        (
+            "a long-poll without Host",
+            b"GET /events?channel=news HTTP/1.1\r\n\r\n",
+        ),
+    ] {
+        let resp = expect_error(&gw, what, request, 400);
+        assert_eq!(resp.body, b"bad host\n", "{what}");
+    }
+    // HTTP/1.0 has no such rule.
+    let (resp, _) = raw_request(gw.listen, b"GET /healthz HTTP/1.0\r\n\r\n");
+    assert_eq!(
+        resp.status,
+        200,
+        "HTTP/1.0 without Host: {}",
+        resp.describe()
+    );
+
+    // An absolute-form target is served by its path (RFC 9112 §3.2.2).
+    let addr = gw.listen;
+    let (resp, _) = raw_request(
+        addr,
+        format!("GET http://{addr}/healthz HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes(),
+    );
+    assert_eq!(
+        resp.status,
+        200,
+        "absolute-form /healthz: {}",
+        resp.describe()
+    );
+    let (resp, _ws) = upgrade_with(addr, &format!("http://{addr}/ws?channel=news"), "");
+    assert_eq!(
+        resp.status,
+        101,
+        "absolute-form upgrade: {}",
+        resp.describe()
+    );
+
+    // HEAD on the health checks: the GET's head, no body. Pipelined, so a
+    // body where there should be none would be read as the next response.
+    let mut conn = gw.http();
+    conn.send(
+        b"HEAD /healthz HTTP/1.1\r\nHost: gw\r\n\r\n\
+          HEAD /readyz HTTP/1.1\r\nHost: gw\r\n\r\n\
+          GET /readyz HTTP/1.1\r\nHost: gw\r\n\r\n",
+    );
+    for path in ["/healthz", "/readyz"] {
+        let head = conn.read_head();
+        assert_eq!(head.status, 200, "HEAD {path}: {head:?}");
+        let length: usize = head
+            .header("content-length")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("HEAD {path}: no Content-Length: {head:?}"));
+        assert!(length > 0, "HEAD {path} gives the GET's length: {head:?}");
+    }
+    let resp = conn.read_response();
+    assert_eq!(resp.status, 200, "GET after the HEADs: {}", resp.describe());
+    assert_eq!(resp.body, b"{\"status\":\"ready\"}\n");
+    // HEAD elsewhere is still not served.
+    expect_error(
+        &gw,
+        "HEAD on a stream",
+        b"HEAD /events?channel=news HTTP/1.1\r\nHost: gw\r\n\r\n",
+        405,
+    );
+}

@@ -72,11 +72,6 @@ impl XPublisher {
     }
 }
 
-fn free_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
-}
-
 fn gateway_behind(fwd: &Forwarder, admin: SocketAddr) -> Gateway {
     let admin = admin.to_string();
     Gateway::start(&[

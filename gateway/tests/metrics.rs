@@ -9,12 +9,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-/// A free loopback port for the admin listener (bound, read, let go).
-fn free_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
-}
-
 /// Samples of a scrape: `name{labels}` (as written) → value.
 struct Scrape(HashMap<String, f64>);
 

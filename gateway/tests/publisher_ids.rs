@@ -210,3 +210,148 @@ fn a_cursor_from_a_gateway_started_later_is_a_gap_then_everything() {
     assert_eq!((d.text(), d.id), ("m2".to_string(), m2.id), "{d:?}");
     drop(probe);
 }
+
+/// Open long-polls the gateway behind `admin` holds (its cores' connection
+/// gauges, refreshed once a second).
+fn held_polls(admin: std::net::SocketAddr) -> u64 {
+    let resp = HttpConn::connect(admin).get("/metrics", &[]);
+    assert_eq!(resp.status, 200, "{}", resp.describe());
+    String::from_utf8_lossy(&resp.body)
+        .lines()
+        .filter(|l| l.starts_with("gateway_connections{") && l.contains("transport=\"longpoll\""))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+/// One long-poll on `feed` at `gw` from `since`, publishing `next` once the
+/// gateway holds the poll (or has answered it without waiting), so that the
+/// message arrives while the poll waits.
+fn poll_then_publish(
+    gw: &Gateway,
+    admin: std::net::SocketAddr,
+    since: Option<u64>,
+    publisher: &Publisher,
+    next: u64,
+) -> LongPoll {
+    let mut conn = gw.http();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let poller = std::thread::spawn(move || {
+        let _ = tx.send(longpoll(&mut conn, &["feed"], since));
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let early = loop {
+        match rx.recv_timeout(std::time::Duration::from_millis(20)) {
+            Ok(answer) => break Some(answer),
+            Err(_) if held_polls(admin) > 0 => break None,
+            Err(_) => assert!(
+                std::time::Instant::now() < deadline,
+                "the poll from {since:?} was neither held nor answered"
+            ),
+        }
+    };
+    publisher.publish_with_id("feed", format!("m{next}").as_bytes(), id_of(next));
+    let answer = early.unwrap_or_else(|| {
+        rx.recv_timeout(LONGPOLL_IO_TIMEOUT)
+            .expect("the held poll was answered")
+    });
+    poller.join().unwrap();
+    answer
+}
+
+/// Behind a balancer that is not sticky, a long-poll client's polls land on
+/// one gateway, then another, and one of them restarts: every message comes
+/// exactly once and in order, and what the restarted gateway could not have
+/// (published while it was down) is announced as a gap with the message
+/// after it, whose id is the cursor that the other gateway can place.
+#[test]
+fn a_long_poll_alternating_between_gateways_across_a_restart_loses_nothing_silently() {
+    let publisher = Publisher::bind();
+    let start = |admin: std::net::SocketAddr| {
+        let admin = admin.to_string();
+        Gateway::start(&[
+            "--zmq-bind",
+            "",
+            "--zmq-connect",
+            publisher.endpoint.as_str(),
+            "--admin-listen",
+            &admin,
+        ])
+    };
+    let (admin_a, admin_b) = (free_addr(), free_addr());
+    let a = start(admin_a);
+    let b = start(admin_b);
+    let probe = wait_for_subscription(&publisher, &[&a, &b]);
+
+    let mut answers = Vec::new();
+    let r = poll_then_publish(&a, admin_a, None, &publisher, 1);
+    answers.push(r);
+    let cursor = answers.last().unwrap().cursor;
+    answers.push(poll_then_publish(&b, admin_b, Some(cursor), &publisher, 2));
+
+    // B restarts; m3 and m4 are published while it is down, so only A has
+    // them.
+    drop(b);
+    drop(probe);
+    publisher.publish_with_id("feed", b"m3", id_of(3));
+    publisher.publish_with_id("feed", b"m4", id_of(4));
+    let admin_b2 = free_addr();
+    let b2 = start(admin_b2);
+    let probe = wait_for_subscription(&publisher, &[&a, &b2]);
+
+    // The client's next poll lands on the new B, which has never seen the
+    // channel: the gap, then m5, with m5's id as the cursor.
+    let cursor = answers.last().unwrap().cursor;
+    let after_restart = poll_then_publish(&b2, admin_b2, Some(cursor), &publisher, 5);
+    assert_eq!(
+        after_restart.gaps,
+        vec!["feed".to_string()],
+        "{}",
+        after_restart.body
+    );
+    assert_eq!(
+        texts(&after_restart.messages),
+        ["m5"],
+        "{}",
+        after_restart.body
+    );
+    assert_eq!(after_restart.cursor, id_of(5), "{}", after_restart.body);
+    answers.push(after_restart);
+    // Back and forth: A places B's cursor, and B A's.
+    for (k, (gw, admin)) in [(6, (&a, admin_a)), (7, (&b2, admin_b2)), (8, (&a, admin_a))] {
+        let cursor = answers.last().unwrap().cursor;
+        answers.push(poll_then_publish(gw, admin, Some(cursor), &publisher, k));
+    }
+
+    // Every message once, in order; each one missing is behind an
+    // announced gap.
+    let mut last = 0;
+    let mut got = Vec::new();
+    for answer in &answers {
+        let ids: Vec<u64> = answer.messages.iter().map(|m| m.id.unwrap()).collect();
+        assert!(
+            !ids.is_empty(),
+            "an answer without messages: {}",
+            answer.body
+        );
+        let missed = (1..=8)
+            .filter(|&k| id_of(k) > last && id_of(k) < ids[0])
+            .count();
+        assert!(
+            missed == 0 || answer.gaps == ["feed"],
+            "{missed} messages skipped without a gap: {}",
+            answer.body
+        );
+        assert!(
+            missed > 0 || answer.gaps.is_empty(),
+            "a gap where nothing was missed: {}",
+            answer.body
+        );
+        assert_strictly_increasing(&ids, "one answer");
+        assert!(ids[0] > last, "a duplicate or a step back: {}", answer.body);
+        assert_eq!(answer.cursor, *ids.last().unwrap(), "{}", answer.body);
+        last = *ids.last().unwrap();
+        got.extend(texts(&answer.messages));
+    }
+    assert_eq!(got, ["m1", "m2", "m5", "m6", "m7", "m8"]);
+    drop(probe);
+}

@@ -204,3 +204,75 @@ fn echo_endpoint_is_off_unless_configured_and_echoes_when_on() {
     assert_eq!(messages[0], (1, "héllo wörld".as_bytes().to_vec()));
     assert_eq!(messages[1], (2, vec![0, 1, 2, 255]));
 }
+
+#[test]
+fn a_subprotocol_is_the_first_offered_that_is_configured_or_none() {
+    let gw = Gateway::start(&["--ws-subprotocol", "gateway.v1", "--ws-subprotocol", "chat"]);
+    let chosen = |offer: &str| {
+        let extra = if offer.is_empty() {
+            String::new()
+        } else {
+            format!("Sec-WebSocket-Protocol: {offer}\r\n")
+        };
+        let (resp, _stream) = upgrade_with(gw.listen, "/ws?channel=news", &extra);
+        assert_eq!(resp.status, 101, "offer {offer:?}: {}", resp.describe());
+        resp.header("sec-websocket-protocol").map(str::to_string)
+    };
+    // The client's order of preference decides among those configured.
+    assert_eq!(chosen("superchat, chat").as_deref(), Some("chat"));
+    assert_eq!(chosen("chat, gateway.v1").as_deref(), Some("chat"));
+    assert_eq!(chosen("gateway.v1, chat").as_deref(), Some("gateway.v1"));
+    // Nothing in common, or nothing offered: no header.
+    assert_eq!(chosen("superchat"), None);
+    assert_eq!(chosen(""), None);
+
+    // A real client that asks for one, as `new WebSocket(url, ["chat"])`
+    // does, opens and gets messages.
+    let publisher = Publisher::connect(gw.zmq_endpoint());
+    let stream = std::net::TcpStream::connect(gw.listen).unwrap();
+    stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    let mut request = tungstenite::client::IntoClientRequest::into_client_request(format!(
+        "ws://{}/ws?channel={PROBE_CHANNEL}",
+        gw.listen
+    ))
+    .unwrap();
+    request
+        .headers_mut()
+        .insert("Sec-WebSocket-Protocol", "chat".parse().unwrap());
+    let (ws, resp) = tungstenite::client::client(request, stream)
+        .unwrap_or_else(|e| panic!("a client offering \"chat\" was refused: {e:?}"));
+    assert_eq!(
+        resp.headers()
+            .get("sec-websocket-protocol")
+            .and_then(|v| v.to_str().ok()),
+        Some("chat")
+    );
+    wait_for_subscription_of(
+        &publisher,
+        vec![WsClient {
+            ws,
+            path: format!("/ws?channel={PROBE_CHANNEL}"),
+        }],
+    );
+
+    // A gateway with no list never answers the header.
+    let plain = Gateway::start(&[]);
+    let (resp, _stream) = upgrade_with(
+        plain.listen,
+        "/ws?channel=news",
+        "Sec-WebSocket-Protocol: chat\r\n",
+    );
+    assert_eq!(resp.status, 101, "{}", resp.describe());
+    assert_eq!(resp.header("sec-websocket-protocol"), None);
+}
+
+#[test]
+fn a_subprotocol_that_is_no_token_stops_start_up() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
+        .args(["--ws-subprotocol", "two words", "--listen", "127.0.0.1:0"])
+        .output()
+        .expect("run the gateway");
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("ws_subprotocols"), "{stderr}");
+}

@@ -21,6 +21,9 @@ pub struct HeadLimits {
     /// The path of the WebSocket echo endpoint (conformance testing), or
     /// `None` when it is not served: then that path is 404 like any other.
     pub echo_path: Option<&'static str>,
+    /// The WebSocket subprotocols the server speaks
+    /// (`Sec-WebSocket-Protocol`), each a token; see [`crate::ws::choose_subprotocol`].
+    pub ws_subprotocols: &'static [String],
 }
 
 impl Default for HeadLimits {
@@ -32,6 +35,7 @@ impl Default for HeadLimits {
             channel_name_bytes_max: limits::CHANNEL_NAME_BYTES_MAX,
             channels_per_connection_max: limits::CHANNELS_PER_CONNECTION_MAX,
             echo_path: None,
+            ws_subprotocols: &[],
         }
     }
 }
@@ -47,6 +51,9 @@ pub enum Request {
         channels: Vec<String>,
         /// The `Sec-WebSocket-Accept` value for the client's key (28 base64 chars).
         accept: String,
+        /// The subprotocol the server answers with: the first the client
+        /// offered that [`HeadLimits::ws_subprotocols`] holds, if any.
+        protocol: Option<&'static str>,
         since: Option<Cursor>,
         /// The presented token (see [`Request::token`]).
         token: Option<String>,
@@ -65,10 +72,13 @@ pub enum Request {
         keep_alive: bool,
         token: Option<String>,
     },
-    /// `GET /healthz`: the process is alive.
-    Health { keep_alive: bool },
-    /// `GET /readyz`: the process takes new clients (not draining).
-    Ready { keep_alive: bool },
+    /// `GET /healthz`: the process is alive. `head`: it was a `HEAD`
+    /// (balancers check health with it), answered without the body
+    /// ([`without_body`]).
+    Health { keep_alive: bool, head: bool },
+    /// `GET /readyz`: the process takes new clients (not draining); `head`
+    /// as for `Health`.
+    Ready { keep_alive: bool, head: bool },
     /// `OPTIONS /events`: a CORS preflight (a cross-origin `fetch` with
     /// `Authorization`, or an EventSource polyfill); answered by the origin
     /// allowlist ([`crate::origin::Origins::preflight_response`]).
@@ -76,7 +86,10 @@ pub enum Request {
     /// `GET <echo_path>` with a valid RFC 6455 upgrade: a WebSocket that
     /// echoes every message, for conformance testing; only when
     /// [`HeadLimits::echo_path`] is set.
-    Echo { accept: String },
+    Echo {
+        accept: String,
+        protocol: Option<&'static str>,
+    },
 }
 
 impl Request {
@@ -125,8 +138,12 @@ pub enum Reject {
     UrlTooLong,
     /// The path is none of ours. 404
     NotFound,
-    /// A method other than GET (HEAD is not served either). 405 with `Allow: GET`
+    /// A method other than GET (HEAD on the health checks, OPTIONS on
+    /// `/events`). 405 with `Allow: GET`
     MethodNotAllowed,
+    /// An HTTP/1.1 request without `Host`, or any with more than one, or
+    /// one whose value is not a host and port (RFC 9112 §3.2). 400
+    BadHost,
     /// A request with a body (Content-Length > 0 or Transfer-Encoding). 400
     BodyNotAllowed,
     /// `/ws` without `Upgrade: websocket` and `Connection: upgrade`, or not HTTP/1.1. 400
@@ -159,6 +176,7 @@ impl Reject {
             Reject::MethodNotAllowed => 405,
             Reject::UnsupportedWebSocketVersion => 426,
             Reject::MalformedHead
+            | Reject::BadHost
             | Reject::BodyNotAllowed
             | Reject::NotAnUpgrade
             | Reject::BadWebSocketKey
@@ -181,6 +199,7 @@ impl Reject {
             Reject::UrlTooLong => "url too long",
             Reject::NotFound => "not found",
             Reject::MethodNotAllowed => "method not allowed",
+            Reject::BadHost => "bad host",
             Reject::BodyNotAllowed => "body not allowed",
             Reject::NotAnUpgrade => "not an upgrade",
             Reject::UnsupportedWebSocketVersion => "unsupported websocket version",
@@ -208,8 +227,11 @@ const HEADER_SLOTS: usize = limits::HEADERS_MAX;
 /// first occurrence's order.
 ///
 /// Checks run in this order, the first broken rule answering: head syntax and
-/// size limits, URL length, path (an unknown path is 404 whatever the
-/// method), method (GET; OPTIONS on `/events` is a CORS preflight), body,
+/// size limits, URL length, `Host` (exactly one in HTTP/1.1, at most one in
+/// HTTP/1.0), path (an unknown path is 404 whatever the method; an
+/// absolute-form target, `http://host/path`, is taken by its path), method
+/// (GET; HEAD on the health checks; OPTIONS on `/events` is a CORS
+/// preflight), body,
 /// `Origin`; then for `/ws` the upgrade headers, version and key;
 /// then the query (`channel`, `since`) and, for SSE, `Last-Event-ID`. A
 /// repeated `since` or `Last-Event-ID` is `BadCursor`; an empty
@@ -255,7 +277,13 @@ pub fn parse_request(buf: &[u8], limits: &HeadLimits) -> Result<Parsed, Reject> 
     let head = Head {
         headers: req.headers,
     };
+    match head.single("host") {
+        Ok(Some(host)) if valid_host(host) => {}
+        Ok(None) if version == 0 => {}
+        _ => return Err(Reject::BadHost),
+    }
 
+    let target = origin_form(target)?;
     let (path, query) = match target.split_once('?') {
         Some((path, query)) => (path, query),
         None => (target, ""),
@@ -269,7 +297,8 @@ pub fn parse_request(buf: &[u8], limits: &HeadLimits) -> Result<Parsed, Reject> 
         _ => return Err(Reject::NotFound),
     };
     let preflight = method == "OPTIONS" && matches!(endpoint, Endpoint::Events);
-    if method != "GET" && !preflight {
+    let head_only = method == "HEAD" && matches!(endpoint, Endpoint::Health | Endpoint::Ready);
+    if method != "GET" && !preflight && !head_only {
         return Err(Reject::MethodNotAllowed);
     }
     if head.has_body() {
@@ -293,8 +322,14 @@ pub fn parse_request(buf: &[u8], limits: &HeadLimits) -> Result<Parsed, Reject> 
     }
 
     let request = match endpoint {
-        Endpoint::Health => Request::Health { keep_alive },
-        Endpoint::Ready => Request::Ready { keep_alive },
+        Endpoint::Health => Request::Health {
+            keep_alive,
+            head: head_only,
+        },
+        Endpoint::Ready => Request::Ready {
+            keep_alive,
+            head: head_only,
+        },
         Endpoint::WebSocket => {
             // Order: upgrade headers, version, key, then the query (channels
             // and cursor), so a non-WebSocket client learns that first.
@@ -303,12 +338,14 @@ pub fn parse_request(buf: &[u8], limits: &HeadLimits) -> Result<Parsed, Reject> 
             Request::WebSocket {
                 channels: query.channels,
                 accept,
+                protocol: head.subprotocol(limits.ws_subprotocols),
                 since: query.since,
                 token: head.bearer().or(query.token),
             }
         }
         Endpoint::Echo => Request::Echo {
             accept: websocket_accept(&head, version)?,
+            protocol: head.subprotocol(limits.ws_subprotocols),
         },
         Endpoint::Events => {
             let query = parse_query(query, limits)?;
@@ -362,6 +399,75 @@ fn websocket_accept(head: &Head, version: u8) -> Result<String, Reject> {
     }
 }
 
+/// The path and query of a request target: the target itself in origin
+/// form (`/ws?channel=a`); in absolute form (`http://host:port/ws?…`, what
+/// a proxy-minded client sends, RFC 9112 §3.2.2) what follows the
+/// authority, `/` if nothing does. Other forms are left to the path match
+/// (404).
+fn origin_form(target: &str) -> Result<&str, Reject> {
+    let bytes = target.as_bytes();
+    let scheme_len = ["http://", "https://"]
+        .iter()
+        .find(|s| bytes.len() >= s.len() && bytes[..s.len()].eq_ignore_ascii_case(s.as_bytes()))
+        .map(|s| s.len());
+    let Some(scheme_len) = scheme_len else {
+        return Ok(target);
+    };
+    let rest = &target[scheme_len..];
+    let authority_len = rest.find(['/', '?']).unwrap_or(rest.len());
+    // An http(s) URI must name a host (RFC 9110 §4.2.1).
+    if authority_len == 0 || !valid_host(&rest.as_bytes()[..authority_len]) {
+        return Err(Reject::BadHost);
+    }
+    match &rest[authority_len..] {
+        "" => Ok("/"),
+        // `http://host?q`: the path is empty, which means `/`; the query is
+        // that of no endpoint of ours.
+        p if p.starts_with('?') => Ok("/"),
+        p => Ok(p),
+    }
+}
+
+/// A `Host` value (or an absolute target's authority): a host name, an
+/// IPv4 address or a bracketed IPv6 literal, with an optional port; empty
+/// is allowed (RFC 9112 §3.2: a target with no authority). No userinfo, no
+/// path, no whitespace.
+fn valid_host(host: &[u8]) -> bool {
+    host.iter().all(|&b| {
+        b.is_ascii_alphanumeric()
+            || matches!(
+                b,
+                b'.' | b'-'
+                    | b'_'
+                    | b'~'
+                    | b':'
+                    | b'['
+                    | b']'
+                    | b'%'
+                    | b'!'
+                    | b'$'
+                    | b'&'
+                    | b'\''
+                    | b'('
+                    | b')'
+                    | b'*'
+                    | b'+'
+                    | b','
+                    | b';'
+                    | b'='
+            )
+    })
+}
+
+/// `response` (a complete response with `Content-Length`) as the answer to
+/// a `HEAD`: the same head, `Content-Length` included, and no body.
+pub fn without_body(mut response: Vec<u8>) -> Vec<u8> {
+    if let Some(end) = response.windows(4).position(|w| w == b"\r\n\r\n") {
+        response.truncate(end + 4);
+    }
+    response
+}
+
 /// The endpoints, before their specific checks.
 enum Endpoint {
     Echo,
@@ -402,6 +508,11 @@ struct Head<'h, 'b> {
 }
 
 impl<'b> Head<'_, 'b> {
+    /// The subprotocol to answer with (see [`crate::ws::choose_subprotocol`]).
+    fn subprotocol(&self, ours: &'static [String]) -> Option<&'static str> {
+        crate::ws::choose_subprotocol(self.values("sec-websocket-protocol"), ours)
+    }
+
     /// Every value of header `name` (lowercase), in order.
     fn values<'s>(&'s self, name: &'s str) -> impl Iterator<Item = &'b [u8]> + 's {
         self.headers
@@ -730,8 +841,21 @@ mod tests {
         )
     }
 
+    /// `head` with a `Host` line after its request line if it has none
+    /// (every HTTP/1.1 request needs one; the cases that are about `Host`
+    /// call `parse_request` themselves).
+    fn with_host(head: &str) -> String {
+        if head.to_ascii_lowercase().contains("\r\nhost:") {
+            return head.to_string();
+        }
+        match head.split_once("\r\n") {
+            Some((line, rest)) => format!("{line}\r\nHost: gateway.test\r\n{rest}"),
+            None => head.to_string(),
+        }
+    }
+
     fn parse(head: &str) -> Result<Parsed, Reject> {
-        parse_request(head.as_bytes(), &HeadLimits::default())
+        parse_request(with_host(head).as_bytes(), &HeadLimits::default())
     }
 
     /// Parses a head that must be complete, returning the request.
@@ -740,7 +864,7 @@ mod tests {
             Parsed::Complete {
                 request, head_len, ..
             } => {
-                assert_eq!(head_len, head.len());
+                assert_eq!(head_len, with_host(head).len());
                 Ok(request)
             }
             Parsed::Partial => panic!("partial: {head:?}"),
@@ -759,6 +883,7 @@ mod tests {
             Ok(Request::WebSocket {
                 channels: channels(&["news", "sport"]),
                 accept: ACCEPT.to_string(),
+                protocol: None,
                 token: None,
                 since: Some(41),
             })
@@ -868,7 +993,7 @@ mod tests {
             );
         }
         let non_ascii =
-            b"GET /events?channel=a HTTP/1.1\r\nOrigin: https://\xc3\xa9.example\r\n\r\n";
+            b"GET /events?channel=a HTTP/1.1\r\nHost: h\r\nOrigin: https://\xc3\xa9.example\r\n\r\n";
         assert_eq!(
             parse_request(non_ascii, &HeadLimits::default()),
             Err(Reject::BadOrigin)
@@ -924,6 +1049,7 @@ mod tests {
                 request: Request::WebSocket {
                     channels: channels(&["news"]),
                     accept: ACCEPT.to_string(),
+                    protocol: None,
                     token: None,
                     since: None,
                 },
@@ -996,7 +1122,10 @@ mod tests {
             );
             assert_eq!(
                 request(&format!("GET /healthz {version}\r\n{extra}\r\n")),
-                Ok(Request::Health { keep_alive }),
+                Ok(Request::Health {
+                    keep_alive,
+                    head: false
+                }),
                 "{version} {extra:?}"
             );
         }
@@ -1147,9 +1276,9 @@ mod tests {
                 405,
             ),
             (
-                "head",
+                "head on a stream",
                 HeadLimits::default(),
-                "HEAD /healthz HTTP/1.1\r\n\r\n".into(),
+                "HEAD /events?channel=a HTTP/1.1\r\n\r\n".into(),
                 Reject::MethodNotAllowed,
                 405,
             ),
@@ -1286,7 +1415,7 @@ mod tests {
         ];
         for (name, limits, head, want, status) in cases {
             assert_eq!(
-                parse_request(head.as_bytes(), &limits),
+                parse_request(with_host(&head).as_bytes(), &limits),
                 Err(want.clone()),
                 "{name}"
             );
@@ -1300,7 +1429,7 @@ mod tests {
             headers_max: 2,
             ..HeadLimits::default()
         };
-        let head = "GET /healthz HTTP/1.1\r\nA: 1\r\nB: 2\r\n\r\n";
+        let head = "GET /healthz HTTP/1.1\r\nA: 1\r\nHost: h\r\n\r\n";
         assert!(matches!(
             parse_request(head.as_bytes(), &limits),
             Ok(Parsed::Complete { .. })
@@ -1338,7 +1467,7 @@ mod tests {
             Ok(Parsed::Partial)
         );
         assert!(matches!(
-            parse_request(b"GET /healthz?a=b HTTP/1.1\r\n\r\n", &limits),
+            parse_request(b"GET /healthz?a=b HTTP/1.1\r\nHost: h\r\n\r\n", &limits),
             Ok(Parsed::Complete { .. })
         ));
         assert_eq!(
@@ -1496,7 +1625,7 @@ mod tests {
 
     #[test]
     fn echo_endpoint_exists_only_where_configured() {
-        let head = "GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+        let head = "GET / HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
                     Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
         assert_eq!(
             parse_request(head.as_bytes(), &HeadLimits::default()),
@@ -1508,7 +1637,7 @@ mod tests {
         };
         match parse_request(head.as_bytes(), &limits) {
             Ok(Parsed::Complete {
-                request: Request::Echo { accept },
+                request: Request::Echo { accept, .. },
                 ..
             }) => {
                 assert_eq!(accept, "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")
@@ -1520,5 +1649,120 @@ mod tests {
             parse_request(bad.as_bytes(), &limits),
             Err(Reject::UnsupportedWebSocketVersion)
         );
+    }
+
+    #[test]
+    fn host_is_required_once_in_http_1_1_and_must_be_a_host() {
+        let health = |version: &str, hosts: &str| {
+            let head = format!("GET /healthz {version}\r\n{hosts}\r\n");
+            parse_request(head.as_bytes(), &HeadLimits::default()).map(|p| match p {
+                Parsed::Complete { request, .. } => request,
+                Parsed::Partial => panic!("partial: {head:?}"),
+            })
+        };
+        let ok = |keep_alive| {
+            Ok(Request::Health {
+                keep_alive,
+                head: false,
+            })
+        };
+        let cases = [
+            ("HTTP/1.1", "Host: example.com\r\n", ok(true)),
+            ("HTTP/1.1", "host: example.com:8080\r\n", ok(true)),
+            ("HTTP/1.1", "Host: 127.0.0.1:80\r\n", ok(true)),
+            ("HTTP/1.1", "Host: [::1]:8080\r\n", ok(true)),
+            // RFC 9112 §3.2: empty when the target has no authority.
+            ("HTTP/1.1", "Host:\r\n", ok(true)),
+            ("HTTP/1.0", "", ok(false)),
+            ("HTTP/1.1", "", Err(Reject::BadHost)),
+            ("HTTP/1.1", "Host: a\r\nHost: a\r\n", Err(Reject::BadHost)),
+            ("HTTP/1.0", "Host: a\r\nHost: b\r\n", Err(Reject::BadHost)),
+            ("HTTP/1.1", "Host: a b\r\n", Err(Reject::BadHost)),
+            ("HTTP/1.1", "Host: user@a\r\n", Err(Reject::BadHost)),
+            ("HTTP/1.1", "Host: a/b\r\n", Err(Reject::BadHost)),
+        ];
+        for (version, hosts, want) in cases {
+            assert_eq!(health(version, hosts), want, "{version} {hosts:?}");
+        }
+        assert_eq!(Reject::BadHost.status(), 400);
+        // Before the path: a request without Host is 400 wherever it goes.
+        assert_eq!(
+            parse_request(b"GET /nowhere HTTP/1.1\r\n\r\n", &HeadLimits::default()),
+            Err(Reject::BadHost)
+        );
+    }
+
+    #[test]
+    fn an_absolute_form_target_is_taken_by_its_path() {
+        assert_eq!(
+            request("GET http://127.0.0.1:8080/healthz HTTP/1.1\r\n\r\n"),
+            Ok(Request::Health {
+                keep_alive: true,
+                head: false
+            })
+        );
+        assert_eq!(
+            request("GET HTTPS://gw.example.com/events?channel=a&since=5 HTTP/1.1\r\n\r\n"),
+            Ok(Request::LongPoll {
+                channels: channels(&["a"]),
+                since: Some(5),
+                keep_alive: true,
+                token: None,
+            })
+        );
+        let ws = ws_head("http://gw.example.com/ws?channel=news", "");
+        assert!(matches!(request(&ws), Ok(Request::WebSocket { .. })));
+        // Nothing after the authority is `/`, none of ours.
+        for target in ["http://gw.example.com", "http://gw.example.com?channel=a"] {
+            assert_eq!(
+                request(&format!("GET {target} HTTP/1.1\r\n\r\n")),
+                Err(Reject::NotFound),
+                "{target}"
+            );
+        }
+        // An http URI without a host, or with userinfo, is not one.
+        for target in ["http:///healthz", "http://u@h/healthz"] {
+            assert_eq!(
+                request(&format!("GET {target} HTTP/1.1\r\n\r\n")),
+                Err(Reject::BadHost),
+                "{target}"
+            );
+        }
+        // Another scheme is no absolute form we serve.
+        assert_eq!(
+            request("GET ftp://h/healthz HTTP/1.1\r\n\r\n"),
+            Err(Reject::NotFound)
+        );
+    }
+
+    #[test]
+    fn head_on_the_health_checks_is_answered_without_a_body() {
+        assert_eq!(
+            request("HEAD /healthz HTTP/1.1\r\n\r\n"),
+            Ok(Request::Health {
+                keep_alive: true,
+                head: true
+            })
+        );
+        assert_eq!(
+            request("HEAD /readyz HTTP/1.1\r\nConnection: close\r\n\r\n"),
+            Ok(Request::Ready {
+                keep_alive: false,
+                head: true
+            })
+        );
+        for path in ["/ws?channel=a", "/events?channel=a"] {
+            assert_eq!(
+                request(&format!("HEAD {path} HTTP/1.1\r\n\r\n")),
+                Err(Reject::MethodNotAllowed),
+                "{path}"
+            );
+        }
+        let full = health_response(&[3, 4], true);
+        let head = without_body(full.clone());
+        assert!(full.starts_with(&head) && full.len() > head.len());
+        assert!(head.ends_with(b"\r\n\r\n"));
+        let text = String::from_utf8(head).unwrap();
+        assert!(text.contains("Content-Length: 45\r\n"), "{text}");
     }
 }

@@ -33,10 +33,10 @@
 //!   - `channels` (required): an array of channel patterns (below). An empty
 //!     array is a valid token that allows no channel.
 //!   - `sub` (optional): a string, handed on in the [`Grant`] for logs.
-//!   - `aud`: a string or an array of strings. When the set has an audience
-//!     ([`KeySet::set_audience`]) the token must name it; when it has none, a
-//!     token that names any audience is refused (RFC 7519 §4.1.3: a recipient
-//!     that is not in `aud` must reject it).
+//!   - `aud`: a string or an array of strings. When the set has audiences
+//!     ([`KeySet::set_audiences`]) the token must name one of them; when it
+//!     has none, a token that names any audience is refused (RFC 7519
+//!     §4.1.3: a recipient that is not in `aud` must reject it).
 //!   - Anything else (`iat`, `iss`, `jti`…) is ignored.
 //!
 //! Where a name appears twice in one JSON object the last one counts (RFC 7515
@@ -210,12 +210,12 @@ struct Key {
 }
 
 /// The keys tokens may be signed with, by `kid`, each with its algorithm, and
-/// the audience this gateway answers to. Immutable once built in practice:
+/// the audiences this gateway answers to. Immutable once built in practice:
 /// rotation builds a new set and swaps it in.
 #[derive(Clone, Default)]
 pub struct KeySet {
     keys: HashMap<String, Key>,
-    audience: Option<String>,
+    audiences: Vec<String>,
 }
 
 impl KeySet {
@@ -303,10 +303,12 @@ impl KeySet {
         Ok(())
     }
 
-    /// The audience this gateway answers to: from now on a token must name it
-    /// in `aud`. Without one, tokens that carry `aud` at all are refused.
-    pub fn set_audience(&mut self, audience: &str) {
-        self.audience = Some(audience.into());
+    /// The audiences this gateway answers to (several where identity
+    /// providers name it differently, or during a rename): from now on a
+    /// token must name one of them in `aud`. With none, tokens that carry
+    /// `aud` at all are refused.
+    pub fn set_audiences(&mut self, audiences: &[String]) {
+        self.audiences = audiences.to_vec();
     }
 
     /// How many keys the set holds.
@@ -336,7 +338,7 @@ impl fmt::Debug for KeySet {
         keys.sort_unstable();
         f.debug_struct("KeySet")
             .field("keys", &keys)
-            .field("audience", &self.audience)
+            .field("audiences", &self.audiences)
             .finish()
     }
 }
@@ -636,7 +638,7 @@ pub fn verify(
             .ok_or(TokenError::BadClaims)?,
         Some(_) => return Err(TokenError::BadClaims),
     };
-    check_audience(claims.get("aud"), keys.audience.as_deref())?;
+    check_audience(claims.get("aud"), &keys.audiences)?;
 
     if now_unix_s > expires_at_s.saturating_add(leeway_s) {
         return Err(TokenError::Expired);
@@ -725,26 +727,28 @@ fn numeric_date(value: &Value, rounding: Rounding) -> Option<u64> {
 }
 
 /// RFC 7519 §4.1.3: `aud` is a string or an array of strings; the recipient
-/// must find itself in it, and a recipient that has no audience finds itself
-/// in none.
-fn check_audience(aud: Option<&Value>, ours: Option<&str>) -> Result<(), TokenError> {
+/// must find itself in it (under any of its names), and a recipient that
+/// has no audience finds itself in none. A recipient with audiences needs
+/// a token that names one of them.
+fn check_audience(aud: Option<&Value>, ours: &[String]) -> Result<(), TokenError> {
+    let is_ours = |name: &str| ours.iter().any(|o| o == name);
     let named = match aud {
         None => None,
-        Some(Value::String(one)) => Some(Some(one.as_str()) == ours),
+        Some(Value::String(one)) => Some(is_ours(one)),
         Some(Value::Array(many)) => {
             let mut found = false;
             for entry in many {
                 let Value::String(entry) = entry else {
                     return Err(TokenError::BadClaims);
                 };
-                found |= Some(entry.as_str()) == ours;
+                found |= is_ours(entry);
             }
             Some(found)
         }
         Some(_) => return Err(TokenError::BadClaims),
     };
-    match (named, ours) {
-        (None, None) | (Some(true), Some(_)) => Ok(()),
+    match (named, ours.is_empty()) {
+        (None, true) | (Some(true), false) => Ok(()),
         _ => Err(TokenError::AudienceMismatch),
     }
 }
@@ -1275,11 +1279,13 @@ MBlcRTSWLU6Qtexw+8DN/pfCxwhX+V3u
     #[test]
     fn audience() {
         let mut keys = keys();
-        keys.set_audience("gateway");
+        keys.set_audiences(&["gateway".into(), "https://rt.example.com".into()]);
         let token = |aud: Value| hs(&json!({"exp": NOW + 60, "aud": aud, "channels": ["news"]}));
         let cases = [
             (token(json!("gateway")), Ok(())),
+            (token(json!("https://rt.example.com")), Ok(())),
             (token(json!(["api", "gateway"])), Ok(())),
+            (token(json!(["api", "https://rt.example.com"])), Ok(())),
             (token(json!("api")), Err(TokenError::AudienceMismatch)),
             (token(json!([])), Err(TokenError::AudienceMismatch)),
             (token(json!("Gateway")), Err(TokenError::AudienceMismatch)),

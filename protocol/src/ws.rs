@@ -71,15 +71,50 @@ pub fn accept_key(key: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(sha1.finalize())
 }
 
-/// The `101 Switching Protocols` response head for an accept value.
-pub fn switching_protocols_response(accept: &str) -> Vec<u8> {
+/// The `101 Switching Protocols` response head for an accept value and the
+/// chosen subprotocol, if any.
+pub fn switching_protocols_response(accept: &str, protocol: Option<&str>) -> Vec<u8> {
+    let protocol = match protocol {
+        Some(p) => format!("Sec-WebSocket-Protocol: {p}\r\n"),
+        None => String::new(),
+    };
     format!(
         "HTTP/1.1 101 Switching Protocols\r\n\
          Upgrade: websocket\r\n\
          Connection: Upgrade\r\n\
-         Sec-WebSocket-Accept: {accept}\r\n\r\n"
+         Sec-WebSocket-Accept: {accept}\r\n\
+         {protocol}\r\n"
     )
     .into_bytes()
+}
+
+/// RFC 6455 §4.2.2: the subprotocol a server answers with, from the
+/// client's `Sec-WebSocket-Protocol` values (each a comma-separated list,
+/// in the client's order of preference): the first offered that `ours`
+/// holds, compared exactly (names are case-sensitive). `None` when none
+/// matches or none was offered: the response then carries no
+/// `Sec-WebSocket-Protocol`, and a client that insists on one closes.
+pub fn choose_subprotocol<'v>(
+    offered: impl Iterator<Item = &'v [u8]>,
+    ours: &'static [String],
+) -> Option<&'static str> {
+    if ours.is_empty() {
+        return None;
+    }
+    offered
+        .flat_map(|value| value.split(|&b| b == b','))
+        .map(|name| name.trim_ascii())
+        .find_map(|name| ours.iter().find(|o| o.as_bytes() == name))
+        .map(String::as_str)
+}
+
+/// Whether `name` can be a subprotocol: an RFC 9110 token (what the header
+/// can carry).
+pub fn valid_subprotocol(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
 /// A frame header as received.
@@ -763,6 +798,26 @@ pub fn encode_fragment(first: bool, opcode: OpCode, fin: bool, payload: &[u8], o
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_first_offered_subprotocol_we_speak_is_chosen() {
+        let ours: &'static [String] = Vec::leak(vec!["gateway.v1".into(), "chat".into()]);
+        let choose =
+            |values: &[&'static str]| choose_subprotocol(values.iter().map(|v| v.as_bytes()), ours);
+        // The client's order decides, across lists and repeated headers.
+        assert_eq!(choose(&["chat, gateway.v1"]), Some("chat"));
+        assert_eq!(choose(&["superchat,  gateway.v1 "]), Some("gateway.v1"));
+        assert_eq!(choose(&["superchat", "chat"]), Some("chat"));
+        // Exact names only; nothing offered or nothing in common: none.
+        assert_eq!(choose(&["Chat", "gateway"]), None);
+        assert_eq!(choose(&[]), None);
+        assert_eq!(choose(&[",,"]), None);
+        assert_eq!(choose_subprotocol([&b"chat"[..]].into_iter(), &[]), None);
+        let head = String::from_utf8(switching_protocols_response("x", Some("chat"))).unwrap();
+        assert!(head.ends_with("Sec-WebSocket-Accept: x\r\nSec-WebSocket-Protocol: chat\r\n\r\n"));
+        assert!(valid_subprotocol("gateway.v1") && valid_subprotocol("mqtt"));
+        assert!(!valid_subprotocol("") && !valid_subprotocol("a b") && !valid_subprotocol("a,b"));
+    }
     use crate::limits::WS_MESSAGE_BYTES_MAX;
 
     /// RFC 6455 §5.7: the masking key of the masked examples.
@@ -880,7 +935,7 @@ mod tests {
             "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
         );
         assert_eq!(
-            switching_protocols_response("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="),
+            switching_protocols_response("s3pPLMBiTxaQ9kYGzzhZRbK+xOo=", None),
             b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
               Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n"
         );

@@ -78,6 +78,16 @@ impl Gateway {
 
     /// Like `start`, with extra environment variables for the gateway.
     pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Gateway {
+        Self::start_full(args, env, None)
+    }
+
+    /// Like `start`, with the gateway's stderr going to `stderr` (a pipe
+    /// the test controls) instead of the log file.
+    pub fn start_with_stderr(args: &[&str], stderr: Stdio) -> Gateway {
+        Self::start_full(args, &[], Some(stderr))
+    }
+
+    fn start_full(args: &[&str], env: &[(&str, &str)], stderr: Option<Stdio>) -> Gateway {
         let mut argv: Vec<String> = args.iter().map(|s| s.to_string()).collect();
         if !args.contains(&"--listen") {
             argv.push("--listen".into());
@@ -94,7 +104,7 @@ impl Gateway {
             argv.push(String::new());
         }
 
-        let (mut gw_for_cleanup, ready) = spawn_until_ready(&argv, env);
+        let (mut gw_for_cleanup, ready) = spawn_until_ready(&argv, env, stderr);
         let log_path = gw_for_cleanup.log_path.clone();
 
         let mut listen = None;
@@ -240,6 +250,13 @@ impl Gateway {
 // Which process holds a connection (several gateways on one port)
 // ---------------------------------------------------------------------------
 
+/// A free loopback port (bound, read, let go), for a listener the gateway
+/// must be told the address of (the admin listener).
+pub fn free_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
 /// The pid, among `pids`, of the process that holds the server side of the
 /// client connection `stream` (found through /proc/net/tcp and the
 /// processes' descriptors). For gateways sharing a port with SO_REUSEPORT,
@@ -329,7 +346,11 @@ impl Drop for Gateway {
 /// Spawns the gateway binary with `argv` (stderr to a log file) and waits
 /// for the `READY …` line it prints first on stdout; the rest of its stdout
 /// is drained. Panics (with the log) if it does not come.
-fn spawn_until_ready(argv: &[String], env: &[(&str, &str)]) -> (PartialGateway, String) {
+fn spawn_until_ready(
+    argv: &[String],
+    env: &[(&str, &str)],
+    stderr: Option<Stdio>,
+) -> (PartialGateway, String) {
     let log_dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("gateway-logs");
     std::fs::create_dir_all(&log_dir).expect("create log dir");
     let test_name: String = thread::current()
@@ -351,7 +372,7 @@ fn spawn_until_ready(argv: &[String], env: &[(&str, &str)]) -> (PartialGateway, 
         .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::from(log))
+        .stderr(stderr.unwrap_or_else(|| Stdio::from(log)))
         .spawn()
         .expect("spawn gateway binary");
 
@@ -467,7 +488,7 @@ impl Forwarder {
         .iter()
         .map(|s| s.to_string())
         .collect();
-        let (mut partial, ready) = spawn_until_ready(&argv, &[]);
+        let (mut partial, ready) = spawn_until_ready(&argv, &[], None);
         let field = |name: &str| {
             ready
                 .split_whitespace()
