@@ -18,6 +18,7 @@ use crossbeam_channel::Receiver;
 use indexmap::IndexSet;
 use protocol::envelope;
 use protocol::origin::PATTERN_SLOT;
+use protocol::ws;
 use rand::Rng;
 use slab::Slab;
 use tracing::{debug, info, warn};
@@ -106,10 +107,14 @@ pub const WS_CLOSE_TOKEN_EXPIRED: &[u8] = &[
 pub const SSE_RETRY_MS_MIN: u32 = 1_000;
 pub const SSE_RETRY_MS_MAX: u32 = 5_000;
 
-/// Per-connection state the core keeps in its slab. Fan-out touches only
-/// this; the connection's task holds the rest (its socket, its decoder).
+/// Per-connection state the core keeps in its slab: for an open stream, all
+/// of it. Fan-out writes to it; the core's event loop (see `events`) reads
+/// it; a task exists only while it reads a request or holds a long-poll.
+/// It owns the socket (closed when the entry is removed).
 pub struct Conn {
     pub fd: RawFd,
+    /// Its own slab key (for the attention list, see `events`).
+    key: u32,
     pub transport: Transport,
     /// Set when the socket failed, the client is too slow, or a deadline
     /// passed: the task closes the connection at its next poll.
@@ -145,7 +150,23 @@ pub struct Conn {
     /// Frames waiting for the socket. Shared `Bytes`, never copies. Empty
     /// (and unallocated) for an idle connection.
     pub queue: VecDeque<Bytes>,
+    /// The task serving it, while one does.
     pub waker: Option<Waker>,
+    /// An open WebSocket's session (frame decoder, UTF-8 and close state);
+    /// boxed, as SSE streams and requests have none.
+    pub session: Option<Box<ws::ServerSession>>,
+    /// The conformance echo endpoint's state, for a WebSocket that echoes.
+    pub echo: Option<crate::events::Echo>,
+    /// Input may be waiting: set by an epoll event, cleared by a read that
+    /// finds none.
+    pub readable: bool,
+    /// No task serves it: the core's event loop does (an open stream, or
+    /// a connection lingering before its close).
+    pub parked: bool,
+    /// On the core's attention list (see `events`).
+    pub attention: bool,
+    /// Closing: its write side is shut down, it waits for the peer's end.
+    pub shut_wr: bool,
     /// Registry ids of the channels it is subscribed to.
     pub channels: Box<[u32]>,
     /// The client's address: the TCP peer, or what its proxy's PROXY
@@ -163,15 +184,44 @@ pub struct Conn {
     pub cors: u8,
 }
 
-/// The per-connection byte budget of the core's slab entry. Raising it costs
-/// memory on every connection of the host; say why in the commit.
-const CONN_BYTES_MAX: usize = 128;
-const _: () = assert!(std::mem::size_of::<Conn>() <= CONN_BYTES_MAX);
+/// The userspace bytes one idle WebSocket or SSE connection may cost, all
+/// its parts together: its slab entry, its WebSocket session, its channel
+/// list and its entry in a channel's subscriber set. `bench idle` measures
+/// the process's RSS per connection against it (see the README).
+pub const IDLE_CONNECTION_BYTES_MAX: usize = 384;
+/// The slab entry (a `Conn` and the slab's tag). Raising it costs memory
+/// on every connection of the host; say why in the commit.
+const CONN_BYTES_MAX: usize = 160;
+const _: () = assert!(std::mem::size_of::<Conn>() + 8 <= CONN_BYTES_MAX);
+/// A heap block of `n` bytes as glibc's malloc lays it out: an 8-byte
+/// header, 16-byte steps, 32 bytes at least.
+const fn heap_block_bytes(n: usize) -> usize {
+    let with_header = (n + 8).div_ceil(16) * 16;
+    if with_header < 32 {
+        32
+    } else {
+        with_header
+    }
+}
+/// One subscription: its place in the channel's `IndexSet` (hash and key,
+/// 16 bytes, and a 9-byte slot of the index table), both grown by doubling
+/// (so up to twice that).
+const SUBSCRIPTION_BYTES_MAX: usize = 2 * (16 + 9);
+/// An idle WebSocket subscribed to one channel; an SSE stream is the same
+/// without the session.
+const _: () = assert!(
+    CONN_BYTES_MAX
+        + heap_block_bytes(std::mem::size_of::<ws::ServerSession>())
+        + heap_block_bytes(std::mem::size_of::<u32>())
+        + SUBSCRIPTION_BYTES_MAX
+        <= IDLE_CONNECTION_BYTES_MAX
+);
 
 impl Conn {
-    fn new(fd: RawFd, client: SocketAddr) -> Conn {
+    fn new(fd: RawFd, key: u32, client: SocketAddr) -> Conn {
         Conn {
             fd,
+            key,
             transport: Transport::Http,
             dead: false,
             blocked: false,
@@ -187,6 +237,12 @@ impl Conn {
             skip_through: 0,
             queue: VecDeque::new(),
             waker: None,
+            session: None,
+            echo: None,
+            readable: false,
+            parked: false,
+            attention: false,
+            shut_wr: false,
             channels: Box::new([]),
             client_ip: client.ip(),
             client_port: client.port(),
@@ -201,8 +257,15 @@ impl Conn {
         SocketAddr::new(self.client_ip, self.client_port)
     }
 
+    /// Hands the connection to whoever serves it: its task, or, parked,
+    /// the core's event loop (through the attention list).
     pub fn wake(&mut self) {
-        if let Some(w) = self.waker.take() {
+        if self.parked {
+            if !self.attention {
+                self.attention = true;
+                crate::events::attend(self.key);
+            }
+        } else if let Some(w) = self.waker.take() {
             w.wake();
         }
     }
@@ -226,6 +289,8 @@ impl Conn {
         };
         if let Some(bytes) = farewell {
             self.transport = Transport::Closing;
+            // The linger's deadline starts when the event loop sees it.
+            self.deadline_s = 0;
             self.push(bytes, bytes_max);
             if !self.blocked {
                 self.flush();
@@ -247,6 +312,7 @@ impl Conn {
             }
         }
         self.transport = Transport::Closing;
+        self.deadline_s = 0;
         self.drain = Drain::Asked;
         self.wake();
     }
@@ -684,6 +750,8 @@ pub struct Core {
     /// never with a cursor of this gateway's own sequence, which another
     /// gateway could not place on a channel numbered by its publisher.
     pub poll_gaps: RefCell<HashMap<u32, Vec<Box<str>>>>,
+    /// Every connection's readiness (see `events`).
+    pub epoll: crate::events::Epoll,
 }
 
 /// Size of the per-core receive buffer.
@@ -711,8 +779,8 @@ impl Core {
         conn_counts: Arc<[AtomicU64]>,
         admission: Admission,
         interest: Option<InterestTx>,
-    ) -> Core {
-        Core {
+    ) -> std::io::Result<Core> {
+        Ok(Core {
             index,
             cfg,
             conns: RefCell::new(Slab::new()),
@@ -737,7 +805,8 @@ impl Core {
                 .collect(),
             cors_by_conn: RefCell::new(HashMap::new()),
             poll_gaps: RefCell::new(HashMap::new()),
-        }
+            epoll: crate::events::Epoll::new()?,
+        })
     }
 
     /// The CORS header lines a response to connection `key`, whose origin
@@ -806,11 +875,19 @@ impl Core {
     /// the per-address table yet).
     pub fn register(&self, fd: RawFd, client: SocketAddr) -> u32 {
         self.conn_counts[self.index].fetch_add(1, Ordering::Relaxed);
-        self.conns.borrow_mut().insert(Conn::new(fd, client)) as u32
+        let mut conns = self.conns.borrow_mut();
+        let entry = conns.vacant_entry();
+        let key = entry.key() as u32;
+        entry.insert(Conn::new(fd, key, client));
+        key
     }
 
+    /// Removes a connection and closes its socket (which also takes it out
+    /// of the epoll set).
     pub fn deregister(&self, key: u32) {
         let conn = self.conns.borrow_mut().remove(key as usize);
+        // SAFETY: the entry owned the descriptor; it is closed once, here.
+        unsafe { libc::close(conn.fd) };
         if conn.cors == PATTERN_SLOT {
             self.cors_by_conn.borrow_mut().remove(&key);
         }
@@ -1021,7 +1098,14 @@ impl Core {
             let beat = match conn.transport {
                 Transport::WebSocket => WS_PING,
                 Transport::Sse => SSE_HEARTBEAT,
-                Transport::Closing => continue,
+                Transport::Closing => {
+                    // Lingering past its deadline: closed now.
+                    if conn.parked && conn.deadline_s != 0 && conn.deadline_s <= now {
+                        conn.dead = true;
+                        conn.wake();
+                    }
+                    continue;
+                }
                 Transport::Http | Transport::LongPoll => {
                     if conn.deadline_s == 0 || conn.deadline_s > now {
                         continue;
@@ -1516,7 +1600,7 @@ mod tests {
         let counts: Arc<[AtomicU64]> = vec![AtomicU64::new(0)].into();
         let admission = Admission::new(cfg, 1, None, 0);
         let published = Arc::new(AtomicU64::new(published_through));
-        Core::new(0, cfg, 1, published, counts, admission, None)
+        Core::new(0, cfg, 1, published, counts, admission, None).expect("an epoll set")
     }
 
     fn ids_of(r: &Resume) -> Vec<u64> {
@@ -1563,7 +1647,7 @@ mod tests {
     fn flush_writes_queued_frames_in_order_and_stops_at_a_full_socket() {
         use std::io::Read;
         let (a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
-        let mut conn = Conn::new(a.as_raw_fd(), ([127, 0, 0, 1], 1).into());
+        let mut conn = Conn::new(a.as_raw_fd(), 0, ([127, 0, 0, 1], 1).into());
         conn.push(Bytes::from_static(b"one "), 1 << 30);
         conn.push(Bytes::from_static(b"two"), 1 << 30);
         conn.flush();
@@ -1589,7 +1673,7 @@ mod tests {
     #[test]
     fn a_queue_over_its_budget_marks_the_connection_dead_and_frees_it() {
         let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
-        let mut conn = Conn::new(a.as_raw_fd(), ([127, 0, 0, 1], 1).into());
+        let mut conn = Conn::new(a.as_raw_fd(), 0, ([127, 0, 0, 1], 1).into());
         conn.transport = Transport::Sse;
         let max = 3 << 20;
         let big = Bytes::from(vec![7u8; 1 << 20]);
@@ -1620,7 +1704,7 @@ mod tests {
     fn a_batch_over_the_budget_is_written_before_the_client_is_called_slow() {
         use std::io::Read;
         let (a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
-        let mut conn = Conn::new(a.as_raw_fd(), ([127, 0, 0, 1], 1).into());
+        let mut conn = Conn::new(a.as_raw_fd(), 0, ([127, 0, 0, 1], 1).into());
         conn.transport = Transport::WebSocket;
         // Ten frames of 100 bytes against a budget of 250: the dispatcher
         // has not flushed yet, but the socket has room for all of them.
@@ -1638,7 +1722,7 @@ mod tests {
         use std::io::Read;
         for started in [3, 0] {
             let (a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
-            let mut conn = Conn::new(a.as_raw_fd(), ([127, 0, 0, 1], 1).into());
+            let mut conn = Conn::new(a.as_raw_fd(), 0, ([127, 0, 0, 1], 1).into());
             conn.transport = Transport::WebSocket;
             conn.push(Bytes::from_static(b"first frame"), 64);
             conn.push(Bytes::from_static(b"second"), 64);

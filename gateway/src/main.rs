@@ -10,6 +10,7 @@ mod config;
 mod conn;
 mod core;
 mod drain;
+mod events;
 mod forwarder;
 mod ingest;
 mod logs;
@@ -163,9 +164,15 @@ fn run(cfg: &'static Config) -> Result<(), String> {
                 };
                 rt.block_on(async move {
                     let admission = Admission::new(cfg, cores, per_ip, 0);
-                    let core = Rc::new(Core::new(
+                    let core = match Core::new(
                         index, cfg, first_id, published, counts, admission, interest,
-                    ));
+                    ) {
+                        Ok(core) => Rc::new(core),
+                        Err(e) => {
+                            let _ = ready.send(Err(format!("core {index}: epoll: {e}")));
+                            return;
+                        }
+                    };
                     // monoio's listener must be made inside the runtime.
                     let listener = match monoio::net::TcpListener::from_std(listener) {
                         Ok(l) => l,
@@ -174,6 +181,7 @@ fn run(cfg: &'static Config) -> Result<(), String> {
                             return;
                         }
                     };
+                    monoio::spawn(events::event_loop(core.clone()));
                     monoio::spawn(core::doorbell_loop(core.clone(), rx, rung, doorbell));
                     monoio::spawn(core::sweep_loop(core.clone(), alive));
                     let _ = ready.send(Ok(()));
@@ -242,13 +250,26 @@ fn run(cfg: &'static Config) -> Result<(), String> {
 /// `shutdown(SHUT_RD)` on the listener, which completes the pending accept
 /// with an error.
 async fn accept_loop(core: Rc<Core>, listener: monoio::net::TcpListener) {
-    use std::os::fd::AsRawFd;
+    use std::os::fd::{AsRawFd, IntoRawFd};
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
                 match core.admit(stream.as_raw_fd(), peer) {
                     Ok(key) => {
-                        monoio::spawn(conn::serve(core.clone(), stream, key));
+                        // The slab entry owns the socket from here; nothing
+                        // of monoio's is kept per connection. A fresh
+                        // stream has no operation in flight, so it gives
+                        // its descriptor up.
+                        let fd = stream.into_raw_fd();
+                        if let Err(e) = core.epoll.add(fd, key) {
+                            // Out of epoll watches (fs.epoll.max_user_watches)
+                            // or memory: closed unanswered, like a full
+                            // listen queue would.
+                            warn!(core = core.index, error = %e, "epoll refused a connection; closing it");
+                            core.deregister(key);
+                            continue;
+                        }
+                        monoio::spawn(conn::serve(core.clone(), key));
                     }
                     Err(refusal) => {
                         core.stats.handshake(refusal.reason());

@@ -1,0 +1,439 @@
+//! The core's one readiness source, and the streams it serves without a
+//! task.
+//!
+//! Every connection of a core is registered, once, at accept, in the core's
+//! epoll set (edge-triggered, `EPOLLIN | EPOLLOUT | EPOLLRDHUP`, its slab
+//! key as the token). monoio awaits that one descriptor (an io_uring poll on
+//! the epoll fd), and [`event_loop`] takes the events in batches:
+//!
+//! - a connection served by a task (reading its request head, holding a
+//!   long-poll) gets `readable` set in its slab entry and its task woken;
+//! - a *parked* connection — an open WebSocket or SSE stream, or one
+//!   lingering after its last bytes — has no task at all: it is data in the
+//!   slab, and the loop reads it (WebSocket frames through the sans-IO
+//!   session kept in the entry; SSE input discarded), writes what the
+//!   socket refused earlier, and closes it.
+//!
+//! Why: an idle connection held as a suspended task cost ~400 bytes (the
+//! future, the runtime's socket handle and its pending poll). Measured
+//! alternatives are in the README ("How it works").
+//!
+//! Edge-triggered: an edge is never lost because the registration is made
+//! before anything is read, and `readable` is cleared only by a read that
+//! finds nothing (`EAGAIN`), so whoever serves the connection reads until
+//! then, or keeps it on the attention list. `EPOLLOUT` edges come only
+//! after a write was refused (the kernel sets `SOCK_NOSPACE`), so idle
+//! connections cost no wake-ups.
+//!
+//! The attention list is how the rest of the core (fan-out, the sweep, the
+//! drain) hands a parked connection to the loop: it died, was asked to
+//! go, or has input left over from a bounded read. It is per thread (one
+//! core per thread), so [`crate::core::Conn::wake`] reaches it without a
+//! reference to the core.
+
+use std::cell::RefCell;
+use std::future::{poll_fn, Future};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::rc::Rc;
+use std::task::{Poll, Waker};
+
+use bytes::Bytes;
+use protocol::ws::{self, Closing, MessagePart, OpCode};
+use tracing::{debug, info, warn};
+
+use crate::core::{yield_now, Core, Transport};
+
+/// Events taken per `epoll_wait`; a fuller batch is taken again after the
+/// other tasks of the core have had a turn.
+const EVENTS_PER_WAIT: usize = 512;
+/// Reads handled per turn of one parked WebSocket (bounded, so one busy
+/// client cannot hold the core); the rest waits on the attention list.
+const WS_READS_PER_TURN: usize = 16;
+/// How long a closing connection waits for its last bytes to leave and the
+/// peer to close its side, before it is closed regardless (whole seconds:
+/// the sweep's clock; closed one to two seconds after this).
+pub const LINGER_S: u32 = 2;
+
+struct Attention {
+    keys: Vec<u32>,
+    waker: Option<Waker>,
+}
+
+thread_local! {
+    static ATTENTION: RefCell<Attention> = const {
+        RefCell::new(Attention { keys: Vec::new(), waker: None })
+    };
+}
+
+/// Puts a parked connection on this core's attention list (its entry's
+/// `attention` flag keeps it there once) and wakes the loop.
+pub fn attend(key: u32) {
+    ATTENTION.with(|a| {
+        let mut a = a.borrow_mut();
+        a.keys.push(key);
+        if let Some(w) = a.waker.take() {
+            w.wake();
+        }
+    });
+}
+
+/// An epoll set, edge-triggered, keyed by slab key.
+pub struct Epoll(OwnedFd);
+
+impl Epoll {
+    pub fn new() -> io::Result<Epoll> {
+        // SAFETY: epoll_create1 returns a new descriptor or -1.
+        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a fresh descriptor nothing else owns.
+        Ok(Epoll(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    /// Watches `fd` for input, room to write and the peer's half-close,
+    /// reporting `key`.
+    pub fn add(&self, fd: RawFd, key: u32) -> io::Result<()> {
+        let mut ev = libc::epoll_event {
+            events: (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET) as u32,
+            u64: u64::from(key),
+        };
+        // SAFETY: `ev` is a valid event for the duration of the call; the
+        // kernel copies it.
+        if unsafe { libc::epoll_ctl(self.0.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Takes up to `out.len()` ready events without waiting.
+    fn take(&self, out: &mut [libc::epoll_event]) -> usize {
+        // SAFETY: the kernel writes at most `out.len()` events into `out`.
+        let n =
+            unsafe { libc::epoll_wait(self.0.as_raw_fd(), out.as_mut_ptr(), out.len() as i32, 0) };
+        n.max(0) as usize
+    }
+
+    /// A monoio handle on a duplicate of the epoll descriptor, whose
+    /// `readable()` (one io_uring poll) completes when events are ready.
+    /// monoio has no type for a bare descriptor; its `TcpStream` only ever
+    /// polls and closes this one.
+    fn handle(&self) -> io::Result<monoio::net::TcpStream> {
+        // SAFETY: dup returns a new descriptor or -1.
+        let dup = unsafe { libc::dup(self.0.as_raw_fd()) };
+        if dup < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `dup` is a fresh descriptor, owned by the stream from here.
+        let std = unsafe { std::net::TcpStream::from_raw_fd(dup) };
+        monoio::net::TcpStream::from_std(std)
+    }
+}
+
+/// Result of one non-blocking read into the core's scratch buffer.
+pub enum Read {
+    Data,
+    Eof,
+    WouldBlock,
+}
+
+/// One non-blocking read of at most `max` bytes of `fd` into the core's
+/// scratch buffer; `f` sees the bytes read.
+pub fn read_into(core: &Core, fd: RawFd, f: impl FnOnce(&mut [u8]), max: usize) -> Read {
+    let mut scratch = core.scratch.borrow_mut();
+    let len = max.min(scratch.len());
+    // SAFETY: reading into the first `len` bytes of a buffer held mutably;
+    // sockets are blocking (accepted under io_uring), hence MSG_DONTWAIT.
+    let n = unsafe {
+        libc::recv(
+            fd,
+            scratch.as_mut_ptr() as *mut libc::c_void,
+            len,
+            libc::MSG_DONTWAIT,
+        )
+    };
+    if n > 0 {
+        f(&mut scratch[..n as usize]);
+        Read::Data
+    } else if n == 0 {
+        Read::Eof
+    } else {
+        match io::Error::last_os_error().kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => Read::WouldBlock,
+            _ => Read::Eof,
+        }
+    }
+}
+
+/// Serves this core's readiness events and parked connections, forever.
+pub async fn event_loop(core: Rc<Core>) {
+    let handle = match core.epoll.handle() {
+        Ok(h) => h,
+        Err(e) => {
+            warn!(core = core.index, error = %e, "epoll handle unusable; this core serves no connection");
+            return;
+        }
+    };
+    let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; EVENTS_PER_WAIT];
+    let mut ready = Box::pin(handle.readable(true));
+    loop {
+        let n = core.epoll.take(&mut events);
+        for ev in &events[..n] {
+            let (flags, key) = (ev.events, ev.u64 as u32);
+            core.on_event(key, flags);
+        }
+        let attended = core.attend_all();
+        if n == events.len() || attended {
+            // More may be waiting: let the core's other tasks run first.
+            yield_now().await;
+            continue;
+        }
+        let fired = poll_fn(|cx| {
+            if ready.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(true);
+            }
+            ATTENTION.with(|a| {
+                let mut a = a.borrow_mut();
+                if a.keys.is_empty() {
+                    a.waker = Some(cx.waker().clone());
+                    Poll::Pending
+                } else {
+                    Poll::Ready(false)
+                }
+            })
+        })
+        .await;
+        if fired {
+            ready = Box::pin(handle.readable(true));
+        }
+    }
+}
+
+impl Core {
+    /// One epoll event for connection `key`.
+    fn on_event(&self, key: u32, flags: u32) {
+        let readable = flags
+            & (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR) as u32
+            != 0;
+        let writable = flags & (libc::EPOLLOUT | libc::EPOLLHUP | libc::EPOLLERR) as u32 != 0;
+        let parked = {
+            let mut conns = self.conns.borrow_mut();
+            // A key reused after its connection closed: an event from the
+            // old socket at worst, and a read that finds nothing.
+            let Some(c) = conns.get_mut(key as usize) else {
+                return;
+            };
+            c.readable |= readable;
+            if writable && c.blocked {
+                c.flush();
+            }
+            if !c.parked {
+                c.wake();
+                return;
+            }
+            true
+        };
+        if parked {
+            self.serve_parked(key);
+        }
+    }
+
+    /// Serves the parked connections on the attention list. Returns
+    /// whether there were any.
+    fn attend_all(&self) -> bool {
+        let keys = ATTENTION.with(|a| std::mem::take(&mut a.borrow_mut().keys));
+        if keys.is_empty() {
+            return false;
+        }
+        for &key in &keys {
+            let mut conns = self.conns.borrow_mut();
+            let Some(c) = conns.get_mut(key as usize) else {
+                continue;
+            };
+            c.attention = false;
+            if !c.parked {
+                continue;
+            }
+            drop(conns);
+            self.serve_parked(key);
+        }
+        // Give the list's buffer back for the next round.
+        ATTENTION.with(|a| {
+            let mut a = a.borrow_mut();
+            if a.keys.is_empty() {
+                let mut keys = keys;
+                keys.clear();
+                a.keys = keys;
+            }
+        });
+        true
+    }
+
+    /// Does what a parked connection needs now: reads what it sent, lets a
+    /// closing one linger, closes a dead one.
+    pub fn serve_parked(&self, key: u32) {
+        let close = {
+            let mut conns = self.conns.borrow_mut();
+            let Some(c) = conns.get_mut(key as usize) else {
+                return;
+            };
+            if !c.dead && c.readable {
+                match c.transport {
+                    Transport::WebSocket => self.read_websocket(c),
+                    Transport::Sse | Transport::Closing => discard_input(self, c),
+                    _ => {}
+                }
+            }
+            if !c.dead && c.transport == Transport::Closing {
+                self.linger(c);
+            }
+            c.dead
+        };
+        if close {
+            self.deregister(key);
+        }
+    }
+
+    /// Reads an open WebSocket's frames through its session, queues the
+    /// replies, and turns it to `Closing` when the session ends.
+    fn read_websocket(&self, c: &mut crate::core::Conn) {
+        let Some(mut session) = c.session.take() else {
+            c.dead = true;
+            return;
+        };
+        let max = self.cfg.outbound_queue_bytes_max;
+        let mut echo = c.echo;
+        for _ in 0..WS_READS_PER_TURN {
+            let mut out = Vec::new();
+            let mut end = None;
+            let read = read_into(
+                self,
+                c.fd,
+                |bytes| {
+                    end = session.input(bytes, &mut out, &mut |part, out| {
+                        if let Some(state) = echo.as_mut() {
+                            echo_part(state, part, out);
+                        }
+                    })
+                },
+                usize::MAX,
+            );
+            if !out.is_empty() {
+                c.push(Bytes::from(out), max);
+                if !c.blocked {
+                    c.flush();
+                }
+            }
+            if let Some(end) = end {
+                log_session_end(c, end);
+                c.transport = Transport::Closing;
+                c.deadline_s = 0;
+                break;
+            }
+            match read {
+                Read::Data => c.last_heard_s = self.now_s(),
+                Read::Eof => {
+                    c.dead = true;
+                    break;
+                }
+                Read::WouldBlock => {
+                    c.readable = false;
+                    break;
+                }
+            }
+            if c.dead {
+                break;
+            }
+        }
+        c.echo = echo;
+        c.session = Some(session);
+        if c.readable && !c.dead && c.transport == Transport::WebSocket {
+            // Input left after this turn's reads: another turn later.
+            c.wake();
+        }
+    }
+
+    /// A closing connection: once its last bytes have left it half-closes
+    /// and waits (until the sweep's deadline) for the peer to close its
+    /// side, reading and dropping what still comes: closing a socket with
+    /// unread input sends a reset that can destroy what the peer has not
+    /// read yet.
+    fn linger(&self, c: &mut crate::core::Conn) {
+        if c.deadline_s == 0 {
+            c.deadline_s = self.now_s() + LINGER_S;
+        }
+        if c.shut_wr || c.blocked || !c.queue.is_empty() {
+            return;
+        }
+        // SAFETY: shutdown on a descriptor this connection owns.
+        unsafe { libc::shutdown(c.fd, libc::SHUT_WR) };
+        c.shut_wr = true;
+        if c.readable {
+            discard_input(self, c);
+        }
+    }
+}
+
+/// Logs why a WebSocket session ended.
+pub fn log_session_end(c: &crate::core::Conn, end: Closing) {
+    match end {
+        Closing::Violation { code, rule } => {
+            info!(peer = %c.client(), code, rule, "websocket closed: client broke a rule");
+        }
+        Closing::PeerClosed { code } => debug!(fd = c.fd, ?code, "websocket closed by client"),
+    }
+}
+
+/// Reads and drops what a client that has nothing to say sent (an SSE
+/// client, a closing one); its end closes the connection.
+fn discard_input(core: &Core, c: &mut crate::core::Conn) {
+    for _ in 0..WS_READS_PER_TURN {
+        match read_into(core, c.fd, |_| {}, usize::MAX) {
+            Read::Data => {}
+            Read::Eof => {
+                c.dead = true;
+                return;
+            }
+            Read::WouldBlock => {
+                c.readable = false;
+                return;
+            }
+        }
+    }
+    c.wake();
+}
+
+/// What the conformance endpoint's echo has sent of the message in
+/// progress.
+#[derive(Debug, Clone, Copy)]
+pub struct Echo {
+    opcode: OpCode,
+    first: bool,
+}
+
+impl Echo {
+    pub fn new() -> Echo {
+        Echo {
+            opcode: OpCode::Binary,
+            first: true,
+        }
+    }
+}
+
+/// Echoes a message part as it arrives, fragment by fragment.
+pub fn echo_part(state: &mut Echo, part: MessagePart<'_>, out: &mut Vec<u8>) {
+    match part {
+        MessagePart::Start(op) => {
+            state.opcode = op;
+            state.first = true;
+        }
+        MessagePart::Chunk(bytes) => {
+            if !bytes.is_empty() {
+                ws::encode_fragment(state.first, state.opcode, false, bytes, out);
+                state.first = false;
+            }
+        }
+        MessagePart::End => ws::encode_fragment(state.first, state.opcode, true, &[], out),
+    }
+}
