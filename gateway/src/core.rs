@@ -117,9 +117,10 @@ pub struct Conn {
     key: u32,
     pub transport: Transport,
     /// Set when the socket failed, the client is too slow, or a deadline
-    /// passed: the task closes the connection at its next poll.
+    /// passed: whoever serves it (its task, or the event loop) closes it.
     pub dead: bool,
-    /// The kernel refused part of the queue; the task waits for POLLOUT.
+    /// The kernel refused part of the queue; the event loop writes the rest
+    /// at the next `EPOLLOUT`.
     pub blocked: bool,
     /// Already on this core's to-flush list for the current batch.
     dirty: bool,
@@ -437,8 +438,8 @@ impl Conn {
             }
             self.advance(sent as usize);
             if (sent as usize) < total {
-                // A short write: the socket buffer is full. The task waits
-                // for POLLOUT and calls flush again.
+                // A short write: the socket buffer is full. The event
+                // loop calls flush again at the next EPOLLOUT.
                 self.blocked = true;
                 self.wake();
                 return;

@@ -437,3 +437,142 @@ pub fn echo_part(state: &mut Echo, part: MessagePart<'_>, out: &mut Vec<u8>) {
         MessagePart::End => ws::encode_fragment(state.first, state.opcode, true, &[], out),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read as _, Write as _};
+    use std::os::fd::IntoRawFd;
+    use std::os::unix::net::UnixStream;
+    use std::sync::atomic::AtomicU64;
+    use std::sync::Arc;
+
+    fn core() -> Core {
+        let cfg: &'static crate::config::Config = Box::leak(Box::default());
+        let counts: Arc<[AtomicU64]> = vec![AtomicU64::new(0)].into();
+        let admission = crate::admission::Admission::new(cfg, 1, None, 0);
+        Core::new(
+            0,
+            cfg,
+            1,
+            Arc::new(AtomicU64::new(1)),
+            counts,
+            admission,
+            None,
+        )
+        .unwrap()
+    }
+
+    /// A connection parked as `transport` on one end of a socket pair; the
+    /// other end is the client.
+    fn parked(core: &Core, transport: Transport) -> (u32, UnixStream) {
+        let (ours, client) = UnixStream::pair().unwrap();
+        client
+            .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        let key = core.register(ours.into_raw_fd(), ([127, 0, 0, 1], 1).into());
+        let mut conns = core.conns.borrow_mut();
+        let c = &mut conns[key as usize];
+        c.transport = transport;
+        c.parked = true;
+        if transport == Transport::WebSocket {
+            c.session = Some(Box::new(ws::ServerSession::new(1024)));
+        }
+        (key, client)
+    }
+
+    fn masked(first: u8, payload: &[u8]) -> Vec<u8> {
+        let mask = [1, 2, 3, 4];
+        let mut f = vec![first, 0x80 | payload.len() as u8];
+        f.extend_from_slice(&mask);
+        f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        f
+    }
+
+    fn readable(core: &Core, key: u32) {
+        core.conns.borrow_mut()[key as usize].readable = true;
+        core.serve_parked(key);
+    }
+
+    #[test]
+    fn a_parked_websocket_is_answered_and_closed_by_the_loop_without_a_task() {
+        let core = core();
+        let (key, mut client) = parked(&core, Transport::WebSocket);
+        client.write_all(&masked(0x89, b"hi")).unwrap();
+        readable(&core, key);
+        let mut pong = [0u8; 4];
+        client.read_exact(&mut pong).unwrap();
+        assert_eq!(&pong, &[0x8a, 2, b'h', b'i']);
+        assert!(
+            !core.conns.borrow()[key as usize].readable,
+            "read until EAGAIN"
+        );
+
+        // The client closes (1000): the close is answered, the write side
+        // shut down, and the connection lingers for the peer's end.
+        client.write_all(&masked(0x88, &[0x03, 0xe8])).unwrap();
+        readable(&core, key);
+        let mut close = Vec::new();
+        client.read_to_end(&mut close).unwrap();
+        assert_eq!(close, [0x88, 2, 0x03, 0xe8]);
+        {
+            let conns = core.conns.borrow();
+            let c = &conns[key as usize];
+            assert!(c.transport == Transport::Closing && c.shut_wr && c.deadline_s > 0);
+        }
+        drop(client);
+        readable(&core, key);
+        assert!(
+            core.conns.borrow().get(key as usize).is_none(),
+            "closed at the peer's end"
+        );
+    }
+
+    #[test]
+    fn a_parked_sse_stream_drops_input_and_closes_at_eof() {
+        let core = core();
+        let (key, mut client) = parked(&core, Transport::Sse);
+        client.write_all(b"nobody listens to this").unwrap();
+        readable(&core, key);
+        assert!(core.conns.borrow().get(key as usize).is_some());
+        drop(client);
+        readable(&core, key);
+        assert!(core.conns.borrow().get(key as usize).is_none());
+    }
+
+    #[test]
+    fn a_rule_breaking_websocket_is_closed_with_its_code() {
+        let core = core();
+        let (key, mut client) = parked(&core, Transport::WebSocket);
+        // Unmasked: 1002.
+        client.write_all(&[0x81, 1, b'x']).unwrap();
+        readable(&core, key);
+        let mut close = [0u8; 4];
+        client.read_exact(&mut close).unwrap();
+        assert_eq!(close[0], 0x88, "a close frame");
+        assert_eq!(u16::from_be_bytes([close[2], close[3]]), 1002);
+        assert_eq!(
+            core.conns.borrow()[key as usize].transport,
+            Transport::Closing
+        );
+    }
+
+    #[test]
+    fn a_wake_while_parked_puts_the_connection_on_the_attention_list_once() {
+        let core = core();
+        let (key, _client) = parked(&core, Transport::Sse);
+        {
+            let mut conns = core.conns.borrow_mut();
+            conns[key as usize].dead = true;
+            conns[key as usize].wake();
+            conns[key as usize].wake();
+        }
+        assert_eq!(ATTENTION.with(|a| a.borrow().keys.clone()), vec![key]);
+        assert!(core.attend_all());
+        assert!(
+            core.conns.borrow().get(key as usize).is_none(),
+            "dead: closed"
+        );
+        assert!(!core.attend_all());
+    }
+}
