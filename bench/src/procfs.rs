@@ -188,7 +188,7 @@ mod tests {
         assert!(cpu_seconds(std::process::id()).unwrap() > 0.0);
         assert!(self_cpu_seconds() > 0.0);
         let rss = rss_bytes(std::process::id()).unwrap();
-        assert!(rss > 0 && rss % 1024 == 0);
+        assert!(rss > 0 && rss.is_multiple_of(1024));
         assert!(slab_bytes().unwrap() > 0);
         assert!(rss_bytes(u32::MAX).is_err());
     }

@@ -1,12 +1,10 @@
 //! Multi-core: connections spread over both cores, and every connection gets
 //! every message of its channels, in id order, none missing, none extra.
 
-mod common;
-
 use std::collections::HashMap;
 use std::thread;
 
-use common::*;
+use crate::common::*;
 
 const CONNECTIONS: usize = 200;
 const CHANNELS: [&str; 4] = ["alpha", "beta", "gamma", "delta"];

@@ -2,15 +2,13 @@
 //! shipper restarting) never stops serving, draining or exiting: the lines
 //! are lost and counted in `/metrics`.
 
-mod common;
-
 use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 /// A pipe: (read end, write end), both close-on-exec in this process (the
 /// child gets the write end as its stderr through `Stdio`).

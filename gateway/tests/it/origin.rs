@@ -3,9 +3,7 @@
 //! page of another origin is refused before any upgrade, and its preflight
 //! gets no `Access-Control-*` header.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 
 const APP: &str = "https://app.example";
 const ADMIN: &str = "https://admin.example:8443";

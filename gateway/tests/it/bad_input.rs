@@ -1,11 +1,9 @@
 //! Bad input is answered with an HTTP status, `Connection: close` and a short
 //! text body; and the gateway goes on serving afterwards.
 
-mod common;
-
 use tungstenite::Message;
 
-use common::*;
+use crate::common::*;
 
 /// Sends `request` on a fresh connection and checks the error response: the
 /// status, `Connection: close`, a non-empty body, the connection closed by

@@ -2,9 +2,7 @@
 //! long-poll `since=`; and the explicit gap notice when the history no
 //! longer reaches back to the cursor.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 
 fn payloads(ds: &[Delivery]) -> Vec<String> {
     ds.iter().map(Delivery::text).collect()

@@ -2,14 +2,12 @@
 //! holding an HS256 secret and an ES256 public key; tokens minted here with
 //! jsonwebtoken and the private keys.
 
-mod common;
-
 use std::io::Read;
 use std::net::TcpStream;
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::*;
+use crate::common::*;
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
 use tungstenite::protocol::frame::coding::CloseCode;

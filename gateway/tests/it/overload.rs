@@ -5,8 +5,6 @@
 //! `connections_per_ip_max` or over `handshakes_per_s_per_core` get `503`
 //! with a jittered `Retry-After`, and the connections already open carry on.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::IpAddr;
 use std::sync::{mpsc, Arc, Barrier};
@@ -16,7 +14,7 @@ use std::time::{Duration, Instant};
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::{Error, Message};
 
-use common::*;
+use crate::common::*;
 
 const MESSAGES: usize = 2_000;
 const PAYLOAD_BYTES: usize = 10_000;

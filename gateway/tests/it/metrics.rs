@@ -1,13 +1,11 @@
 //! The admin listener: `/metrics` in Prometheus text format moves with the
 //! traffic; `/healthz` and `/readyz` answer there as on the public port.
 
-mod common;
-
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 /// Samples of a scrape: `name{labels}` (as written) → value.
 struct Scrape(HashMap<String, f64>);

@@ -1,9 +1,7 @@
 //! Fan-out across transports: one publish reaches WebSocket, SSE and
 //! long-poll subscribers of exactly that channel, and nobody else.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 
 /// What the test publishes on `sports`: (payload, SSE event name).
 fn sports_messages() -> Vec<(Vec<u8>, Option<&'static str>)> {

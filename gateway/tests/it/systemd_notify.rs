@@ -2,12 +2,10 @@
 //! READY=1 arrives once the gateway serves, then WATCHDOG=1 pings while its
 //! cores run, with STATUS= lines; SIGTERM sends STOPPING=1.
 
-mod common;
-
 use std::os::unix::net::UnixDatagram;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 /// Reads datagrams until one contains `wanted`, within a safety net.
 fn wait_for(sock: &UnixDatagram, wanted: &str, seen: &mut Vec<String>) {

@@ -7,13 +7,11 @@
 //! Nothing here sleeps: every wait is a read of something the gateway sends
 //! (a ping, a comment, EOF), under the usual safety-net read timeout.
 
-mod common;
-
 use std::io::{BufRead, BufReader, Read, Write};
 
 use tungstenite::Message;
 
-use common::*;
+use crate::common::*;
 
 /// Heartbeats every second and a one-second pong timeout: a WebSocket silent
 /// for more than two seconds is dead.

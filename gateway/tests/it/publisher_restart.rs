@@ -3,9 +3,7 @@
 //! its own, and delivery resumes, with the publisher's ids going on where
 //! they were.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 
 #[test]
 fn clients_stay_connected_while_the_publisher_is_gone_and_delivery_resumes_when_it_is_back() {

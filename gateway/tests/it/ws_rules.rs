@@ -2,11 +2,9 @@
 //! client gets (its close code), and that the gateway closes the connection
 //! by itself after its close frame even when the client never answers.
 
-mod common;
-
 use std::io::Read;
 
-use common::*;
+use crate::common::*;
 
 const MASK: [u8; 4] = [0x11, 0x22, 0x33, 0x44];
 

@@ -5,9 +5,7 @@
 //! duplicate, a reordered publication) is dropped, never delivered out of
 //! order.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 
 fn texts(ds: &[Delivery]) -> Vec<String> {
     ds.iter().map(Delivery::text).collect()

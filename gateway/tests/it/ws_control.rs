@@ -2,13 +2,11 @@
 //! payload; a client close is echoed with the same code and the gateway then
 //! closes the TCP connection.
 
-mod common;
-
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::CloseFrame;
 use tungstenite::{Error, Message};
 
-use common::*;
+use crate::common::*;
 
 fn expect_pong(ws: &mut WsClient, payload: &[u8]) {
     loop {

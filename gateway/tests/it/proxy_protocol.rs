@@ -4,12 +4,10 @@
 //! `connections_per_ip_max` and logged; a PROXY header from anyone else is
 //! a malformed request, and its claimed address is never used.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 
-use common::*;
+use crate::common::*;
 
 const PROXY_IP: &str = "127.0.0.2";
 

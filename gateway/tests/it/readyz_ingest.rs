@@ -1,11 +1,9 @@
 //! `/readyz` and the ZeroMQ ingest: with `--ready-requires-publisher` the
 //! gateway is ready only while a publisher is connected to it.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 fn readyz(gw: &Gateway) -> (u16, String) {
     let mut conn = gw.http();

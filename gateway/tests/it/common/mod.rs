@@ -7,8 +7,6 @@
 //! for something the gateway sends. Socket read timeouts exist only as a
 //! safety net, so that a broken gateway fails a test instead of hanging it.
 
-#![allow(dead_code)]
-
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream};

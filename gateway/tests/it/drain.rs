@@ -11,8 +11,6 @@
 //! listeners; so the kernel never has a connection queued on a closing
 //! listener to hand over (or, without the sysctl, reset).
 
-mod common;
-
 use std::collections::{HashMap, HashSet};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use tungstenite::Message;
 
-use common::*;
+use crate::common::*;
 
 /// A short window, so the test is quick; the process exits at most
 /// `DRAIN_MARGIN` after it.

@@ -7,13 +7,11 @@
 //! the subscriptions they see are the test's signal that a gateway's
 //! interest has travelled through the forwarder to them.
 
-mod common;
-
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 /// A publisher that sees the subscriptions sent to it.
 struct XPublisher {

@@ -2,11 +2,9 @@
 //! connecting its SUB socket to the test's bound PUB, each with its own
 //! clients; every client receives every message, in order.
 
-mod common;
-
 use std::collections::HashMap;
 
-use common::*;
+use crate::common::*;
 
 const MESSAGES: usize = 100;
 

@@ -1,0 +1,25 @@
+//! The integration tests: one binary, each module a part of the gateway
+//! tested from the outside, against the real binary over loopback.
+
+mod common;
+
+mod auth;
+mod bad_input;
+mod drain;
+mod fanout;
+mod forwarder;
+mod heartbeats;
+mod logs;
+mod metrics;
+mod multicore;
+mod origin;
+mod overload;
+mod proxy_protocol;
+mod publisher_ids;
+mod publisher_restart;
+mod readyz_ingest;
+mod resume;
+mod systemd_notify;
+mod two_gateways;
+mod ws_control;
+mod ws_rules;
