@@ -629,7 +629,7 @@ impl<'a> Io<'a> {
         if !resume.messages.is_empty() {
             self.unsubscribe();
             let cursor = resume.messages.last().map_or(resume.present, |m| m.id);
-            let items: Vec<&[u8]> = resume.messages.iter().map(|m| &m.poll_item[..]).collect();
+            let items: Vec<&[u8]> = resume.messages.iter().map(|m| &m.poll_item()[..]).collect();
             let gaps: Vec<&str> = resume.gaps.iter().map(|g| &**g).collect();
             let keep_alive = !draining();
             let mut out = Vec::new();

@@ -185,6 +185,18 @@ pub struct Conn {
     pub cors: u8,
 }
 
+/// Outbound queue buffers between uses, per core: taken by a connection
+/// when a batch queues its first frame, given back when it has sent them.
+/// Only small ones are kept (a queue that grew behind a slow client is
+/// freed), and a bounded number: at most 4,096 × 64 frames × 32 bytes = 8
+/// MiB per core, in practice a handful.
+const POOLED_QUEUES_MAX: usize = 4096;
+const POOLED_QUEUE_FRAMES_MAX: usize = 64;
+
+thread_local! {
+    static QUEUE_POOL: RefCell<Vec<VecDeque<Bytes>>> = const { RefCell::new(Vec::new()) };
+}
+
 /// The userspace bytes one idle WebSocket or SSE connection may cost, all
 /// its parts together: its slab entry, its WebSocket session, its channel
 /// list and its entry in a channel's subscriber set. `bench idle` measures
@@ -339,7 +351,25 @@ impl Conn {
             return;
         }
         self.queued_bytes = total as u32;
+        if self.queue.capacity() == 0 {
+            self.queue = QUEUE_POOL.with(|p| p.borrow_mut().pop()).unwrap_or_default();
+        }
         self.queue.push_back(frame);
+    }
+
+    /// Gives the (empty) queue's buffer back to this core's pool: a
+    /// connection does not keep one while idle, and the next batch does
+    /// not allocate one.
+    fn release_queue(&mut self) {
+        let queue = std::mem::take(&mut self.queue);
+        if queue.capacity() > 0 && queue.capacity() <= POOLED_QUEUE_FRAMES_MAX {
+            QUEUE_POOL.with(|p| {
+                let mut pool = p.borrow_mut();
+                if pool.len() < POOLED_QUEUES_MAX {
+                    pool.push(queue);
+                }
+            });
+        }
     }
 
     /// A client that lets its queue overflow is closed, and its queue freed
@@ -390,9 +420,7 @@ impl Conn {
         const IOV_MAX: usize = 64;
         while !self.dead {
             if self.queue.is_empty() {
-                // Give the queue's buffer back: a connection that received a
-                // message once must not keep it while idle.
-                self.queue = VecDeque::new();
+                self.release_queue();
                 self.blocked = false;
                 return;
             }
@@ -769,6 +797,10 @@ const SCRATCH_BYTES: usize = 64 * 1024;
 /// long the core goes without serving its connections, however many
 /// subscribers a channel has.
 const DISPATCH_BATCH_MESSAGES: usize = 256;
+/// From this many local subscribers on, a message's frames are copied into
+/// the core before they are queued (see `dispatch`): a copy of a frame
+/// costs about what a few dozen contended reference counts do.
+const LOCAL_COPY_SUBSCRIBERS_MIN: usize = 32;
 const DISPATCH_BATCH_DELIVERIES: u64 = 262_144;
 
 impl Core {
@@ -939,23 +971,36 @@ impl Core {
                     if let Some(subscribers) = registry.forget(&name, published) {
                         // Subscribed while ingest let the channel go: they
                         // may miss what was published before it subscribes
-                        // again, and are told so.
+                        // again, and are told so (each gap encoded once per
+                        // transport, shared like a message).
+                        let (mut ws_gap, mut sse_gap) = (None, None);
                         for &key in subscribers {
                             let Some(conn) = conns.get_mut(key as usize) else {
                                 continue;
                             };
-                            let mut gap = Vec::new();
-                            match conn.transport {
-                                Transport::WebSocket => envelope::encode_ws_gap(&name, &mut gap),
-                                Transport::Sse => envelope::encode_sse_gap(&name, &mut gap),
+                            let gap = match conn.transport {
+                                Transport::WebSocket => ws_gap
+                                    .get_or_insert_with(|| {
+                                        let mut out = Vec::new();
+                                        envelope::encode_ws_gap(&name, &mut out);
+                                        Bytes::from(out)
+                                    })
+                                    .clone(),
+                                Transport::Sse => sse_gap
+                                    .get_or_insert_with(|| {
+                                        let mut out = Vec::new();
+                                        envelope::encode_sse_gap(&name, &mut out);
+                                        Bytes::from(out)
+                                    })
+                                    .clone(),
                                 // A held poll is told with its next message.
                                 Transport::LongPoll => {
                                     poll_gaps.entry(key).or_default().push(name.clone());
                                     continue;
                                 }
                                 _ => continue,
-                            }
-                            conn.push(gap.into(), cfg.outbound_queue_bytes_max);
+                            };
+                            conn.push(gap, cfg.outbound_queue_bytes_max);
                             if !conn.dirty {
                                 conn.dirty = true;
                                 dirty.push(key);
@@ -968,6 +1013,19 @@ impl Core {
             let (id, renumbered) = registry.record(&msg, cfg.history_messages, cfg.channels_max);
             let ch = &registry.channels[id as usize];
             let delivered_before = deliveries;
+            // This core's own handle of the frames, for a channel with many
+            // subscribers here: the clones below then count references on
+            // a cache line no other core touches, one copy per core instead
+            // of an atomic shared by every core per delivery.
+            let local = ch.subscribers.len() >= LOCAL_COPY_SUBSCRIBERS_MIN;
+            let own = |shared: &Bytes| {
+                if local {
+                    Bytes::copy_from_slice(shared)
+                } else {
+                    shared.clone()
+                }
+            };
+            let (mut ws_frame, mut sse_frame) = (None, None);
             for &key in &ch.subscribers {
                 let Some(conn) = conns.get_mut(key as usize) else {
                     continue;
@@ -982,8 +1040,8 @@ impl Core {
                     continue;
                 }
                 let frame = match conn.transport {
-                    Transport::WebSocket => msg.ws.clone(),
-                    Transport::Sse => msg.sse.clone(),
+                    Transport::WebSocket => ws_frame.get_or_insert_with(|| own(&msg.ws)).clone(),
+                    Transport::Sse => sse_frame.get_or_insert_with(|| own(&msg.sse)).clone(),
                     Transport::LongPoll if !conn.poll_answered && !conn.poll_timed_out => {
                         conn.poll_answered = true;
                         conn.wake();
@@ -999,7 +1057,7 @@ impl Core {
                             let gaps: Vec<&str> = gaps.iter().map(|g| &**g).collect();
                             let mut out = Vec::new();
                             envelope::longpoll_response(
-                                &[&msg.poll_item],
+                                &[msg.poll_item()],
                                 msg.id,
                                 &gaps,
                                 true,
@@ -1023,7 +1081,7 @@ impl Core {
                                     .map_or(&[], std::slice::from_ref),
                             };
                             if head.is_empty() {
-                                msg.poll_response.clone()
+                                msg.poll_response().clone()
                             } else {
                                 // This client's status line and CORS lines,
                                 // then the shared response after its own.
@@ -1031,7 +1089,7 @@ impl Core {
                                     delivered_bytes += part.len() as u64;
                                     conn.push(part.clone(), cfg.outbound_queue_bytes_max);
                                 }
-                                msg.poll_response
+                                msg.poll_response()
                                     .slice(envelope::LONGPOLL_STATUS_LINE.len()..)
                             }
                         }
@@ -1827,22 +1885,22 @@ mod tests {
         let len = envelope::LONGPOLL_STATUS_LINE.len();
         let head = "HTTP/1.1 200 OK\r\nAccess-Control-Allow-Origin: https://app.example\r\n\
                     Vary: Origin\r\n";
-        let mut got = vec![0u8; head.len() + m.poll_response.len() - len];
+        let mut got = vec![0u8; head.len() + m.poll_response().len() - len];
         b.read_exact(&mut got).unwrap();
         let mut want = head.as_bytes().to_vec();
-        want.extend_from_slice(&m.poll_response[len..]);
+        want.extend_from_slice(&m.poll_response()[len..]);
         assert_eq!(
             String::from_utf8(got).unwrap(),
             String::from_utf8(want).unwrap()
         );
         // Without an origin: the shared response as it is.
-        let mut got = vec![0u8; m.poll_response.len()];
+        let mut got = vec![0u8; m.poll_response().len()];
         plain_peer.read_exact(&mut got).unwrap();
-        assert_eq!(got, m.poll_response);
+        assert_eq!(got, m.poll_response()[..]);
         // Allowed by a pattern: its own origin echoed.
         let head = "HTTP/1.1 200 OK\r\nAccess-Control-Allow-Origin: https://x.app.example\r\n\
                     Vary: Origin\r\n";
-        let mut got = vec![0u8; head.len() + m.poll_response.len() - len];
+        let mut got = vec![0u8; head.len() + m.poll_response().len() - len];
         sub_peer.read_exact(&mut got).unwrap();
         assert!(String::from_utf8(got).unwrap().starts_with(head));
         for key in keys {

@@ -26,7 +26,7 @@ use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -40,6 +40,9 @@ use crate::core::{GATEWAY_ID_FLOOR, ID_TAG_BITS, ID_TAG_MASK};
 
 /// One published message, encoded once for each transport. Cores and
 /// connections share it by reference count; no subscriber gets a copy.
+/// The WebSocket frame and the SSE event are made by ingest; the long-poll
+/// encodings only when a long-poll first needs them (most messages never
+/// meet one), by whichever core does.
 #[derive(Debug)]
 pub struct Message {
     pub id: u64,
@@ -49,15 +52,14 @@ pub struct Message {
     /// issued.
     pub from_publisher: bool,
     pub channel: Box<str>,
+    event: Option<Box<str>>,
+    payload: Bytes,
     /// A whole WebSocket frame.
     pub ws: Bytes,
     /// A whole SSE event.
     pub sse: Bytes,
-    /// The message as one long-poll JSON object, for multi-message responses.
-    pub poll_item: Bytes,
-    /// A whole keep-alive long-poll response carrying only this message,
-    /// shared by every long-poll client it is the next message for.
-    pub poll_response: Bytes,
+    poll_item: OnceLock<Bytes>,
+    poll_response: OnceLock<Bytes>,
     /// When ingest encoded it: the start of the publish→send latency.
     pub stamped: std::time::Instant,
 }
@@ -74,20 +76,45 @@ impl Message {
         envelope::encode_ws(&p, &mut ws);
         let mut sse = Vec::with_capacity(payload.len() + channel.len() + 64);
         envelope::encode_sse(&p, &mut sse);
-        let mut poll_item = Vec::with_capacity(payload.len() + channel.len() + 48);
-        envelope::encode_longpoll_item(&p, &mut poll_item);
-        let mut poll_response = Vec::with_capacity(poll_item.len() + 160);
-        envelope::longpoll_response(&[&poll_item], id, &[], true, "", &mut poll_response);
         Message {
             id,
             from_publisher: false,
             channel: channel.into(),
+            event: event.map(Into::into),
+            payload: Bytes::copy_from_slice(payload),
             ws: ws.into(),
             sse: sse.into(),
-            poll_item: poll_item.into(),
-            poll_response: poll_response.into(),
+            poll_item: OnceLock::new(),
+            poll_response: OnceLock::new(),
             stamped: std::time::Instant::now(),
         }
+    }
+
+    /// The message as one long-poll JSON object, for multi-message
+    /// responses.
+    pub fn poll_item(&self) -> &Bytes {
+        self.poll_item.get_or_init(|| {
+            let p = Publication {
+                channel: &self.channel,
+                id: self.id,
+                event: self.event.as_deref(),
+                payload: &self.payload,
+            };
+            let mut item = Vec::with_capacity(self.payload.len() + self.channel.len() + 48);
+            envelope::encode_longpoll_item(&p, &mut item);
+            item.into()
+        })
+    }
+
+    /// A whole keep-alive long-poll response carrying only this message,
+    /// shared by every long-poll client it is the next message for.
+    pub fn poll_response(&self) -> &Bytes {
+        self.poll_response.get_or_init(|| {
+            let item = self.poll_item();
+            let mut out = Vec::with_capacity(item.len() + 160);
+            envelope::longpoll_response(&[item], self.id, &[], true, "", &mut out);
+            out.into()
+        })
     }
 }
 
@@ -991,15 +1018,15 @@ mod tests {
         let msg = Message::encode(42, "news", None, b"hi");
         assert_eq!(msg.ws[0], 0x81, "a text frame with FIN");
         assert!(msg.sse.starts_with(b"id: 42\n"));
-        assert!(msg.poll_response.starts_with(b"HTTP/1.1 200 OK\r\n"));
+        assert!(msg.poll_response().starts_with(b"HTTP/1.1 200 OK\r\n"));
         let body_at = msg
-            .poll_response
+            .poll_response()
             .windows(4)
             .position(|w| w == b"\r\n\r\n")
             .unwrap()
             + 4;
         let body: serde_json::Value =
-            serde_json::from_slice(&msg.poll_response[body_at..]).unwrap();
+            serde_json::from_slice(&msg.poll_response()[body_at..]).unwrap();
         assert_eq!(body["cursor"], "42");
         assert_eq!(body["messages"][0]["data"], "hi");
     }
