@@ -38,7 +38,7 @@ def ws_head(target, extra="", version="HTTP/1.1"):
 
 def request_head():
     ok = ws_head("/ws?channel=news&channel=sport&channel=news&since=41")
-    return {
+    seeds = {
         "ws_upgrade": ok,
         "ws_upgrade_then_frame": ok + masked(0x81, b"Hello"),
         "ws_header_variants": (
@@ -87,6 +87,19 @@ def request_head():
         "malformed_header": b"GET /ws HTTP/1.1\r\nA B: c\r\n\r\n",
         "malformed_version": b"GET /healthz HTTP/2.0\r\n\r\n",
     }
+    # HTTP/1.1 needs a Host (RFC 9112 3.2): added where a seed is about
+    # something else, so that it reaches the rule it is about.
+    for name, data in seeds.items():
+        if b"HTTP/1.1\r\n" in data and b"host:" not in data.lower():
+            seeds[name] = data.replace(b"HTTP/1.1\r\n", b"HTTP/1.1\r\nHost: x\r\n", 1)
+    seeds.update({
+        "no_host": b"GET /healthz HTTP/1.1\r\n\r\n",
+        "two_hosts": b"GET /healthz HTTP/1.1\r\nHost: a\r\nHost: a\r\n\r\n",
+        "absolute_form": b"GET http://gw.example.com:8080/events?channel=a HTTP/1.1\r\nHost: x\r\n\r\n",
+        "head_readyz": b"HEAD /readyz HTTP/1.1\r\nHost: x\r\n\r\n",
+        "ws_subprotocols": ws_head("/ws?channel=a", "Sec-WebSocket-Protocol: chat, gateway.v1\r\n"),
+    })
+    return seeds
 
 
 def frames():
@@ -268,8 +281,72 @@ def proxy_header():
     }
 
 
+def publication():
+    sep = b"\xff"
+    return {
+        "two_frames": b"\x00news" + sep + b"hello",
+        "with_event": b"\x00news" + sep + b"hello" + sep + b'{"event":"price"}',
+        "with_id": b"\x00orders" + sep + b"x" + sep + b'{"id":"42","event":"e"}',
+        "id_number": b"\x00orders" + sep + b"x" + sep + b'{"id":42}',
+        "id_at_floor": b"\x00orders" + sep + b"x" + sep + b'{"id":72057594037927936}',
+        "nulls": b"\x00a" + sep + sep + b'{"event":null,"id":null}',
+        "unknown_field": b"\x00a" + sep + b"x" + sep + b'{"evnt":"x"}',
+        "bad_event": b"\x00a" + sep + b"x" + sep + b'{"event":"a b"}',
+        "binary_payload": b"\x00bin" + sep + bytes(range(0, 255)),
+        "one_frame": b"\x00news",
+        "four_frames": b"\x00a" + sep + b"b" + sep + b"{}" + sep + b"d",
+        "small_limits": b"\x01longer-than-8" + sep + b"0123456789abcdef0",
+    }
+
+
+def jwt(claims, secret=b"0123456789abcdef0123456789abcdef", kid="k1", alg="HS256"):
+    import base64, hashlib, hmac, json
+
+    def b64(raw):
+        return base64.urlsafe_b64encode(raw).rstrip(b"=")
+
+    head = b64(json.dumps({"alg": alg, "kid": kid, "typ": "JWT"}).encode())
+    body = b64(json.dumps(claims).encode())
+    signature = b64(hmac.new(secret, head + b"." + body, hashlib.sha256).digest())
+    return head + b"." + body + b"." + signature
+
+
+def token():
+    now = 1_800_000_000
+    good = {"exp": now + 60, "aud": "gateway", "sub": "u1", "channels": ["news", "sport.*"]}
+    return {
+        "valid": jwt(good),
+        "aud_list": jwt(dict(good, aud=["billing", "gateway"])),
+        "expired": jwt(dict(good, exp=now - 60)),
+        "no_aud": jwt({k: v for k, v in good.items() if k != "aud"}),
+        "other_secret": jwt(good, secret=b"fedcba9876543210fedcba9876543210"),
+        "unknown_kid": jwt(good, kid="k2"),
+        "alg_none": jwt(good, alg="none"),
+        "not_before": jwt(dict(good, nbf=now + 600)),
+        "bad_channels": jwt(dict(good, channels=["a b"])),
+        "two_parts": b"eyJhbGciOiJIUzI1NiJ9.e30",
+        "empty": b"",
+    }
+
+
+def origin():
+    return {
+        "exact": b"\x00https://app.example.com\nhttps://app.example.com",
+        "exact_other": b"\x01https://app.example.com\nhttps://evil.example.com",
+        "pattern": b"\x00https://*.example.com\nhttps://a.b.example.com",
+        "pattern_lookalike": b"\x00https://*.example.com\nhttps://example.com.evil.net",
+        "any": b"\x00*\nhttps://anything.example",
+        "port": b"\x01http://localhost:3000\nhttp://localhost:3001\nhttp://localhost:3000",
+        "empty_list": b"\x00https://app.example.com",
+        "bad_entry": b"\x00https://app.example.com/path\nhttps://app.example.com",
+    }
+
+
 def main():
     targets = {
+        "publication": publication(),
+        "token": token(),
+        "origin": origin(),
         "request_head": request_head(),
         "ws_frames": ws_frames(),
         "ws_session": ws_session(),

@@ -1,11 +1,11 @@
-//! `http::parse_cursor` and `http::valid_channel_name` against simple
+//! `id::parse_cursor` and `channel::valid_channel_name` against simple
 //! oracles, and both as they arrive through a request's query string.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use protocol::http::{
-    parse_cursor, parse_request, valid_channel_name, HeadLimits, Parsed, Reject, Request,
-};
+use protocol::channel::valid_channel_name;
+use protocol::http::{parse_request, HeadLimits, Parsed, Reject, Request};
+use protocol::id::parse_cursor;
 
 /// Every byte as %XX, so any input can travel in a query.
 fn percent_encoded(data: &[u8]) -> String {
@@ -13,7 +13,7 @@ fn percent_encoded(data: &[u8]) -> String {
 }
 
 fn long_poll(query: &str) -> Result<Request, Reject> {
-    let head = format!("GET /events?{query} HTTP/1.1\r\n\r\n");
+    let head = format!("GET /events?{query} HTTP/1.1\r\nHost: h\r\n\r\n");
     match parse_request(head.as_bytes(), &HeadLimits::default())? {
         Parsed::Complete {
             request, head_len, ..

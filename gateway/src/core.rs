@@ -17,6 +17,7 @@ use bytes::Bytes;
 use crossbeam_channel::Receiver;
 use indexmap::IndexSet;
 use protocol::envelope;
+use protocol::id::{GATEWAY_ID_FLOOR, ID_TAG_MASK};
 use protocol::origin::PATTERN_SLOT;
 use protocol::ws;
 use rand::Rng;
@@ -39,27 +40,6 @@ pub enum Transport {
     /// Its last bytes (an error response, a close frame) are leaving: no
     /// message, heartbeat or deadline touches it any more.
     Closing,
-}
-
-/// Ids this gateway issues are at or above this (2^56), and a publisher's
-/// must be below it (ingest refuses others): a cursor at or above it is one a
-/// gateway handed out, not a position in a publisher's sequence.
-///
-/// A gateway id is `counter << ID_TAG_BITS | tag`: the counter starts at the
-/// process start time in milliseconds (so ids grow across restarts) and the
-/// tag is drawn at random when the process starts. The tag is the epoch: a
-/// cursor with another tag comes from another process (another gateway, or
-/// an earlier run of this one), whose ids say nothing about this one's even
-/// where the numbers overlap, and resuming from it is a gap.
-pub const GATEWAY_ID_FLOOR: u64 = 1 << 56;
-/// Low bits of a gateway id that hold its process's tag.
-pub const ID_TAG_BITS: u32 = 16;
-pub const ID_TAG_MASK: u64 = (1 << ID_TAG_BITS) - 1;
-
-/// The first id of a process started at `start_ms` (Unix milliseconds) with
-/// `tag`: at or above [`GATEWAY_ID_FLOOR`] for any start after 2004.
-pub fn first_gateway_id(start_ms: u64, tag: u16) -> u64 {
-    (start_ms.max(GATEWAY_ID_FLOOR >> ID_TAG_BITS) << ID_TAG_BITS) | tag as u64
 }
 
 /// Where a connection stands in a drain (see `Core::drain_step`).
@@ -187,11 +167,11 @@ pub struct Conn {
 
 /// Outbound queue buffers between uses, per core: taken by a connection
 /// when a batch queues its first frame, given back when it has sent them.
-/// Only small ones are kept (a queue that grew behind a slow client is
-/// freed), and a bounded number: at most 4,096 × 64 frames × 32 bytes = 8
-/// MiB per core, in practice a handful.
-const POOLED_QUEUES_MAX: usize = 4096;
-const POOLED_QUEUE_FRAMES_MAX: usize = 64;
+/// Only small ones are kept (a queue that grew behind a slow client, or
+/// for a burst, is freed), and a bounded number: at most 1,024 × 16
+/// frames × 32 bytes = 512 KiB per core.
+const POOLED_QUEUES_MAX: usize = 1024;
+const POOLED_QUEUE_FRAMES_MAX: usize = 16;
 
 thread_local! {
     static QUEUE_POOL: RefCell<Vec<VecDeque<Bytes>>> = const { RefCell::new(Vec::new()) };
@@ -352,7 +332,9 @@ impl Conn {
         }
         self.queued_bytes = total as u32;
         if self.queue.capacity() == 0 {
-            self.queue = QUEUE_POOL.with(|p| p.borrow_mut().pop()).unwrap_or_default();
+            self.queue = QUEUE_POOL
+                .with(|p| p.borrow_mut().pop())
+                .unwrap_or_default();
         }
         self.queue.push_back(frame);
     }
@@ -1356,6 +1338,7 @@ pub async fn yield_now() {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use protocol::id::{first_gateway_id, ID_TAG_BITS};
 
     fn msg(id: u64, channel: &str) -> Arc<Message> {
         Arc::new(Message::encode(id, channel, None, b"x"))

@@ -32,11 +32,11 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender};
 use protocol::envelope::{self, Publication};
-use serde::Deserialize;
 use tracing::{debug, info, warn};
 
 use crate::config::{Config, SubscribeMode};
-use crate::core::{GATEWAY_ID_FLOOR, ID_TAG_BITS, ID_TAG_MASK};
+use protocol::id::{ID_TAG_BITS, ID_TAG_MASK};
+use protocol::publication::{check_frames, Checked, PublicationError, PublicationLimits};
 
 /// One published message, encoded once for each transport. Cores and
 /// connections share it by reference count; no subscriber gets a copy.
@@ -322,116 +322,16 @@ pub fn upstream_subscriptions() -> u64 {
     UPSTREAM_SUBSCRIPTIONS.load(Ordering::Relaxed)
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Meta {
-    event: Option<String>,
-    /// Checked by [`publisher_id`]: a string or a number.
-    id: Option<serde_json::Value>,
-}
-
-/// Why a publication was dropped at ingest.
-#[derive(Debug, PartialEq, Eq)]
-pub enum IngestError {
-    WrongFrameCount(usize),
-    BadChannelName,
-    PayloadTooLarge {
-        size: usize,
-        max_size: usize,
-    },
-    BadMeta(String),
-    BadEventName,
-    /// `"id"` is not a decimal u64 from 1 to 2^64 - 1 (as a JSON string or
-    /// number).
-    BadId,
-}
-
-impl IngestError {
-    /// Its index in [`crate::metrics::DROP_REASONS`].
-    fn metric_reason(&self) -> usize {
-        match self {
-            IngestError::WrongFrameCount(_) => 0,
-            IngestError::BadChannelName => 1,
-            IngestError::PayloadTooLarge { .. } => 2,
-            IngestError::BadMeta(_) => 3,
-            IngestError::BadEventName => 4,
-            IngestError::BadId => 5,
-        }
+/// A refused publication's place in [`crate::metrics::DROP_REASONS`].
+fn metric_reason(e: &PublicationError) -> usize {
+    match e {
+        PublicationError::WrongFrameCount(_) => 0,
+        PublicationError::BadChannelName => 1,
+        PublicationError::PayloadTooLarge { .. } => 2,
+        PublicationError::BadMeta(_) => 3,
+        PublicationError::BadEventName => 4,
+        PublicationError::BadId => 5,
     }
-}
-
-/// Longest SSE event name a publisher may set.
-const EVENT_NAME_BYTES_MAX: usize = 64;
-
-/// A publication that passed the checks.
-#[derive(Debug, PartialEq, Eq)]
-pub struct Checked<'a> {
-    pub channel: &'a str,
-    pub event: Option<String>,
-    /// The publisher's id for the message, if it gave one.
-    pub id: Option<u64>,
-    pub payload: &'a [u8],
-}
-
-/// The meta frame's `"id"`: a decimal u64 as a JSON string (`"42"`) or
-/// number (`42`). 0 is refused: a cursor of 0 means "before everything",
-/// so a message with id 0 could never be resumed to.
-fn publisher_id(v: &serde_json::Value) -> Result<u64, IngestError> {
-    let id = match v {
-        serde_json::Value::Number(n) => n.as_u64(),
-        serde_json::Value::String(s) if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) => {
-            s.parse::<u64>().ok()
-        }
-        _ => None,
-    };
-    // Ids from GATEWAY_ID_FLOOR up are the gateways' own (they carry a
-    // process tag); a publisher's there could pass for one.
-    id.filter(|&id| id > 0 && id < GATEWAY_ID_FLOOR)
-        .ok_or(IngestError::BadId)
-}
-
-/// Checks a publication's frames.
-pub fn check_frames<'a>(frames: &'a [Vec<u8>], cfg: &Config) -> Result<Checked<'a>, IngestError> {
-    if frames.len() != 2 && frames.len() != 3 {
-        return Err(IngestError::WrongFrameCount(frames.len()));
-    }
-    let channel = &frames[0];
-    if !protocol::http::valid_channel_name(channel, cfg.channel_name_bytes_max) {
-        return Err(IngestError::BadChannelName);
-    }
-    // Valid names are ASCII, so this cannot fail.
-    let channel = std::str::from_utf8(channel).map_err(|_| IngestError::BadChannelName)?;
-    let payload = &frames[1];
-    if payload.len() > cfg.publish_payload_bytes_max {
-        return Err(IngestError::PayloadTooLarge {
-            size: payload.len(),
-            max_size: cfg.publish_payload_bytes_max,
-        });
-    }
-    let mut event = None;
-    let mut id = None;
-    if let Some(meta) = frames.get(2) {
-        let meta: Meta =
-            serde_json::from_slice(meta).map_err(|e| IngestError::BadMeta(e.to_string()))?;
-        if let Some(name) = meta.event {
-            let ok = !name.is_empty()
-                && name.len() <= EVENT_NAME_BYTES_MAX
-                && name.bytes().all(|b| b.is_ascii_graphic());
-            if !ok {
-                return Err(IngestError::BadEventName);
-            }
-            event = Some(name);
-        }
-        if let Some(v) = &meta.id {
-            id = Some(publisher_id(v)?);
-        }
-    }
-    Ok(Checked {
-        channel,
-        event,
-        id,
-        payload,
-    })
 }
 
 /// The last id of each channel, so that ids never go backwards on a
@@ -577,7 +477,7 @@ fn watch_peers(ctx: &zmq::Context, sub: &zmq::Socket) -> Result<(), String> {
 /// Gives a checked publication its id: the publisher's, or this
 /// gateway's next (`counter << ID_TAG_BITS | tag`, the counter one past the
 /// highest id seen, `max_seen`, which starts at the process's first id; see
-/// [`crate::core::GATEWAY_ID_FLOOR`]). Err: the id does not advance its
+/// [`protocol::id::GATEWAY_ID_FLOOR`]). Err: the id does not advance its
 /// channel (the channel's last id), or no id is left.
 pub fn assign_id(
     checked: &Checked,
@@ -619,7 +519,7 @@ const RECEIVE_BATCH_MESSAGES: usize = 1024;
 /// The ingest loop; runs until the SUB socket fails or every core is gone.
 /// `published_through` is the highest id seen (assigned or the
 /// publisher's); it starts at the process's first id (see
-/// [`crate::core::first_gateway_id`]). `interest` is the cores' queue in
+/// [`protocol::id::first_gateway_id`]). `interest` is the cores' queue in
 /// demand mode.
 pub fn run(
     sub: zmq::Socket,
@@ -725,10 +625,14 @@ impl Ingest<'_> {
     /// False when no core is left.
     fn publication(&mut self, frames: &[Vec<u8>]) -> bool {
         crate::metrics::note_message_in();
-        let checked = match check_frames(frames, self.cfg) {
+        let limits = PublicationLimits {
+            channel_name_bytes_max: self.cfg.channel_name_bytes_max,
+            payload_bytes_max: self.cfg.publish_payload_bytes_max,
+        };
+        let checked = match check_frames(frames, &limits) {
             Ok(checked) => checked,
             Err(e) => {
-                crate::metrics::note_dropped(e.metric_reason());
+                crate::metrics::note_dropped(metric_reason(&e));
                 self.dropped += 1;
                 warn!(error = ?e, dropped_total = self.dropped, "publication dropped");
                 return true;
@@ -791,75 +695,7 @@ impl Ingest<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn frames(parts: &[&[u8]]) -> Vec<Vec<u8>> {
-        parts.iter().map(|p| p.to_vec()).collect()
-    }
-
-    #[test]
-    fn accepts_two_or_three_frames() {
-        let cfg = Config::default();
-        let two = frames(&[b"news", b"hello"]);
-        assert_eq!(
-            check_frames(&two, &cfg).unwrap(),
-            Checked {
-                channel: "news",
-                event: None,
-                id: None,
-                payload: &b"hello"[..]
-            }
-        );
-        let three = frames(&[b"news", b"hello", br#"{"event":"price"}"#]);
-        let checked = check_frames(&three, &cfg).unwrap();
-        assert_eq!(checked.event.as_deref(), Some("price"));
-        assert_eq!(checked.id, None);
-    }
-
-    #[test]
-    fn a_publisher_id_is_a_decimal_u64_as_a_string_or_a_number() {
-        let cfg = Config::default();
-        let id_of = |meta: &[u8]| {
-            let f = frames(&[b"news", b"x", meta]);
-            check_frames(&f, &cfg).map(|c| c.id)
-        };
-        assert_eq!(id_of(br#"{"id":"42"}"#), Ok(Some(42)));
-        assert_eq!(id_of(br#"{"id":42}"#), Ok(Some(42)));
-        // Up to just below the gateways' own range (2^56).
-        assert_eq!(
-            id_of(br#"{"id":"72057594037927935","event":"e"}"#),
-            Ok(Some(GATEWAY_ID_FLOOR - 1))
-        );
-        assert_eq!(
-            id_of(br#"{"id":1700000000000000}"#),
-            Ok(Some(1_700_000_000_000_000))
-        );
-        assert_eq!(id_of(br#"{"id":null}"#), Ok(None));
-        for bad in [
-            &br#"{"id":"0"}"#[..],
-            br#"{"id":0}"#,
-            br#"{"id":-1}"#,
-            br#"{"id":72057594037927936}"#,
-            br#"{"id":"18446744073709551615"}"#,
-            br#"{"id":1.5}"#,
-            br#"{"id":"1.5"}"#,
-            br#"{"id":""}"#,
-            br#"{"id":" 1"}"#,
-            br#"{"id":"-1"}"#,
-            br#"{"id":"+1"}"#,
-            br#"{"id":"0x10"}"#,
-            br#"{"id":"18446744073709551616"}"#,
-            br#"{"id":18446744073709551616}"#,
-            br#"{"id":true}"#,
-            br#"{"id":[1]}"#,
-        ] {
-            assert_eq!(
-                id_of(bad),
-                Err(IngestError::BadId),
-                "{}",
-                String::from_utf8_lossy(bad)
-            );
-        }
-    }
+    use protocol::id::GATEWAY_ID_FLOOR;
 
     fn checked<'a>(channel: &'a str, id: Option<u64>) -> Checked<'a> {
         Checked {
@@ -873,7 +709,7 @@ mod tests {
     #[test]
     fn publisher_ids_must_increase_per_channel() {
         let tag = 0x2a;
-        let first = crate::core::first_gateway_id(1_800_000_000_000, tag as u16);
+        let first = protocol::id::first_gateway_id(1_800_000_000_000, tag as u16);
         let mut max_seen = first;
         let mut last = LastIds::new(100);
         let mut id = |ch: &str, given: Option<u64>, max_seen: &mut u64| {
@@ -910,7 +746,7 @@ mod tests {
 
     #[test]
     fn gateway_ids_increase_across_channels_with_the_tag_in_the_low_bits() {
-        let mut max_seen = crate::core::first_gateway_id(1_800_000_000_000, 7);
+        let mut max_seen = protocol::id::first_gateway_id(1_800_000_000_000, 7);
         let mut last = LastIds::new(100);
         let ids: Vec<u64> = ["a", "b", "a", "c"]
             .iter()
@@ -942,46 +778,6 @@ mod tests {
         assert_eq!(last.advance("a", 1), Ok(()));
         // "c" is still known.
         assert_eq!(last.advance("c", 10), Err(10));
-    }
-
-    #[test]
-    fn refuses_what_it_cannot_deliver_faithfully() {
-        let cfg = Config {
-            publish_payload_bytes_max: 4,
-            ..Config::default()
-        };
-        type Case = (Vec<Vec<u8>>, fn(&IngestError) -> bool);
-        let cases: Vec<Case> = vec![
-            (frames(&[b"news"]), |e| {
-                matches!(e, IngestError::WrongFrameCount(1))
-            }),
-            (frames(&[b"news", b"a", b"{}", b"x"]), |e| {
-                matches!(e, IngestError::WrongFrameCount(4))
-            }),
-            (frames(&[b"bad channel", b"a"]), |e| {
-                *e == IngestError::BadChannelName
-            }),
-            (frames(&[b"", b"a"]), |e| *e == IngestError::BadChannelName),
-            (frames(&[b"news", b"hello"]), |e| {
-                *e == IngestError::PayloadTooLarge {
-                    size: 5,
-                    max_size: 4,
-                }
-            }),
-            (frames(&[b"news", b"a", b"not json"]), |e| {
-                matches!(e, IngestError::BadMeta(_))
-            }),
-            (frames(&[b"news", b"a", br#"{"evnt":"x"}"#]), |e| {
-                matches!(e, IngestError::BadMeta(_))
-            }),
-            (frames(&[b"news", b"a", br#"{"event":"a\nb"}"#]), |e| {
-                *e == IngestError::BadEventName
-            }),
-        ];
-        for (input, expected) in cases {
-            let err = check_frames(&input, &cfg).unwrap_err();
-            assert!(expected(&err), "{input:?} gave {err:?}");
-        }
     }
 
     #[test]

@@ -96,7 +96,7 @@ fn run(cfg: &'static Config) -> Result<(), String> {
     let start_ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
-    let first_id = core::first_gateway_id(start_ms, rand::random::<u16>());
+    let first_id = protocol::id::first_gateway_id(start_ms, rand::random::<u16>());
     let published_through = Arc::new(AtomicU64::new(first_id));
     let conn_counts: Arc<[AtomicU64]> = (0..cores).map(|_| AtomicU64::new(0)).collect();
     let conn_counts_for_watchdog = conn_counts.clone();

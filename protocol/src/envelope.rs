@@ -13,7 +13,7 @@ use std::io::{self, Write};
 
 use base64::Engine as _;
 
-use crate::http::Cursor;
+use crate::id::Cursor;
 use crate::sse;
 use crate::ws::{self, OpCode};
 

@@ -8,6 +8,8 @@ use std::borrow::Cow;
 
 use base64::Engine as _;
 
+use crate::channel::valid_channel_name;
+use crate::id::{parse_cursor, Cursor};
 use crate::limits;
 
 /// Limits applied while parsing a head. Defaults come from [`crate::limits`].
@@ -39,9 +41,6 @@ impl Default for HeadLimits {
         }
     }
 }
-
-/// A cursor into the gateway's message sequence: "every message after this id".
-pub type Cursor = u64;
 
 /// What a complete, valid request asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,7 +80,7 @@ pub enum Request {
     Ready { keep_alive: bool, head: bool },
     /// `OPTIONS /events`: a CORS preflight (a cross-origin `fetch` with
     /// `Authorization`, or an EventSource polyfill); answered by the origin
-    /// allowlist ([`crate::origin::Origins::preflight_response`]).
+    /// allowlist (`origin::Origins::preflight_response`).
     Preflight { keep_alive: bool },
     /// `GET <echo_path>` with a valid RFC 6455 upgrade: a WebSocket that
     /// echoes every message, for conformance testing; only when
@@ -119,7 +118,7 @@ pub enum Parsed {
     Complete {
         request: Request,
         head_len: usize,
-        /// The `Origin` header, for the allowlist (see [`crate::origin`]).
+        /// The `Origin` header, for the allowlist (see the `origin` module).
         origin: Option<String>,
     },
 }
@@ -671,29 +670,6 @@ fn percent_decode_strict(s: &str) -> Option<Cow<'_, str>> {
     percent_encoding::percent_decode(bytes).decode_utf8().ok()
 }
 
-/// Is `name` a valid channel name (length and charset)? Used by ingest too.
-pub fn valid_channel_name(name: &[u8], max_bytes: usize) -> bool {
-    !name.is_empty()
-        && name.len() <= max_bytes
-        && name.iter().all(|&b| {
-            b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':' | b'@' | b'/')
-        })
-}
-
-/// Parses a cursor (`since`, `Last-Event-ID`): a decimal u64, no sign, no
-/// spaces, at most 20 digits.
-pub fn parse_cursor(s: &[u8]) -> Option<Cursor> {
-    if s.is_empty() || s.len() > 20 {
-        return None;
-    }
-    s.iter().try_fold(0u64, |acc, &b| {
-        if !b.is_ascii_digit() {
-            return None;
-        }
-        acc.checked_mul(10)?.checked_add(u64::from(b - b'0'))
-    })
-}
-
 /// The standard reason phrase for the statuses this module writes.
 fn status_line_reason(status: u16) -> &'static str {
     match status {
@@ -728,7 +704,7 @@ pub fn reject_response(reject: &Reject) -> Vec<u8> {
 /// `WWW-Authenticate: <www_authenticate>` (RFC 6750 §3, e.g. `Bearer
 /// error="invalid_token"`), `Connection: close`, `reason` plus "\n" as the
 /// body. Both must be one line of ASCII.
-/// `cors` is the request's CORS header lines (see [`crate::origin`]), so a
+/// `cors` is the request's CORS header lines (see the `origin` module), so a
 /// cross-origin page can read the status and fetch a new token.
 pub fn unauthorized_response(www_authenticate: &str, reason: &str, cors: &str) -> Vec<u8> {
     refusal_with_header(

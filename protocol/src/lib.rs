@@ -17,15 +17,21 @@
 //!   front of the gateway writes to say who the client is.
 //! - [`token`]: JWT verification for upgrades (keys by `kid`, time passed in)
 //!   and the channel patterns a token grants.
+//! - [`id`]: message ids and cursors, the publisher's and the gateway's.
+//! - [`channel`]: channel names.
+//! - [`publication`]: the frames a publisher sends over ZeroMQ, checked.
 //! - [`limits`]: every default limit, with units in the names.
 
 #![forbid(unsafe_code)]
 
+pub mod channel;
 pub mod envelope;
 pub mod http;
+pub mod id;
 pub mod limits;
 pub mod origin;
 pub mod proxy;
+pub mod publication;
 pub mod sse;
 pub mod token;
 pub mod ws;

@@ -14,6 +14,8 @@ pub const URL_BYTES_MAX: usize = 4 * 1024;
 pub const CHANNEL_NAME_BYTES_MAX: usize = 128;
 /// Human-readable description of the channel name charset.
 pub const CHANNEL_NAME_CHARSET: &str = "A-Z a-z 0-9 _ - . : @ /";
+/// Longest SSE event name a publisher may set (it becomes an `event:` line).
+pub const EVENT_NAME_BYTES_MAX: usize = 64;
 /// A connection subscribes to at most this many channels.
 pub const CHANNELS_PER_CONNECTION_MAX: usize = 16;
 /// A WebSocket message from a client (all fragments together) above this is

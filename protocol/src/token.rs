@@ -72,7 +72,7 @@ use base64::Engine as _;
 use jsonwebtoken::{Algorithm, DecodingKey};
 use serde_json::{Map, Value};
 
-use crate::http::valid_channel_name;
+use crate::channel::valid_channel_name;
 use crate::limits::CHANNEL_NAME_BYTES_MAX;
 
 /// A token longer than this is refused before anything else is done with it
