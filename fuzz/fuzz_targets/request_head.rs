@@ -3,18 +3,22 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use protocol::http::{
-    parse_request, reject_response, valid_channel_name, HeadLimits, Parsed, Request,
-};
+use protocol::channel::valid_channel_name;
+use protocol::http::{parse_request, reject_response, HeadLimits, Parsed, Request};
 
-const SMALL: HeadLimits = HeadLimits {
-    head_bytes_max: 256,
-    headers_max: 4,
-    url_bytes_max: 64,
-    channel_name_bytes_max: 8,
-    channels_per_connection_max: 2,
-    echo_path: Some("/echo"),
-};
+/// Small limits, the echo path and two subprotocols.
+fn small() -> HeadLimits {
+    static SUBPROTOCOLS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    HeadLimits {
+        head_bytes_max: 256,
+        headers_max: 4,
+        url_bytes_max: 64,
+        channel_name_bytes_max: 8,
+        channels_per_connection_max: 2,
+        echo_path: Some("/echo"),
+        ws_subprotocols: SUBPROTOCOLS.get_or_init(|| vec!["chat".into(), "gateway.v1".into()]),
+    }
+}
 
 fn check(data: &[u8], limits: &HeadLimits) {
     match parse_request(data, limits) {
@@ -51,9 +55,16 @@ fn check(data: &[u8], limits: &HeadLimits) {
             ));
             let channels = match &request {
                 Request::WebSocket {
-                    channels, accept, ..
+                    channels,
+                    accept,
+                    protocol,
+                    ..
                 } => {
                     assert_eq!(accept.len(), 28);
+                    // A subprotocol is answered only from the configured list.
+                    if let Some(p) = protocol {
+                        assert!(limits.ws_subprotocols.iter().any(|o| o == p));
+                    }
                     channels.as_slice()
                 }
                 Request::Echo { accept, .. } => {
@@ -91,5 +102,5 @@ fn check(data: &[u8], limits: &HeadLimits) {
 
 fuzz_target!(|data: &[u8]| {
     check(data, &HeadLimits::default());
-    check(data, &SMALL);
+    check(data, &small());
 });
