@@ -41,7 +41,7 @@ pub fn start(cfg: &'static Config) -> Result<(), String> {
     std::thread::Builder::new()
         .name("auth-reload".into())
         .spawn(move || {
-            crate::drain::unblock_sighup();
+            crate::ops::drain::unblock_sighup();
             for _ in signals.forever() {
                 reload(cfg);
             }

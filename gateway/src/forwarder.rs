@@ -81,10 +81,10 @@ pub fn run(args: &ForwarderArgs) -> Result<(), String> {
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
-            crate::drain::unblock_terminate_signals();
+            crate::ops::drain::unblock_terminate_signals();
             if let Some(sig) = signals.forever().next() {
                 info!(signal = sig, "stopping the forwarder");
-                crate::service::stopping("stopping");
+                crate::ops::service::stopping("stopping");
                 let _ = stopper.send("TERMINATE", 0);
             }
         })
@@ -99,7 +99,7 @@ pub fn run(args: &ForwarderArgs) -> Result<(), String> {
         gateways.join(",")
     );
     let _ = stdout.flush();
-    crate::service::ready("forwarding");
+    crate::ops::service::ready("forwarding");
     zmq::proxy_steerable(&mut xsub, &mut xpub, &mut control)
         .map_err(|e| zmq_err("zmq proxy", e))?;
     info!("forwarder stopped");

@@ -25,7 +25,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -316,13 +316,7 @@ impl Demand {
 }
 
 /// Channels subscribed upstream (for `/metrics`).
-static UPSTREAM_SUBSCRIPTIONS: AtomicU64 = AtomicU64::new(0);
-
-pub fn upstream_subscriptions() -> u64 {
-    UPSTREAM_SUBSCRIPTIONS.load(Ordering::Relaxed)
-}
-
-/// A refused publication's place in [`crate::metrics::DROP_REASONS`].
+/// A refused publication's place in [`crate::ops::metrics::DROP_REASONS`].
 fn metric_reason(e: &PublicationError) -> usize {
     match e {
         PublicationError::WrongFrameCount(_) => 0,
@@ -400,7 +394,7 @@ pub fn open(ctx: &zmq::Context, cfg: &Config) -> Result<(zmq::Socket, Bound), St
         // would match "news2").
         sub.set_subscribe(b"")
             .map_err(|e| format!("zmq subscribe: {e}"))?;
-        UPSTREAM_SUBSCRIPTIONS.store(1, Ordering::Relaxed);
+        crate::ops::metrics::set_zmq_subscriptions(1);
     }
     watch_peers(ctx, &sub)?;
     let mut bound = Bound { endpoint: None };
@@ -422,12 +416,6 @@ pub fn open(ctx: &zmq::Context, cfg: &Config) -> Result<(zmq::Socket, Bound), St
 
 /// ZeroMQ peers (publishers or forwarders) the SUB socket is connected to
 /// now, as its monitor reports them; `/readyz` can require at least one.
-static PUBLISHER_PEERS: AtomicI64 = AtomicI64::new(0);
-
-pub fn publisher_peers() -> i64 {
-    PUBLISHER_PEERS.load(Ordering::Relaxed)
-}
-
 /// Counts the SUB socket's peers from its monitor events, on a thread of
 /// their own so the ingest loop keeps its single blocking receive.
 fn watch_peers(ctx: &zmq::Context, sub: &zmq::Socket) -> Result<(), String> {
@@ -462,7 +450,7 @@ fn watch_peers(ctx: &zmq::Context, sub: &zmq::Socket) -> Result<(), String> {
                 zmq::SocketEvent::DISCONNECTED => -1,
                 _ => continue,
             };
-            let now = PUBLISHER_PEERS.fetch_add(delta, Ordering::Relaxed) + delta;
+            let now = crate::ops::metrics::add_zmq_peers(delta);
             info!(
                 ?event,
                 endpoint = endpoint.as_deref().unwrap_or("?"),
@@ -588,7 +576,7 @@ pub fn run(
                     core.deliver(ToCore::Unsubscribed(name.clone()));
                 }
             }
-            UPSTREAM_SUBSCRIPTIONS.store(demand.len() as u64, Ordering::Relaxed);
+            crate::ops::metrics::set_zmq_subscriptions(demand.len() as u64);
         }
         for _ in 0..RECEIVE_BATCH_MESSAGES {
             let frames = match sub.recv_multipart(zmq::DONTWAIT) {
@@ -624,7 +612,7 @@ impl Ingest<'_> {
     /// Checks one publication, gives it its id and hands it to every core.
     /// False when no core is left.
     fn publication(&mut self, frames: &[Vec<u8>]) -> bool {
-        crate::metrics::note_message_in();
+        crate::ops::metrics::note_message_in();
         let limits = PublicationLimits {
             channel_name_bytes_max: self.cfg.channel_name_bytes_max,
             payload_bytes_max: self.cfg.publish_payload_bytes_max,
@@ -632,7 +620,7 @@ impl Ingest<'_> {
         let checked = match check_frames(frames, &limits) {
             Ok(checked) => checked,
             Err(e) => {
-                crate::metrics::note_dropped(metric_reason(&e));
+                crate::ops::metrics::note_dropped(metric_reason(&e));
                 self.dropped += 1;
                 warn!(error = ?e, dropped_total = self.dropped, "publication dropped");
                 return true;
@@ -643,7 +631,7 @@ impl Ingest<'_> {
                 // A longer name let through by a prefix subscription, or one
                 // still in flight when its channel was unsubscribed: nobody
                 // here wants it.
-                crate::metrics::note_dropped(8);
+                crate::ops::metrics::note_dropped(8);
                 debug!(
                     channel = checked.channel,
                     "publication on a channel not subscribed"
@@ -656,7 +644,7 @@ impl Ingest<'_> {
         let id = match assign_id(&checked, &mut self.max_seen, &mut self.last_ids, self.tag) {
             Ok(id) => id,
             Err(why) => {
-                crate::metrics::note_dropped(match why {
+                crate::ops::metrics::note_dropped(match why {
                     IdRefusal::NotAfterLast { .. } => 6,
                     IdRefusal::Exhausted => 7,
                 });

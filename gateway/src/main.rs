@@ -3,19 +3,15 @@
 //! the ZeroMQ ingest thread, then prints one `READY …` line on stdout.
 //! SIGTERM or SIGINT drains it (see `drain`).
 
-mod admin;
 mod admission;
 mod auth;
+mod cli;
 mod config;
-mod conn;
 mod core;
-mod drain;
-mod events;
 mod forwarder;
 mod ingest;
-mod logs;
-mod metrics;
-mod service;
+mod ops;
+mod request;
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -33,17 +29,18 @@ use crate::admission::{Admission, IpCounts};
 use crate::config::Config;
 use crate::core::Core;
 use crate::ingest::{CoreInbox, ToCore};
+use crate::ops::{admin, drain, logs, service};
 
 fn main() {
     // Before any thread exists, so that every thread inherits the mask.
     drain::block_signals();
     // clap's own exit panics when it cannot print (a closed stdout or
     // stderr); a failed print here still exits with its code.
-    let cli = config::Cli::try_parse().unwrap_or_else(|e| {
+    let cli = cli::Cli::try_parse().unwrap_or_else(|e| {
         let _ = e.print();
         std::process::exit(e.exit_code());
     });
-    if let Some(config::Command::Forwarder(args)) = &cli.command {
+    if let Some(cli::Command::Forwarder(args)) = &cli.command {
         logs::init(&args.log_level, args.log_format);
         if let Err(e) = forwarder::run(args) {
             error!("{e}");
@@ -181,7 +178,7 @@ fn run(cfg: &'static Config) -> Result<(), String> {
                             return;
                         }
                     };
-                    monoio::spawn(events::event_loop(core.clone()));
+                    monoio::spawn(core::events::event_loop(core.clone()));
                     monoio::spawn(core::doorbell_loop(core.clone(), rx, rung, doorbell));
                     monoio::spawn(core::sweep_loop(core.clone(), alive));
                     let _ = ready.send(Ok(()));
@@ -269,13 +266,16 @@ async fn accept_loop(core: Rc<Core>, listener: monoio::net::TcpListener) {
                             core.deregister(key);
                             continue;
                         }
-                        monoio::spawn(conn::serve(core.clone(), key));
+                        monoio::spawn(request::serve(core.clone(), key));
                     }
                     Err(refusal) => {
                         core.stats.handshake(refusal.reason());
                         // Counted here, logged by the sweep once a second.
                         debug!(core = core.index, %peer, reason = refusal.reason(), "connection refused");
-                        monoio::spawn(conn::refuse(stream, admission::refusal_response(refusal)));
+                        monoio::spawn(request::refuse(
+                            stream,
+                            admission::refusal_response(refusal),
+                        ));
                     }
                 }
             }

@@ -4,723 +4,35 @@
 //! cores except the inbound queue and the connection counter.
 
 use std::cell::{Cell, RefCell};
-use std::collections::{HashMap, VecDeque};
-use std::net::{IpAddr, SocketAddr};
+use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::Waker;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use crossbeam_channel::Receiver;
-use indexmap::IndexSet;
 use protocol::envelope;
-use protocol::id::{GATEWAY_ID_FLOOR, ID_TAG_MASK};
+use protocol::id::GATEWAY_ID_FLOOR;
 use protocol::origin::PATTERN_SLOT;
-use protocol::ws;
-use rand::Rng;
 use slab::Slab;
 use tracing::{debug, info, warn};
 
+pub mod events;
+
 use crate::admission::{Admission, Refusal};
 use crate::config::Config;
-use crate::ingest::{Interest, InterestTx, Message, ToCore};
+use crate::ingest::{InterestTx, ToCore};
 
-/// What a connection is doing, as far as fan-out is concerned.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Transport {
-    /// Reading a request head; not subscribed to anything.
-    Http,
-    WebSocket,
-    Sse,
-    /// A held long-poll request: the first message after its cursor answers it.
-    LongPoll,
-    /// Its last bytes (an error response, a close frame) are leaving: no
-    /// message, heartbeat or deadline touches it any more.
-    Closing,
-}
+pub mod conn;
+pub mod registry;
 
-/// Where a connection stands in a drain (see `Core::drain_step`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Drain {
-    /// Not asked to go (yet).
-    No,
-    /// Asked to go (the drain, or its token expired); its task has not seen
-    /// it yet.
-    Asked,
-    /// Its task has seen it (and closes the connection when it can).
-    Seen,
-}
-
-/// An empty WebSocket ping (FIN + opcode 0x9, no payload): the heartbeat of
-/// every WebSocket, one static buffer shared by all of them.
-pub const WS_PING: &[u8] = &[0x89, 0x00];
-/// The heartbeat of an SSE stream: a comment line, which EventSource
-/// ignores, and a blank line.
-pub const SSE_HEARTBEAT: &[u8] = b": heartbeat\n\n";
-/// Close frame 1008 (policy violation), reason "slow consumer": sent, if the
-/// socket takes it, to a WebSocket dropped for letting its queue overflow.
-pub const WS_CLOSE_SLOW_CONSUMER: &[u8] = &[
-    0x88, 15, 0x03, 0xf0, b's', b'l', b'o', b'w', b' ', b'c', b'o', b'n', b's', b'u', b'm', b'e',
-    b'r',
-];
-/// Close frame 1012 (service restart), reason "service restart": sent to
-/// every WebSocket when the gateway drains. Reconnect (elsewhere) with
-/// `since=` the last id.
-pub const WS_CLOSE_SERVICE_RESTART: &[u8] = &[
-    0x88, 17, 0x03, 0xf4, b's', b'e', b'r', b'v', b'i', b'c', b'e', b' ', b'r', b'e', b's', b't',
-    b'a', b'r', b't',
-];
-/// Close frame 4001 (application range), reason "token expired": sent to a
-/// WebSocket whose token's `exp` (plus the leeway) has passed. Fetch a new
-/// token and reconnect.
-pub const WS_CLOSE_TOKEN_EXPIRED: &[u8] = &[
-    0x88, 15, 0x0f, 0xa1, b't', b'o', b'k', b'e', b'n', b' ', b'e', b'x', b'p', b'i', b'r', b'e',
-    b'd',
-];
-/// The `retry:` an SSE stream starts with, and the one it ends with when the
-/// gateway drains (milliseconds, EventSource's reconnection delay), is drawn
-/// from this range, uniformly, so that the clients of a gateway that goes
-/// away do not all come back at once.
-pub const SSE_RETRY_MS_MIN: u32 = 1_000;
-pub const SSE_RETRY_MS_MAX: u32 = 5_000;
-
-/// Per-connection state the core keeps in its slab: for an open stream, all
-/// of it. Fan-out writes to it; the core's event loop (see `events`) reads
-/// it; a task exists only while it reads a request or holds a long-poll.
-/// It owns the socket (closed when the entry is removed).
-pub struct Conn {
-    pub fd: RawFd,
-    /// Its own slab key (for the attention list, see `events`).
-    key: u32,
-    pub transport: Transport,
-    /// Set when the socket failed, the client is too slow, or a deadline
-    /// passed: whoever serves it (its task, or the event loop) closes it.
-    pub dead: bool,
-    /// The kernel refused part of the queue; the event loop writes the rest
-    /// at the next `EPOLLOUT`.
-    pub blocked: bool,
-    /// Already on this core's to-flush list for the current batch.
-    dirty: bool,
-    /// Long-poll: the answer is queued; no further messages are added.
-    pub poll_answered: bool,
-    /// Long-poll: the poll timeout passed before any message came.
-    pub poll_timed_out: bool,
-    /// The gateway is draining and asked this connection to go.
-    pub drain: Drain,
-    /// Core clock second after which the sweep acts (0 = no deadline): the
-    /// head timeout, the long-poll timeout, or a stream's next heartbeat.
-    pub deadline_s: u32,
-    /// Core clock second at which bytes were last read from the client: a
-    /// WebSocket silent for longer than the heartbeat interval plus the pong
-    /// timeout is a dead peer.
-    pub last_heard_s: u32,
-    /// Core clock second at which the token this stream was opened with
-    /// expires (0 = no token, auth off): the sweep closes it then.
-    pub auth_expires_s: u32,
-    /// Bytes of `queue.front()` the kernel has already taken.
-    sent_of_front: u32,
-    /// Bytes queued and not yet sent.
-    pub queued_bytes: u32,
-    /// Messages with an id at or below this are not delivered: the client
-    /// already has them (it resumed from this cursor, which may be ahead of
-    /// this core by a message still in flight from ingest).
-    pub skip_through: u64,
-    /// Frames waiting for the socket. Shared `Bytes`, never copies. Empty
-    /// (and unallocated) for an idle connection.
-    pub queue: VecDeque<Bytes>,
-    /// The task serving it, while one does.
-    pub waker: Option<Waker>,
-    /// An open WebSocket's session (frame decoder, UTF-8 and close state);
-    /// boxed, as SSE streams and requests have none.
-    pub session: Option<Box<ws::ServerSession>>,
-    /// The conformance echo endpoint's state, for a WebSocket that echoes.
-    pub echo: Option<crate::events::Echo>,
-    /// Input may be waiting: set by an epoll event, cleared by a read that
-    /// finds none.
-    pub readable: bool,
-    /// No task serves it: the core's event loop does (an open stream, or
-    /// a connection lingering before its close).
-    pub parked: bool,
-    /// On the core's attention list (see `events`).
-    pub attention: bool,
-    /// Closing: its write side is shut down, it waits for the peer's end.
-    pub shut_wr: bool,
-    /// Registry ids of the channels it is subscribed to.
-    pub channels: Box<[u32]>,
-    /// The client's address: the TCP peer, or what its proxy's PROXY
-    /// header said. Logged, and counted by `connections_per_ip_max`.
-    client_ip: IpAddr,
-    client_port: u16,
-    /// It holds a place under `client_ip` in the shared per-address table
-    /// (given back when it closes).
-    counted_ip: bool,
-    /// It comes from a trusted proxy: its first bytes are a PROXY header.
-    pub expects_proxy_header: bool,
-    /// Its origin's CORS slot (see `protocol::origin`; 0 = no CORS
-    /// headers): a long-poll answer shared by many clients goes out behind
-    /// this client's own status line and CORS headers.
-    pub cors: u8,
-}
-
-/// Outbound queue buffers between uses, per core: taken by a connection
-/// when a batch queues its first frame, given back when it has sent them.
-/// Only small ones are kept (a queue that grew behind a slow client, or
-/// for a burst, is freed), and a bounded number: at most 1,024 × 16
-/// frames × 32 bytes = 512 KiB per core.
-const POOLED_QUEUES_MAX: usize = 1024;
-const POOLED_QUEUE_FRAMES_MAX: usize = 16;
-
-thread_local! {
-    static QUEUE_POOL: RefCell<Vec<VecDeque<Bytes>>> = const { RefCell::new(Vec::new()) };
-}
-
-/// The userspace bytes one idle WebSocket or SSE connection may cost, all
-/// its parts together: its slab entry, its WebSocket session, its channel
-/// list and its entry in a channel's subscriber set. `bench idle` measures
-/// the process's RSS per connection against it (see the README).
-pub const IDLE_CONNECTION_BYTES_MAX: usize = 384;
-/// The slab entry (a `Conn` and the slab's tag). Raising it costs memory
-/// on every connection of the host; say why in the commit.
-const CONN_BYTES_MAX: usize = 160;
-const _: () = assert!(std::mem::size_of::<Conn>() + 8 <= CONN_BYTES_MAX);
-/// A heap block of `n` bytes as glibc's malloc lays it out: an 8-byte
-/// header, 16-byte steps, 32 bytes at least.
-const fn heap_block_bytes(n: usize) -> usize {
-    let with_header = (n + 8).div_ceil(16) * 16;
-    if with_header < 32 {
-        32
-    } else {
-        with_header
-    }
-}
-/// One subscription: its place in the channel's `IndexSet` (hash and key,
-/// 16 bytes, and a 9-byte slot of the index table), both grown by doubling
-/// (so up to twice that).
-const SUBSCRIPTION_BYTES_MAX: usize = 2 * (16 + 9);
-/// An idle WebSocket subscribed to one channel; an SSE stream is the same
-/// without the session.
-const _: () = assert!(
-    CONN_BYTES_MAX
-        + heap_block_bytes(std::mem::size_of::<ws::ServerSession>())
-        + heap_block_bytes(std::mem::size_of::<u32>())
-        + SUBSCRIPTION_BYTES_MAX
-        <= IDLE_CONNECTION_BYTES_MAX
-);
-
-impl Conn {
-    fn new(fd: RawFd, key: u32, client: SocketAddr) -> Conn {
-        Conn {
-            fd,
-            key,
-            transport: Transport::Http,
-            dead: false,
-            blocked: false,
-            dirty: false,
-            poll_answered: false,
-            poll_timed_out: false,
-            drain: Drain::No,
-            deadline_s: 0,
-            last_heard_s: 0,
-            auth_expires_s: 0,
-            sent_of_front: 0,
-            queued_bytes: 0,
-            skip_through: 0,
-            queue: VecDeque::new(),
-            waker: None,
-            session: None,
-            echo: None,
-            readable: false,
-            parked: false,
-            attention: false,
-            shut_wr: false,
-            channels: Box::new([]),
-            client_ip: client.ip(),
-            client_port: client.port(),
-            counted_ip: false,
-            expects_proxy_header: false,
-            cors: 0,
-        }
-    }
-
-    /// The client's address, for logs.
-    pub fn client(&self) -> SocketAddr {
-        SocketAddr::new(self.client_ip, self.client_port)
-    }
-
-    /// Hands the connection to whoever serves it: its task, or, parked,
-    /// the core's event loop (through the attention list).
-    pub fn wake(&mut self) {
-        if self.parked {
-            if !self.attention {
-                self.attention = true;
-                crate::events::attend(self.key);
-            }
-        } else if let Some(w) = self.waker.take() {
-            w.wake();
-        }
-    }
-
-    /// Asks the connection to go, because the gateway drains. A stream is
-    /// told here, behind what is already queued, and takes no message
-    /// after it: a WebSocket gets close 1012 (service restart), an SSE
-    /// stream a jittered `retry:` before it ends. A held long-poll or a
-    /// connection between requests is left to its task (which knows the
-    /// cursor, or whether a response is under way).
-    fn ask_to_go(&mut self, bytes_max: usize) {
-        let farewell = match self.transport {
-            Transport::WebSocket => Some(Bytes::from_static(WS_CLOSE_SERVICE_RESTART)),
-            Transport::Sse => {
-                let ms = rand::thread_rng().gen_range(SSE_RETRY_MS_MIN..=SSE_RETRY_MS_MAX);
-                let mut out = Vec::with_capacity(16);
-                protocol::sse::encode_retry(&mut out, ms);
-                Some(Bytes::from(out))
-            }
-            Transport::Http | Transport::LongPoll | Transport::Closing => None,
-        };
-        if let Some(bytes) = farewell {
-            self.transport = Transport::Closing;
-            // The linger's deadline starts when the event loop sees it.
-            self.deadline_s = 0;
-            self.push(bytes, bytes_max);
-            if !self.blocked {
-                self.flush();
-            }
-        }
-        self.drain = Drain::Asked;
-        self.wake();
-    }
-
-    /// Ends a stream whose token expired, behind what is already queued: a
-    /// WebSocket gets close 4001 "token expired", an SSE stream just ends.
-    /// Its task sees it as asked to go (`Drain::Asked`) and closes after
-    /// the bytes leave.
-    fn token_expired(&mut self, bytes_max: usize) {
-        if self.transport == Transport::WebSocket {
-            self.push(Bytes::from_static(WS_CLOSE_TOKEN_EXPIRED), bytes_max);
-            if !self.blocked {
-                self.flush();
-            }
-        }
-        self.transport = Transport::Closing;
-        self.deadline_s = 0;
-        self.drain = Drain::Asked;
-        self.wake();
-    }
-
-    /// Queues bytes; a connection over its outbound budget is dropped as a
-    /// slow consumer.
-    pub fn push(&mut self, frame: Bytes, bytes_max: usize) {
-        if self.dead {
-            return;
-        }
-        let mut total = self.queued_bytes as usize + frame.len();
-        if total > bytes_max && !self.blocked {
-            // The dispatcher queues a whole batch before it writes: what is
-            // queued goes to the socket before the client is called slow.
-            self.flush();
-            if self.dead {
-                return;
-            }
-            total = self.queued_bytes as usize + frame.len();
-        }
-        if total > bytes_max {
-            self.drop_slow_consumer(total);
-            return;
-        }
-        self.queued_bytes = total as u32;
-        if self.queue.capacity() == 0 {
-            self.queue = QUEUE_POOL
-                .with(|p| p.borrow_mut().pop())
-                .unwrap_or_default();
-        }
-        self.queue.push_back(frame);
-    }
-
-    /// Gives the (empty) queue's buffer back to this core's pool: a
-    /// connection does not keep one while idle, and the next batch does
-    /// not allocate one.
-    fn release_queue(&mut self) {
-        let queue = std::mem::take(&mut self.queue);
-        if queue.capacity() > 0 && queue.capacity() <= POOLED_QUEUE_FRAMES_MAX {
-            QUEUE_POOL.with(|p| {
-                let mut pool = p.borrow_mut();
-                if pool.len() < POOLED_QUEUES_MAX {
-                    pool.push(queue);
-                }
-            });
-        }
-    }
-
-    /// A client that lets its queue overflow is closed, and its queue freed
-    /// at once. A WebSocket is told why if its socket has room: frames not
-    /// yet started are dropped, a frame the kernel already has part of is
-    /// finished (the stream would be corrupt otherwise), then close 1008
-    /// "slow consumer", in one write attempt. An SSE stream or a response
-    /// just ends: there is no way to say why that a client would see.
-    fn drop_slow_consumer(&mut self, wanted_bytes: usize) {
-        crate::metrics::note_slow_consumer();
-        warn!(
-            peer = %self.client(),
-            transport = ?self.transport,
-            queued_bytes = self.queued_bytes,
-            wanted_bytes,
-            "slow consumer: outbound queue over its limit, closing"
-        );
-        let started = if self.sent_of_front > 0 {
-            self.queue.pop_front()
-        } else {
-            None
-        };
-        self.queue = VecDeque::new();
-        self.queued_bytes = 0;
-        if self.transport == Transport::WebSocket {
-            if let Some(front) = started {
-                self.queued_bytes = (front.len() - self.sent_of_front as usize) as u32;
-                self.queue.push_back(front);
-            } else {
-                self.sent_of_front = 0;
-            }
-            self.queued_bytes += WS_CLOSE_SLOW_CONSUMER.len() as u32;
-            self.queue
-                .push_back(Bytes::from_static(WS_CLOSE_SLOW_CONSUMER));
-            self.flush();
-        }
-        self.queue = VecDeque::new();
-        self.queued_bytes = 0;
-        self.sent_of_front = 0;
-        self.dead = true;
-        self.wake();
-    }
-
-    /// Writes as much of the queue as the socket takes now, in one `sendmsg`
-    /// per 64 frames. Never blocks: the accepted socket is in blocking mode
-    /// (io_uring), so every call passes MSG_DONTWAIT.
-    pub fn flush(&mut self) {
-        const IOV_MAX: usize = 64;
-        while !self.dead {
-            if self.queue.is_empty() {
-                self.release_queue();
-                self.blocked = false;
-                return;
-            }
-            let mut iov = [libc::iovec {
-                iov_base: std::ptr::null_mut(),
-                iov_len: 0,
-            }; IOV_MAX];
-            let mut n = 0;
-            let mut total = 0;
-            for (i, frame) in self.queue.iter().take(IOV_MAX).enumerate() {
-                let skip = if i == 0 {
-                    self.sent_of_front as usize
-                } else {
-                    0
-                };
-                iov[i] = libc::iovec {
-                    iov_base: frame[skip..].as_ptr() as *mut libc::c_void,
-                    iov_len: frame.len() - skip,
-                };
-                total += frame.len() - skip;
-                n += 1;
-            }
-            // SAFETY: msghdr is plain data; zeroed is a valid empty header.
-            let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-            msg.msg_iov = iov.as_mut_ptr();
-            msg.msg_iovlen = n;
-            // SAFETY: the iovecs point into `Bytes` held by `self.queue`,
-            // which is not touched until the call returns.
-            let sent =
-                unsafe { libc::sendmsg(self.fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
-            if sent < 0 {
-                let err = std::io::Error::last_os_error();
-                match err.kind() {
-                    std::io::ErrorKind::Interrupted => continue,
-                    std::io::ErrorKind::WouldBlock => self.blocked = true,
-                    _ => {
-                        debug!(fd = self.fd, error = %err, "send failed");
-                        self.dead = true;
-                    }
-                }
-                self.wake();
-                return;
-            }
-            self.advance(sent as usize);
-            if (sent as usize) < total {
-                // A short write: the socket buffer is full. The event
-                // loop calls flush again at the next EPOLLOUT.
-                self.blocked = true;
-                self.wake();
-                return;
-            }
-        }
-    }
-
-    fn advance(&mut self, mut sent: usize) {
-        self.queued_bytes -= sent as u32;
-        while sent > 0 {
-            let front_left = self.queue[0].len() - self.sent_of_front as usize;
-            if sent >= front_left {
-                sent -= front_left;
-                self.queue.pop_front();
-                self.sent_of_front = 0;
-            } else {
-                self.sent_of_front += sent as u32;
-                sent = 0;
-            }
-        }
-    }
-}
-
-/// A channel as one core sees it: its local subscribers and its history.
-struct Channel {
-    name: Box<str>,
-    subscribers: IndexSet<u32>,
-    history: VecDeque<Arc<Message>>,
-    /// Highest id this channel's history has let go of: a cursor below it
-    /// cannot be served completely.
-    evicted_through: u64,
-}
-
-/// Channel name → local subscribers and history, for one core.
-pub struct Registry {
-    ids: HashMap<Box<str>, u32>,
-    channels: Slab<Channel>,
-    /// Channel ids in creation order, for evicting whole channels past
-    /// `channels_max`.
-    age: VecDeque<u32>,
-    /// Highest id of any message whose channel was evicted from the table, or
-    /// that was published before this process started: a cursor at or below
-    /// it on an unknown channel cannot be trusted.
-    forgotten_through: u64,
-    /// This process's tag, the low bits of every id it assigns.
-    own_tag: u64,
-    /// Messages pushed out of a channel's history by `history_messages`
-    /// (for `/metrics`).
-    pub evictions: u64,
-    /// Demand mode: where this core reports a channel's first local
-    /// subscriber and its last one leaving.
-    interest: Option<InterestTx>,
-}
-
-/// What a resuming client gets: messages after its cursor, and the channels
-/// whose history no longer reaches back to it.
-pub struct Resume {
-    pub messages: Vec<Arc<Message>>,
-    pub gaps: Vec<Box<str>>,
-    /// Where the subscribed channels stand on this core: the highest id
-    /// among their last messages (or, for a channel without one, the id
-    /// below which it knows nothing). A client without a cursor, or one told
-    /// of a gap, continues from here.
-    pub present: u64,
-    /// The cursor could not be used on some channel (it is not a position
-    /// this core can place: from the future, or from this gateway's own
-    /// sequence on a channel numbered by its publisher): that channel's
-    /// whole history was replayed after its gap, and the connection must
-    /// not skip live messages by that cursor.
-    pub reset: bool,
-}
-
-impl Registry {
-    fn new(first_id: u64, interest: Option<InterestTx>) -> Registry {
-        Registry {
-            ids: HashMap::new(),
-            channels: Slab::new(),
-            age: VecDeque::new(),
-            forgotten_through: first_id,
-            own_tag: first_id & ID_TAG_MASK,
-            evictions: 0,
-            interest,
-        }
-    }
-
-    /// Ingest no longer subscribes to `name` (demand mode): what is
-    /// published on it from now on may never reach this core, so nothing
-    /// before now can be resumed completely here. A channel without
-    /// subscribers is forgotten; one that got a subscriber meanwhile (ingest
-    /// subscribes again when it hears of it) loses its history, and its
-    /// subscribers are returned to be told of the gap.
-    fn forget(&mut self, name: &str, published_through: u64) -> Option<&IndexSet<u32>> {
-        self.forgotten_through = self.forgotten_through.max(published_through);
-        let id = *self.ids.get(name)?;
-        let ch = &mut self.channels[id as usize];
-        if ch.subscribers.is_empty() {
-            self.remove(id);
-            return None;
-        }
-        ch.history.clear();
-        ch.evicted_through = ch.evicted_through.max(published_through);
-        Some(&self.channels[id as usize].subscribers)
-    }
-
-    fn id_of(&mut self, name: &str, channels_max: usize) -> u32 {
-        if let Some(&id) = self.ids.get(name) {
-            return id;
-        }
-        if self.channels.len() >= channels_max {
-            self.evict_one();
-        }
-        let id = self.channels.insert(Channel {
-            name: name.into(),
-            subscribers: IndexSet::new(),
-            history: VecDeque::new(),
-            // Whatever this channel had before it entered the table (before
-            // this process started, or before it was evicted) is unknown.
-            evicted_through: self.forgotten_through,
-        }) as u32;
-        self.ids.insert(name.into(), id);
-        self.age.push_back(id);
-        id
-    }
-
-    /// Drops the oldest channel that has no subscribers. Bounded: looks at
-    /// each channel at most once.
-    fn evict_one(&mut self) {
-        for _ in 0..self.age.len() {
-            let Some(id) = self.age.pop_front() else {
-                return;
-            };
-            let Some(ch) = self.channels.get(id as usize) else {
-                continue;
-            };
-            if ch.subscribers.is_empty() {
-                self.remove(id);
-                return;
-            }
-            self.age.push_back(id);
-        }
-    }
-
-    fn remove(&mut self, id: u32) {
-        let ch = self.channels.remove(id as usize);
-        let last = ch.history.back().map_or(ch.evicted_through, |m| m.id);
-        self.forgotten_through = self.forgotten_through.max(last);
-        self.ids.remove(&ch.name);
-        self.age.retain(|&a| a != id);
-    }
-
-    /// Appends a message to its channel's history (entering the channel
-    /// if need be) and returns the channel's id, and whether this message
-    /// showed that the channel is numbered by its publisher below this
-    /// gateway's own ids (subscribers waiting with a cursor of this
-    /// gateway's sequence must then not skip by it).
-    fn record(
-        &mut self,
-        msg: &Arc<Message>,
-        history_max: usize,
-        channels_max: usize,
-    ) -> (u32, bool) {
-        let id = self.id_of(&msg.channel, channels_max);
-        let ch = &mut self.channels[id as usize];
-        let mut renumbered = false;
-        if ch.history.is_empty() && msg.from_publisher {
-            // The first message of a channel whose ids are the publisher's:
-            // what it published before is unknown here, and its sequence
-            // says where that ends (ids increase per channel).
-            ch.evicted_through = msg.id - 1;
-            renumbered = msg.id < GATEWAY_ID_FLOOR;
-        }
-        if ch.history.len() >= history_max {
-            if let Some(old) = ch.history.pop_front() {
-                ch.evicted_through = old.id;
-                self.evictions += 1;
-            }
-        }
-        ch.history.push_back(msg.clone());
-        (id, renumbered)
-    }
-
-    /// Subscribes `conn` to `names` and returns what it missed after `since`.
-    /// Runs without yielding, so no message can slip between the history it
-    /// replays and the live messages that follow.
-    pub fn subscribe(
-        &mut self,
-        conn: u32,
-        names: &[String],
-        since: Option<u64>,
-        published_through: u64,
-        channels_max: usize,
-        replay_max: usize,
-    ) -> (Box<[u32]>, Resume) {
-        let mut ids = Vec::with_capacity(names.len());
-        let own_tag = self.own_tag;
-        let mut resume = Resume {
-            messages: Vec::new(),
-            gaps: Vec::new(),
-            present: 0,
-            reset: false,
-        };
-        for name in names {
-            let id = self.id_of(name, channels_max);
-            let ch = &mut self.channels[id as usize];
-            if ch.subscribers.is_empty() {
-                if let Some(interest) = &self.interest {
-                    interest.send(Interest::On(name.as_str().into()));
-                }
-            }
-            ch.subscribers.insert(conn);
-            ids.push(id);
-            let last = ch.history.back();
-            resume.present = resume
-                .present
-                .max(last.map_or(ch.evicted_through, |m| m.id));
-            let Some(since) = since else { continue };
-            // A cursor this core cannot place is a gap, then the whole
-            // history: one from the future (another process) on a channel
-            // whose ids this process issues, or one of this gateway's own
-            // sequence (a "nothing yet" handed out before the channel had a
-            // message) on a channel numbered by its publisher below it. A
-            // publisher's cursor merely ahead of this core comes from a
-            // gateway that got the message a moment earlier: taken at its
-            // word.
-            let unusable = match last {
-                Some(m) if m.from_publisher => {
-                    since > m.id && since >= GATEWAY_ID_FLOOR && m.id < GATEWAY_ID_FLOOR
-                }
-                // On a channel this gateway numbers: from the future, or
-                // another process's id (another tag), however close its
-                // number.
-                _ => {
-                    since > published_through
-                        || (since >= GATEWAY_ID_FLOOR && since & ID_TAG_MASK != own_tag)
-                }
-            };
-            // A cursor from before what this core remembers is a gap too,
-            // never a guess.
-            if unusable || ch.evicted_through > since {
-                resume.gaps.push(name.as_str().into());
-            }
-            let after = if unusable { 0 } else { since };
-            resume.reset |= unusable;
-            resume
-                .messages
-                .extend(ch.history.iter().filter(|m| m.id > after).cloned());
-        }
-        // Several channels: deliver in id order, as live delivery would.
-        resume.messages.sort_by_key(|m| m.id);
-        resume.messages.truncate(replay_max);
-        (ids.into_boxed_slice(), resume)
-    }
-
-    pub fn unsubscribe(&mut self, conn: u32, channels: &[u32]) {
-        for &id in channels {
-            let Some(ch) = self.channels.get_mut(id as usize) else {
-                continue;
-            };
-            if ch.subscribers.swap_remove(&conn) && ch.subscribers.is_empty() {
-                if let Some(interest) = &self.interest {
-                    interest.send(Interest::Off(ch.name.clone()));
-                }
-            }
-            // A channel nobody listens to and nothing was published on would
-            // otherwise let clients grow the table with made-up names.
-            if ch.subscribers.is_empty() && ch.history.is_empty() {
-                self.remove(id);
-            }
-        }
-    }
-}
+pub use self::conn::{
+    Conn, Drain, Transport, SSE_HEARTBEAT, SSE_RETRY_MS_MAX, SSE_RETRY_MS_MIN, WS_PING,
+};
+pub use self::registry::{Registry, Resume};
 
 /// Everything one core owns. Lives in an `Rc`: only this core's thread sees it.
 pub struct Core {
@@ -742,7 +54,7 @@ pub struct Core {
     /// Sweeps since this core saw the drain start (see `drain_step`).
     drain_sweeps: Cell<u32>,
     /// This core's counters for `/metrics`, published by the sweep.
-    pub stats: crate::metrics::CoreStats,
+    pub stats: crate::ops::metrics::CoreStats,
     /// Encoding times of the current batch's delivered messages, for the
     /// publish→send latency (reused, never shrunk).
     batch_stamps: RefCell<Vec<Instant>>,
@@ -762,7 +74,7 @@ pub struct Core {
     /// gateway could not place on a channel numbered by its publisher.
     pub poll_gaps: RefCell<HashMap<u32, Vec<Box<str>>>>,
     /// Every connection's readiness (see `events`).
-    pub epoll: crate::events::Epoll,
+    pub epoll: crate::core::events::Epoll,
 }
 
 /// Size of the per-core receive buffer.
@@ -779,11 +91,11 @@ const SCRATCH_BYTES: usize = 64 * 1024;
 /// long the core goes without serving its connections, however many
 /// subscribers a channel has.
 const DISPATCH_BATCH_MESSAGES: usize = 256;
+const DISPATCH_BATCH_DELIVERIES: u64 = 262_144;
 /// From this many local subscribers on, a message's frames are copied into
 /// the core before they are queued (see `dispatch`): a copy of a frame
 /// costs about what a few dozen contended reference counts do.
 const LOCAL_COPY_SUBSCRIBERS_MIN: usize = 32;
-const DISPATCH_BATCH_DELIVERIES: u64 = 262_144;
 
 impl Core {
     pub fn new(
@@ -807,7 +119,7 @@ impl Core {
             started: Instant::now(),
             dirty: RefCell::new(Vec::new()),
             drain_sweeps: Cell::new(0),
-            stats: crate::metrics::CoreStats::default(),
+            stats: crate::ops::metrics::CoreStats::default(),
             batch_stamps: RefCell::new(Vec::new()),
             cors_poll_heads: cfg
                 .origins
@@ -820,7 +132,7 @@ impl Core {
                 .collect(),
             cors_by_conn: RefCell::new(HashMap::new()),
             poll_gaps: RefCell::new(HashMap::new()),
-            epoll: crate::events::Epoll::new()?,
+            epoll: crate::core::events::Epoll::new()?,
         })
     }
 
@@ -1123,7 +435,7 @@ impl Core {
         let mut expired = 0u64;
         let mut by_transport = [0u64; 5];
         for (_, conn) in self.conns.borrow_mut().iter_mut() {
-            by_transport[crate::metrics::transport_slot(conn.transport)] += 1;
+            by_transport[conn.transport.metrics_slot()] += 1;
             if conn.dead {
                 continue;
             }
@@ -1213,8 +525,8 @@ impl Core {
         }
         let mut snapshot = self.stats.snapshot(by_transport);
         snapshot.history_evictions = self.registry.borrow().evictions;
-        crate::metrics::publish(self.index, snapshot);
-        if crate::drain::draining() {
+        crate::ops::metrics::publish(self.index, snapshot);
+        if crate::ops::drain::draining() {
             self.drain_step();
         }
     }
@@ -1243,7 +555,7 @@ impl Core {
                 asked += 1;
             }
         }
-        crate::drain::note_asked(asked as u64);
+        crate::ops::drain::note_asked(asked as u64);
         debug!(
             core = self.index,
             sweep,
@@ -1337,7 +649,9 @@ pub async fn yield_now() {
 
 #[cfg(test)]
 mod tests {
+    use super::conn::{WS_CLOSE_SERVICE_RESTART, WS_CLOSE_SLOW_CONSUMER};
     use super::*;
+    use crate::ingest::{Interest, Message};
     use protocol::id::{first_gateway_id, ID_TAG_BITS};
 
     fn msg(id: u64, channel: &str) -> Arc<Message> {

@@ -29,13 +29,13 @@ use protocol::ws::{self, MessagePart, ServerSession};
 use rand::Rng;
 use tracing::{debug, info, warn};
 
+use crate::core::events::{Echo, Read};
 use crate::core::{Core, Drain, Transport, SSE_RETRY_MS_MAX, SSE_RETRY_MS_MIN};
-use crate::drain::draining;
-use crate::events::{Echo, Read};
+use crate::ops::drain::draining;
 
 /// How long a connection refused at accept (503) waits for its response to
 /// leave and for the peer to close, before it is dropped regardless.
-const LINGER: Duration = Duration::from_secs(crate::events::LINGER_S as u64);
+const LINGER: Duration = Duration::from_secs(crate::core::events::LINGER_S as u64);
 
 /// Serves one accepted connection, already entered in the core's slab
 /// under `key` (see [`Core::admit`]) and in its epoll set, until it opens a
@@ -186,7 +186,7 @@ impl<'a> Io<'a> {
             match request {
                 Request::Ready { keep_alive, head } => {
                     let draining = draining();
-                    let (ready, status) = crate::service::readiness(self.core.cfg);
+                    let (ready, status) = crate::ops::service::readiness(self.core.cfg);
                     let keep_alive = keep_alive && !draining;
                     let mut response = http::ready_response(ready, status, keep_alive);
                     if head {
@@ -517,7 +517,7 @@ impl<'a> Io<'a> {
     /// buffer; `f` sees the bytes read. A read that finds nothing clears
     /// the connection's `readable` until the next epoll event.
     fn read_into(&self, f: impl FnOnce(&mut [u8]), max: usize) -> Read {
-        let read = crate::events::read_into(self.core, self.fd(), f, max);
+        let read = crate::core::events::read_into(self.core, self.fd(), f, max);
         self.with_conn(|c, core| match read {
             // Any bytes count as a sign of life (the pong check).
             Read::Data => c.last_heard_s = core.now_s(),
@@ -746,7 +746,7 @@ impl<'a> Io<'a> {
                 self.queue(out.into());
             }
             if let Some(end) = end {
-                self.with_conn(|c, _| crate::events::log_session_end(c, end));
+                self.with_conn(|c, _| crate::core::events::log_session_end(c, end));
                 return Err(Close::Linger);
             }
         }
@@ -765,7 +765,7 @@ impl<'a> Io<'a> {
         self.with_conn(|c, core| core.open_stream(c, key, Transport::WebSocket));
         let mut echo = Echo::new();
         match self.start_session(leftover, &mut |part, out| {
-            crate::events::echo_part(&mut echo, part, out)
+            crate::core::events::echo_part(&mut echo, part, out)
         }) {
             Ok(session) => {
                 self.park(Transport::WebSocket, Some(session), Some(echo));

@@ -20,9 +20,9 @@ fn notify(states: &[NotifyState]) {
 /// not ready while draining, nor (when configured) while no ZeroMQ
 /// publisher is connected.
 pub fn readiness(cfg: &crate::config::Config) -> (bool, &'static str) {
-    if crate::drain::draining() {
+    if super::drain::draining() {
         (false, "draining")
-    } else if cfg.ready_requires_publisher && crate::ingest::publisher_peers() <= 0 {
+    } else if cfg.ready_requires_publisher && super::metrics::zmq_peers() <= 0 {
         (false, "no_publisher")
     } else {
         (true, "ready")
@@ -77,7 +77,7 @@ pub fn spawn_watchdog(alive: Vec<Arc<AtomicU64>>, conn_counts: Arc<[AtomicU64]>)
                 continue;
             }
             let connections: u64 = conn_counts.iter().map(|c| c.load(Ordering::Relaxed)).sum();
-            let status = if crate::drain::draining() {
+            let status = if super::drain::draining() {
                 format!("draining, {connections} connections left")
             } else {
                 format!("serving {connections} connections")

@@ -8,7 +8,7 @@
 //! (a single writer) counts in relaxed atomics, once per publication.
 
 use std::cell::{Cell, RefCell};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -23,18 +23,6 @@ pub const LATENCY_BUCKETS_S: [f64; 14] = [
 
 /// Transports as the connections gauge labels them, in `Transport` order.
 pub const TRANSPORTS: [&str; 5] = ["http", "websocket", "sse", "longpoll", "closing"];
-
-/// A transport's place in [`TRANSPORTS`].
-pub fn transport_slot(t: crate::core::Transport) -> usize {
-    use crate::core::Transport;
-    match t {
-        Transport::Http => 0,
-        Transport::WebSocket => 1,
-        Transport::Sse => 2,
-        Transport::LongPoll => 3,
-        Transport::Closing => 4,
-    }
-}
 
 /// What one core has counted, as of its last sweep.
 #[derive(Debug, Clone, Default)]
@@ -134,6 +122,26 @@ pub fn publish(core: usize, snapshot: Snapshot) {
         cores.resize_with(core + 1, Snapshot::default);
     }
     cores[core] = snapshot;
+}
+
+/// ZeroMQ publishers or forwarders connected to the SUB socket (counted
+/// by ingest from the socket's monitor events).
+static ZMQ_PEERS: AtomicI64 = AtomicI64::new(0);
+/// Channels the SUB socket subscribes to upstream (set by ingest).
+static ZMQ_SUBSCRIPTIONS: AtomicU64 = AtomicU64::new(0);
+
+/// A peer connected (+1) or went away (-1); returns how many there are.
+pub fn add_zmq_peers(delta: i64) -> i64 {
+    ZMQ_PEERS.fetch_add(delta, Ordering::Relaxed) + delta
+}
+
+/// ZeroMQ peers connected now (readiness with `ready_requires_publisher`).
+pub fn zmq_peers() -> i64 {
+    ZMQ_PEERS.load(Ordering::Relaxed)
+}
+
+pub fn set_zmq_subscriptions(n: u64) {
+    ZMQ_SUBSCRIPTIONS.store(n, Ordering::Relaxed);
 }
 
 /// Publications received from ZeroMQ (accepted or dropped).
@@ -283,7 +291,7 @@ pub fn render() -> String {
         "gateway_zmq_peers",
         "ZeroMQ publishers or forwarders connected to the SUB socket.",
         MetricType::GAUGE,
-        vec![gauge(vec![], crate::ingest::publisher_peers() as f64)],
+        vec![gauge(vec![], zmq_peers() as f64)],
     ));
     families.push(family(
         "gateway_zmq_subscriptions",
@@ -292,7 +300,7 @@ pub fn render() -> String {
         MetricType::GAUGE,
         vec![gauge(
             vec![],
-            crate::ingest::upstream_subscriptions() as f64,
+            ZMQ_SUBSCRIPTIONS.load(Ordering::Relaxed) as f64,
         )],
     ));
 
@@ -300,7 +308,7 @@ pub fn render() -> String {
         "gateway_log_lines_lost_total",
         "Log lines that could not be written to stderr (its reader gone); serving goes on.",
         MetricType::COUNTER,
-        vec![counter(vec![], crate::logs::lines_lost())],
+        vec![counter(vec![], super::logs::lines_lost())],
     ));
 
     let mut buckets = [0u64; 15];

@@ -103,7 +103,7 @@ fn respond(
 fn respond_get(cfg: &Config, conn_counts: &[AtomicU64], path: &str) -> Vec<u8> {
     match path {
         "/metrics" => {
-            let body = crate::metrics::render();
+            let body = super::metrics::render();
             let mut out = format!(
                 "HTTP/1.1 200 OK\r\n\
                  Content-Type: text/plain; version=0.0.4; charset=utf-8\r\n\
@@ -124,7 +124,7 @@ fn respond_get(cfg: &Config, conn_counts: &[AtomicU64], path: &str) -> Vec<u8> {
             protocol::http::health_response(&counts, false)
         }
         "/readyz" => {
-            let (ready, status) = crate::service::readiness(cfg);
+            let (ready, status) = super::service::readiness(cfg);
             protocol::http::ready_response(ready, status, false)
         }
         _ => plain(404, "Not Found", "not found\n"),

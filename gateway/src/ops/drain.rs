@@ -136,7 +136,7 @@ fn start(sig: libc::c_int, listeners: &[OwnedFd], counts: Arc<[AtomicU64]>, wind
         "draining: no new connections; open ones are closed over the drain window"
     );
     DRAINING.store(true, Ordering::Release);
-    crate::service::stopping("draining");
+    super::service::stopping("draining");
     for fd in listeners {
         // SAFETY: shutdown on a descriptor this thread owns (a duplicate of
         // a core's listener).

@@ -1,0 +1,472 @@
+//! One connection as its core keeps it: the slab entry fan-out writes to,
+//! the event loop serves, and the request task (while there is one) works
+//! on; its outbound queue and how it is written; its byte budget.
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::RawFd;
+use std::task::Waker;
+
+use bytes::Bytes;
+use protocol::ws;
+use rand::Rng;
+use tracing::{debug, warn};
+
+/// What a connection is doing, as far as fan-out is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// Reading a request head; not subscribed to anything.
+    Http,
+    WebSocket,
+    Sse,
+    /// A held long-poll request: the first message after its cursor answers it.
+    LongPoll,
+    /// Its last bytes (an error response, a close frame) are leaving: no
+    /// message, heartbeat or deadline touches it any more.
+    Closing,
+}
+
+impl Transport {
+    /// Its place in [`crate::ops::metrics::TRANSPORTS`].
+    pub fn metrics_slot(self) -> usize {
+        match self {
+            Transport::Http => 0,
+            Transport::WebSocket => 1,
+            Transport::Sse => 2,
+            Transport::LongPoll => 3,
+            Transport::Closing => 4,
+        }
+    }
+}
+
+/// Where a connection stands in a drain (see `Core::drain_step`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Drain {
+    /// Not asked to go (yet).
+    No,
+    /// Asked to go (the drain, or its token expired); its task has not seen
+    /// it yet.
+    Asked,
+    /// Its task has seen it (and closes the connection when it can).
+    Seen,
+}
+
+/// An empty WebSocket ping (FIN + opcode 0x9, no payload): the heartbeat of
+/// every WebSocket, one static buffer shared by all of them.
+pub const WS_PING: &[u8] = &[0x89, 0x00];
+/// The heartbeat of an SSE stream: a comment line, which EventSource
+/// ignores, and a blank line.
+pub const SSE_HEARTBEAT: &[u8] = b": heartbeat\n\n";
+/// Close frame 1008 (policy violation), reason "slow consumer": sent, if the
+/// socket takes it, to a WebSocket dropped for letting its queue overflow.
+pub const WS_CLOSE_SLOW_CONSUMER: &[u8] = &[
+    0x88, 15, 0x03, 0xf0, b's', b'l', b'o', b'w', b' ', b'c', b'o', b'n', b's', b'u', b'm', b'e',
+    b'r',
+];
+/// Close frame 1012 (service restart), reason "service restart": sent to
+/// every WebSocket when the gateway drains. Reconnect (elsewhere) with
+/// `since=` the last id.
+pub const WS_CLOSE_SERVICE_RESTART: &[u8] = &[
+    0x88, 17, 0x03, 0xf4, b's', b'e', b'r', b'v', b'i', b'c', b'e', b' ', b'r', b'e', b's', b't',
+    b'a', b'r', b't',
+];
+/// Close frame 4001 (application range), reason "token expired": sent to a
+/// WebSocket whose token's `exp` (plus the leeway) has passed. Fetch a new
+/// token and reconnect.
+pub const WS_CLOSE_TOKEN_EXPIRED: &[u8] = &[
+    0x88, 15, 0x0f, 0xa1, b't', b'o', b'k', b'e', b'n', b' ', b'e', b'x', b'p', b'i', b'r', b'e',
+    b'd',
+];
+/// The `retry:` an SSE stream starts with, and the one it ends with when the
+/// gateway drains (milliseconds, EventSource's reconnection delay), is drawn
+/// from this range, uniformly, so that the clients of a gateway that goes
+/// away do not all come back at once.
+pub const SSE_RETRY_MS_MIN: u32 = 1_000;
+pub const SSE_RETRY_MS_MAX: u32 = 5_000;
+
+/// Per-connection state the core keeps in its slab: for an open stream, all
+/// of it. Fan-out writes to it; the core's event loop (see `events`) reads
+/// it; a task exists only while it reads a request or holds a long-poll.
+/// It owns the socket (closed when the entry is removed).
+pub struct Conn {
+    pub fd: RawFd,
+    /// Its own slab key (for the attention list, see `events`).
+    pub(super) key: u32,
+    pub transport: Transport,
+    /// Set when the socket failed, the client is too slow, or a deadline
+    /// passed: whoever serves it (its task, or the event loop) closes it.
+    pub dead: bool,
+    /// The kernel refused part of the queue; the event loop writes the rest
+    /// at the next `EPOLLOUT`.
+    pub blocked: bool,
+    /// Already on this core's to-flush list for the current batch.
+    pub(super) dirty: bool,
+    /// Long-poll: the answer is queued; no further messages are added.
+    pub poll_answered: bool,
+    /// Long-poll: the poll timeout passed before any message came.
+    pub poll_timed_out: bool,
+    /// The gateway is draining and asked this connection to go.
+    pub drain: Drain,
+    /// Core clock second after which the sweep acts (0 = no deadline): the
+    /// head timeout, the long-poll timeout, or a stream's next heartbeat.
+    pub deadline_s: u32,
+    /// Core clock second at which bytes were last read from the client: a
+    /// WebSocket silent for longer than the heartbeat interval plus the pong
+    /// timeout is a dead peer.
+    pub last_heard_s: u32,
+    /// Core clock second at which the token this stream was opened with
+    /// expires (0 = no token, auth off): the sweep closes it then.
+    pub auth_expires_s: u32,
+    /// Bytes of `queue.front()` the kernel has already taken.
+    pub(super) sent_of_front: u32,
+    /// Bytes queued and not yet sent.
+    pub queued_bytes: u32,
+    /// Messages with an id at or below this are not delivered: the client
+    /// already has them (it resumed from this cursor, which may be ahead of
+    /// this core by a message still in flight from ingest).
+    pub skip_through: u64,
+    /// Frames waiting for the socket. Shared `Bytes`, never copies. Empty
+    /// (and unallocated) for an idle connection.
+    pub queue: VecDeque<Bytes>,
+    /// The task serving it, while one does.
+    pub waker: Option<Waker>,
+    /// An open WebSocket's session (frame decoder, UTF-8 and close state);
+    /// boxed, as SSE streams and requests have none.
+    pub session: Option<Box<ws::ServerSession>>,
+    /// The conformance echo endpoint's state, for a WebSocket that echoes.
+    pub echo: Option<crate::core::events::Echo>,
+    /// Input may be waiting: set by an epoll event, cleared by a read that
+    /// finds none.
+    pub readable: bool,
+    /// No task serves it: the core's event loop does (an open stream, or
+    /// a connection lingering before its close).
+    pub parked: bool,
+    /// On the core's attention list (see `events`).
+    pub attention: bool,
+    /// Closing: its write side is shut down, it waits for the peer's end.
+    pub shut_wr: bool,
+    /// Registry ids of the channels it is subscribed to.
+    pub channels: Box<[u32]>,
+    /// The client's address: the TCP peer, or what its proxy's PROXY
+    /// header said. Logged, and counted by `connections_per_ip_max`.
+    pub(super) client_ip: IpAddr,
+    pub(super) client_port: u16,
+    /// It holds a place under `client_ip` in the shared per-address table
+    /// (given back when it closes).
+    pub(super) counted_ip: bool,
+    /// It comes from a trusted proxy: its first bytes are a PROXY header.
+    pub expects_proxy_header: bool,
+    /// Its origin's CORS slot (see `protocol::origin`; 0 = no CORS
+    /// headers): a long-poll answer shared by many clients goes out behind
+    /// this client's own status line and CORS headers.
+    pub cors: u8,
+}
+
+/// Outbound queue buffers between uses, per core: taken by a connection
+/// when a batch queues its first frame, given back when it has sent them.
+/// Only small ones are kept (a queue that grew behind a slow client, or
+/// for a burst, is freed), and a bounded number: at most 1,024 × 16
+/// frames × 32 bytes = 512 KiB per core.
+const POOLED_QUEUES_MAX: usize = 1024;
+const POOLED_QUEUE_FRAMES_MAX: usize = 16;
+
+thread_local! {
+    static QUEUE_POOL: RefCell<Vec<VecDeque<Bytes>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The userspace bytes one idle WebSocket or SSE connection may cost, all
+/// its parts together: its slab entry, its WebSocket session, its channel
+/// list and its entry in a channel's subscriber set. `bench idle` measures
+/// the process's RSS per connection against it (see the README).
+pub const IDLE_CONNECTION_BYTES_MAX: usize = 384;
+/// The slab entry (a `Conn` and the slab's tag). Raising it costs memory
+/// on every connection of the host; say why in the commit.
+const CONN_BYTES_MAX: usize = 160;
+const _: () = assert!(std::mem::size_of::<Conn>() + 8 <= CONN_BYTES_MAX);
+/// A heap block of `n` bytes as glibc's malloc lays it out: an 8-byte
+/// header, 16-byte steps, 32 bytes at least.
+const fn heap_block_bytes(n: usize) -> usize {
+    let with_header = (n + 8).div_ceil(16) * 16;
+    if with_header < 32 {
+        32
+    } else {
+        with_header
+    }
+}
+/// One subscription: its place in the channel's `IndexSet` (hash and key,
+/// 16 bytes, and a 9-byte slot of the index table), both grown by doubling
+/// (so up to twice that).
+const SUBSCRIPTION_BYTES_MAX: usize = 2 * (16 + 9);
+/// An idle WebSocket subscribed to one channel; an SSE stream is the same
+/// without the session.
+const _: () = assert!(
+    CONN_BYTES_MAX
+        + heap_block_bytes(std::mem::size_of::<ws::ServerSession>())
+        + heap_block_bytes(std::mem::size_of::<u32>())
+        + SUBSCRIPTION_BYTES_MAX
+        <= IDLE_CONNECTION_BYTES_MAX
+);
+
+impl Conn {
+    pub(super) fn new(fd: RawFd, key: u32, client: SocketAddr) -> Conn {
+        Conn {
+            fd,
+            key,
+            transport: Transport::Http,
+            dead: false,
+            blocked: false,
+            dirty: false,
+            poll_answered: false,
+            poll_timed_out: false,
+            drain: Drain::No,
+            deadline_s: 0,
+            last_heard_s: 0,
+            auth_expires_s: 0,
+            sent_of_front: 0,
+            queued_bytes: 0,
+            skip_through: 0,
+            queue: VecDeque::new(),
+            waker: None,
+            session: None,
+            echo: None,
+            readable: false,
+            parked: false,
+            attention: false,
+            shut_wr: false,
+            channels: Box::new([]),
+            client_ip: client.ip(),
+            client_port: client.port(),
+            counted_ip: false,
+            expects_proxy_header: false,
+            cors: 0,
+        }
+    }
+
+    /// The client's address, for logs.
+    pub fn client(&self) -> SocketAddr {
+        SocketAddr::new(self.client_ip, self.client_port)
+    }
+
+    /// Hands the connection to whoever serves it: its task, or, parked,
+    /// the core's event loop (through the attention list).
+    pub fn wake(&mut self) {
+        if self.parked {
+            if !self.attention {
+                self.attention = true;
+                crate::core::events::attend(self.key);
+            }
+        } else if let Some(w) = self.waker.take() {
+            w.wake();
+        }
+    }
+
+    /// Asks the connection to go, because the gateway drains. A stream is
+    /// told here, behind what is already queued, and takes no message
+    /// after it: a WebSocket gets close 1012 (service restart), an SSE
+    /// stream a jittered `retry:` before it ends. A held long-poll or a
+    /// connection between requests is left to its task (which knows the
+    /// cursor, or whether a response is under way).
+    pub(super) fn ask_to_go(&mut self, bytes_max: usize) {
+        let farewell = match self.transport {
+            Transport::WebSocket => Some(Bytes::from_static(WS_CLOSE_SERVICE_RESTART)),
+            Transport::Sse => {
+                let ms = rand::thread_rng().gen_range(SSE_RETRY_MS_MIN..=SSE_RETRY_MS_MAX);
+                let mut out = Vec::with_capacity(16);
+                protocol::sse::encode_retry(&mut out, ms);
+                Some(Bytes::from(out))
+            }
+            Transport::Http | Transport::LongPoll | Transport::Closing => None,
+        };
+        if let Some(bytes) = farewell {
+            self.transport = Transport::Closing;
+            // The linger's deadline starts when the event loop sees it.
+            self.deadline_s = 0;
+            self.push(bytes, bytes_max);
+            if !self.blocked {
+                self.flush();
+            }
+        }
+        self.drain = Drain::Asked;
+        self.wake();
+    }
+
+    /// Ends a stream whose token expired, behind what is already queued: a
+    /// WebSocket gets close 4001 "token expired", an SSE stream just ends.
+    /// Its task sees it as asked to go (`Drain::Asked`) and closes after
+    /// the bytes leave.
+    pub(super) fn token_expired(&mut self, bytes_max: usize) {
+        if self.transport == Transport::WebSocket {
+            self.push(Bytes::from_static(WS_CLOSE_TOKEN_EXPIRED), bytes_max);
+            if !self.blocked {
+                self.flush();
+            }
+        }
+        self.transport = Transport::Closing;
+        self.deadline_s = 0;
+        self.drain = Drain::Asked;
+        self.wake();
+    }
+
+    /// Queues bytes; a connection over its outbound budget is dropped as a
+    /// slow consumer.
+    pub fn push(&mut self, frame: Bytes, bytes_max: usize) {
+        if self.dead {
+            return;
+        }
+        let mut total = self.queued_bytes as usize + frame.len();
+        if total > bytes_max && !self.blocked {
+            // The dispatcher queues a whole batch before it writes: what is
+            // queued goes to the socket before the client is called slow.
+            self.flush();
+            if self.dead {
+                return;
+            }
+            total = self.queued_bytes as usize + frame.len();
+        }
+        if total > bytes_max {
+            self.drop_slow_consumer(total);
+            return;
+        }
+        self.queued_bytes = total as u32;
+        if self.queue.capacity() == 0 {
+            self.queue = QUEUE_POOL
+                .with(|p| p.borrow_mut().pop())
+                .unwrap_or_default();
+        }
+        self.queue.push_back(frame);
+    }
+
+    /// Gives the (empty) queue's buffer back to this core's pool: a
+    /// connection does not keep one while idle, and the next batch does
+    /// not allocate one.
+    pub(super) fn release_queue(&mut self) {
+        let queue = std::mem::take(&mut self.queue);
+        if queue.capacity() > 0 && queue.capacity() <= POOLED_QUEUE_FRAMES_MAX {
+            QUEUE_POOL.with(|p| {
+                let mut pool = p.borrow_mut();
+                if pool.len() < POOLED_QUEUES_MAX {
+                    pool.push(queue);
+                }
+            });
+        }
+    }
+
+    /// A client that lets its queue overflow is closed, and its queue freed
+    /// at once. A WebSocket is told why if its socket has room: frames not
+    /// yet started are dropped, a frame the kernel already has part of is
+    /// finished (the stream would be corrupt otherwise), then close 1008
+    /// "slow consumer", in one write attempt. An SSE stream or a response
+    /// just ends: there is no way to say why that a client would see.
+    pub(super) fn drop_slow_consumer(&mut self, wanted_bytes: usize) {
+        crate::ops::metrics::note_slow_consumer();
+        warn!(
+            peer = %self.client(),
+            transport = ?self.transport,
+            queued_bytes = self.queued_bytes,
+            wanted_bytes,
+            "slow consumer: outbound queue over its limit, closing"
+        );
+        let started = if self.sent_of_front > 0 {
+            self.queue.pop_front()
+        } else {
+            None
+        };
+        self.queue = VecDeque::new();
+        self.queued_bytes = 0;
+        if self.transport == Transport::WebSocket {
+            if let Some(front) = started {
+                self.queued_bytes = (front.len() - self.sent_of_front as usize) as u32;
+                self.queue.push_back(front);
+            } else {
+                self.sent_of_front = 0;
+            }
+            self.queued_bytes += WS_CLOSE_SLOW_CONSUMER.len() as u32;
+            self.queue
+                .push_back(Bytes::from_static(WS_CLOSE_SLOW_CONSUMER));
+            self.flush();
+        }
+        self.queue = VecDeque::new();
+        self.queued_bytes = 0;
+        self.sent_of_front = 0;
+        self.dead = true;
+        self.wake();
+    }
+
+    /// Writes as much of the queue as the socket takes now, in one `sendmsg`
+    /// per 64 frames. Never blocks: the accepted socket is in blocking mode
+    /// (io_uring), so every call passes MSG_DONTWAIT.
+    pub fn flush(&mut self) {
+        const IOV_MAX: usize = 64;
+        while !self.dead {
+            if self.queue.is_empty() {
+                self.release_queue();
+                self.blocked = false;
+                return;
+            }
+            let mut iov = [libc::iovec {
+                iov_base: std::ptr::null_mut(),
+                iov_len: 0,
+            }; IOV_MAX];
+            let mut n = 0;
+            let mut total = 0;
+            for (i, frame) in self.queue.iter().take(IOV_MAX).enumerate() {
+                let skip = if i == 0 {
+                    self.sent_of_front as usize
+                } else {
+                    0
+                };
+                iov[i] = libc::iovec {
+                    iov_base: frame[skip..].as_ptr() as *mut libc::c_void,
+                    iov_len: frame.len() - skip,
+                };
+                total += frame.len() - skip;
+                n += 1;
+            }
+            // SAFETY: msghdr is plain data; zeroed is a valid empty header.
+            let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+            msg.msg_iov = iov.as_mut_ptr();
+            msg.msg_iovlen = n;
+            // SAFETY: the iovecs point into `Bytes` held by `self.queue`,
+            // which is not touched until the call returns.
+            let sent =
+                unsafe { libc::sendmsg(self.fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+            if sent < 0 {
+                let err = std::io::Error::last_os_error();
+                match err.kind() {
+                    std::io::ErrorKind::Interrupted => continue,
+                    std::io::ErrorKind::WouldBlock => self.blocked = true,
+                    _ => {
+                        debug!(fd = self.fd, error = %err, "send failed");
+                        self.dead = true;
+                    }
+                }
+                self.wake();
+                return;
+            }
+            self.advance(sent as usize);
+            if (sent as usize) < total {
+                // A short write: the socket buffer is full. The event
+                // loop calls flush again at the next EPOLLOUT.
+                self.blocked = true;
+                self.wake();
+                return;
+            }
+        }
+    }
+
+    pub(super) fn advance(&mut self, mut sent: usize) {
+        self.queued_bytes -= sent as u32;
+        while sent > 0 {
+            let front_left = self.queue[0].len() - self.sent_of_front as usize;
+            if sent >= front_left {
+                sent -= front_left;
+                self.queue.pop_front();
+                self.sent_of_front = 0;
+            } else {
+                self.sent_of_front += sent as u32;
+                sent = 0;
+            }
+        }
+    }
+}
