@@ -1,7 +1,8 @@
 //! `origin::Origins` on any allowlist and any `Origin` (the input's lines:
 //! byte 0 picks credentials, the last line is the request's origin, the
 //! others the allowlist): a list it accepts lets every exact entry in with
-//! its own CORS slot and answers with lines naming that origin; no
+//! (in lowercase, as browsers send it) with its own CORS slot and answers
+//! with lines naming that origin; no
 //! `Origin` is always let in; an empty list lets everything in without
 //! CORS; a refused origin's preflight carries no CORS header.
 #![no_main]
@@ -32,6 +33,8 @@ fuzz_target!(|data: &[u8]| {
         if entry == "*" || entry.contains("://*.") {
             continue;
         }
+        // Entries are kept in lowercase, as browsers serialise an origin.
+        let entry = &entry.to_ascii_lowercase();
         match origins.check(Some(entry)) {
             Verdict::Allowed { cors } => {
                 assert!(cors != 0 && cors != PATTERN_SLOT, "{entry:?}: slot {cors}");
