@@ -144,27 +144,10 @@ impl CoreInbox {
             return false;
         }
         if !self.rung.swap(true, Ordering::AcqRel) {
-            ring(&self.doorbell);
+            crate::sys::eventfd_ring(&self.doorbell);
         }
         true
     }
-}
-
-/// Adds one to an eventfd's counter: wakes whoever reads or polls it.
-fn ring(eventfd: &OwnedFd) {
-    let one: u64 = 1;
-    // SAFETY: writing 8 bytes from a live u64 to an eventfd we own.
-    let n = unsafe {
-        libc::write(
-            eventfd.as_raw_fd(),
-            &one as *const u64 as *const libc::c_void,
-            8,
-        )
-    };
-    // EAGAIN means the counter is saturated: the reader is already woken.
-    debug_assert!(
-        n == 8 || std::io::Error::last_os_error().kind() == std::io::ErrorKind::WouldBlock
-    );
 }
 
 /// A core's news for ingest in demand mode: its first subscriber of a
@@ -188,7 +171,7 @@ impl InterestTx {
     pub fn send(&self, interest: Interest) {
         // Only fails once ingest is gone, when nothing is delivered anyway.
         if self.tx.send(interest).is_ok() {
-            ring(&self.doorbell);
+            crate::sys::eventfd_ring(&self.doorbell);
         }
     }
 }
@@ -208,13 +191,7 @@ impl InterestRx {
 
 /// The queue from the cores to ingest, for demand mode.
 pub fn interest_channel() -> std::io::Result<(InterestTx, InterestRx)> {
-    // SAFETY: eventfd returns a new descriptor or -1, checked below.
-    let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-    if efd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: efd is a fresh descriptor owned by nothing else.
-    let doorbell = Arc::new(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(efd) });
+    let doorbell = Arc::new(crate::sys::eventfd()?);
     let (tx, rx) = crossbeam_channel::unbounded();
     Ok((
         InterestTx {
@@ -544,10 +521,7 @@ pub fn run(
             }
         }
         if let (Some(i), Some(demand)) = (&interest, &mut state.demand) {
-            let mut counter = [0u8; 8];
-            // SAFETY: reading 8 bytes into a local buffer from our eventfd
-            // (non-blocking: EAGAIN when nothing was rung).
-            unsafe { libc::read(i.doorbell.as_raw_fd(), counter.as_mut_ptr().cast(), 8) };
+            crate::sys::eventfd_clear(&i.doorbell);
             let now = Instant::now();
             // Every queued change first, so a channel is never dropped
             // while a core's "first subscriber" for it waits here.

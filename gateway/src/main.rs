@@ -3,6 +3,8 @@
 //! the ZeroMQ ingest thread, then prints one `READY …` line on stdout.
 //! SIGTERM or SIGINT drains it (see `drain`).
 
+#![deny(unsafe_code)]
+
 mod admission;
 mod auth;
 mod cli;
@@ -12,10 +14,12 @@ mod forwarder;
 mod ingest;
 mod ops;
 mod request;
+#[allow(unsafe_code)]
+mod sys;
 
 use std::io::Write;
 use std::net::SocketAddr;
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{mpsc, Arc};
@@ -119,13 +123,7 @@ fn run(cfg: &'static Config) -> Result<(), String> {
     let mut threads = Vec::with_capacity(cores);
     for (index, listener) in listeners.into_iter().enumerate() {
         let (tx, rx) = crossbeam_channel::bounded::<ToCore>(cfg.core_queue_messages_max);
-        // SAFETY: eventfd returns a new descriptor or -1, checked below.
-        let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-        if efd < 0 {
-            return Err(format!("eventfd: {}", std::io::Error::last_os_error()));
-        }
-        // SAFETY: efd is a fresh descriptor owned by nothing else.
-        let doorbell = Arc::new(unsafe { OwnedFd::from_raw_fd(efd) });
+        let doorbell = Arc::new(sys::eventfd().map_err(|e| format!("eventfd: {e}"))?);
         let rung = Arc::new(AtomicBool::new(false));
         inboxes.push(CoreInbox {
             tx,
@@ -327,17 +325,7 @@ fn listeners(
 /// descriptor, and the soft default (often 1024) is far below what the host
 /// was tuned for.
 fn raise_open_files_limit() {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: get/setrlimit with a valid pointer to a local struct.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            lim.rlim_cur = lim.rlim_max;
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
-                warn!("could not raise the open files limit");
-            }
-        }
+    if !sys::raise_open_files_limit() {
+        warn!("could not raise the open files limit");
     }
 }

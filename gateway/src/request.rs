@@ -813,24 +813,17 @@ fn register(c: &mut crate::core::Conn, cx: &mut Context<'_>) {
 /// input sends a reset, which can destroy a response not yet read.
 async fn half_close_and_drain(stream: &TcpStream) {
     let fd = stream.as_raw_fd();
-    // SAFETY: shutdown on a descriptor this task owns.
-    unsafe { libc::shutdown(fd, libc::SHUT_WR) };
+    let _ = crate::sys::shutdown(fd, std::net::Shutdown::Write);
     let mut discard = [0u8; 512];
     loop {
         if stream.readable(true).await.is_err() {
             return;
         }
-        // SAFETY: reading into a local buffer of the given length.
-        let n = unsafe {
-            libc::recv(
-                fd,
-                discard.as_mut_ptr() as *mut libc::c_void,
-                discard.len(),
-                libc::MSG_DONTWAIT,
-            )
-        };
-        if n == 0 || (n < 0 && io::Error::last_os_error().kind() != io::ErrorKind::WouldBlock) {
-            return;
+        match crate::sys::recv(fd, &mut discard) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(_) => return,
         }
     }
 }

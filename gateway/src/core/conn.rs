@@ -13,6 +13,8 @@ use protocol::ws;
 use rand::Rng;
 use tracing::{debug, warn};
 
+use crate::sys;
+
 /// What a connection is doing, as far as fan-out is concerned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transport {
@@ -397,55 +399,42 @@ impl Conn {
     /// per 64 frames. Never blocks: the accepted socket is in blocking mode
     /// (io_uring), so every call passes MSG_DONTWAIT.
     pub fn flush(&mut self) {
-        const IOV_MAX: usize = 64;
         while !self.dead {
             if self.queue.is_empty() {
                 self.release_queue();
                 self.blocked = false;
                 return;
             }
-            let mut iov = [libc::iovec {
-                iov_base: std::ptr::null_mut(),
-                iov_len: 0,
-            }; IOV_MAX];
+            let mut bufs: [&[u8]; sys::IOV_MAX] = [&[]; sys::IOV_MAX];
             let mut n = 0;
             let mut total = 0;
-            for (i, frame) in self.queue.iter().take(IOV_MAX).enumerate() {
+            for (i, frame) in self.queue.iter().take(sys::IOV_MAX).enumerate() {
                 let skip = if i == 0 {
                     self.sent_of_front as usize
                 } else {
                     0
                 };
-                iov[i] = libc::iovec {
-                    iov_base: frame[skip..].as_ptr() as *mut libc::c_void,
-                    iov_len: frame.len() - skip,
-                };
+                bufs[i] = &frame[skip..];
                 total += frame.len() - skip;
                 n += 1;
             }
-            // SAFETY: msghdr is plain data; zeroed is a valid empty header.
-            let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-            msg.msg_iov = iov.as_mut_ptr();
-            msg.msg_iovlen = n;
-            // SAFETY: the iovecs point into `Bytes` held by `self.queue`,
-            // which is not touched until the call returns.
-            let sent =
-                unsafe { libc::sendmsg(self.fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
-            if sent < 0 {
-                let err = std::io::Error::last_os_error();
-                match err.kind() {
-                    std::io::ErrorKind::Interrupted => continue,
-                    std::io::ErrorKind::WouldBlock => self.blocked = true,
-                    _ => {
-                        debug!(fd = self.fd, error = %err, "send failed");
-                        self.dead = true;
+            let sent = match sys::sendmsg(self.fd, &bufs[..n]) {
+                Ok(sent) => sent,
+                Err(err) => {
+                    match err.kind() {
+                        std::io::ErrorKind::Interrupted => continue,
+                        std::io::ErrorKind::WouldBlock => self.blocked = true,
+                        _ => {
+                            debug!(fd = self.fd, error = %err, "send failed");
+                            self.dead = true;
+                        }
                     }
+                    self.wake();
+                    return;
                 }
-                self.wake();
-                return;
-            }
-            self.advance(sent as usize);
-            if (sent as usize) < total {
+            };
+            self.advance(sent);
+            if sent < total {
                 // A short write: the socket buffer is full. The event
                 // loop calls flush again at the next EPOLLOUT.
                 self.blocked = true;

@@ -34,7 +34,7 @@
 use std::cell::RefCell;
 use std::future::{poll_fn, Future};
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::RawFd;
 use std::rc::Rc;
 use std::task::{Poll, Waker};
 
@@ -43,6 +43,7 @@ use protocol::ws::{self, Closing, MessagePart, OpCode};
 use tracing::{debug, info, warn};
 
 use crate::core::{yield_now, Core, Transport};
+use crate::sys;
 
 /// Events taken per `epoll_wait`; a fuller batch is taken again after the
 /// other tasks of the core have had a turn.
@@ -78,59 +79,6 @@ pub fn attend(key: u32) {
     });
 }
 
-/// An epoll set, edge-triggered, keyed by slab key.
-pub struct Epoll(OwnedFd);
-
-impl Epoll {
-    pub fn new() -> io::Result<Epoll> {
-        // SAFETY: epoll_create1 returns a new descriptor or -1.
-        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `fd` is a fresh descriptor nothing else owns.
-        Ok(Epoll(unsafe { OwnedFd::from_raw_fd(fd) }))
-    }
-
-    /// Watches `fd` for input, room to write and the peer's half-close,
-    /// reporting `key`.
-    pub fn add(&self, fd: RawFd, key: u32) -> io::Result<()> {
-        let mut ev = libc::epoll_event {
-            events: (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET) as u32,
-            u64: u64::from(key),
-        };
-        // SAFETY: `ev` is a valid event for the duration of the call; the
-        // kernel copies it.
-        if unsafe { libc::epoll_ctl(self.0.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
-    }
-
-    /// Takes up to `out.len()` ready events without waiting.
-    fn take(&self, out: &mut [libc::epoll_event]) -> usize {
-        // SAFETY: the kernel writes at most `out.len()` events into `out`.
-        let n =
-            unsafe { libc::epoll_wait(self.0.as_raw_fd(), out.as_mut_ptr(), out.len() as i32, 0) };
-        n.max(0) as usize
-    }
-
-    /// A monoio handle on a duplicate of the epoll descriptor, whose
-    /// `readable()` (one io_uring poll) completes when events are ready.
-    /// monoio has no type for a bare descriptor; its `TcpStream` only ever
-    /// polls and closes this one.
-    fn handle(&self) -> io::Result<monoio::net::TcpStream> {
-        // SAFETY: dup returns a new descriptor or -1.
-        let dup = unsafe { libc::dup(self.0.as_raw_fd()) };
-        if dup < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `dup` is a fresh descriptor, owned by the stream from here.
-        let std = unsafe { std::net::TcpStream::from_raw_fd(dup) };
-        monoio::net::TcpStream::from_std(std)
-    }
-}
-
 /// Result of one non-blocking read into the core's scratch buffer.
 pub enum Read {
     Data,
@@ -143,32 +91,27 @@ pub enum Read {
 pub fn read_into(core: &Core, fd: RawFd, f: impl FnOnce(&mut [u8]), max: usize) -> Read {
     let mut scratch = core.scratch.borrow_mut();
     let len = max.min(scratch.len());
-    // SAFETY: reading into the first `len` bytes of a buffer held mutably;
-    // sockets are blocking (accepted under io_uring), hence MSG_DONTWAIT.
-    let n = unsafe {
-        libc::recv(
-            fd,
-            scratch.as_mut_ptr() as *mut libc::c_void,
-            len,
-            libc::MSG_DONTWAIT,
-        )
-    };
-    if n > 0 {
-        f(&mut scratch[..n as usize]);
-        Read::Data
-    } else if n == 0 {
-        Read::Eof
-    } else {
-        match io::Error::last_os_error().kind() {
-            io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => Read::WouldBlock,
-            _ => Read::Eof,
+    match sys::recv(fd, &mut scratch[..len]) {
+        Ok(0) => Read::Eof,
+        Ok(n) => {
+            f(&mut scratch[..n]);
+            Read::Data
         }
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+            ) =>
+        {
+            Read::WouldBlock
+        }
+        Err(_) => Read::Eof,
     }
 }
 
 /// Serves this core's readiness events and parked connections, forever.
 pub async fn event_loop(core: Rc<Core>) {
-    let handle = match core.epoll.handle() {
+    let handle = match core.epoll.monoio_handle() {
         Ok(h) => h,
         Err(e) => {
             warn!(core = core.index, error = %e, "epoll handle unusable; this core serves no connection");
@@ -366,8 +309,7 @@ impl Core {
         if c.shut_wr || c.blocked || !c.queue.is_empty() {
             return;
         }
-        // SAFETY: shutdown on a descriptor this connection owns.
-        unsafe { libc::shutdown(c.fd, libc::SHUT_WR) };
+        let _ = sys::shutdown(c.fd, std::net::Shutdown::Write);
         c.shut_wr = true;
         if c.readable {
             discard_input(self, c);

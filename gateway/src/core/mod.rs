@@ -6,7 +6,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{OwnedFd, RawFd};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -74,7 +74,7 @@ pub struct Core {
     /// gateway could not place on a channel numbered by its publisher.
     pub poll_gaps: RefCell<HashMap<u32, Vec<Box<str>>>>,
     /// Every connection's readiness (see `events`).
-    pub epoll: crate::core::events::Epoll,
+    pub epoll: crate::sys::Epoll,
 }
 
 /// Size of the per-core receive buffer.
@@ -132,7 +132,7 @@ impl Core {
                 .collect(),
             cors_by_conn: RefCell::new(HashMap::new()),
             poll_gaps: RefCell::new(HashMap::new()),
-            epoll: crate::core::events::Epoll::new()?,
+            epoll: crate::sys::Epoll::new()?,
         })
     }
 
@@ -213,8 +213,8 @@ impl Core {
     /// of the epoll set).
     pub fn deregister(&self, key: u32) {
         let conn = self.conns.borrow_mut().remove(key as usize);
-        // SAFETY: the entry owned the descriptor; it is closed once, here.
-        unsafe { libc::close(conn.fd) };
+        // The entry owned the descriptor: closed once, here.
+        drop(crate::sys::own(conn.fd));
         if conn.cors == PATTERN_SLOT {
             self.cors_by_conn.borrow_mut().remove(&key);
         }
@@ -577,19 +577,7 @@ pub async fn doorbell_loop(
 ) {
     // The eventfd travels as a monoio File: a plain io_uring read on it
     // completes when ingest writes.
-    let fd = doorbell.as_raw_fd();
-    // SAFETY: `dup` gives this File its own descriptor, closed when it drops.
-    let dup = unsafe { libc::dup(fd) };
-    if dup < 0 {
-        warn!(
-            core = core.index,
-            "dup of doorbell failed; this core will not deliver"
-        );
-        return;
-    }
-    // SAFETY: `dup` is a fresh descriptor that nothing else owns.
-    let std_file = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(dup) };
-    let file = match monoio::fs::File::from_std(std_file) {
+    let file = match crate::sys::monoio_file(&*doorbell) {
         Ok(f) => f,
         Err(e) => {
             warn!(core = core.index, error = %e, "doorbell unusable; this core will not deliver");
@@ -650,6 +638,7 @@ pub async fn yield_now() {
 #[cfg(test)]
 mod tests {
     use super::conn::{WS_CLOSE_SERVICE_RESTART, WS_CLOSE_SLOW_CONSUMER};
+    use std::os::fd::AsRawFd;
     use super::*;
     use crate::ingest::{Interest, Message};
     use protocol::id::{first_gateway_id, ID_TAG_BITS};

@@ -75,25 +75,11 @@ pub fn unblock_sighup() {
 }
 
 fn sighup_mask(how: libc::c_int) {
-    // SAFETY: as in `set_mask`.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGHUP);
-        libc::pthread_sigmask(how, &set, std::ptr::null_mut());
-    }
+    crate::sys::signal_mask(how, &[libc::SIGHUP]);
 }
 
 fn set_mask(how: libc::c_int) {
-    // SAFETY: sigset_t is plain data, initialised by sigemptyset before use;
-    // pthread_sigmask only changes this thread's mask.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, SIGTERM);
-        libc::sigaddset(&mut set, SIGINT);
-        libc::pthread_sigmask(how, &set, std::ptr::null_mut());
-    }
+    crate::sys::signal_mask(how, &[SIGTERM, SIGINT]);
 }
 
 /// Starts the signal thread. `listeners` are duplicates of the cores'
@@ -138,10 +124,9 @@ fn start(sig: libc::c_int, listeners: &[OwnedFd], counts: Arc<[AtomicU64]>, wind
     DRAINING.store(true, Ordering::Release);
     super::service::stopping("draining");
     for fd in listeners {
-        // SAFETY: shutdown on a descriptor this thread owns (a duplicate of
-        // a core's listener).
-        if unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_RD) } != 0 {
-            warn!(error = %std::io::Error::last_os_error(), "shutting down a listener failed");
+        // A duplicate of a core's listener, which this thread owns.
+        if let Err(e) = crate::sys::shutdown(fd.as_raw_fd(), std::net::Shutdown::Read) {
+            warn!(error = %e, "shutting down a listener failed");
         }
     }
     let spawned = std::thread::Builder::new()
@@ -208,6 +193,5 @@ fn name(sig: libc::c_int) -> &'static str {
 fn exit_now() -> ! {
     let _ = std::io::stderr().flush();
     let _ = std::io::stdout().flush();
-    // SAFETY: _exit ends the process; nothing runs after it.
-    unsafe { libc::_exit(0) }
+    crate::sys::exit_now(0)
 }
