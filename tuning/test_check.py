@@ -182,7 +182,7 @@ class Arithmetic(unittest.TestCase):
 
     def test_memory_required(self):
         need = check.memory_required(1000000, 2000000, 4096)
-        self.assertEqual(need, 1000000 * (4608 + 1126) + 2000000 * 4096 + GiB)
+        self.assertEqual(need, 1000000 * (4608 + 384) + 2000000 * 4096 + GiB)
         self.assertTrue(13 * GiB < need < 15 * GiB)
 
     def test_connections_that_fit_is_the_largest(self):

@@ -5,69 +5,98 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use protocol::limits;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
-/// The whole configuration, as the TOML file spells it (every key optional).
-#[derive(Debug, Clone, Deserialize)]
+/// The whole configuration, written once: each setting is a TOML key (its
+/// name) and a flag (its name with dashes), with its default in its flag's
+/// attribute, which `Default` reads. The file's keys override the
+/// defaults and the flags given override the file (see `cli`).
+#[derive(Debug, Clone, Deserialize, Serialize, clap::Args)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// Public listener for WebSocket, SSE, long-poll and /healthz.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
     /// Runtimes (one per core, each pinned and with its own SO_REUSEPORT
     /// listener); 0 means one per available CPU.
+    #[arg(long, value_name = "N", default_value_t = 0)]
     pub cores: usize,
     /// Connections the kernel queues per listener before its core accepts
     /// them (capped by net.core.somaxconn): reconnect storms arrive faster
     /// than one accept loop drains.
+    #[arg(long, value_name = "N", default_value_t = 4096)]
     pub listen_backlog: i32,
-    /// io_uring submission queue entries per core. Readiness polls of idle
-    /// connections are re-armed through it, so a burst of activity on many
-    /// connections is submitted in fewer `io_uring_enter` calls with more.
+    /// io_uring submission queue entries per core (the accepts, the epoll
+    /// set's poll, the doorbell and the timers go through it).
+    #[arg(long, value_name = "N", default_value_t = 4096)]
     pub ring_entries: u32,
     /// Endpoint the ZeroMQ SUB socket binds for publishers to connect to;
     /// empty means do not bind.
+    #[arg(long, value_name = "ENDPOINT", default_value = "tcp://127.0.0.1:5560")]
     pub zmq_bind: String,
     /// Publisher or forwarder endpoints the SUB socket connects to.
+    #[arg(long, value_name = "ENDPOINT")]
     pub zmq_connect: Vec<String>,
     /// ZeroMQ receive high-water mark (messages queued in libzmq before it drops).
+    #[arg(long, value_name = "N", default_value_t = 100_000)]
     pub zmq_rcvhwm_messages: i32,
     /// What the SUB socket subscribes to: `all` (every channel: history for
     /// every channel, for a gateway fed directly by its publishers) or
     /// `demand` (only the channels its clients subscribe to, so that a
     /// publisher or a forwarder sends this gateway only what its clients
     /// want; for many gateways behind one forwarder).
+    #[arg(long, value_name = "MODE", value_enum, default_value_t = SubscribeMode::All)]
     pub zmq_subscribe: SubscribeMode,
     /// With `zmq_subscribe = demand`: how long a channel stays subscribed
     /// upstream after its last local subscriber left, so that long-poll
     /// clients between polls and clients reconnecting after a blip resume
     /// from history. When it is dropped, its history here is forgotten
     /// (a resume from before is a gap).
+    #[arg(long, value_name = "MS", default_value_t = 60_000)]
     pub zmq_unsubscribe_linger_ms: u64,
     /// Messages kept per channel for resume (SSE Last-Event-ID, long-poll
     /// `since`, WebSocket `since`). Each costs one pointer per core; the
     /// message bytes are shared.
+    #[arg(long, value_name = "N", default_value_t = 100)]
     pub history_messages: usize,
     /// Channels whose history is kept; past this the oldest channel without
     /// subscribers loses its history (resumes from it get the gap signal).
+    #[arg(long, value_name = "N", default_value_t = 100_000)]
     pub channels_max: usize,
     /// How long a long-poll request is held before it is answered empty.
+    #[arg(long, value_name = "MS", default_value_t = 30_000)]
     pub poll_timeout_ms: u64,
     /// A request head must be complete within this time (slowloris).
+    #[arg(long, value_name = "MS", default_value_t = 10_000)]
     pub head_timeout_ms: u64,
+    /// A request head larger than this is answered 431.
+    #[arg(long, value_name = "BYTES", default_value_t = limits::HEAD_BYTES_MAX)]
     pub head_bytes_max: usize,
+    /// More headers than this is answered 431.
+    #[arg(long, value_name = "N", default_value_t = limits::HEADERS_MAX)]
     pub headers_max: usize,
+    /// A request target longer than this is answered 414.
+    #[arg(long, value_name = "BYTES", default_value_t = limits::URL_BYTES_MAX)]
     pub url_bytes_max: usize,
+    /// Longest channel name, for clients and publishers.
+    #[arg(long, value_name = "BYTES", default_value_t = limits::CHANNEL_NAME_BYTES_MAX)]
     pub channel_name_bytes_max: usize,
+    /// Channels one connection may subscribe to.
+    #[arg(long, value_name = "N", default_value_t = limits::CHANNELS_PER_CONNECTION_MAX)]
     pub channels_per_connection_max: usize,
     /// A WebSocket message from a client larger than this is closed with 1009.
+    #[arg(long, value_name = "BYTES", default_value_t = limits::WS_MESSAGE_BYTES_MAX)]
     pub ws_message_bytes_max: u64,
     /// A published payload larger than this is dropped at ingest (and logged).
+    #[arg(long, value_name = "BYTES", default_value_t = 1024 * 1024)]
     pub publish_payload_bytes_max: usize,
     /// Bytes queued for one connection that its socket has not taken yet;
     /// a client that lets more pile up is disconnected as a slow consumer.
+    #[arg(long, value_name = "BYTES", default_value_t = 1024 * 1024)]
     pub outbound_queue_bytes_max: usize,
     /// Messages in flight from the ingest thread to one core. When a core is
     /// this far behind, ingest waits for it (and libzmq buffers, then drops).
+    #[arg(long, value_name = "N", default_value_t = 65_536)]
     pub core_queue_messages_max: usize,
     /// How often an open stream gets a heartbeat: a WebSocket ping, an SSE
     /// comment. Well under the idle timeout of the L4 balancers in front
@@ -75,26 +104,31 @@ pub struct Config {
     /// stream. Sent by each core's once-a-second sweep, spread over the
     /// interval; no timer per connection. 0 turns heartbeats (and the pong
     /// check) off. Whole seconds; rounded up.
+    #[arg(long, value_name = "MS", default_value_t = 25_000)]
     pub heartbeat_interval_ms: u64,
     /// A WebSocket from which nothing at all (a pong or any other frame) has
     /// been read for `heartbeat_interval_ms` plus this is a dead peer and is
     /// closed. Whole seconds; rounded up.
+    #[arg(long, value_name = "MS", default_value_t = 10_000)]
     pub pong_timeout_ms: u64,
     /// Connections this process serves at once, all cores together; each
     /// core takes its share (rounded up). Past it a new connection is
-    /// answered 503 with `Retry-After` and closed. Each connection costs
-    /// about 1 KB of userspace and 4.5 KB of kernel memory.
+    /// answered 503 with `Retry-After` and closed. Each idle connection
+    /// costs about 350 bytes of userspace and 4.5 KB of kernel memory.
+    #[arg(long, value_name = "N", default_value_t = 1_000_000)]
     pub connections_max: usize,
     /// Connections one client IP address may hold at once, all cores
     /// together (one table shared by the cores, touched only at accept and
     /// close); 0 = no limit. Past it: 503 with `Retry-After`. Counts the TCP
     /// peer's address: behind a proxy that does not preserve client
     /// addresses, every client is the proxy.
+    #[arg(long, value_name = "N", default_value_t = 0)]
     pub connections_per_ip_max: usize,
     /// New connections one core accepts per second (a token bucket holding
     /// one second's worth, so bursts up to this size pass); 0 = no limit.
     /// Past it: 503 with `Retry-After`. A reconnect storm is spread out
     /// instead of costing every client a slow handshake.
+    #[arg(long, value_name = "N", default_value_t = 0)]
     pub handshakes_per_s_per_core: u32,
     /// On SIGTERM or SIGINT the gateway drains: it stops accepting, answers
     /// `/readyz` with 503, and closes its open connections spread evenly
@@ -102,10 +136,12 @@ pub struct Config {
     /// `retry:`, held long-polls answered empty); it exits once they are
     /// gone, or at the window plus 5 s at the latest. Whole seconds;
     /// rounded up; 0 closes them all at once.
+    #[arg(long, value_name = "MS", default_value_t = 10_000)]
     pub drain_window_ms: u64,
     /// Path of a WebSocket endpoint that echoes every message, for
     /// conformance testing (the Autobahn cases); empty (the default) means
     /// none. It runs the same connection code as `/ws`.
+    #[arg(long, value_name = "PATH", default_value = "")]
     pub ws_echo_path: String,
     /// WebSocket subprotocols the gateway accepts (`Sec-WebSocket-Protocol`),
     /// each a token: a client offering several gets the first it offered
@@ -113,40 +149,51 @@ pub struct Config {
     /// `Sec-WebSocket-Protocol` (a browser then fails the connection, as
     /// RFC 6455 asks). Whatever is chosen, the gateway speaks the same
     /// frames. Empty (the default): the header is never answered.
+    #[arg(long = "ws-subprotocol", value_name = "NAME")]
     pub ws_subprotocols: Vec<String>,
     /// `/readyz` answers 503 `no_publisher` while the ZeroMQ socket has no
     /// peer (no publisher or forwarder connected), so a load balancer sends
     /// clients only to gateways that can deliver. Off by default: with a
     /// bound endpoint, publishers may connect only when they have something
     /// to say.
+    #[arg(long)]
     pub ready_requires_publisher: bool,
     /// Log filter (error, warn, info, debug, trace, or a tracing directive).
+    #[arg(long, value_name = "FILTER", default_value = "info")]
     pub log_level: String,
     /// `text` (one line per event, `key=value` fields) or `json` (one JSON
     /// object per line, for log pipelines). Both on stderr.
+    #[arg(long, value_name = "FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
     /// Admin listener (`/metrics`, `/healthz`, `/readyz`), served by a plain
     /// thread apart from the cores; empty disables it.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9090")]
     pub admin_listen: String,
     /// Every WebSocket, SSE and long-poll request must present a valid
     /// token (JWT) signed with one of `auth_keys`, allowing the channels it
     /// asks for. Off by default (a zero-setup development gateway).
+    #[arg(long)]
     pub auth: bool,
     /// The keys tokens may be signed with. Re-read from the file on SIGHUP.
+    #[arg(skip)]
     pub auth_keys: Vec<AuthKey>,
     /// Clock skew tolerated on a token's `exp` and `nbf`, in seconds.
+    #[arg(long, value_name = "S", default_value_t = 30)]
     pub auth_leeway_s: u64,
     /// The audiences this gateway answers to (RFC 7519 `aud`): a token
     /// must name one of them. Empty (the default): a token that carries
     /// `aud` at all is refused, since it was meant for someone else.
     /// Re-read from the file on SIGHUP, unless given on the command line.
+    #[arg(long = "auth-audience", value_name = "AUD")]
     pub auth_audience: Vec<String>,
     /// `auth_audience` came from the command line (a SIGHUP keeps it).
     #[serde(skip)]
+    #[arg(skip)]
     pub auth_audience_from_cli: bool,
     /// HS256 keys given on the command line (`--auth-hs256-secret
     /// KID=SECRET`, development only): kept across SIGHUP reloads.
     #[serde(skip)]
+    #[arg(skip)]
     pub auth_cli_keys: Vec<AuthKey>,
     /// Browser origins (`https://app.example.com`, exact; subdomain
     /// patterns, `https://*.example.com`; or `*` for any) allowed to open
@@ -156,9 +203,11 @@ pub struct Config {
     /// responses carry the CORS headers, and its preflights are answered.
     /// Requests without `Origin` (same-origin pages, non-browser clients)
     /// pass. Empty (the default): no check, and no CORS headers.
+    #[arg(long = "allowed-origin", value_name = "ORIGIN")]
     pub allowed_origins: Vec<String>,
     /// CORS responses allow credentials (cookies) for the listed origins
     /// (`Access-Control-Allow-Credentials: true`); not with `*`.
+    #[arg(long)]
     pub cors_allow_credentials: bool,
     /// Source ranges (CIDR, or single addresses) of the proxies in front:
     /// a connection from one of them must open with a PROXY protocol
@@ -167,20 +216,24 @@ pub struct Config {
     /// else are clients themselves and may not send one (a PROXY header
     /// from them is a malformed request, 400). Empty (the default): no
     /// PROXY protocol.
+    #[arg(long = "proxy-protocol-from", value_name = "CIDR")]
     pub proxy_protocol_from: Vec<String>,
     /// `proxy_protocol_from`, parsed.
     #[serde(skip)]
+    #[arg(skip)]
     pub proxy_trusted: Vec<ipnet::IpNet>,
     /// `allowed_origins`, checked and with its header lines written once.
     #[serde(skip)]
+    #[arg(skip)]
     pub origins: protocol::origin::Origins,
     /// The file the configuration came from, re-read on SIGHUP.
     #[serde(skip)]
+    #[arg(skip)]
     pub config_path: Option<PathBuf>,
 }
 
 /// How log lines are written on stderr.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     Text,
@@ -188,7 +241,7 @@ pub enum LogFormat {
 }
 
 /// What the ingest SUB socket subscribes to (see `Config::zmq_subscribe`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum SubscribeMode {
     All,
@@ -196,7 +249,7 @@ pub enum SubscribeMode {
 }
 
 /// One token verification key (`[[auth_keys]]` in the file).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthKey {
     /// The `kid` tokens name it by.
@@ -238,55 +291,14 @@ impl AuthKey {
 }
 
 impl Default for Config {
+    /// The defaults of the flags: an empty command line.
     fn default() -> Self {
-        Config {
-            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
-            cores: 0,
-            listen_backlog: 4096,
-            ring_entries: 4096,
-            zmq_bind: "tcp://127.0.0.1:5560".to_string(),
-            zmq_connect: Vec::new(),
-            zmq_rcvhwm_messages: 100_000,
-            zmq_subscribe: SubscribeMode::All,
-            zmq_unsubscribe_linger_ms: 60_000,
-            history_messages: 100,
-            channels_max: 100_000,
-            poll_timeout_ms: 30_000,
-            head_timeout_ms: 10_000,
-            head_bytes_max: limits::HEAD_BYTES_MAX,
-            headers_max: limits::HEADERS_MAX,
-            url_bytes_max: limits::URL_BYTES_MAX,
-            channel_name_bytes_max: limits::CHANNEL_NAME_BYTES_MAX,
-            channels_per_connection_max: limits::CHANNELS_PER_CONNECTION_MAX,
-            ws_message_bytes_max: limits::WS_MESSAGE_BYTES_MAX,
-            publish_payload_bytes_max: 1024 * 1024,
-            outbound_queue_bytes_max: 1024 * 1024,
-            core_queue_messages_max: 65_536,
-            heartbeat_interval_ms: 25_000,
-            pong_timeout_ms: 10_000,
-            connections_max: 1_000_000,
-            connections_per_ip_max: 0,
-            handshakes_per_s_per_core: 0,
-            drain_window_ms: 10_000,
-            ws_echo_path: String::new(),
-            ws_subprotocols: Vec::new(),
-            ready_requires_publisher: false,
-            log_level: "info".to_string(),
-            log_format: LogFormat::Text,
-            admin_listen: "127.0.0.1:9090".to_string(),
-            auth: false,
-            auth_keys: Vec::new(),
-            auth_leeway_s: 30,
-            auth_audience: Vec::new(),
-            auth_audience_from_cli: false,
-            auth_cli_keys: Vec::new(),
-            allowed_origins: Vec::new(),
-            cors_allow_credentials: false,
-            proxy_protocol_from: Vec::new(),
-            proxy_trusted: Vec::new(),
-            origins: protocol::origin::Origins::default(),
-            config_path: None,
-        }
+        use clap::{Args, FromArgMatches};
+        let command = Config::augment_args(clap::Command::new("gateway"));
+        let matches = command
+            .try_get_matches_from(["gateway"])
+            .expect("an empty command line parses");
+        Config::from_arg_matches(&matches).expect("every default is a valid value")
     }
 }
 
@@ -468,10 +480,20 @@ impl Config {
 mod tests {
     use super::*;
     use crate::cli::Cli;
-    use clap::Parser;
 
-    fn cli(args: &[&str]) -> Cli {
-        Cli::try_parse_from(std::iter::once("gateway").chain(args.iter().copied())).unwrap()
+    /// A command line, parsed, with which of its settings were given.
+    struct Parsed(Cli, clap::ArgMatches);
+
+    impl Parsed {
+        fn resolve(self) -> Result<Config, String> {
+            self.0.resolve(&self.1)
+        }
+    }
+
+    fn cli(args: &[&str]) -> Parsed {
+        let (cli, matches) =
+            Cli::from_args(std::iter::once("gateway").chain(args.iter().copied())).unwrap();
+        Parsed(cli, matches)
     }
 
     #[test]
@@ -497,15 +519,48 @@ mod tests {
         let path = dir.join("gateway.toml");
         std::fs::write(
             &path,
-            "history_messages = 7\npoll_timeout_ms = 1234\nzmq_connect = [\"tcp://127.0.0.1:1\"]\n",
+            "history_messages = 7\npoll_timeout_ms = 1234\nzmq_connect = [\"tcp://127.0.0.1:1\"]\n\
+             ready_requires_publisher = true\nzmq_subscribe = \"demand\"\n\
+             auth_audience = [\"from-file\"]\n",
         )
         .unwrap();
-        let cfg = cli(&["-c", path.to_str().unwrap(), "--poll-timeout-ms", "99"])
+        let file = path.to_str().unwrap();
+        let cfg = cli(&["-c", file, "--poll-timeout-ms", "99"])
             .resolve()
             .unwrap();
         assert_eq!(cfg.history_messages, 7);
         assert_eq!(cfg.poll_timeout_ms, 99);
         assert_eq!(cfg.zmq_connect, vec!["tcp://127.0.0.1:1".to_string()]);
+        // What the flags leave alone is the file's, whatever its type; a
+        // default the file does not set stays the default.
+        assert!(cfg.ready_requires_publisher);
+        assert_eq!(cfg.zmq_subscribe, SubscribeMode::Demand);
+        assert_eq!(cfg.auth_audience, vec!["from-file".to_string()]);
+        assert!(!cfg.auth_audience_from_cli);
+        assert_eq!(cfg.heartbeat_interval_ms, 25_000);
+        // Lists, enums and switches given as flags replace the file's.
+        let cfg = cli(&[
+            "-c",
+            file,
+            "--zmq-connect",
+            "tcp://127.0.0.1:2",
+            "--zmq-connect",
+            "tcp://127.0.0.1:3",
+            "--zmq-subscribe",
+            "all",
+            "--auth-audience",
+            "from-flag",
+            "--log-format",
+            "json",
+        ])
+        .resolve()
+        .unwrap();
+        assert_eq!(cfg.zmq_connect, ["tcp://127.0.0.1:2", "tcp://127.0.0.1:3"]);
+        assert_eq!(cfg.zmq_subscribe, SubscribeMode::All);
+        assert_eq!(cfg.auth_audience, vec!["from-flag".to_string()]);
+        assert!(cfg.auth_audience_from_cli);
+        assert_eq!(cfg.log_format, LogFormat::Json);
+        assert_eq!(cfg.history_messages, 7);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

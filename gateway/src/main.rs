@@ -25,7 +25,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{mpsc, Arc};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use clap::Parser;
 use socket2::{Domain, Protocol, Socket, Type};
 use tracing::{debug, error, info, warn};
 
@@ -40,7 +39,7 @@ fn main() {
     drain::block_signals();
     // clap's own exit panics when it cannot print (a closed stdout or
     // stderr); a failed print here still exits with its code.
-    let cli = cli::Cli::try_parse().unwrap_or_else(|e| {
+    let (cli, matches) = cli::Cli::parse_args().unwrap_or_else(|e| {
         let _ = e.print();
         std::process::exit(e.exit_code());
     });
@@ -52,7 +51,7 @@ fn main() {
         }
         return;
     }
-    let cfg = match cli.resolve() {
+    let cfg = match cli.resolve(&matches) {
         Ok(cfg) => cfg,
         Err(e) => {
             logs::print_stderr(&format!("gateway: {e}"));

@@ -638,10 +638,10 @@ pub async fn yield_now() {
 #[cfg(test)]
 mod tests {
     use super::conn::{WS_CLOSE_SERVICE_RESTART, WS_CLOSE_SLOW_CONSUMER};
-    use std::os::fd::AsRawFd;
     use super::*;
     use crate::ingest::{Interest, Message};
     use protocol::id::{first_gateway_id, ID_TAG_BITS};
+    use std::os::fd::AsRawFd;
 
     fn msg(id: u64, channel: &str) -> Arc<Message> {
         Arc::new(Message::encode(id, channel, None, b"x"))
