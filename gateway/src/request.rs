@@ -25,12 +25,12 @@ use protocol::id::Cursor;
 use protocol::origin::{Verdict, PATTERN_SLOT};
 use protocol::proxy::{self, ProxyParsed};
 use protocol::sse;
-use protocol::ws::{self, MessagePart, ServerSession};
+use protocol::ws;
 use rand::Rng;
 use tracing::{debug, info, warn};
 
 use crate::core::events::{Echo, Read};
-use crate::core::{Core, Drain, Transport, SSE_RETRY_MS_MAX, SSE_RETRY_MS_MIN};
+use crate::core::{Core, Drain, PollAnswer, State, Transport, SSE_RETRY_MS_MAX, SSE_RETRY_MS_MIN};
 use crate::ops::drain::draining;
 
 /// How long a connection refused at accept (503) waits for its response to
@@ -53,7 +53,7 @@ pub fn serve(core: Rc<Core>, key: u32) -> impl Future<Output = ()> {
             // No message, heartbeat or deadline may follow what was queued
             // last (a close frame, an error response): the event loop lets
             // it leave, then closes.
-            Phase::Close(Close::Linger) => io.park(Transport::Closing, None, None),
+            Phase::Close(Close::Linger) => io.park_closing(),
             Phase::Close(Close::Now) => core.deregister(key),
         }
     }
@@ -97,22 +97,25 @@ impl<'a> Io<'a> {
         self.with_conn(|c, _| c.fd)
     }
 
-    /// Ends the task and leaves the connection to the event loop, as
-    /// `transport` (an open stream, or `Closing`), with its WebSocket
-    /// session and echo state. The loop looks at it once now: input that
-    /// came with the upgrade, a write the socket refused, a drain.
-    fn park(&mut self, transport: Transport, session: Option<ServerSession>, echo: Option<Echo>) {
+    /// Ends the task and leaves the connection, an open stream, to the
+    /// event loop. The loop looks at it once now: input that came with the
+    /// upgrade, a write the socket refused, a drain.
+    fn park(&mut self) {
         self.with_conn(|c, _| {
-            if transport == Transport::Closing {
-                c.deadline_s = 0;
-            }
-            c.transport = transport;
-            c.session = session.map(Box::new);
-            c.echo = echo;
             c.waker = None;
             c.parked = true;
             c.wake();
         });
+    }
+
+    /// Ends the task and leaves the connection to the event loop as
+    /// closing: what is queued leaves, then it is closed.
+    fn park_closing(&mut self) {
+        self.with_conn(|c, _| {
+            c.state = State::Closing { shut_wr: false };
+            c.deadline_s = 0;
+        });
+        self.park();
     }
 
     /// Reads and answers requests (keep-alive) until one opens a stream or
@@ -133,7 +136,7 @@ impl<'a> Io<'a> {
         }
         loop {
             self.with_conn(|c, core| {
-                c.transport = Transport::Http;
+                c.state = State::Request;
                 c.deadline_s = core.deadline_after_ms(core.cfg.head_timeout_ms);
             });
             let (request, head_len, origin) = loop {
@@ -245,7 +248,7 @@ impl<'a> Io<'a> {
                 } => {
                     drop(leftover);
                     self.start_sse(channels, last_event_id);
-                    self.park(Transport::Sse, None, None);
+                    self.park();
                     return Phase::Parked;
                 }
                 Request::WebSocket {
@@ -257,8 +260,8 @@ impl<'a> Io<'a> {
                 } => {
                     let response = ws::switching_protocols_response(&accept, protocol);
                     return match self.start_websocket(channels, response, since, leftover) {
-                        Ok(session) => {
-                            self.park(Transport::WebSocket, Some(session), None);
+                        Ok(()) => {
+                            self.park();
                             Phase::Parked
                         }
                         Err(close) => Phase::Close(close),
@@ -550,13 +553,15 @@ impl<'a> Io<'a> {
         let key = self.key;
         self.with_conn(|c, core| {
             c.channels = ids;
-            c.transport = transport;
             c.deadline_s = 0;
-            if transport != Transport::LongPoll {
-                core.open_stream(c, key, transport);
+            match transport {
+                Transport::WebSocket => {
+                    let state = State::websocket(core.cfg.ws_message_bytes_max, None);
+                    core.open_stream(c, key, state);
+                }
+                Transport::Sse => core.open_stream(c, key, State::Sse),
+                _ => c.state = State::LongPoll(PollAnswer::Waiting),
             }
-            c.poll_answered = false;
-            c.poll_timed_out = false;
             // Messages up to the cursor are the client's already; live ones
             // before it may still be in flight to this core.
             c.skip_through = if resume.reset { 0 } else { since.unwrap_or(0) };
@@ -566,8 +571,8 @@ impl<'a> Io<'a> {
 
     fn unsubscribe(&self) {
         let (channels, was_poll) = self.with_conn(|c, _| {
-            let was_poll = c.transport == Transport::LongPoll;
-            c.transport = Transport::Http;
+            let was_poll = c.transport() == Transport::LongPoll;
+            c.state = State::Request;
             (std::mem::take(&mut c.channels), was_poll)
         });
         if was_poll {
@@ -679,7 +684,10 @@ impl<'a> Io<'a> {
                 }
                 // An answer already queued leaves first (PollAnswered
                 // follows; the connection is closed after it).
-                Wake::Drain if self.with_conn(|c, _| c.poll_answered) => {}
+                Wake::Drain
+                    if self.with_conn(|c, _| {
+                        matches!(c.state, State::LongPoll(PollAnswer::Queued))
+                    }) => {}
                 Wake::Drain => {
                     self.unsubscribe();
                     return self.answer_empty(cursor, false).await;
@@ -707,15 +715,16 @@ impl<'a> Io<'a> {
         self.respond(out).await.then_some(keep_alive)
     }
 
-    /// Answers the upgrade (`response`, the 101), subscribes, queues what the client missed and
-    /// handles bytes that came with the head. Err: close right away.
+    /// Answers the upgrade (`response`, the 101), subscribes, queues what
+    /// the client missed and handles bytes that came with the head. Err:
+    /// close right away.
     fn start_websocket(
         &mut self,
         channels: Vec<String>,
         response: Vec<u8>,
         since: Option<Cursor>,
         leftover: Vec<u8>,
-    ) -> Result<ServerSession, Close> {
+    ) -> Result<(), Close> {
         self.core.stats.handshake("ws");
         self.queue(response.into());
         let resume = self.subscribe(&channels, since, Transport::WebSocket, self.replay_all());
@@ -729,28 +738,34 @@ impl<'a> Io<'a> {
         for m in &resume.messages {
             self.queue(m.ws.clone());
         }
-        self.start_session(leftover, &mut |_, _| {})
+        self.start_session(leftover)
     }
 
-    /// A new session, fed whatever arrived right behind the handshake.
-    fn start_session(
-        &mut self,
-        mut leftover: Vec<u8>,
-        on_message: &mut impl FnMut(MessagePart<'_>, &mut Vec<u8>),
-    ) -> Result<ServerSession, Close> {
-        let mut session = ServerSession::new(self.core.cfg.ws_message_bytes_max);
-        if !leftover.is_empty() {
-            let mut out = Vec::new();
-            let end = session.input(&mut leftover, &mut out, on_message);
-            if !out.is_empty() {
-                self.queue(out.into());
-            }
-            if let Some(end) = end {
-                self.with_conn(|c, _| crate::core::events::log_session_end(c, end));
-                return Err(Close::Linger);
-            }
+    /// Feeds the open WebSocket's session whatever arrived right behind
+    /// the handshake.
+    fn start_session(&mut self, mut leftover: Vec<u8>) -> Result<(), Close> {
+        if leftover.is_empty() {
+            return Ok(());
         }
-        Ok(session)
+        let mut out = Vec::new();
+        let end = self.with_conn(|c, _| match &mut c.state {
+            State::WebSocket { session, echo } => {
+                session.input(&mut leftover, &mut out, &mut |part, out| {
+                    if let Some(state) = echo.as_mut() {
+                        crate::core::events::echo_part(state, part, out);
+                    }
+                })
+            }
+            _ => None,
+        });
+        if !out.is_empty() {
+            self.queue(out.into());
+        }
+        if let Some(end) = end {
+            self.with_conn(|c, _| crate::core::events::log_session_end(c, end));
+            return Err(Close::Linger);
+        }
+        Ok(())
     }
 
     /// The conformance endpoint: every message is sent back as it arrives,
@@ -762,13 +777,13 @@ impl<'a> Io<'a> {
     fn echo(&mut self, response: Vec<u8>, leftover: Vec<u8>) -> Phase {
         self.queue(response.into());
         let key = self.key;
-        self.with_conn(|c, core| core.open_stream(c, key, Transport::WebSocket));
-        let mut echo = Echo::new();
-        match self.start_session(leftover, &mut |part, out| {
-            crate::core::events::echo_part(&mut echo, part, out)
-        }) {
-            Ok(session) => {
-                self.park(Transport::WebSocket, Some(session), Some(echo));
+        self.with_conn(|c, core| {
+            let state = State::websocket(core.cfg.ws_message_bytes_max, Some(Echo::new()));
+            core.open_stream(c, key, state)
+        });
+        match self.start_session(leftover) {
+            Ok(()) => {
+                self.park();
                 Phase::Parked
             }
             Err(close) => Phase::Close(close),
@@ -782,13 +797,12 @@ fn poll_wake(c: &mut crate::core::Conn, cx: &mut Context<'_>) -> Poll<Wake> {
     if c.dead {
         return Poll::Ready(Wake::Dead);
     }
-    if c.transport == Transport::LongPoll {
-        if c.poll_timed_out {
-            return Poll::Ready(Wake::PollTimedOut);
+    match c.state {
+        State::LongPoll(PollAnswer::TimedOut) => return Poll::Ready(Wake::PollTimedOut),
+        State::LongPoll(PollAnswer::Queued) if c.queue.is_empty() => {
+            return Poll::Ready(Wake::PollAnswered)
         }
-        if c.poll_answered && c.queue.is_empty() {
-            return Poll::Ready(Wake::PollAnswered);
-        }
+        _ => {}
     }
     if c.drain == Drain::Asked {
         c.drain = Drain::Seen;

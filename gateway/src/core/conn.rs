@@ -42,6 +42,62 @@ impl Transport {
     }
 }
 
+/// Where a connection is in its life, with what that stage needs and
+/// nothing else: a long-poll's answer cannot be set on a WebSocket, a
+/// WebSocket cannot be without its session.
+#[derive(Debug)]
+pub enum State {
+    /// Reading a request head, or between requests (a task serves it).
+    Request,
+    /// A held long-poll (a task serves it).
+    LongPoll(PollAnswer),
+    /// An open WebSocket (parked): its session (frame decoder, UTF-8 and
+    /// close state), boxed as no other state has one; on the conformance
+    /// endpoint, the echo's progress through the message.
+    WebSocket {
+        session: Box<ws::ServerSession>,
+        echo: Option<crate::core::events::Echo>,
+    },
+    /// An open SSE stream (parked).
+    Sse,
+    /// Its last bytes (an error response, a close frame) are leaving: no
+    /// message, heartbeat or deadline touches it any more. Once they have
+    /// left it is half-closed (`shut_wr`) and waits for the peer's end.
+    Closing { shut_wr: bool },
+}
+
+/// A held long-poll's answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PollAnswer {
+    /// Nothing yet: the next message answers it.
+    Waiting,
+    /// Its answer is queued; no further message is added.
+    Queued,
+    /// The poll timeout passed before any message came.
+    TimedOut,
+}
+
+impl State {
+    /// The kind of traffic, for fan-out and the metrics.
+    pub fn transport(&self) -> Transport {
+        match self {
+            State::Request => Transport::Http,
+            State::LongPoll(_) => Transport::LongPoll,
+            State::WebSocket { .. } => Transport::WebSocket,
+            State::Sse => Transport::Sse,
+            State::Closing { .. } => Transport::Closing,
+        }
+    }
+
+    /// A new WebSocket session for messages up to `message_bytes_max`.
+    pub fn websocket(message_bytes_max: u64, echo: Option<crate::core::events::Echo>) -> State {
+        State::WebSocket {
+            session: Box::new(ws::ServerSession::new(message_bytes_max)),
+            echo,
+        }
+    }
+}
+
 /// Where a connection stands in a drain (see `Core::drain_step`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Drain {
@@ -95,7 +151,7 @@ pub struct Conn {
     pub fd: RawFd,
     /// Its own slab key (for the attention list, see `events`).
     pub(super) key: u32,
-    pub transport: Transport,
+    pub state: State,
     /// Set when the socket failed, the client is too slow, or a deadline
     /// passed: whoever serves it (its task, or the event loop) closes it.
     pub dead: bool,
@@ -104,10 +160,6 @@ pub struct Conn {
     pub blocked: bool,
     /// Already on this core's to-flush list for the current batch.
     pub(super) dirty: bool,
-    /// Long-poll: the answer is queued; no further messages are added.
-    pub poll_answered: bool,
-    /// Long-poll: the poll timeout passed before any message came.
-    pub poll_timed_out: bool,
     /// The gateway is draining and asked this connection to go.
     pub drain: Drain,
     /// Core clock second after which the sweep acts (0 = no deadline): the
@@ -133,11 +185,6 @@ pub struct Conn {
     pub queue: VecDeque<Bytes>,
     /// The task serving it, while one does.
     pub waker: Option<Waker>,
-    /// An open WebSocket's session (frame decoder, UTF-8 and close state);
-    /// boxed, as SSE streams and requests have none.
-    pub session: Option<Box<ws::ServerSession>>,
-    /// The conformance echo endpoint's state, for a WebSocket that echoes.
-    pub echo: Option<crate::core::events::Echo>,
     /// Input may be waiting: set by an epoll event, cleared by a read that
     /// finds none.
     pub readable: bool,
@@ -146,8 +193,6 @@ pub struct Conn {
     pub parked: bool,
     /// On the core's attention list (see `events`).
     pub attention: bool,
-    /// Closing: its write side is shut down, it waits for the peer's end.
-    pub shut_wr: bool,
     /// Registry ids of the channels it is subscribed to.
     pub channels: Box<[u32]>,
     /// The client's address: the TCP peer, or what its proxy's PROXY
@@ -215,12 +260,10 @@ impl Conn {
         Conn {
             fd,
             key,
-            transport: Transport::Http,
+            state: State::Request,
             dead: false,
             blocked: false,
             dirty: false,
-            poll_answered: false,
-            poll_timed_out: false,
             drain: Drain::No,
             deadline_s: 0,
             last_heard_s: 0,
@@ -230,12 +273,9 @@ impl Conn {
             skip_through: 0,
             queue: VecDeque::new(),
             waker: None,
-            session: None,
-            echo: None,
             readable: false,
             parked: false,
             attention: false,
-            shut_wr: false,
             channels: Box::new([]),
             client_ip: client.ip(),
             client_port: client.port(),
@@ -243,6 +283,11 @@ impl Conn {
             expects_proxy_header: false,
             cors: 0,
         }
+    }
+
+    /// The kind of traffic it carries now.
+    pub fn transport(&self) -> Transport {
+        self.state.transport()
     }
 
     /// The client's address, for logs.
@@ -270,7 +315,7 @@ impl Conn {
     /// connection between requests is left to its task (which knows the
     /// cursor, or whether a response is under way).
     pub(super) fn ask_to_go(&mut self, bytes_max: usize) {
-        let farewell = match self.transport {
+        let farewell = match self.transport() {
             Transport::WebSocket => Some(Bytes::from_static(WS_CLOSE_SERVICE_RESTART)),
             Transport::Sse => {
                 let ms = rand::thread_rng().gen_range(SSE_RETRY_MS_MIN..=SSE_RETRY_MS_MAX);
@@ -281,7 +326,7 @@ impl Conn {
             Transport::Http | Transport::LongPoll | Transport::Closing => None,
         };
         if let Some(bytes) = farewell {
-            self.transport = Transport::Closing;
+            self.state = State::Closing { shut_wr: false };
             // The linger's deadline starts when the event loop sees it.
             self.deadline_s = 0;
             self.push(bytes, bytes_max);
@@ -298,13 +343,13 @@ impl Conn {
     /// Its task sees it as asked to go (`Drain::Asked`) and closes after
     /// the bytes leave.
     pub(super) fn token_expired(&mut self, bytes_max: usize) {
-        if self.transport == Transport::WebSocket {
+        if self.transport() == Transport::WebSocket {
             self.push(Bytes::from_static(WS_CLOSE_TOKEN_EXPIRED), bytes_max);
             if !self.blocked {
                 self.flush();
             }
         }
-        self.transport = Transport::Closing;
+        self.state = State::Closing { shut_wr: false };
         self.deadline_s = 0;
         self.drain = Drain::Asked;
         self.wake();
@@ -364,7 +409,7 @@ impl Conn {
         crate::ops::metrics::note_slow_consumer();
         warn!(
             peer = %self.client(),
-            transport = ?self.transport,
+            transport = ?self.transport(),
             queued_bytes = self.queued_bytes,
             wanted_bytes,
             "slow consumer: outbound queue over its limit, closing"
@@ -376,7 +421,7 @@ impl Conn {
         };
         self.queue = VecDeque::new();
         self.queued_bytes = 0;
-        if self.transport == Transport::WebSocket {
+        if self.transport() == Transport::WebSocket {
             if let Some(front) = started {
                 self.queued_bytes = (front.len() - self.sent_of_front as usize) as u32;
                 self.queue.push_back(front);

@@ -42,7 +42,7 @@ use bytes::Bytes;
 use protocol::ws::{self, Closing, MessagePart, OpCode};
 use tracing::{debug, info, warn};
 
-use crate::core::{yield_now, Core, Transport};
+use crate::core::{yield_now, Conn, Core, State, Transport};
 use crate::sys;
 
 /// Events taken per `epoll_wait`; a fuller batch is taken again after the
@@ -222,13 +222,13 @@ impl Core {
                 return;
             };
             if !c.dead && c.readable {
-                match c.transport {
+                match c.transport() {
                     Transport::WebSocket => self.read_websocket(c),
                     Transport::Sse | Transport::Closing => discard_input(self, c),
                     _ => {}
                 }
             }
-            if !c.dead && c.transport == Transport::Closing {
+            if !c.dead && c.transport() == Transport::Closing {
                 self.linger(c);
             }
             c.dead
@@ -240,28 +240,29 @@ impl Core {
 
     /// Reads an open WebSocket's frames through its session, queues the
     /// replies, and turns it to `Closing` when the session ends.
-    fn read_websocket(&self, c: &mut crate::core::Conn) {
-        let Some(mut session) = c.session.take() else {
-            c.dead = true;
-            return;
-        };
+    fn read_websocket(&self, c: &mut Conn) {
         let max = self.cfg.outbound_queue_bytes_max;
-        let mut echo = c.echo;
         for _ in 0..WS_READS_PER_TURN {
             let mut out = Vec::new();
             let mut end = None;
-            let read = read_into(
-                self,
-                c.fd,
-                |bytes| {
-                    end = session.input(bytes, &mut out, &mut |part, out| {
-                        if let Some(state) = echo.as_mut() {
-                            echo_part(state, part, out);
-                        }
-                    })
-                },
-                usize::MAX,
-            );
+            let fd = c.fd;
+            let read = {
+                let State::WebSocket { session, echo } = &mut c.state else {
+                    return;
+                };
+                read_into(
+                    self,
+                    fd,
+                    |bytes| {
+                        end = session.input(bytes, &mut out, &mut |part, out| {
+                            if let Some(state) = echo.as_mut() {
+                                echo_part(state, part, out);
+                            }
+                        })
+                    },
+                    usize::MAX,
+                )
+            };
             if !out.is_empty() {
                 c.push(Bytes::from(out), max);
                 if !c.blocked {
@@ -270,28 +271,26 @@ impl Core {
             }
             if let Some(end) = end {
                 log_session_end(c, end);
-                c.transport = Transport::Closing;
+                c.state = State::Closing { shut_wr: false };
                 c.deadline_s = 0;
-                break;
+                return;
             }
             match read {
                 Read::Data => c.last_heard_s = self.now_s(),
                 Read::Eof => {
                     c.dead = true;
-                    break;
+                    return;
                 }
                 Read::WouldBlock => {
                     c.readable = false;
-                    break;
+                    return;
                 }
             }
             if c.dead {
-                break;
+                return;
             }
         }
-        c.echo = echo;
-        c.session = Some(session);
-        if c.readable && !c.dead && c.transport == Transport::WebSocket {
+        if c.readable {
             // Input left after this turn's reads: another turn later.
             c.wake();
         }
@@ -302,15 +301,15 @@ impl Core {
     /// side, reading and dropping what still comes: closing a socket with
     /// unread input sends a reset that can destroy what the peer has not
     /// read yet.
-    fn linger(&self, c: &mut crate::core::Conn) {
+    fn linger(&self, c: &mut Conn) {
         if c.deadline_s == 0 {
             c.deadline_s = self.now_s() + LINGER_S;
         }
-        if c.shut_wr || c.blocked || !c.queue.is_empty() {
+        if matches!(c.state, State::Closing { shut_wr: true }) || c.blocked || !c.queue.is_empty() {
             return;
         }
         let _ = sys::shutdown(c.fd, std::net::Shutdown::Write);
-        c.shut_wr = true;
+        c.state = State::Closing { shut_wr: true };
         if c.readable {
             discard_input(self, c);
         }
@@ -318,7 +317,7 @@ impl Core {
 }
 
 /// Logs why a WebSocket session ended.
-pub fn log_session_end(c: &crate::core::Conn, end: Closing) {
+pub fn log_session_end(c: &Conn, end: Closing) {
     match end {
         Closing::Violation { code, rule } => {
             info!(peer = %c.client(), code, rule, "websocket closed: client broke a rule");
@@ -329,7 +328,7 @@ pub fn log_session_end(c: &crate::core::Conn, end: Closing) {
 
 /// Reads and drops what a client that has nothing to say sent (an SSE
 /// client, a closing one); its end closes the connection.
-fn discard_input(core: &Core, c: &mut crate::core::Conn) {
+fn discard_input(core: &Core, c: &mut Conn) {
     for _ in 0..WS_READS_PER_TURN {
         match read_into(core, c.fd, |_| {}, usize::MAX) {
             Read::Data => {}
@@ -415,11 +414,11 @@ mod tests {
         let key = core.register(ours.into_raw_fd(), ([127, 0, 0, 1], 1).into());
         let mut conns = core.conns.borrow_mut();
         let c = &mut conns[key as usize];
-        c.transport = transport;
+        c.state = match transport {
+            Transport::WebSocket => State::websocket(1024, None),
+            _ => State::Sse,
+        };
         c.parked = true;
-        if transport == Transport::WebSocket {
-            c.session = Some(Box::new(ws::ServerSession::new(1024)));
-        }
         (key, client)
     }
 
@@ -460,7 +459,7 @@ mod tests {
         {
             let conns = core.conns.borrow();
             let c = &conns[key as usize];
-            assert!(c.transport == Transport::Closing && c.shut_wr && c.deadline_s > 0);
+            assert!(matches!(c.state, State::Closing { shut_wr: true }) && c.deadline_s > 0);
         }
         drop(client);
         readable(&core, key);
@@ -494,7 +493,7 @@ mod tests {
         assert_eq!(close[0], 0x88, "a close frame");
         assert_eq!(u16::from_be_bytes([close[2], close[3]]), 1002);
         assert_eq!(
-            core.conns.borrow()[key as usize].transport,
+            core.conns.borrow()[key as usize].transport(),
             Transport::Closing
         );
     }

@@ -30,7 +30,8 @@ pub mod conn;
 pub mod registry;
 
 pub use self::conn::{
-    Conn, Drain, Transport, SSE_HEARTBEAT, SSE_RETRY_MS_MAX, SSE_RETRY_MS_MIN, WS_PING,
+    Conn, Drain, PollAnswer, State, Transport, SSE_HEARTBEAT, SSE_RETRY_MS_MAX, SSE_RETRY_MS_MIN,
+    WS_PING,
 };
 pub use self::registry::{Registry, Resume};
 
@@ -218,7 +219,7 @@ impl Core {
         if conn.cors == PATTERN_SLOT {
             self.cors_by_conn.borrow_mut().remove(&key);
         }
-        if conn.transport == Transport::LongPoll {
+        if conn.transport() == Transport::LongPoll {
             self.poll_gaps.borrow_mut().remove(&key);
         }
         self.registry.borrow_mut().unsubscribe(key, &conn.channels);
@@ -228,13 +229,13 @@ impl Core {
         self.conn_counts[self.index].fetch_sub(1, Ordering::Relaxed);
     }
 
-    /// Marks a connection as open for streaming (WebSocket or SSE): it was
-    /// heard from just now, and its first heartbeat is due between half an
-    /// interval and an interval from now, by its slab key, so that a burst
-    /// of connections is not pinged in one burst forever after.
-    pub fn open_stream(&self, c: &mut Conn, key: u32, transport: Transport) {
+    /// Opens a stream (`state`: a WebSocket or SSE): it was heard from just
+    /// now, and its first heartbeat is due between half an interval and an
+    /// interval from now, by its slab key, so that a burst of connections
+    /// is not pinged in one burst forever after.
+    pub fn open_stream(&self, c: &mut Conn, key: u32, state: State) {
         let now = self.now_s();
-        c.transport = transport;
+        c.state = state;
         c.last_heard_s = now;
         c.deadline_s = match self.cfg.heartbeat_interval_s() {
             Some(interval) => now + interval - key % (interval / 2 + 1),
@@ -272,7 +273,7 @@ impl Core {
                             let Some(conn) = conns.get_mut(key as usize) else {
                                 continue;
                             };
-                            let gap = match conn.transport {
+                            let gap = match conn.transport() {
                                 Transport::WebSocket => ws_gap
                                     .get_or_insert_with(|| {
                                         let mut out = Vec::new();
@@ -333,11 +334,13 @@ impl Core {
                 if msg.id <= conn.skip_through || conn.dead {
                     continue;
                 }
-                let frame = match conn.transport {
+                let frame = match conn.transport() {
                     Transport::WebSocket => ws_frame.get_or_insert_with(|| own(&msg.ws)).clone(),
                     Transport::Sse => sse_frame.get_or_insert_with(|| own(&msg.sse)).clone(),
-                    Transport::LongPoll if !conn.poll_answered && !conn.poll_timed_out => {
-                        conn.poll_answered = true;
+                    Transport::LongPoll
+                        if matches!(conn.state, State::LongPoll(PollAnswer::Waiting)) =>
+                    {
+                        conn.state = State::LongPoll(PollAnswer::Queued);
                         conn.wake();
                         let gaps = if poll_gaps.is_empty() {
                             None
@@ -435,20 +438,20 @@ impl Core {
         let mut expired = 0u64;
         let mut by_transport = [0u64; 5];
         for (_, conn) in self.conns.borrow_mut().iter_mut() {
-            by_transport[conn.transport.metrics_slot()] += 1;
+            by_transport[conn.transport().metrics_slot()] += 1;
             if conn.dead {
                 continue;
             }
             if conn.auth_expires_s != 0
                 && conn.auth_expires_s <= now
-                && matches!(conn.transport, Transport::WebSocket | Transport::Sse)
+                && matches!(conn.transport(), Transport::WebSocket | Transport::Sse)
             {
-                debug!(fd = conn.fd, transport = ?conn.transport, "token expired, closing");
+                debug!(fd = conn.fd, transport = ?conn.transport(), "token expired, closing");
                 conn.token_expired(cfg.outbound_queue_bytes_max);
                 expired += 1;
                 continue;
             }
-            let beat = match conn.transport {
+            let beat = match conn.transport() {
                 Transport::WebSocket => WS_PING,
                 Transport::Sse => SSE_HEARTBEAT,
                 Transport::Closing => {
@@ -464,17 +467,21 @@ impl Core {
                         continue;
                     }
                     conn.deadline_s = 0;
-                    if conn.transport == Transport::Http {
-                        debug!(fd = conn.fd, "request head deadline passed, closing");
-                        conn.dead = true;
-                    } else if !conn.poll_answered {
-                        conn.poll_timed_out = true;
+                    match conn.state {
+                        State::Request => {
+                            debug!(fd = conn.fd, "request head deadline passed, closing");
+                            conn.dead = true;
+                        }
+                        State::LongPoll(PollAnswer::Waiting) => {
+                            conn.state = State::LongPoll(PollAnswer::TimedOut);
+                        }
+                        _ => {}
                     }
                     conn.wake();
                     continue;
                 }
             };
-            if conn.transport == Transport::WebSocket
+            if conn.transport() == Transport::WebSocket
                 && silence_s_max.is_some_and(|max| now.wrapping_sub(conn.last_heard_s) > max)
             {
                 debug!(
@@ -542,7 +549,7 @@ impl Core {
         let seconds_left = self.cfg.drain_window_s().saturating_sub(sweep).max(1);
         let mut conns = self.conns.borrow_mut();
         let candidate =
-            |c: &Conn| !c.dead && c.drain == Drain::No && c.transport != Transport::Closing;
+            |c: &Conn| !c.dead && c.drain == Drain::No && c.transport() != Transport::Closing;
         let open = conns.iter().filter(|(_, c)| candidate(c)).count();
         let share = open.div_ceil(seconds_left as usize);
         let mut asked = 0;
@@ -898,7 +905,7 @@ mod tests {
                     .subscribe(key, &["a".to_string()], None, 7, 100, 10);
             let mut conns = core.conns.borrow_mut();
             conns[key as usize].channels = ids;
-            conns[key as usize].transport = transport;
+            conns[key as usize].state = state_of(transport);
             b.set_nonblocking(true).unwrap();
             peers.push((a, b));
         }
@@ -937,6 +944,17 @@ mod tests {
             "{answer:?}"
         );
         assert!(core.poll_gaps.borrow().is_empty());
+    }
+
+    /// A connection's state for a kind of traffic, as tests set it.
+    fn state_of(transport: Transport) -> State {
+        match transport {
+            Transport::Http => State::Request,
+            Transport::WebSocket => State::websocket(1024, None),
+            Transport::Sse => State::Sse,
+            Transport::LongPoll => State::LongPoll(PollAnswer::Waiting),
+            Transport::Closing => State::Closing { shut_wr: false },
+        }
     }
 
     /// A lone core (index 0 of 1) with no interest queue, at
@@ -1019,7 +1037,7 @@ mod tests {
     fn a_queue_over_its_budget_marks_the_connection_dead_and_frees_it() {
         let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
         let mut conn = Conn::new(a.as_raw_fd(), 0, ([127, 0, 0, 1], 1).into());
-        conn.transport = Transport::Sse;
+        conn.state = State::Sse;
         let max = 3 << 20;
         let big = Bytes::from(vec![7u8; 1 << 20]);
         // Nobody reads: the socket fills and the rest stays queued.
@@ -1050,7 +1068,7 @@ mod tests {
         use std::io::Read;
         let (a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
         let mut conn = Conn::new(a.as_raw_fd(), 0, ([127, 0, 0, 1], 1).into());
-        conn.transport = Transport::WebSocket;
+        conn.state = state_of(Transport::WebSocket);
         // Ten frames of 100 bytes against a budget of 250: the dispatcher
         // has not flushed yet, but the socket has room for all of them.
         for _ in 0..10 {
@@ -1068,7 +1086,7 @@ mod tests {
         for started in [3, 0] {
             let (a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
             let mut conn = Conn::new(a.as_raw_fd(), 0, ([127, 0, 0, 1], 1).into());
-            conn.transport = Transport::WebSocket;
+            conn.state = state_of(Transport::WebSocket);
             conn.push(Bytes::from_static(b"first frame"), 64);
             conn.push(Bytes::from_static(b"second"), 64);
             // As if the kernel had taken the first bytes of the front frame
@@ -1153,7 +1171,7 @@ mod tests {
             let mut conns = core.conns.borrow_mut();
             let c = &mut conns[key as usize];
             c.channels = ids;
-            c.transport = Transport::LongPoll;
+            c.state = State::LongPoll(PollAnswer::Waiting);
             c.cors = cors;
             if cors == PATTERN_SLOT {
                 let lines = cfg
@@ -1190,7 +1208,10 @@ mod tests {
         sub_peer.read_exact(&mut got).unwrap();
         assert!(String::from_utf8(got).unwrap().starts_with(head));
         for key in keys {
-            assert!(core.conns.borrow()[key as usize].poll_answered);
+            assert!(matches!(
+                core.conns.borrow()[key as usize].state,
+                State::LongPoll(PollAnswer::Queued)
+            ));
         }
     }
 }
