@@ -6,6 +6,7 @@
 //! write here passes `MSG_DONTWAIT`, so nothing ever blocks a core.
 
 use std::io;
+use std::mem::MaybeUninit;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 /// Frames written by one `sendmsg` at most (the rest by the next call).
@@ -30,26 +31,26 @@ pub fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
     Ok(n as usize)
 }
 
-/// `sendmsg` of up to [`IOV_MAX`] buffers without waiting (and without
-/// SIGPIPE): how many bytes the kernel took.
-pub fn sendmsg(fd: RawFd, bufs: &[&[u8]]) -> io::Result<usize> {
-    let mut iov = [libc::iovec {
-        iov_base: std::ptr::null_mut(),
-        iov_len: 0,
-    }; IOV_MAX];
-    let n = bufs.len().min(IOV_MAX);
-    for (slot, buf) in iov.iter_mut().zip(&bufs[..n]) {
-        *slot = libc::iovec {
+/// `sendmsg` of the first [`IOV_MAX`] of `bufs` without waiting (and
+/// without SIGPIPE): how many bytes the kernel took. Only the entries used
+/// are written (this runs once per connection per delivery batch).
+pub fn sendmsg<'a>(fd: RawFd, bufs: impl IntoIterator<Item = &'a [u8]>) -> io::Result<usize> {
+    let mut iov = [const { MaybeUninit::<libc::iovec>::uninit() }; IOV_MAX];
+    let mut n = 0;
+    for buf in bufs.into_iter().take(IOV_MAX) {
+        iov[n].write(libc::iovec {
             iov_base: buf.as_ptr() as *mut libc::c_void,
             iov_len: buf.len(),
-        };
+        });
+        n += 1;
     }
     // SAFETY: msghdr is plain data; zeroed is a valid empty header.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = iov.as_mut_ptr();
+    msg.msg_iov = iov.as_mut_ptr().cast();
     msg.msg_iovlen = n;
-    // SAFETY: the iovecs point into `bufs`, borrowed for the call; the
-    // kernel only reads them.
+    // SAFETY: the first `n` iovecs are initialised and point into buffers
+    // borrowed for the call; the kernel reads only those `n`, and only
+    // reads them.
     let sent = unsafe { libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
     if sent < 0 {
         return Err(io::Error::last_os_error());

@@ -450,20 +450,16 @@ impl Conn {
                 self.blocked = false;
                 return;
             }
-            let mut bufs: [&[u8]; sys::IOV_MAX] = [&[]; sys::IOV_MAX];
-            let mut n = 0;
-            let mut total = 0;
-            for (i, frame) in self.queue.iter().take(sys::IOV_MAX).enumerate() {
-                let skip = if i == 0 {
-                    self.sent_of_front as usize
-                } else {
-                    0
-                };
-                bufs[i] = &frame[skip..];
-                total += frame.len() - skip;
-                n += 1;
-            }
-            let sent = match sys::sendmsg(self.fd, &bufs[..n]) {
+            let skip = self.sent_of_front as usize;
+            let frames = || {
+                self.queue
+                    .iter()
+                    .take(sys::IOV_MAX)
+                    .enumerate()
+                    .map(move |(i, f)| if i == 0 { &f[skip..] } else { &f[..] })
+            };
+            let total: usize = frames().map(<[u8]>::len).sum();
+            let sent = match sys::sendmsg(self.fd, frames()) {
                 Ok(sent) => sent,
                 Err(err) => {
                     match err.kind() {
