@@ -483,12 +483,7 @@ impl<'a> Io<'a> {
     /// Queues bytes and writes what the socket takes now.
     fn queue(&self, bytes: Bytes) {
         let max = self.core.cfg.outbound_queue_bytes_max;
-        self.with_conn(|c, _| {
-            c.push(bytes, max);
-            if !c.blocked {
-                c.flush();
-            }
-        });
+        self.with_conn(|c, _| crate::core::events::send(c, bytes, max));
     }
 
     /// Queues a response and waits until the kernel has all of it (the

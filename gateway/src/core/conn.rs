@@ -11,9 +11,6 @@ use std::task::Waker;
 use bytes::Bytes;
 use protocol::ws;
 use rand::Rng;
-use tracing::{debug, warn};
-
-use crate::sys;
 
 /// What a connection is doing, as far as fan-out is concerned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -309,12 +306,14 @@ impl Conn {
     }
 
     /// Asks the connection to go, because the gateway drains. A stream is
-    /// told here, behind what is already queued, and takes no message
-    /// after it: a WebSocket gets close 1012 (service restart), an SSE
-    /// stream a jittered `retry:` before it ends. A held long-poll or a
-    /// connection between requests is left to its task (which knows the
-    /// cursor, or whether a response is under way).
-    pub(super) fn ask_to_go(&mut self, bytes_max: usize) {
+    /// told, behind what is already queued, and takes no message after it:
+    /// a WebSocket gets close 1012 (service restart), an SSE stream a
+    /// jittered `retry:` before it ends. A held long-poll or a connection
+    /// between requests is left to its task (which knows the cursor, or
+    /// whether a response is under way).
+    ///
+    /// Returns the farewell to queue (the caller writes it).
+    pub fn ask_to_go(&mut self) -> Option<Bytes> {
         let farewell = match self.transport() {
             Transport::WebSocket => Some(Bytes::from_static(WS_CLOSE_SERVICE_RESTART)),
             Transport::Sse => {
@@ -325,55 +324,40 @@ impl Conn {
             }
             Transport::Http | Transport::LongPoll | Transport::Closing => None,
         };
-        if let Some(bytes) = farewell {
+        if farewell.is_some() {
             self.state = State::Closing { shut_wr: false };
             // The linger's deadline starts when the event loop sees it.
             self.deadline_s = 0;
-            self.push(bytes, bytes_max);
-            if !self.blocked {
-                self.flush();
-            }
         }
         self.drain = Drain::Asked;
         self.wake();
+        farewell
     }
 
     /// Ends a stream whose token expired, behind what is already queued: a
-    /// WebSocket gets close 4001 "token expired", an SSE stream just ends.
-    /// Its task sees it as asked to go (`Drain::Asked`) and closes after
-    /// the bytes leave.
-    pub(super) fn token_expired(&mut self, bytes_max: usize) {
-        if self.transport() == Transport::WebSocket {
-            self.push(Bytes::from_static(WS_CLOSE_TOKEN_EXPIRED), bytes_max);
-            if !self.blocked {
-                self.flush();
-            }
-        }
+    /// WebSocket gets close 4001 "token expired" (returned, for the caller
+    /// to queue), an SSE stream just ends. Seen as asked to go
+    /// (`Drain::Asked`); it closes once the bytes have left.
+    pub fn token_expired(&mut self) -> Option<Bytes> {
+        let farewell = (self.transport() == Transport::WebSocket)
+            .then(|| Bytes::from_static(WS_CLOSE_TOKEN_EXPIRED));
         self.state = State::Closing { shut_wr: false };
         self.deadline_s = 0;
         self.drain = Drain::Asked;
         self.wake();
+        farewell
     }
 
-    /// Queues bytes; a connection over its outbound budget is dropped as a
-    /// slow consumer.
-    pub fn push(&mut self, frame: Bytes, bytes_max: usize) {
+    /// Queues a frame within the outbound budget; over it, the frame comes
+    /// back (the caller writes what is queued and tries again, or drops the
+    /// client as slow). A dead connection takes nothing.
+    pub fn enqueue(&mut self, frame: Bytes, bytes_max: usize) -> Result<(), Bytes> {
         if self.dead {
-            return;
+            return Ok(());
         }
-        let mut total = self.queued_bytes as usize + frame.len();
-        if total > bytes_max && !self.blocked {
-            // The dispatcher queues a whole batch before it writes: what is
-            // queued goes to the socket before the client is called slow.
-            self.flush();
-            if self.dead {
-                return;
-            }
-            total = self.queued_bytes as usize + frame.len();
-        }
+        let total = self.queued_bytes as usize + frame.len();
         if total > bytes_max {
-            self.drop_slow_consumer(total);
-            return;
+            return Err(frame);
         }
         self.queued_bytes = total as u32;
         if self.queue.capacity() == 0 {
@@ -382,6 +366,7 @@ impl Conn {
                 .unwrap_or_default();
         }
         self.queue.push_back(frame);
+        Ok(())
     }
 
     /// Gives the (empty) queue's buffer back to this core's pool: a
@@ -399,21 +384,14 @@ impl Conn {
         }
     }
 
-    /// A client that lets its queue overflow is closed, and its queue freed
-    /// at once. A WebSocket is told why if its socket has room: frames not
-    /// yet started are dropped, a frame the kernel already has part of is
-    /// finished (the stream would be corrupt otherwise), then close 1008
-    /// "slow consumer", in one write attempt. An SSE stream or a response
-    /// just ends: there is no way to say why that a client would see.
-    pub(super) fn drop_slow_consumer(&mut self, wanted_bytes: usize) {
-        crate::ops::metrics::note_slow_consumer();
-        warn!(
-            peer = %self.client(),
-            transport = ?self.transport(),
-            queued_bytes = self.queued_bytes,
-            wanted_bytes,
-            "slow consumer: outbound queue over its limit, closing"
-        );
+    /// A client that let its queue overflow: what is left to send it
+    /// before it is closed. A WebSocket is told why if its socket has room:
+    /// frames not yet started are dropped, a frame the kernel already has
+    /// part of is finished (the stream would be corrupt otherwise), then
+    /// close 1008 "slow consumer". An SSE stream or a response just ends:
+    /// there is no way to say why that a client would see. The caller
+    /// writes once, then [`Conn::close_now`].
+    pub fn slow_consumer_farewell(&mut self) {
         let started = if self.sent_of_front > 0 {
             self.queue.pop_front()
         } else {
@@ -421,18 +399,24 @@ impl Conn {
         };
         self.queue = VecDeque::new();
         self.queued_bytes = 0;
-        if self.transport() == Transport::WebSocket {
-            if let Some(front) = started {
-                self.queued_bytes = (front.len() - self.sent_of_front as usize) as u32;
-                self.queue.push_back(front);
-            } else {
-                self.sent_of_front = 0;
-            }
-            self.queued_bytes += WS_CLOSE_SLOW_CONSUMER.len() as u32;
-            self.queue
-                .push_back(Bytes::from_static(WS_CLOSE_SLOW_CONSUMER));
-            self.flush();
+        if self.transport() != Transport::WebSocket {
+            self.sent_of_front = 0;
+            return;
         }
+        if let Some(front) = started {
+            self.queued_bytes = (front.len() - self.sent_of_front as usize) as u32;
+            self.queue.push_back(front);
+        } else {
+            self.sent_of_front = 0;
+        }
+        self.queued_bytes += WS_CLOSE_SLOW_CONSUMER.len() as u32;
+        self.queue
+            .push_back(Bytes::from_static(WS_CLOSE_SLOW_CONSUMER));
+    }
+
+    /// Gives up on the connection: its queue is freed, whoever serves it
+    /// closes it.
+    pub fn close_now(&mut self) {
         self.queue = VecDeque::new();
         self.queued_bytes = 0;
         self.sent_of_front = 0;
@@ -440,49 +424,39 @@ impl Conn {
         self.wake();
     }
 
-    /// Writes as much of the queue as the socket takes now, in one `sendmsg`
-    /// per 64 frames. Never blocks: the accepted socket is in blocking mode
-    /// (io_uring), so every call passes MSG_DONTWAIT.
-    pub fn flush(&mut self) {
-        while !self.dead {
-            if self.queue.is_empty() {
-                self.release_queue();
-                self.blocked = false;
-                return;
-            }
-            let skip = self.sent_of_front as usize;
-            let frames = || {
-                self.queue
-                    .iter()
-                    .take(sys::IOV_MAX)
-                    .enumerate()
-                    .map(move |(i, f)| if i == 0 { &f[skip..] } else { &f[..] })
-            };
-            let total: usize = frames().map(<[u8]>::len).sum();
-            let sent = match sys::sendmsg(self.fd, frames()) {
-                Ok(sent) => sent,
-                Err(err) => {
-                    match err.kind() {
-                        std::io::ErrorKind::Interrupted => continue,
-                        std::io::ErrorKind::WouldBlock => self.blocked = true,
-                        _ => {
-                            debug!(fd = self.fd, error = %err, "send failed");
-                            self.dead = true;
-                        }
-                    }
-                    self.wake();
-                    return;
-                }
-            };
-            self.advance(sent);
-            if sent < total {
-                // A short write: the socket buffer is full. The event
-                // loop calls flush again at the next EPOLLOUT.
-                self.blocked = true;
-                self.wake();
-                return;
-            }
+    /// The bytes to write next: up to `sys::IOV_MAX` frames, the first from
+    /// where the kernel stopped.
+    pub fn unsent(&self) -> impl Iterator<Item = &[u8]> {
+        let skip = self.sent_of_front as usize;
+        self.queue
+            .iter()
+            .take(crate::sys::IOV_MAX)
+            .enumerate()
+            .map(move |(i, f)| if i == 0 { &f[skip..] } else { &f[..] })
+    }
+
+    /// The kernel took `sent` of the `offered` bytes of [`Conn::unsent`].
+    /// Less than offered: the socket is full, and the rest waits for the
+    /// next `EPOLLOUT`.
+    pub fn wrote(&mut self, sent: usize, offered: usize) {
+        self.advance(sent);
+        if self.queue.is_empty() {
+            self.release_queue();
+            self.blocked = false;
+        } else if sent < offered {
+            self.blocked = true;
+            self.wake();
         }
+    }
+
+    /// A write was refused: the socket is full (`would_block`), or broken.
+    pub fn write_refused(&mut self, would_block: bool) {
+        if would_block {
+            self.blocked = true;
+        } else {
+            self.dead = true;
+        }
+        self.wake();
     }
 
     pub(super) fn advance(&mut self, mut sent: usize) {
@@ -498,5 +472,87 @@ impl Conn {
                 sent = 0;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A connection as values: no socket behind its descriptor number.
+    fn conn(state: State) -> Conn {
+        let mut c = Conn::new(-1, 0, ([127, 0, 0, 1], 1).into());
+        c.state = state;
+        c
+    }
+
+    fn unsent(c: &Conn) -> Vec<Vec<u8>> {
+        c.unsent().map(<[u8]>::to_vec).collect()
+    }
+
+    #[test]
+    fn the_queue_is_written_from_where_the_kernel_stopped() {
+        let mut c = conn(State::Sse);
+        c.enqueue(Bytes::from_static(b"abc"), 100).unwrap();
+        c.enqueue(Bytes::from_static(b"defg"), 100).unwrap();
+        assert_eq!(c.queued_bytes, 7);
+        // A short write: the rest waits for the socket.
+        c.wrote(4, 7);
+        assert!(c.blocked);
+        assert_eq!(unsent(&c), [b"efg".to_vec()]);
+        c.wrote(3, 3);
+        assert!(!c.blocked && c.queue.is_empty() && c.queued_bytes == 0);
+        assert_eq!(c.queue.capacity(), 0, "an idle connection keeps no buffer");
+    }
+
+    #[test]
+    fn over_its_budget_a_frame_comes_back_and_a_dead_connection_takes_nothing() {
+        let mut c = conn(State::Sse);
+        c.enqueue(Bytes::from_static(b"12345678"), 10).unwrap();
+        let back = c.enqueue(Bytes::from_static(b"abc"), 10).unwrap_err();
+        assert_eq!(&back[..], b"abc");
+        assert_eq!(c.queued_bytes, 8);
+        c.dead = true;
+        assert!(c.enqueue(Bytes::from_static(b"x"), 10).is_ok());
+        assert_eq!(c.queued_bytes, 8);
+    }
+
+    #[test]
+    fn a_slow_websocket_finishes_its_started_frame_then_gets_1008() {
+        let mut c = conn(State::websocket(1024, None));
+        for frame in [&b"first"[..], b"second", b"third"] {
+            c.enqueue(Bytes::copy_from_slice(frame), 100).unwrap();
+        }
+        c.wrote(2, 16);
+        c.slow_consumer_farewell();
+        assert_eq!(
+            unsent(&c),
+            [b"rst".to_vec(), WS_CLOSE_SLOW_CONSUMER.to_vec()]
+        );
+        assert_eq!(c.queued_bytes as usize, 3 + WS_CLOSE_SLOW_CONSUMER.len());
+        c.close_now();
+        assert!(c.dead && c.queue.is_empty());
+        // An SSE stream just ends.
+        let mut c = conn(State::Sse);
+        c.enqueue(Bytes::from_static(b"data: x\n\n"), 100).unwrap();
+        c.slow_consumer_farewell();
+        assert_eq!(c.unsent().count(), 0);
+    }
+
+    #[test]
+    fn asked_to_go_a_stream_closes_behind_its_farewell_and_a_request_is_left_to_its_task() {
+        let mut c = conn(State::websocket(1024, None));
+        assert_eq!(c.ask_to_go().as_deref(), Some(WS_CLOSE_SERVICE_RESTART));
+        assert!(matches!(c.state, State::Closing { shut_wr: false }));
+        assert_eq!(c.drain, Drain::Asked);
+        let mut c = conn(State::Sse);
+        let retry = c.ask_to_go().unwrap();
+        assert!(retry.starts_with(b"retry: "), "{retry:?}");
+        let mut c = conn(State::Request);
+        assert_eq!(c.ask_to_go(), None);
+        assert!(matches!(c.state, State::Request) && c.drain == Drain::Asked);
+        let mut c = conn(State::websocket(1024, None));
+        assert_eq!(c.token_expired().as_deref(), Some(WS_CLOSE_TOKEN_EXPIRED));
+        assert_eq!(conn(State::Sse).token_expired(), None);
     }
 }

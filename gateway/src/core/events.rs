@@ -1,5 +1,5 @@
-//! The core's one readiness source, and the streams it serves without a
-//! task.
+//! The core's IO: its one readiness source, the streams it serves without
+//! a task, and every write to a connection (`Conn` itself does none).
 //!
 //! Every connection of a core is registered, once, at accept, in the core's
 //! epoll set (edge-triggered, `EPOLLIN | EPOLLOUT | EPOLLRDHUP`, its slab
@@ -169,7 +169,7 @@ impl Core {
             };
             c.readable |= readable;
             if writable && c.blocked {
-                c.flush();
+                write(c);
             }
             if !c.parked {
                 c.wake();
@@ -264,10 +264,7 @@ impl Core {
                 )
             };
             if !out.is_empty() {
-                c.push(Bytes::from(out), max);
-                if !c.blocked {
-                    c.flush();
-                }
+                send(c, Bytes::from(out), max);
             }
             if let Some(end) = end {
                 log_session_end(c, end);
@@ -312,6 +309,70 @@ impl Core {
         c.state = State::Closing { shut_wr: true };
         if c.readable {
             discard_input(self, c);
+        }
+    }
+}
+
+/// Queues a frame on `c`: when over its outbound budget, what is queued
+/// is written first (the dispatcher queues a whole batch before it
+/// writes), and a client still over it is dropped as a slow consumer.
+pub fn push(c: &mut Conn, frame: Bytes, bytes_max: usize) {
+    let Err(frame) = c.enqueue(frame, bytes_max) else {
+        return;
+    };
+    if !c.blocked {
+        write(c);
+    }
+    if let Err(frame) = c.enqueue(frame, bytes_max) {
+        let wanted_bytes = c.queued_bytes as usize + frame.len();
+        crate::ops::metrics::note_slow_consumer();
+        warn!(
+            peer = %c.client(),
+            transport = ?c.transport(),
+            queued_bytes = c.queued_bytes,
+            wanted_bytes,
+            "slow consumer: outbound queue over its limit, closing"
+        );
+        c.slow_consumer_farewell();
+        // One attempt: the farewell leaves if the socket has room.
+        write(c);
+        c.close_now();
+    }
+}
+
+/// Queues a frame and writes what the socket takes now.
+pub fn send(c: &mut Conn, frame: Bytes, bytes_max: usize) {
+    push(c, frame, bytes_max);
+    if !c.blocked {
+        write(c);
+    }
+}
+
+/// Writes as much of `c`'s queue as the socket takes now, one `sendmsg`
+/// per `sys::IOV_MAX` frames. Never blocks.
+pub fn write(c: &mut Conn) {
+    while !c.dead {
+        if c.queue.is_empty() {
+            c.wrote(0, 0);
+            return;
+        }
+        let offered: usize = c.unsent().map(<[u8]>::len).sum();
+        match sys::sendmsg(c.fd, c.unsent()) {
+            Ok(sent) => {
+                c.wrote(sent, offered);
+                if sent < offered {
+                    return;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                let would_block = e.kind() == io::ErrorKind::WouldBlock;
+                if !would_block {
+                    debug!(fd = c.fd, error = %e, "send failed");
+                }
+                c.write_refused(would_block);
+                return;
+            }
         }
     }
 }

@@ -295,7 +295,7 @@ impl Core {
                                 }
                                 _ => continue,
                             };
-                            conn.push(gap, cfg.outbound_queue_bytes_max);
+                            events::push(conn, gap, cfg.outbound_queue_bytes_max);
                             if !conn.dirty {
                                 conn.dirty = true;
                                 dirty.push(key);
@@ -384,7 +384,7 @@ impl Core {
                                 // then the shared response after its own.
                                 for part in head {
                                     delivered_bytes += part.len() as u64;
-                                    conn.push(part.clone(), cfg.outbound_queue_bytes_max);
+                                    events::push(conn, part.clone(), cfg.outbound_queue_bytes_max);
                                 }
                                 msg.poll_response()
                                     .slice(envelope::LONGPOLL_STATUS_LINE.len()..)
@@ -395,7 +395,7 @@ impl Core {
                 };
                 deliveries += 1;
                 delivered_bytes += frame.len() as u64;
-                conn.push(frame, cfg.outbound_queue_bytes_max);
+                events::push(conn, frame, cfg.outbound_queue_bytes_max);
                 if !conn.dirty {
                     conn.dirty = true;
                     dirty.push(key);
@@ -409,7 +409,7 @@ impl Core {
             if let Some(conn) = conns.get_mut(key as usize) {
                 conn.dirty = false;
                 if !conn.blocked {
-                    conn.flush();
+                    events::write(conn);
                 }
             }
         }
@@ -447,7 +447,9 @@ impl Core {
                 && matches!(conn.transport(), Transport::WebSocket | Transport::Sse)
             {
                 debug!(fd = conn.fd, transport = ?conn.transport(), "token expired, closing");
-                conn.token_expired(cfg.outbound_queue_bytes_max);
+                if let Some(farewell) = conn.token_expired() {
+                    events::send(conn, farewell, cfg.outbound_queue_bytes_max);
+                }
                 expired += 1;
                 continue;
             }
@@ -503,10 +505,7 @@ impl Core {
             // Behind a full socket the heartbeat waits its turn: queued
             // bytes are traffic too, and the client answers the ping once it
             // has read what came before.
-            conn.push(Bytes::from_static(beat), cfg.outbound_queue_bytes_max);
-            if !conn.blocked {
-                conn.flush();
-            }
+            events::send(conn, Bytes::from_static(beat), cfg.outbound_queue_bytes_max);
         }
         if expired > 0 {
             info!(
@@ -558,7 +557,9 @@ impl Core {
                 break;
             }
             if candidate(conn) {
-                conn.ask_to_go(self.cfg.outbound_queue_bytes_max);
+                if let Some(farewell) = conn.ask_to_go() {
+                    events::send(conn, farewell, self.cfg.outbound_queue_bytes_max);
+                }
                 asked += 1;
             }
         }
@@ -1011,9 +1012,9 @@ mod tests {
         use std::io::Read;
         let (a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
         let mut conn = Conn::new(a.as_raw_fd(), 0, ([127, 0, 0, 1], 1).into());
-        conn.push(Bytes::from_static(b"one "), 1 << 30);
-        conn.push(Bytes::from_static(b"two"), 1 << 30);
-        conn.flush();
+        events::push(&mut conn, Bytes::from_static(b"one "), 1 << 30);
+        events::push(&mut conn, Bytes::from_static(b"two"), 1 << 30);
+        events::write(&mut conn);
         assert!(conn.queue.is_empty() && !conn.blocked && conn.queued_bytes == 0);
         assert_eq!(
             conn.queue.capacity(),
@@ -1026,9 +1027,9 @@ mod tests {
         // Nobody reads: the socket fills, the rest stays queued, in order.
         let big = Bytes::from(vec![7u8; 1 << 20]);
         for _ in 0..8 {
-            conn.push(big.clone(), 1 << 30);
+            events::push(&mut conn, big.clone(), 1 << 30);
         }
-        conn.flush();
+        events::write(&mut conn);
         assert!(conn.blocked && !conn.dead);
         assert!(conn.queued_bytes > 0 && (conn.queued_bytes as usize) < 8 << 20);
     }
@@ -1041,14 +1042,14 @@ mod tests {
         let max = 3 << 20;
         let big = Bytes::from(vec![7u8; 1 << 20]);
         // Nobody reads: the socket fills and the rest stays queued.
-        conn.push(big.clone(), max);
-        conn.flush();
+        events::push(&mut conn, big.clone(), max);
+        events::write(&mut conn);
         assert!(conn.blocked);
-        conn.push(big.clone(), max);
-        conn.push(big.clone(), max);
+        events::push(&mut conn, big.clone(), max);
+        events::push(&mut conn, big.clone(), max);
         assert!(!conn.dead);
         // What the socket took of the first frame is less than a frame.
-        conn.push(big.clone(), max);
+        events::push(&mut conn, big.clone(), max);
         assert!(conn.dead);
         assert_eq!(conn.queued_bytes, 0);
         assert_eq!(
@@ -1056,7 +1057,7 @@ mod tests {
             0,
             "a dropped consumer's queue is freed at once"
         );
-        conn.push(Bytes::from_static(b"1"), max);
+        events::push(&mut conn, Bytes::from_static(b"1"), max);
         assert!(
             conn.queue.is_empty(),
             "nothing is queued on a dead connection"
@@ -1072,9 +1073,9 @@ mod tests {
         // Ten frames of 100 bytes against a budget of 250: the dispatcher
         // has not flushed yet, but the socket has room for all of them.
         for _ in 0..10 {
-            conn.push(Bytes::from(vec![1u8; 100]), 250);
+            events::push(&mut conn, Bytes::from(vec![1u8; 100]), 250);
         }
-        conn.flush();
+        events::write(&mut conn);
         assert!(!conn.dead && conn.queue.is_empty());
         let mut got = vec![0u8; 1000];
         b.read_exact(&mut got).unwrap();
@@ -1087,14 +1088,14 @@ mod tests {
             let (a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
             let mut conn = Conn::new(a.as_raw_fd(), 0, ([127, 0, 0, 1], 1).into());
             conn.state = state_of(Transport::WebSocket);
-            conn.push(Bytes::from_static(b"first frame"), 64);
-            conn.push(Bytes::from_static(b"second"), 64);
+            events::push(&mut conn, Bytes::from_static(b"first frame"), 64);
+            events::push(&mut conn, Bytes::from_static(b"second"), 64);
             // As if the kernel had taken the first bytes of the front frame
             // before the socket filled up.
             conn.sent_of_front = started;
             conn.queued_bytes -= started;
             conn.blocked = true;
-            conn.push(Bytes::from(vec![0u8; 64]), 64);
+            events::push(&mut conn, Bytes::from(vec![0u8; 64]), 64);
             assert!(conn.dead && conn.queue.capacity() == 0 && conn.queued_bytes == 0);
             drop(a);
             let mut got = Vec::new();
