@@ -200,19 +200,3 @@ fn longpoll_without_messages_times_out_empty_and_keeps_the_connection() {
     let again = conn.get("/healthz", &[]);
     assert_eq!(again.status, 200, "{}", again.describe());
 }
-
-#[test]
-fn base64_helper_round_trips() {
-    for data in [
-        &b""[..],
-        b"f",
-        b"fo",
-        b"foo",
-        b"foob",
-        &[0xff, 0x00, 0xfe, 0x80, 0x0a],
-    ] {
-        assert_eq!(base64_decode(&base64_encode(data)).unwrap(), data);
-    }
-    assert_eq!(base64_encode(b"foobar"), "Zm9vYmFy");
-    assert_eq!(base64_encode(b"fo"), "Zm8=");
-}
