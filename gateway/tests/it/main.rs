@@ -1,7 +1,7 @@
 //! The integration tests: one binary, each module a part of the gateway
 //! tested from the outside, against the real binary over loopback.
 
-mod common;
+use testkit as common;
 
 mod auth;
 mod bad_input;

@@ -1,11 +1,17 @@
-//! Helpers shared by the gateway's integration tests.
+//! What the gateway's integration tests and its load generator share: the
+//! client side of the gateway's contract.
 //!
-//! Every test starts the real binary (`CARGO_BIN_EXE_gateway`) on loopback,
-//! waits for its `READY` line, publishes over ZeroMQ and talks to it with real
-//! clients: tungstenite for WebSocket, a small hand-written HTTP reader for
-//! SSE and long-poll. Nothing here sleeps to synchronise: the only waits are
-//! for something the gateway sends. Socket read timeouts exist only as a
-//! safety net, so that a broken gateway fails a test instead of hanging it.
+//! [`http`] reads response heads and `/healthz` (the bench's non-blocking
+//! clients and the tests' blocking ones both use it). The rest is for the
+//! integration tests: every test starts the real binary (found next to the
+//! test executable, or `GATEWAY_BIN`) on loopback, waits for its `READY`
+//! line, publishes over ZeroMQ and talks to it with real clients
+//! (tungstenite for WebSocket, plain TCP for SSE and long-poll). Nothing
+//! here sleeps to synchronise: the only waits are for something the gateway
+//! sends. Socket read timeouts exist only as a safety net, so that a broken
+//! gateway fails a test instead of hanging it.
+
+pub mod http;
 
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -38,6 +44,26 @@ pub const PROBE_CHANNEL: &str = "probe";
 // ---------------------------------------------------------------------------
 // The gateway process
 // ---------------------------------------------------------------------------
+
+/// The build's target profile folder (`target/release`): the test
+/// executable is in its `deps/`.
+fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test executable's path");
+    exe.ancestors()
+        .find(|dir| dir.file_name().is_some_and(|n| n == "deps"))
+        .and_then(|deps| deps.parent())
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir)
+}
+
+/// The gateway binary: `GATEWAY_BIN`, or the one cargo built next to the
+/// tests (`cargo test` builds it for the gateway's integration tests).
+pub fn gateway_bin() -> PathBuf {
+    match std::env::var_os("GATEWAY_BIN") {
+        Some(path) => PathBuf::from(path),
+        None => target_dir().join("gateway"),
+    }
+}
 
 static GATEWAY_SEQ: AtomicUsize = AtomicUsize::new(0);
 
@@ -349,7 +375,7 @@ fn spawn_until_ready(
     env: &[(&str, &str)],
     stderr: Option<Stdio>,
 ) -> (PartialGateway, String) {
-    let log_dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("gateway-logs");
+    let log_dir = target_dir().join("tmp").join("gateway-logs");
     std::fs::create_dir_all(&log_dir).expect("create log dir");
     let test_name: String = thread::current()
         .name()
@@ -365,7 +391,7 @@ fn spawn_until_ready(
     ));
     let log = File::create(&log_path).expect("create gateway log file");
 
-    let mut child = Command::new(env!("CARGO_BIN_EXE_gateway"))
+    let mut child = Command::new(gateway_bin())
         .args(argv)
         .envs(env.iter().copied())
         .stdin(Stdio::null())
@@ -1127,51 +1153,33 @@ impl HttpConn {
 
 /// Reads a response head (status line + headers + blank line).
 pub fn read_head<R: BufRead>(r: &mut R) -> HttpHead {
-    let status_line = read_crlf_line(r, "status line");
-    let mut parts = status_line.splitn(3, ' ');
-    let version = parts.next().unwrap_or("");
-    assert!(
-        version == "HTTP/1.1" || version == "HTTP/1.0",
-        "bad status line {status_line:?}"
-    );
-    let status: u16 = parts
-        .next()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("bad status line {status_line:?}"));
-    let mut headers = Vec::new();
+    let mut head = Vec::new();
     loop {
-        let line = read_crlf_line(r, "header line");
-        if line.is_empty() {
+        let start = head.len();
+        match r.read_until(b'\n', &mut head) {
+            Ok(0) => panic!("connection closed while reading a response head: {head:?}"),
+            Ok(_) => {}
+            Err(e) => panic!("reading a response head: {e}"),
+        }
+        let line = &head[start..];
+        if line == b"\r\n" || line == b"\n" {
             break;
         }
-        let (n, v) = line
-            .split_once(':')
-            .unwrap_or_else(|| panic!("malformed response header line {line:?}"));
-        headers.push((n.trim().to_ascii_lowercase(), v.trim().to_string()));
     }
+    let status_line = http::first_line(&head);
+    let status =
+        http::status_code(&head).unwrap_or_else(|| panic!("bad status line {status_line:?}"));
+    let headers = http::header_lines(&head)
+        .map(|h| {
+            let (n, v) = h.unwrap_or_else(|| panic!("malformed response header in {head:?}"));
+            (n.to_ascii_lowercase(), v.to_string())
+        })
+        .collect();
     HttpHead {
         status,
         status_line,
         headers,
     }
-}
-
-fn read_crlf_line<R: BufRead>(r: &mut R, what: &str) -> String {
-    let mut buf = Vec::new();
-    match r.read_until(b'\n', &mut buf) {
-        Ok(0) => panic!("connection closed while reading the {what}"),
-        Ok(_) => {}
-        Err(e) => panic!("reading the {what}: {e}"),
-    }
-    assert!(
-        buf.ends_with(b"\n"),
-        "connection closed in the middle of the {what}: {buf:?}"
-    );
-    buf.pop();
-    if buf.ends_with(b"\r") {
-        buf.pop();
-    }
-    String::from_utf8(buf).unwrap_or_else(|e| panic!("non-UTF-8 {what}: {e}"))
 }
 
 /// De-chunks a `Transfer-Encoding: chunked` body.
