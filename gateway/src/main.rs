@@ -175,7 +175,9 @@ fn run(cfg: &'static Config) -> Result<(), String> {
                             return;
                         }
                     };
-                    monoio::spawn(core::events::event_loop(core.clone()));
+                    monoio::spawn(core::events::event_loop(core.clone(), |core, key| {
+                        monoio::spawn(request::serve(core, key));
+                    }));
                     monoio::spawn(core::doorbell_loop(core.clone(), rx, rung, doorbell));
                     monoio::spawn(core::sweep_loop(core.clone(), alive));
                     let _ = ready.send(Ok(()));

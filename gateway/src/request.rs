@@ -2,8 +2,9 @@
 //! and the opening of a WebSocket or SSE stream.
 //!
 //! A task runs only while a connection is doing request work: reading a
-//! head, answering it, holding a long-poll. Once a stream is open the task
-//! ends and the connection is *parked*: data in the core's slab, served by
+//! head and answering it. Once a stream is open, a long-poll is held, or a
+//! keep-alive connection waits for its next request, the task ends and the
+//! connection is *parked*: data in the core's slab, served by
 //! the core's event loop (see `events`), and written to by fan-out. A task
 //! waits on flags of its slab entry that the event loop sets (input may be
 //! waiting, the socket took what was queued) and is woken by it: it holds
@@ -41,15 +42,19 @@ const LINGER: Duration = Duration::from_secs(crate::core::events::LINGER_S as u6
 /// under `key` (see [`Core::admit`]) and in its epoll set, until it opens a
 /// stream (parked: the event loop serves it from then on) or closes.
 ///
-/// A held long-poll is this future, so its layout is watched (see the byte
-/// budget test below): the arguments are captured by an `async move` block
-/// rather than taken by an `async fn`, which would keep a second copy.
+/// Its layout is watched (see the byte budget test below), as many may run
+/// at once in a reconnect storm: the arguments are captured by an `async
+/// move` block rather than taken by an `async fn`, which would keep a
+/// second copy.
 #[allow(clippy::manual_async_fn)] // deliberate, see above
 pub fn serve(core: Rc<Core>, key: u32) -> impl Future<Output = ()> {
     async move {
         let mut io = Io { core: &core, key };
         match io.http().await {
             Phase::Parked => {}
+            // Between requests, nothing read yet: the event loop starts a
+            // task again when the next one arrives.
+            Phase::Idle => io.park(),
             // No message, heartbeat or deadline may follow what was queued
             // last (a close frame, an error response): the event loop lets
             // it leave, then closes.
@@ -62,8 +67,10 @@ pub fn serve(core: Rc<Core>, key: u32) -> impl Future<Output = ()> {
 /// What the request phase of a connection turned into.
 enum Phase {
     Close(Close),
-    /// A stream is open and the event loop serves it.
+    /// A stream is open, or a long-poll held, and the event loop serves it.
     Parked,
+    /// Waiting for the next request, with nothing of it read.
+    Idle,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,6 +79,17 @@ enum Close {
     Now,
     /// Let queued bytes (an error response, a close frame) reach the peer first.
     Linger,
+}
+
+/// How a long-poll request ended.
+enum PollEnd {
+    /// Its answer was written; the connection goes on to its next request
+    /// (true) or closes (false).
+    Answered(bool),
+    /// The connection is gone.
+    Gone,
+    /// It is held, parked: the event loop answers it.
+    Held,
 }
 
 /// What woke a waiting connection.
@@ -133,6 +151,9 @@ impl<'a> Io<'a> {
             if let Err(close) = self.proxy_header(&mut pending).await {
                 return Phase::Close(close);
             }
+            // Read once: a task started again for the next request does not
+            // look for it.
+            self.with_conn(|c, _| c.expects_proxy_header = false);
         }
         loop {
             self.with_conn(|c, core| {
@@ -150,6 +171,11 @@ impl<'a> Io<'a> {
                         Ok(Parsed::Partial) => {}
                         Err(reject) => return Phase::Close(self.refuse(&reject)),
                     }
+                }
+                if pending.is_empty()
+                    && self.with_conn(|c, _| !c.readable && !c.dead && c.drain == Drain::No)
+                {
+                    return Phase::Idle;
                 }
                 match self.next().await {
                     Wake::Readable => {}
@@ -233,10 +259,15 @@ impl<'a> Io<'a> {
                     ..
                 } => {
                     pending = leftover;
-                    match Box::pin(self.long_poll(&channels, since, &mut pending)).await {
-                        Some(true) if keep_alive && !draining() => {}
-                        Some(_) => return Phase::Close(Close::Linger),
-                        None => return Phase::Close(Close::Now),
+                    match Box::pin(self.long_poll(&channels, since, keep_alive, &mut pending)).await
+                    {
+                        PollEnd::Answered(true) if keep_alive && !draining() => {}
+                        PollEnd::Answered(_) => return Phase::Close(Close::Linger),
+                        PollEnd::Gone => return Phase::Close(Close::Now),
+                        PollEnd::Held => {
+                            self.park();
+                            return Phase::Parked;
+                        }
                     }
                 }
                 // Streams live long: what the request allocated is handed
@@ -555,7 +586,13 @@ impl<'a> Io<'a> {
                     core.open_stream(c, key, state);
                 }
                 Transport::Sse => core.open_stream(c, key, State::Sse),
-                _ => c.state = State::LongPoll(PollAnswer::Waiting),
+                _ => {
+                    c.state = State::LongPoll {
+                        answer: PollAnswer::Waiting,
+                        cursor: 0,
+                        keep_alive: true,
+                    }
+                }
             }
             // Messages up to the cursor are the client's already; live ones
             // before it may still be in flight to this core.
@@ -611,15 +648,16 @@ impl<'a> Io<'a> {
         );
     }
 
-    /// Answers one long-poll request. Returns Some(true) when the response
-    /// was written and the connection can take the next request, Some(false)
-    /// when it must close after the response, None when it is gone.
+    /// Answers one long-poll request, or leaves it held (parked: the event
+    /// loop answers it, see `core::events`) when nothing of the next
+    /// request has been read.
     async fn long_poll(
         &mut self,
         channels: &[String],
         since: Option<Cursor>,
+        keep_alive: bool,
         pending: &mut Vec<u8>,
-    ) -> Option<bool> {
+    ) -> PollEnd {
         self.core.stats.handshake("longpoll");
         let resume = self.subscribe(
             channels,
@@ -642,7 +680,8 @@ impl<'a> Io<'a> {
                 &self.cors_lines(),
                 &mut out,
             );
-            return self.respond(out).await.then_some(keep_alive);
+            let written = self.respond(out).await;
+            return self.answered(written, keep_alive);
         }
         // A gap with nothing after it yet is told with the next message,
         // whose id is then the cursor. Answered at once, the cursor could
@@ -663,38 +702,59 @@ impl<'a> Io<'a> {
         if draining() {
             // A gateway that is going away holds no poll.
             self.unsubscribe();
-            return self.answer_empty(cursor, false).await;
+            let written = self.answer_empty(cursor, false).await;
+            return self.answered(written, false);
         }
-        self.with_conn(|c, core| c.deadline_s = core.deadline_after_ms(core.cfg.poll_timeout_ms));
+        self.with_conn(|c, core| {
+            c.deadline_s = core.deadline_after_ms(core.cfg.poll_timeout_ms);
+            c.state = State::LongPoll {
+                answer: PollAnswer::Waiting,
+                cursor,
+                keep_alive,
+            };
+        });
+        if pending.is_empty() {
+            // Held with no task; answered by the event loop.
+            return PollEnd::Held;
+        }
         let limit = self.core.cfg.head_bytes_max;
         loop {
             match self.next().await {
                 Wake::PollAnswered => {
                     self.unsubscribe();
-                    return Some(true);
+                    return PollEnd::Answered(true);
                 }
                 Wake::PollTimedOut => {
                     self.unsubscribe();
-                    return self.answer_empty(cursor, !draining()).await;
+                    let keep_alive = !draining();
+                    let written = self.answer_empty(cursor, keep_alive).await;
+                    return self.answered(written, keep_alive);
                 }
                 // An answer already queued leaves first (PollAnswered
                 // follows; the connection is closed after it).
                 Wake::Drain
                     if self.with_conn(|c, _| {
-                        matches!(c.state, State::LongPoll(PollAnswer::Queued))
+                        matches!(
+                            c.state,
+                            State::LongPoll {
+                                answer: PollAnswer::Queued,
+                                ..
+                            }
+                        )
                     }) => {}
                 Wake::Drain => {
                     self.unsubscribe();
-                    return self.answer_empty(cursor, false).await;
+                    let written = self.answer_empty(cursor, false).await;
+                    return self.answered(written, false);
                 }
-                Wake::Dead => return None,
+                Wake::Dead => return PollEnd::Gone,
                 Wake::Readable => {
                     // A pipelined next request: kept for after the answer,
                     // within the head limit.
                     let room = (limit + 1).saturating_sub(pending.len());
                     match self.read_into(|b| pending.extend_from_slice(b), room) {
-                        Read::Eof => return None,
-                        _ if pending.len() > limit => return None,
+                        Read::Eof => return PollEnd::Gone,
+                        _ if pending.len() > limit => return PollEnd::Gone,
                         _ => {}
                     }
                 }
@@ -702,12 +762,22 @@ impl<'a> Io<'a> {
         }
     }
 
-    /// Answers a long-poll with no message and `cursor`; the result is
-    /// `long_poll`'s.
-    async fn answer_empty(&mut self, cursor: Cursor, keep_alive: bool) -> Option<bool> {
+    /// Answers a long-poll with no message and `cursor`: whether the
+    /// answer was written.
+    async fn answer_empty(&mut self, cursor: Cursor, keep_alive: bool) -> bool {
         let mut out = Vec::new();
         envelope::longpoll_response(&[], cursor, &[], keep_alive, &self.cors_lines(), &mut out);
-        self.respond(out).await.then_some(keep_alive)
+        self.respond(out).await
+    }
+
+    /// How a long-poll ended once its answer was (`written`) or was not
+    /// written.
+    fn answered(&self, written: bool, keep_alive: bool) -> PollEnd {
+        if written {
+            PollEnd::Answered(keep_alive)
+        } else {
+            PollEnd::Gone
+        }
     }
 
     /// Answers the upgrade (`response`, the 101), subscribes, queues what
@@ -793,10 +863,14 @@ fn poll_wake(c: &mut crate::core::Conn, cx: &mut Context<'_>) -> Poll<Wake> {
         return Poll::Ready(Wake::Dead);
     }
     match c.state {
-        State::LongPoll(PollAnswer::TimedOut) => return Poll::Ready(Wake::PollTimedOut),
-        State::LongPoll(PollAnswer::Queued) if c.queue.is_empty() => {
-            return Poll::Ready(Wake::PollAnswered)
-        }
+        State::LongPoll {
+            answer: PollAnswer::TimedOut,
+            ..
+        } => return Poll::Ready(Wake::PollTimedOut),
+        State::LongPoll {
+            answer: PollAnswer::Queued,
+            ..
+        } if c.queue.is_empty() => return Poll::Ready(Wake::PollAnswered),
         _ => {}
     }
     if c.drain == Drain::Asked {
@@ -856,9 +930,10 @@ mod tests {
     use std::sync::atomic::AtomicU64;
     use std::sync::Arc;
 
-    /// A held long-poll is its task; this keeps that task's size from
-    /// drifting. Its type cannot be named, so the budget is checked here
-    /// rather than at compile time. (Open streams have no task.)
+    /// A connection's task while it reads and answers a request; this keeps
+    /// its size from drifting. Its type cannot be named, so the budget is
+    /// checked here rather than at compile time. (Open streams, held
+    /// long-polls and idle keep-alive connections have no task.)
     const SERVE_TASK_BYTES_MAX: usize = 384;
 
     #[test]

@@ -31,6 +31,25 @@ pub fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
     Ok(n as usize)
 }
 
+/// Whether the peer has sent anything or closed, without taking it:
+/// `Ok(0)` is its end, `WouldBlock` nothing yet.
+pub fn peek(fd: RawFd) -> io::Result<usize> {
+    let mut byte = [0u8; 1];
+    // SAFETY: the kernel writes at most 1 byte into a local buffer of 1.
+    let n = unsafe {
+        libc::recv(
+            fd,
+            byte.as_mut_ptr() as *mut libc::c_void,
+            1,
+            libc::MSG_DONTWAIT | libc::MSG_PEEK,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
 /// `sendmsg` of the first [`IOV_MAX`] of `bufs` without waiting (and
 /// without SIGPIPE): how many bytes the kernel took. Only the entries used
 /// are written (this runs once per connection per delivery batch).

@@ -281,6 +281,31 @@ pub fn free_addr() -> SocketAddr {
     l.local_addr().unwrap()
 }
 
+/// Open long-polls the gateway behind `admin` holds (its cores' connection
+/// gauges in `/metrics`, refreshed once a second).
+pub fn held_polls(admin: SocketAddr) -> u64 {
+    let resp = HttpConn::connect(admin).get("/metrics", &[]);
+    assert_eq!(resp.status, 200, "{}", resp.describe());
+    String::from_utf8_lossy(&resp.body)
+        .lines()
+        .filter(|l| l.starts_with("gateway_connections{") && l.contains("transport=\"longpoll\""))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+/// Waits (a safety net of 10 s) until the gateway behind `admin` holds
+/// `n` long-polls.
+pub fn wait_for_held_polls(admin: SocketAddr, n: u64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while held_polls(admin) != n {
+        assert!(
+            Instant::now() < deadline,
+            "{n} held long-polls never showed"
+        );
+        thread::sleep(PROBE_INTERVAL);
+    }
+}
+
 /// The pid, among `pids`, of the process that holds the server side of the
 /// client connection `stream` (found through /proc/net/tcp and the
 /// processes' descriptors). For gateways sharing a port with SO_REUSEPORT,

@@ -44,10 +44,17 @@ impl Transport {
 /// WebSocket cannot be without its session.
 #[derive(Debug)]
 pub enum State {
-    /// Reading a request head, or between requests (a task serves it).
+    /// Reading a request head (a task), or between requests (parked until
+    /// the next one arrives).
     Request,
-    /// A held long-poll (a task serves it).
-    LongPoll(PollAnswer),
+    /// A held long-poll (parked, or its task's while it has read bytes of
+    /// the next request): its answer so far, the cursor an empty answer
+    /// carries, and whether the connection goes on after the answer.
+    LongPoll {
+        answer: PollAnswer,
+        cursor: u64,
+        keep_alive: bool,
+    },
     /// An open WebSocket (parked): its session (frame decoder, UTF-8 and
     /// close state), boxed as no other state has one; on the conformance
     /// endpoint, the echo's progress through the message.
@@ -79,7 +86,7 @@ impl State {
     pub fn transport(&self) -> Transport {
         match self {
             State::Request => Transport::Http,
-            State::LongPoll(_) => Transport::LongPoll,
+            State::LongPoll { .. } => Transport::LongPoll,
             State::WebSocket { .. } => Transport::WebSocket,
             State::Sse => Transport::Sse,
             State::Closing { .. } => Transport::Closing,

@@ -39,10 +39,11 @@ use std::rc::Rc;
 use std::task::{Poll, Waker};
 
 use bytes::Bytes;
+use protocol::envelope;
 use protocol::ws::{self, Closing, MessagePart, OpCode};
 use tracing::{debug, info, warn};
 
-use crate::core::{yield_now, Conn, Core, State, Transport};
+use crate::core::{yield_now, Conn, Core, Drain, PollAnswer, State, Transport};
 use crate::sys;
 
 /// Events taken per `epoll_wait`; a fuller batch is taken again after the
@@ -110,7 +111,10 @@ pub fn read_into(core: &Core, fd: RawFd, f: impl FnOnce(&mut [u8]), max: usize) 
 }
 
 /// Serves this core's readiness events and parked connections, forever.
-pub async fn event_loop(core: Rc<Core>) {
+///
+/// A parked connection that needs a task again (the next request of a
+/// keep-alive connection has arrived) is handed to `spawn`.
+pub async fn event_loop(core: Rc<Core>, spawn: fn(Rc<Core>, u32)) {
     let handle = match core.epoll.monoio_handle() {
         Ok(h) => h,
         Err(e) => {
@@ -120,13 +124,17 @@ pub async fn event_loop(core: Rc<Core>) {
     };
     let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; EVENTS_PER_WAIT];
     let mut ready = Box::pin(handle.readable(true));
+    let mut tasks = Vec::new();
     loop {
         let n = core.epoll.take(&mut events);
         for ev in &events[..n] {
             let (flags, key) = (ev.events, ev.u64 as u32);
-            core.on_event(key, flags);
+            core.on_event(key, flags, &mut tasks);
         }
-        let attended = core.attend_all();
+        let attended = core.attend_all(&mut tasks);
+        for key in tasks.drain(..) {
+            spawn(core.clone(), key);
+        }
         if n == events.len() || attended {
             // More may be waiting: let the core's other tasks run first.
             yield_now().await;
@@ -155,7 +163,7 @@ pub async fn event_loop(core: Rc<Core>) {
 
 impl Core {
     /// One epoll event for connection `key`.
-    fn on_event(&self, key: u32, flags: u32) {
+    fn on_event(&self, key: u32, flags: u32, tasks: &mut Vec<u32>) {
         let readable = flags
             & (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR) as u32
             != 0;
@@ -177,14 +185,14 @@ impl Core {
             }
             true
         };
-        if parked {
-            self.serve_parked(key);
+        if parked && self.serve_parked(key) {
+            tasks.push(key);
         }
     }
 
     /// Serves the parked connections on the attention list. Returns
     /// whether there were any.
-    fn attend_all(&self) -> bool {
+    fn attend_all(&self, tasks: &mut Vec<u32>) -> bool {
         let keys = ATTENTION.with(|a| std::mem::take(&mut a.borrow_mut().keys));
         if keys.is_empty() {
             return false;
@@ -199,7 +207,9 @@ impl Core {
                 continue;
             }
             drop(conns);
-            self.serve_parked(key);
+            if self.serve_parked(key) {
+                tasks.push(key);
+            }
         }
         // Give the list's buffer back for the next round.
         ATTENTION.with(|a| {
@@ -213,29 +223,99 @@ impl Core {
         true
     }
 
-    /// Does what a parked connection needs now: reads what it sent, lets a
-    /// closing one linger, closes a dead one.
-    pub fn serve_parked(&self, key: u32) {
-        let close = {
+    /// Does what a parked connection needs now: reads what it sent, ends a
+    /// held long-poll, lets a closing one linger, closes a dead one. True
+    /// when it needs a task again: between requests, the next one arrived.
+    pub fn serve_parked(&self, key: u32) -> bool {
+        let (close, needs_task) = {
             let mut conns = self.conns.borrow_mut();
             let Some(c) = conns.get_mut(key as usize) else {
-                return;
+                return false;
             };
-            if !c.dead && c.readable {
+            if !c.dead {
                 match c.transport() {
-                    Transport::WebSocket => self.read_websocket(c),
-                    Transport::Sse | Transport::Closing => discard_input(self, c),
+                    Transport::WebSocket if c.readable => self.read_websocket(c),
+                    Transport::Sse | Transport::Closing if c.readable => discard_input(self, c),
+                    Transport::LongPoll => self.serve_held_poll(c, key),
                     _ => {}
+                }
+            }
+            let mut needs_task = false;
+            if !c.dead && c.transport() == Transport::Http {
+                if c.drain == Drain::Asked {
+                    // Between requests when the gateway drains: gone.
+                    c.drain = Drain::Seen;
+                    c.state = State::Closing { shut_wr: false };
+                    c.deadline_s = 0;
+                } else if c.readable {
+                    c.parked = false;
+                    needs_task = true;
                 }
             }
             if !c.dead && c.transport() == Transport::Closing {
                 self.linger(c);
             }
-            c.dead
+            (c.dead, needs_task)
         };
         if close {
             self.deregister(key);
         }
+        needs_task
+    }
+
+    /// A held long-poll without a task: the client going away is seen (a
+    /// next request it pipelined is left in the socket until the answer
+    /// has gone); once answered, timed out or asked to go by the drain, it
+    /// leaves its channels and waits for the next request, or closes.
+    fn serve_held_poll(&self, c: &mut Conn, key: u32) {
+        let State::LongPoll {
+            answer,
+            cursor,
+            keep_alive,
+        } = c.state
+        else {
+            return;
+        };
+        if c.readable {
+            match sys::peek(c.fd) {
+                Ok(0) => c.dead = true,
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => c.readable = false,
+                Err(_) => c.dead = true,
+            }
+            if c.dead {
+                return;
+            }
+        }
+        let keep_alive = keep_alive && !crate::ops::drain::draining();
+        match answer {
+            PollAnswer::Queued if c.queue.is_empty() => self.end_poll(c, key, keep_alive),
+            PollAnswer::Queued => {}
+            PollAnswer::TimedOut => {
+                self.answer_poll_empty(c, key, cursor, keep_alive);
+                self.end_poll(c, key, keep_alive);
+            }
+            PollAnswer::Waiting if c.drain == Drain::Asked => {
+                c.drain = Drain::Seen;
+                self.answer_poll_empty(c, key, cursor, false);
+                self.end_poll(c, key, false);
+            }
+            PollAnswer::Waiting => {}
+        }
+    }
+
+    /// Queues a long-poll answer with no message and `cursor`.
+    fn answer_poll_empty(&self, c: &mut Conn, key: u32, cursor: u64, keep_alive: bool) {
+        let mut out = Vec::new();
+        envelope::longpoll_response(
+            &[],
+            cursor,
+            &[],
+            keep_alive,
+            &self.cors_lines(key, c.cors),
+            &mut out,
+        );
+        send(c, Bytes::from(out), self.cfg.outbound_queue_bytes_max);
     }
 
     /// Reads an open WebSocket's frames through its session, queues the
@@ -570,11 +650,11 @@ mod tests {
             conns[key as usize].wake();
         }
         assert_eq!(ATTENTION.with(|a| a.borrow().keys.clone()), vec![key]);
-        assert!(core.attend_all());
+        assert!(core.attend_all(&mut Vec::new()));
         assert!(
             core.conns.borrow().get(key as usize).is_none(),
             "dead: closed"
         );
-        assert!(!core.attend_all());
+        assert!(!core.attend_all(&mut Vec::new()));
     }
 }

@@ -229,6 +229,28 @@ impl Core {
         self.conn_counts[self.index].fetch_sub(1, Ordering::Relaxed);
     }
 
+    /// A held long-poll is over: it leaves its channels, and the
+    /// connection waits for its next request (parked, `keep_alive`) or
+    /// closes once its answer has left.
+    pub fn end_poll(&self, c: &mut Conn, key: u32, keep_alive: bool) {
+        self.registry
+            .borrow_mut()
+            .unsubscribe(key, &std::mem::take(&mut c.channels));
+        self.poll_gaps.borrow_mut().remove(&key);
+        if keep_alive {
+            self.await_request(c);
+        } else {
+            c.state = State::Closing { shut_wr: false };
+            c.deadline_s = 0;
+        }
+    }
+
+    /// Between requests: the next head must come within the head timeout.
+    pub fn await_request(&self, c: &mut Conn) {
+        c.state = State::Request;
+        c.deadline_s = self.deadline_after_ms(self.cfg.head_timeout_ms);
+    }
+
     /// Opens a stream (`state`: a WebSocket or SSE): it was heard from just
     /// now, and its first heartbeat is due between half an interval and an
     /// interval from now, by its slab key, so that a burst of connections
@@ -338,9 +360,17 @@ impl Core {
                     Transport::WebSocket => ws_frame.get_or_insert_with(|| own(&msg.ws)).clone(),
                     Transport::Sse => sse_frame.get_or_insert_with(|| own(&msg.sse)).clone(),
                     Transport::LongPoll
-                        if matches!(conn.state, State::LongPoll(PollAnswer::Waiting)) =>
+                        if matches!(
+                            conn.state,
+                            State::LongPoll {
+                                answer: PollAnswer::Waiting,
+                                ..
+                            }
+                        ) =>
                     {
-                        conn.state = State::LongPoll(PollAnswer::Queued);
+                        if let State::LongPoll { answer, .. } = &mut conn.state {
+                            *answer = PollAnswer::Queued;
+                        }
                         conn.wake();
                         let gaps = if poll_gaps.is_empty() {
                             None
@@ -474,8 +504,10 @@ impl Core {
                             debug!(fd = conn.fd, "request head deadline passed, closing");
                             conn.dead = true;
                         }
-                        State::LongPoll(PollAnswer::Waiting) => {
-                            conn.state = State::LongPoll(PollAnswer::TimedOut);
+                        State::LongPoll { ref mut answer, .. }
+                            if *answer == PollAnswer::Waiting =>
+                        {
+                            *answer = PollAnswer::TimedOut
                         }
                         _ => {}
                     }
@@ -953,7 +985,11 @@ mod tests {
             Transport::Http => State::Request,
             Transport::WebSocket => State::websocket(1024, None),
             Transport::Sse => State::Sse,
-            Transport::LongPoll => State::LongPoll(PollAnswer::Waiting),
+            Transport::LongPoll => State::LongPoll {
+                answer: PollAnswer::Waiting,
+                cursor: 0,
+                keep_alive: true,
+            },
             Transport::Closing => State::Closing { shut_wr: false },
         }
     }
@@ -1172,7 +1208,11 @@ mod tests {
             let mut conns = core.conns.borrow_mut();
             let c = &mut conns[key as usize];
             c.channels = ids;
-            c.state = State::LongPoll(PollAnswer::Waiting);
+            c.state = State::LongPoll {
+                answer: PollAnswer::Waiting,
+                cursor: 0,
+                keep_alive: true,
+            };
             c.cors = cors;
             if cors == PATTERN_SLOT {
                 let lines = cfg
@@ -1211,7 +1251,10 @@ mod tests {
         for key in keys {
             assert!(matches!(
                 core.conns.borrow()[key as usize].state,
-                State::LongPoll(PollAnswer::Queued)
+                State::LongPoll {
+                    answer: PollAnswer::Queued,
+                    ..
+                }
             ));
         }
     }

@@ -10,6 +10,7 @@ mod fanout;
 mod forwarder;
 mod heartbeats;
 mod logs;
+mod longpoll;
 mod metrics;
 mod multicore;
 mod origin;

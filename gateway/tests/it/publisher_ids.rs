@@ -209,18 +209,6 @@ fn a_cursor_from_a_gateway_started_later_is_a_gap_then_everything() {
     drop(probe);
 }
 
-/// Open long-polls the gateway behind `admin` holds (its cores' connection
-/// gauges, refreshed once a second).
-fn held_polls(admin: std::net::SocketAddr) -> u64 {
-    let resp = HttpConn::connect(admin).get("/metrics", &[]);
-    assert_eq!(resp.status, 200, "{}", resp.describe());
-    String::from_utf8_lossy(&resp.body)
-        .lines()
-        .filter(|l| l.starts_with("gateway_connections{") && l.contains("transport=\"longpoll\""))
-        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
-        .sum::<f64>() as u64
-}
-
 /// One long-poll on `feed` at `gw` from `since`, publishing `next` once the
 /// gateway holds the poll (or has answered it without waiting), so that the
 /// message arrives while the poll waits.
