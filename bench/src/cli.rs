@@ -37,6 +37,10 @@ pub enum Transport {
     /// Server-Sent Events: `GET /events?channel=…` with
     /// `Accept: text/event-stream`, answered `200`.
     Sse,
+    /// Long-poll: `GET /events?channel=…` without a cursor, held by the
+    /// server until the next message (idle only: open once sent).
+    #[value(name = "longpoll")]
+    LongPoll,
 }
 
 impl Transport {
@@ -44,6 +48,7 @@ impl Transport {
         match self {
             Transport::Ws => "ws",
             Transport::Sse => "sse",
+            Transport::LongPoll => "longpoll",
         }
     }
 }

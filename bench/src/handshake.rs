@@ -81,6 +81,12 @@ pub fn advance(
                 Err(e) => return Progress::Failed(format!("send: {e}"), String::new()),
             }
         }
+        if transport == Transport::LongPoll {
+            // Held by the server: nothing comes back until a message (or
+            // its poll timeout), so the request sent is the handshake.
+            h.buf = Vec::new();
+            return Progress::Done(0);
+        }
         h.buf = Vec::with_capacity(512);
         h.step = Step::Reading;
         if let Err(e) = ep.modify(h.fd, (libc::EPOLLIN | libc::EPOLLRDHUP) as u32, token) {

@@ -22,6 +22,9 @@ pub fn subscribe_request(transport: Transport, host: &str, channel: &str) -> Vec
             "GET /events?channel={channel} HTTP/1.1\r\nHost: {host}\r\nAccept: text/event-stream\r\n\
              Cache-Control: no-cache\r\n\r\n"
         ),
+        Transport::LongPoll => {
+            format!("GET /events?channel={channel} HTTP/1.1\r\nHost: {host}\r\n\r\n")
+        }
     }
     .into_bytes()
 }
@@ -59,6 +62,12 @@ pub fn check_subscribe_response(transport: Transport, head: &[u8]) -> Result<(),
                 )),
             }
         }
+        // A held poll has no answer to check; one that came at once was not
+        // held.
+        Transport::LongPoll => Err(format!(
+            "a long-poll answered at once ({status}): {:?}",
+            first_line(head)
+        )),
     }
 }
 

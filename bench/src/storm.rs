@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 
-use crate::cli::{CloseHow, Server, ServerKind, StormArgs};
+use crate::cli::{CloseHow, Server, ServerKind, StormArgs, Transport};
 use crate::fanout::{block_start, merge_histograms, new_histogram};
 use crate::gateway::Target;
 use crate::handshake::{DialConfig, Dialer, Outcome};
@@ -462,6 +462,9 @@ fn round3(x: f64) -> f64 {
 
 /// Runs storm against one server.
 pub fn run_one(args: &StormArgs, kind: ServerKind, server: &Server) -> Result<StormReport, String> {
+    if args.transport == Transport::LongPoll {
+        return Err("storm measures WebSocket and SSE handshakes (--transport ws|sse)".into());
+    }
     sys::check_nofile_for(args.connections)?;
     let mut target = Target::start(kind, server)?;
     let name = kind.name();
