@@ -214,23 +214,19 @@ impl<'a> Io<'a> {
             }
             match request {
                 Request::Ready { keep_alive, head } => {
-                    let draining = draining();
+                    // While draining, every response is the connection's last.
+                    let keep_alive = keep_alive && !draining();
                     let (ready, status) = crate::ops::service::readiness(self.core.cfg);
-                    let keep_alive = keep_alive && !draining;
-                    let mut response = http::ready_response(ready, status, keep_alive);
-                    if head {
-                        response = http::without_body(response);
-                    }
-                    if !Box::pin(self.respond(response)).await {
-                        return Phase::Close(Close::Now);
-                    }
-                    if !keep_alive {
-                        return Phase::Close(Close::Linger);
+                    let response = http::ready_response(ready, status, keep_alive);
+                    // Transient branches are boxed: a task is as large as
+                    // its largest await point.
+                    if let Some(end) = Box::pin(self.answer_check(response, head, keep_alive)).await
+                    {
+                        return end;
                     }
                     pending = leftover;
                 }
                 Request::Health { keep_alive, head } => {
-                    // While draining, every response is the connection's last.
                     let keep_alive = keep_alive && !draining();
                     let counts: Vec<u64> = self
                         .core
@@ -238,17 +234,10 @@ impl<'a> Io<'a> {
                         .iter()
                         .map(|c| c.load(std::sync::atomic::Ordering::Relaxed))
                         .collect();
-                    // Transient branches are boxed: the task of every idle
-                    // connection is as large as its largest await point.
-                    let mut response = http::health_response(&counts, keep_alive);
-                    if head {
-                        response = http::without_body(response);
-                    }
-                    if !Box::pin(self.respond(response)).await {
-                        return Phase::Close(Close::Now);
-                    }
-                    if !keep_alive {
-                        return Phase::Close(Close::Linger);
+                    let response = http::health_response(&counts, keep_alive);
+                    if let Some(end) = Box::pin(self.answer_check(response, head, keep_alive)).await
+                    {
+                        return end;
                     }
                     pending = leftover;
                 }
@@ -321,6 +310,25 @@ impl<'a> Io<'a> {
                 }
             }
         }
+    }
+
+    /// Answers a health or readiness check (`head`: its head only). None
+    /// when the connection goes on to its next request.
+    async fn answer_check(
+        &mut self,
+        response: Vec<u8>,
+        head: bool,
+        keep_alive: bool,
+    ) -> Option<Phase> {
+        let response = if head {
+            http::without_body(response)
+        } else {
+            response
+        };
+        if !self.respond(response).await {
+            return Some(Phase::Close(Close::Now));
+        }
+        (!keep_alive).then_some(Phase::Close(Close::Linger))
     }
 
     /// A browser page may open a stream only from an allowed origin
