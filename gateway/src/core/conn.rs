@@ -176,6 +176,13 @@ pub struct Conn {
     /// Core clock second at which the token this stream was opened with
     /// expires (0 = no token, auth off): the sweep closes it then.
     pub auth_expires_s: u32,
+    /// Its frames of the current delivery batch, staged in the core's
+    /// batch buffer (first and last index, [`NOT_STAGED`] when none): they
+    /// are written from there at the end of the batch and only what the
+    /// socket does not take is queued here. Always `NOT_STAGED` outside a
+    /// batch.
+    pub staged: u32,
+    pub staged_last: u32,
     /// Bytes of `queue.front()` the kernel has already taken.
     pub(super) sent_of_front: u32,
     /// Bytes queued and not yet sent.
@@ -214,6 +221,9 @@ pub struct Conn {
     pub cors: u8,
 }
 
+/// `Conn::staged` when nothing of the batch is staged.
+pub const NOT_STAGED: u32 = u32::MAX;
+
 /// Outbound queue buffers between uses, per core: taken by a connection
 /// when a batch queues its first frame, given back when it has sent them.
 /// Only small ones are kept (a queue that grew behind a slow client, or
@@ -233,7 +243,7 @@ thread_local! {
 pub const IDLE_CONNECTION_BYTES_MAX: usize = 384;
 /// The slab entry (a `Conn` and the slab's tag). Raising it costs memory
 /// on every connection of the host; say why in the commit.
-const CONN_BYTES_MAX: usize = 160;
+const CONN_BYTES_MAX: usize = 168;
 const _: () = assert!(std::mem::size_of::<Conn>() + 8 <= CONN_BYTES_MAX);
 /// A heap block of `n` bytes as glibc's malloc lays it out: an 8-byte
 /// header, 16-byte steps, 32 bytes at least.
@@ -277,6 +287,8 @@ impl Conn {
             skip_through: 0,
             queue: VecDeque::new(),
             waker: None,
+            staged: NOT_STAGED,
+            staged_last: NOT_STAGED,
             readable: false,
             parked: false,
             attention: false,
@@ -374,6 +386,17 @@ impl Conn {
         }
         self.queue.push_back(frame);
         Ok(())
+    }
+
+    /// Queues what a staged write left (its bytes are already counted in
+    /// `queued_bytes`).
+    pub fn requeue(&mut self, frame: Bytes) {
+        if self.queue.capacity() == 0 {
+            self.queue = QUEUE_POOL
+                .with(|p| p.borrow_mut().pop())
+                .unwrap_or_default();
+        }
+        self.queue.push_back(frame);
     }
 
     /// Gives the (empty) queue's buffer back to this core's pool: a

@@ -52,6 +52,9 @@ pub struct Core {
     started: Instant,
     /// Connections with frames queued by the current batch.
     dirty: RefCell<Vec<u32>>,
+    /// The current delivery batch's frames, per connection (see
+    /// `events::stage`); reused, never shrunk.
+    stage: RefCell<events::Stage>,
     /// Sweeps since this core saw the drain start (see `drain_step`).
     drain_sweeps: Cell<u32>,
     /// This core's counters for `/metrics`, published by the sweep.
@@ -119,6 +122,7 @@ impl Core {
             admission,
             started: Instant::now(),
             dirty: RefCell::new(Vec::new()),
+            stage: RefCell::new(Vec::new()),
             drain_sweeps: Cell::new(0),
             stats: crate::ops::metrics::CoreStats::default(),
             batch_stamps: RefCell::new(Vec::new()),
@@ -277,6 +281,7 @@ impl Core {
         let mut stamps = self.batch_stamps.borrow_mut();
         let cors_by_conn = self.cors_by_conn.borrow();
         let mut poll_gaps = self.poll_gaps.borrow_mut();
+        let mut stage = self.stage.borrow_mut();
         let (mut deliveries, mut delivered_bytes) = (0u64, 0u64);
         while handled < DISPATCH_BATCH_MESSAGES && deliveries < DISPATCH_BATCH_DELIVERIES {
             let Ok(item) = rx.try_recv() else { break };
@@ -317,7 +322,7 @@ impl Core {
                                 }
                                 _ => continue,
                             };
-                            events::push(conn, gap, cfg.outbound_queue_bytes_max);
+                            events::stage(conn, &mut stage, gap, cfg.outbound_queue_bytes_max);
                             if !conn.dirty {
                                 conn.dirty = true;
                                 dirty.push(key);
@@ -414,7 +419,12 @@ impl Core {
                                 // then the shared response after its own.
                                 for part in head {
                                     delivered_bytes += part.len() as u64;
-                                    events::push(conn, part.clone(), cfg.outbound_queue_bytes_max);
+                                    events::stage(
+                                        conn,
+                                        &mut stage,
+                                        part.clone(),
+                                        cfg.outbound_queue_bytes_max,
+                                    );
                                 }
                                 msg.poll_response()
                                     .slice(envelope::LONGPOLL_STATUS_LINE.len()..)
@@ -425,7 +435,7 @@ impl Core {
                 };
                 deliveries += 1;
                 delivered_bytes += frame.len() as u64;
-                events::push(conn, frame, cfg.outbound_queue_bytes_max);
+                events::stage(conn, &mut stage, frame, cfg.outbound_queue_bytes_max);
                 if !conn.dirty {
                     conn.dirty = true;
                     dirty.push(key);
@@ -438,11 +448,14 @@ impl Core {
         for key in dirty.drain(..) {
             if let Some(conn) = conns.get_mut(key as usize) {
                 conn.dirty = false;
-                if !conn.blocked {
+                if conn.staged != conn::NOT_STAGED {
+                    events::write_staged(conn, &stage);
+                } else if !conn.blocked {
                     events::write(conn);
                 }
             }
         }
+        stage.clear();
         // Once per message per batch, after its writes: never per delivery.
         if !stamps.is_empty() {
             let now = Instant::now();
