@@ -351,10 +351,7 @@ impl<'a> Io<'a> {
                     && matches!(request, Request::Sse { .. } | Request::LongPoll { .. })
                 {
                     let lines = origins.cors_lines_for(cors, origin).into_owned();
-                    self.core
-                        .cors_by_conn
-                        .borrow_mut()
-                        .insert(self.key, Bytes::from(lines));
+                    self.core.keep_cors_lines(self.key, Bytes::from(lines));
                 }
                 Ok(())
             }
@@ -572,56 +569,12 @@ impl<'a> Io<'a> {
         transport: Transport,
         replay_max: usize,
     ) -> crate::core::Resume {
-        let core = self.core;
-        let published = core
-            .published_through
-            .load(std::sync::atomic::Ordering::Acquire);
-        let (ids, resume) = core.registry.borrow_mut().subscribe(
-            self.key,
-            channels,
-            since,
-            published,
-            core.cfg.channels_max,
-            replay_max,
-        );
-        let key = self.key;
-        self.with_conn(|c, core| {
-            c.channels = ids;
-            c.deadline_s = 0;
-            match transport {
-                Transport::WebSocket => {
-                    let state = State::websocket(core.cfg.ws_message_bytes_max, None);
-                    core.open_stream(c, key, state);
-                }
-                Transport::Sse => core.open_stream(c, key, State::Sse),
-                _ => {
-                    c.state = State::LongPoll {
-                        answer: PollAnswer::Waiting,
-                        cursor: 0,
-                        keep_alive: true,
-                    }
-                }
-            }
-            // Messages up to the cursor are the client's already; live ones
-            // before it may still be in flight to this core.
-            c.skip_through = if resume.reset { 0 } else { since.unwrap_or(0) };
-        });
-        resume
+        self.core
+            .subscribe(self.key, channels, since, transport, replay_max)
     }
 
     fn unsubscribe(&self) {
-        let (channels, was_poll) = self.with_conn(|c, _| {
-            let was_poll = c.transport() == Transport::LongPoll;
-            c.state = State::Request;
-            (std::mem::take(&mut c.channels), was_poll)
-        });
-        if was_poll {
-            self.core.poll_gaps.borrow_mut().remove(&self.key);
-        }
-        self.core
-            .registry
-            .borrow_mut()
-            .unsubscribe(self.key, &channels);
+        self.core.unsubscribe(self.key);
     }
 
     /// Everything a resume may replay: the whole history of every channel.
@@ -638,7 +591,7 @@ impl<'a> Io<'a> {
         let mut out = Vec::with_capacity(256);
         sse::stream_response_head(&self.cors_lines(), &mut out);
         // The stream needs its lines no more.
-        self.core.cors_by_conn.borrow_mut().remove(&self.key);
+        self.core.forget_cors_lines(self.key);
         let retry_ms = rand::thread_rng().gen_range(SSE_RETRY_MS_MIN..=SSE_RETRY_MS_MAX);
         sse::encode_retry(&mut out, retry_ms);
         for gap in &resume.gaps {
@@ -699,10 +652,7 @@ impl<'a> Io<'a> {
         // the poll time out first, it is answered empty with its own cursor
         // and the next poll finds the same gap.
         if !resume.gaps.is_empty() {
-            self.core
-                .poll_gaps
-                .borrow_mut()
-                .insert(self.key, resume.gaps);
+            self.core.hold_gaps(self.key, resume.gaps);
         }
         // Answered empty, the client polls again from where it was, or
         // from where its channels stand.

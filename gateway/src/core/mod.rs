@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use crossbeam_channel::Receiver;
 use protocol::envelope;
-use protocol::id::GATEWAY_ID_FLOOR;
+use protocol::id::{Cursor, GATEWAY_ID_FLOOR};
 use protocol::origin::PATTERN_SLOT;
 use slab::Slab;
 use tracing::{debug, info, warn};
@@ -40,7 +40,7 @@ pub struct Core {
     pub index: usize,
     pub cfg: &'static Config,
     pub conns: RefCell<Slab<Conn>>,
-    pub registry: RefCell<Registry>,
+    registry: RefCell<Registry>,
     /// The receive buffer every connection of this core reads into, right
     /// after readiness: idle connections hold no read buffer of their own.
     pub scratch: RefCell<Box<[u8]>>,
@@ -69,14 +69,14 @@ pub struct Core {
     /// allowed (`PATTERN_SLOT`: they echo the origin), while a long-poll or
     /// the opening of an SSE stream needs them; nothing for other
     /// connections.
-    pub cors_by_conn: RefCell<HashMap<u32, Bytes>>,
+    cors_by_conn: RefCell<HashMap<u32, Bytes>>,
     /// Held long-polls whose cursor this core could not place on some
     /// channels (they resumed here from a position this core never saw, or
     /// ingest let the channel go while they waited): the first message
     /// answers them with those gaps and itself, and its id as the cursor,
     /// never with a cursor of this gateway's own sequence, which another
     /// gateway could not place on a channel numbered by its publisher.
-    pub poll_gaps: RefCell<HashMap<u32, Vec<Box<str>>>>,
+    poll_gaps: RefCell<HashMap<u32, Vec<Box<str>>>>,
     /// Every connection's readiness (see `events`).
     pub epoll: crate::sys::Epoll,
 }
@@ -233,14 +233,87 @@ impl Core {
         self.conn_counts[self.index].fetch_sub(1, Ordering::Relaxed);
     }
 
-    /// A held long-poll is over: it leaves its channels, and the
-    /// connection waits for its next request (parked, `keep_alive`) or
-    /// closes once its answer has left.
-    pub fn end_poll(&self, c: &mut Conn, key: u32, keep_alive: bool) {
+    /// Subscribes connection `key` to `channels` as `transport` (its state
+    /// set accordingly) and returns what it missed after `since`. Runs
+    /// without yielding, so no message slips between the history replayed
+    /// and the live messages that follow.
+    pub fn subscribe(
+        &self,
+        key: u32,
+        channels: &[String],
+        since: Option<Cursor>,
+        transport: Transport,
+        replay_max: usize,
+    ) -> Resume {
+        let published = self.published_through.load(Ordering::Acquire);
+        let (ids, resume) = self.registry.borrow_mut().subscribe(
+            key,
+            channels,
+            since,
+            published,
+            self.cfg.channels_max,
+            replay_max,
+        );
+        let mut conns = self.conns.borrow_mut();
+        let c = &mut conns[key as usize];
+        c.channels = ids;
+        c.deadline_s = 0;
+        match transport {
+            Transport::WebSocket => {
+                let state = State::websocket(self.cfg.ws_message_bytes_max, None);
+                self.open_stream(c, key, state);
+            }
+            Transport::Sse => self.open_stream(c, key, State::Sse),
+            _ => {
+                c.state = State::LongPoll {
+                    answer: PollAnswer::Waiting,
+                    cursor: 0,
+                    keep_alive: true,
+                }
+            }
+        }
+        // Messages up to the cursor are the client's already; live ones
+        // before it may still be in flight to this core.
+        c.skip_through = if resume.reset { 0 } else { since.unwrap_or(0) };
+        resume
+    }
+
+    /// Connection `key` leaves its channels and goes back to reading
+    /// requests.
+    pub fn unsubscribe(&self, key: u32) {
+        let mut conns = self.conns.borrow_mut();
+        let c = &mut conns[key as usize];
+        c.state = State::Request;
+        self.leave_channels(c, key);
+    }
+
+    fn leave_channels(&self, c: &mut Conn, key: u32) {
         self.registry
             .borrow_mut()
             .unsubscribe(key, &std::mem::take(&mut c.channels));
         self.poll_gaps.borrow_mut().remove(&key);
+    }
+
+    /// The CORS lines a connection allowed by an origin pattern needs for
+    /// its answers (they echo its origin), kept while it needs them.
+    pub fn keep_cors_lines(&self, key: u32, lines: Bytes) {
+        self.cors_by_conn.borrow_mut().insert(key, lines);
+    }
+
+    pub fn forget_cors_lines(&self, key: u32) {
+        self.cors_by_conn.borrow_mut().remove(&key);
+    }
+
+    /// The gaps a held long-poll is told with its next message.
+    pub fn hold_gaps(&self, key: u32, gaps: Vec<Box<str>>) {
+        self.poll_gaps.borrow_mut().insert(key, gaps);
+    }
+
+    /// A held long-poll is over: it leaves its channels, and the
+    /// connection waits for its next request (parked, `keep_alive`) or
+    /// closes once its answer has left.
+    pub fn end_poll(&self, c: &mut Conn, key: u32, keep_alive: bool) {
+        self.leave_channels(c, key);
         if keep_alive {
             self.await_request(c);
         } else {
