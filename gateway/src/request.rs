@@ -512,8 +512,8 @@ impl<'a> Io<'a> {
 
     /// Runs `f` on this connection's slab entry.
     fn with_conn<T>(&self, f: impl FnOnce(&mut crate::core::Conn, &Core) -> T) -> T {
-        let mut conns = self.core.conns.borrow_mut();
-        f(&mut conns[self.key as usize], self.core)
+        let core = self.core;
+        core.with_conn(self.key, |c| f(c, core))
     }
 
     /// Queues bytes and writes what the socket takes now.

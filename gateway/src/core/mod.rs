@@ -39,7 +39,7 @@ pub use self::registry::{Registry, Resume};
 pub struct Core {
     pub index: usize,
     pub cfg: &'static Config,
-    pub conns: RefCell<Slab<Conn>>,
+    conns: RefCell<Slab<Conn>>,
     registry: RefCell<Registry>,
     /// The receive buffer every connection of this core reads into, right
     /// after readiness: idle connections hold no read buffer of their own.
@@ -307,6 +307,12 @@ impl Core {
     /// The gaps a held long-poll is told with its next message.
     pub fn hold_gaps(&self, key: u32, gaps: Vec<Box<str>>) {
         self.poll_gaps.borrow_mut().insert(key, gaps);
+    }
+
+    /// Runs `f` on connection `key`'s slab entry (which must exist: its
+    /// task or the event loop holds the key until it deregisters it).
+    pub fn with_conn<T>(&self, key: u32, f: impl FnOnce(&mut Conn) -> T) -> T {
+        f(&mut self.conns.borrow_mut()[key as usize])
     }
 
     /// A held long-poll is over: it leaves its channels, and the
