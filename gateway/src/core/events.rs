@@ -607,23 +607,9 @@ mod tests {
     use std::io::{Read as _, Write as _};
     use std::os::fd::IntoRawFd;
     use std::os::unix::net::UnixStream;
-    use std::sync::atomic::AtomicU64;
-    use std::sync::Arc;
 
     fn core() -> Core {
-        let cfg: &'static crate::config::Config = Box::leak(Box::default());
-        let counts: Arc<[AtomicU64]> = vec![AtomicU64::new(0)].into();
-        let admission = crate::admission::Admission::new(cfg, 1, None, 0);
-        Core::new(
-            0,
-            cfg,
-            1,
-            Arc::new(AtomicU64::new(1)),
-            counts,
-            admission,
-            None,
-        )
-        .unwrap()
+        Core::lone(Box::leak(Box::default()), 1)
     }
 
     /// A connection parked as `transport` on one end of a socket pair; the

@@ -309,6 +309,16 @@ impl Core {
         self.poll_gaps.borrow_mut().insert(key, gaps);
     }
 
+    /// A lone core (index 0 of 1) with no interest queue, at
+    /// `published_through`, for unit tests.
+    #[cfg(test)]
+    pub fn lone(cfg: &'static Config, published_through: u64) -> Core {
+        let counts: Arc<[AtomicU64]> = vec![AtomicU64::new(0)].into();
+        let admission = Admission::new(cfg, 1, None, 0);
+        let published = Arc::new(AtomicU64::new(published_through));
+        Core::new(0, cfg, 1, published, counts, admission, None).expect("an epoll set")
+    }
+
     /// Runs `f` on connection `key`'s slab entry (which must exist: its
     /// task or the event loop holds the key until it deregisters it).
     pub fn with_conn<T>(&self, key: u32, f: impl FnOnce(&mut Conn) -> T) -> T {
@@ -1019,7 +1029,7 @@ mod tests {
     #[test]
     fn subscribers_of_a_channel_let_go_upstream_are_told_of_the_gap() {
         use std::io::Read;
-        let core = test_core(Box::leak(Box::default()), 7);
+        let core = Core::lone(Box::leak(Box::default()), 7);
         let mut peers = Vec::new();
         for transport in [Transport::WebSocket, Transport::Sse, Transport::LongPoll] {
             let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
@@ -1088,13 +1098,6 @@ mod tests {
 
     /// A lone core (index 0 of 1) with no interest queue, at
     /// `published_through`.
-    fn test_core(cfg: &'static Config, published_through: u64) -> Core {
-        let counts: Arc<[AtomicU64]> = vec![AtomicU64::new(0)].into();
-        let admission = Admission::new(cfg, 1, None, 0);
-        let published = Arc::new(AtomicU64::new(published_through));
-        Core::new(0, cfg, 1, published, counts, admission, None).expect("an epoll set")
-    }
-
     fn ids_of(r: &Resume) -> Vec<u64> {
         r.messages.iter().map(|m| m.id).collect()
     }
@@ -1278,7 +1281,7 @@ mod tests {
             .unwrap(),
             ..Config::default()
         }));
-        let core = test_core(cfg, 1);
+        let core = Core::lone(cfg, 1);
         let (a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
         let (plain, mut plain_peer) = std::os::unix::net::UnixStream::pair().unwrap();
         let (sub, mut sub_peer) = std::os::unix::net::UnixStream::pair().unwrap();
