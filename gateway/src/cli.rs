@@ -61,15 +61,7 @@ impl Cli {
     /// Defaults, overridden by the file, overridden by the flags given
     /// (`matches` says which were).
     pub fn resolve(self, matches: &ArgMatches) -> Result<Config, String> {
-        let mut cfg = match &self.config {
-            Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .map_err(|e| format!("reading {}: {e}", path.display()))?;
-                toml::from_str::<Config>(&text)
-                    .map_err(|e| format!("parsing {}: {e}", path.display()))?
-            }
-            None => Config::default(),
-        };
+        let mut cfg = Config::from_file(self.config.as_deref())?;
         // Each setting the command line gave replaces the file's, whatever
         // its type: both are written out under the setting's name and the
         // flag's value taken over.

@@ -326,6 +326,16 @@ impl Config {
         self.proxy_trusted.iter().any(|net| net.contains(&ip))
     }
 
+    /// The defaults overridden by the TOML file at `path`, if any.
+    pub fn from_file(path: Option<&std::path::Path>) -> Result<Config, String> {
+        let Some(path) = path else {
+            return Ok(Config::default());
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("reading {}: {e}", path.display()))?;
+        toml::from_str::<Config>(&text).map_err(|e| format!("parsing {}: {e}", path.display()))
+    }
+
     /// The key set of this configuration: `auth_keys` (files read now) and
     /// the command line's. Also how SIGHUP rebuilds it from a re-read file.
     pub fn key_set(&self) -> Result<protocol::token::KeySet, String> {
@@ -343,15 +353,7 @@ impl Config {
     /// The `auth_keys` of the configuration file as it is now, with the
     /// command line's keys: the key set a SIGHUP swaps in.
     pub fn reload_key_set(&self) -> Result<protocol::token::KeySet, String> {
-        let mut fresh = match &self.config_path {
-            Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .map_err(|e| format!("reading {}: {e}", path.display()))?;
-                toml::from_str::<Config>(&text)
-                    .map_err(|e| format!("parsing {}: {e}", path.display()))?
-            }
-            None => Config::default(),
-        };
+        let mut fresh = Config::from_file(self.config_path.as_deref())?;
         fresh.auth_cli_keys = self.auth_cli_keys.clone();
         if self.auth_audience_from_cli {
             fresh.auth_audience = self.auth_audience.clone();
