@@ -548,17 +548,11 @@ impl<'a> Io<'a> {
     }
 
     /// One non-blocking read of at most `max` bytes into the core's scratch
-    /// buffer; `f` sees the bytes read. A read that finds nothing clears
-    /// the connection's `readable` until the next epoll event.
+    /// buffer; `f` sees the bytes read, and the connection what the read
+    /// tells (`events::note_read`).
     fn read_into(&self, f: impl FnOnce(&mut [u8]), max: usize) -> Read {
         let read = crate::core::events::read_into(self.core, self.fd(), f, max);
-        self.with_conn(|c, core| match read {
-            // Any bytes count as a sign of life (the pong check).
-            Read::Data => c.last_heard_s = core.now_s(),
-            Read::WouldBlock => c.readable = false,
-            Read::Eof => {}
-        });
-        read
+        self.with_conn(|c, core| crate::core::events::note_read(c, read, core.now_s()))
     }
 
     /// Subscribes and returns what the client missed after `since`.

@@ -82,6 +82,7 @@ pub fn attend(key: u32) {
 }
 
 /// Result of one non-blocking read into the core's scratch buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Read {
     Data,
     Eof,
@@ -109,6 +110,18 @@ pub fn read_into(core: &Core, fd: RawFd, f: impl FnOnce(&mut [u8]), max: usize) 
         }
         Err(_) => Read::Eof,
     }
+}
+
+/// What one read of `c` tells about it, applied to it: bytes are a sign of
+/// life (the pong check), finding none clears `readable` until the next
+/// epoll event, the end makes it dead. Returns the read.
+pub fn note_read(c: &mut Conn, read: Read, now_s: u32) -> Read {
+    match read {
+        Read::Data => c.last_heard_s = now_s,
+        Read::WouldBlock => c.readable = false,
+        Read::Eof => c.dead = true,
+    }
+    read
 }
 
 /// Serves this core's readiness events and parked connections, forever.
@@ -353,18 +366,7 @@ impl Core {
                 c.deadline_s = 0;
                 return;
             }
-            match read {
-                Read::Data => c.last_heard_s = self.now_s(),
-                Read::Eof => {
-                    c.dead = true;
-                    return;
-                }
-                Read::WouldBlock => {
-                    c.readable = false;
-                    return;
-                }
-            }
-            if c.dead {
+            if note_read(c, read, self.now_s()) != Read::Data || c.dead {
                 return;
             }
         }
@@ -552,16 +554,9 @@ pub fn log_session_end(c: &Conn, end: Closing) {
 /// client, a closing one); its end closes the connection.
 fn discard_input(core: &Core, c: &mut Conn) {
     for _ in 0..WS_READS_PER_TURN {
-        match read_into(core, c.fd, |_| {}, usize::MAX) {
-            Read::Data => {}
-            Read::Eof => {
-                c.dead = true;
-                return;
-            }
-            Read::WouldBlock => {
-                c.readable = false;
-                return;
-            }
+        let read = read_into(core, c.fd, |_| {}, usize::MAX);
+        if note_read(c, read, core.now_s()) != Read::Data {
+            return;
         }
     }
     c.wake();
