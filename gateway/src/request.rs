@@ -717,9 +717,11 @@ impl<'a> Io<'a> {
     /// Answers a long-poll with no message and `cursor`: whether the
     /// answer was written.
     async fn answer_empty(&mut self, cursor: Cursor, keep_alive: bool) -> bool {
-        let mut out = Vec::new();
-        envelope::longpoll_response(&[], cursor, &[], keep_alive, &self.cors_lines(), &mut out);
-        self.respond(out).await
+        let cors = self.with_conn(|c, _| c.cors);
+        let answer = self
+            .core
+            .empty_poll_answer(self.key, cors, cursor, keep_alive);
+        self.respond(answer).await
     }
 
     /// How a long-poll ended once its answer was (`written`) or was not

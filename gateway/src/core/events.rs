@@ -39,7 +39,6 @@ use std::rc::Rc;
 use std::task::{Poll, Waker};
 
 use bytes::Bytes;
-use protocol::envelope;
 use protocol::ws::{self, Closing, MessagePart, OpCode};
 use tracing::{debug, info, warn};
 
@@ -320,16 +319,8 @@ impl Core {
 
     /// Queues a long-poll answer with no message and `cursor`.
     fn answer_poll_empty(&self, c: &mut Conn, key: u32, cursor: u64, keep_alive: bool) {
-        let mut out = Vec::new();
-        envelope::longpoll_response(
-            &[],
-            cursor,
-            &[],
-            keep_alive,
-            &self.cors_lines(key, c.cors),
-            &mut out,
-        );
-        send(c, Bytes::from(out), self.cfg.outbound_queue_bytes_max);
+        let answer = self.empty_poll_answer(key, c.cors, cursor, keep_alive);
+        send(c, Bytes::from(answer), self.cfg.outbound_queue_bytes_max);
     }
 
     /// Reads an open WebSocket's frames through its session, queues the

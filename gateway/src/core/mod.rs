@@ -294,6 +294,27 @@ impl Core {
         self.poll_gaps.borrow_mut().remove(&key);
     }
 
+    /// A long-poll answer with no message and `cursor`, for connection
+    /// `key` of CORS slot `cors`.
+    pub fn empty_poll_answer(
+        &self,
+        key: u32,
+        cors: u8,
+        cursor: Cursor,
+        keep_alive: bool,
+    ) -> Vec<u8> {
+        let mut out = Vec::new();
+        envelope::longpoll_response(
+            &[],
+            cursor,
+            &[],
+            keep_alive,
+            &self.cors_lines(key, cors),
+            &mut out,
+        );
+        out
+    }
+
     /// The CORS lines a connection allowed by an origin pattern needs for
     /// its answers (they echo its origin), kept while it needs them.
     pub fn keep_cors_lines(&self, key: u32, lines: Bytes) {
