@@ -20,9 +20,10 @@ pub enum Scenario {
     /// a channel and then stay silent; report the server's RSS delta / N
     /// (userspace) and the machine's Slab delta / N (kernel).
     Idle(IdleArgs),
-    /// Fan-out: N WebSocket subscribers over C channels, one ZeroMQ
-    /// publisher at R messages/s for D seconds; report deliveries/s, loss,
-    /// reordering and publish→receive latency.
+    /// Fan-out: N WebSocket or SSE subscribers over C channels, one ZeroMQ
+    /// publisher (HTTP POSTs for nchan and Bun) at R messages/s for D
+    /// seconds; report deliveries/s, loss, reordering and publish→receive
+    /// latency.
     Fanout(FanoutArgs),
     /// Connect storm: N WebSocket clients connected, all dropped at once,
     /// then all reconnecting, once all together and once with jitter; report
@@ -53,23 +54,49 @@ impl Transport {
     }
 }
 
-/// Which server(s) a run measures.
+/// What `--server` can name (a comma-separated list of these).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum ServerChoice {
     /// The gateway (`--gateway BIN`).
     Gateway,
     /// The baseline server (`--baseline BIN`).
     Baseline,
-    /// The gateway, then the baseline, in the same run; every figure also
-    /// as the ratio gateway / baseline.
+    /// nginx with the nchan module (`--nginx BIN`, `--nchan-module PATH`).
+    Nchan,
+    /// Bun running a small pub/sub script (`--bun BIN`).
+    Bun,
+    /// The gateway, then the baseline (`gateway,baseline`).
     Both,
+    /// The gateway, the baseline, nchan and Bun, in that order.
+    All,
 }
 
-/// One of the two servers.
+impl ServerChoice {
+    /// The servers this name stands for, in order.
+    fn kinds(self) -> &'static [ServerKind] {
+        match self {
+            ServerChoice::Gateway => &[ServerKind::Gateway],
+            ServerChoice::Baseline => &[ServerKind::Baseline],
+            ServerChoice::Nchan => &[ServerKind::Nchan],
+            ServerChoice::Bun => &[ServerKind::Bun],
+            ServerChoice::Both => &[ServerKind::Gateway, ServerKind::Baseline],
+            ServerChoice::All => &[
+                ServerKind::Gateway,
+                ServerKind::Baseline,
+                ServerKind::Nchan,
+                ServerKind::Bun,
+            ],
+        }
+    }
+}
+
+/// One of the servers the bench measures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ServerKind {
     Gateway,
     Baseline,
+    Nchan,
+    Bun,
 }
 
 impl ServerKind {
@@ -77,17 +104,53 @@ impl ServerKind {
         match self {
             ServerKind::Gateway => "gateway",
             ServerKind::Baseline => "baseline",
+            ServerKind::Nchan => "nchan",
+            ServerKind::Bun => "bun",
+        }
+    }
+
+    /// Whether it answers `GET /healthz` with its connection count (the
+    /// gateway's contract); the others are counted from /proc/net/tcp.
+    pub fn has_healthz(self) -> bool {
+        matches!(self, ServerKind::Gateway | ServerKind::Baseline)
+    }
+
+    /// Why it cannot serve `transport`, if it cannot: the baseline and the
+    /// Bun script leave long-poll out.
+    pub fn check_transport(self, transport: Transport) -> Result<(), String> {
+        match (self, transport) {
+            (ServerKind::Baseline | ServerKind::Bun, Transport::LongPoll) => Err(format!(
+                "{} serves WebSocket and SSE, not long-poll (--transport ws|sse)",
+                if self == ServerKind::Bun {
+                    "the Bun script (bun)"
+                } else {
+                    "the baseline"
+                }
+            )),
+            _ => Ok(()),
         }
     }
 }
 
-/// Which server is measured: one (or two, one after the other) that this run
-/// spawns, or one already running.
+/// Debian's path of the nchan module (package libnginx-mod-nchan).
+pub const NCHAN_MODULE_DEBIAN: &str = "/usr/lib/nginx/modules/ngx_nchan_module.so";
+
+/// Which servers are measured: each one this run spawns, one after the
+/// other, or one already running.
 #[derive(Debug, Clone, Args)]
 pub struct ServerArgs {
-    /// Which server to measure; `both` runs the gateway, then the baseline.
-    #[arg(long, value_enum, default_value_t = ServerChoice::Gateway)]
-    pub server: ServerChoice,
+    /// Servers to measure, one after the other, comma-separated: gateway,
+    /// baseline, nchan, bun; `both` is gateway,baseline and `all` is all
+    /// four. With more than one, every figure is also given as the ratio
+    /// first server / each other one.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "gateway",
+        value_name = "SERVER,…"
+    )]
+    pub server: Vec<ServerChoice>,
     /// Gateway binary to spawn (with `--listen 127.0.0.1:0 --zmq-bind
     /// tcp://127.0.0.1:* --cores N`); it must print `READY listen=ADDR …`.
     #[arg(long, value_name = "BIN", conflicts_with = "pid")]
@@ -96,7 +159,22 @@ pub struct ServerArgs {
     /// has the same contract and READY line).
     #[arg(long, value_name = "BIN", conflicts_with = "pid")]
     pub baseline: Option<PathBuf>,
-    /// Cores the spawned server runs on (`--cores N`, both servers).
+    /// nginx binary for `--server nchan` (default: `nginx` on PATH). The
+    /// bench writes its configuration into a temporary directory and runs
+    /// it in the foreground with `--cores` worker processes.
+    #[arg(long, value_name = "BIN", conflicts_with = "pid")]
+    pub nginx: Option<PathBuf>,
+    /// The nchan module nginx loads (default: Debian's
+    /// /usr/lib/nginx/modules/ngx_nchan_module.so).
+    #[arg(long, value_name = "PATH", conflicts_with = "pid")]
+    pub nchan_module: Option<PathBuf>,
+    /// Bun binary for `--server bun` (default: `bun` on PATH), e.g. the
+    /// `bin/bun` of the npm package @oven/bun-linux-x64. It runs a script
+    /// the bench writes; one JavaScript thread, so `--cores` does not apply.
+    #[arg(long, value_name = "BIN", conflicts_with = "pid")]
+    pub bun: Option<PathBuf>,
+    /// Cores the spawned server runs on: the gateway's and baseline's
+    /// `--cores N`, nginx's worker processes (not Bun's).
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
     pub cores: u32,
     /// Extra argument for the spawned gateway (repeatable), e.g.
@@ -112,31 +190,47 @@ pub struct ServerArgs {
     /// File the spawned baseline's stderr goes to (default: discarded).
     #[arg(long, value_name = "FILE")]
     pub baseline_stderr: Option<PathBuf>,
-    /// How long to wait for the spawned server's READY line.
+    /// How long to wait for the spawned server's READY line (nginx: for its
+    /// port to accept a connection).
     #[arg(long, default_value_t = 30.0, value_parser = seconds)]
     pub ready_timeout_s: f64,
     /// Measure this already running server process instead of spawning one
-    /// (its VmRSS is read from /proc/PID/status); needs --target. `--server`
-    /// then only names it (gateway or baseline, not both).
+    /// (its VmRSS is read from /proc/PID/status; nchan: the nginx master's
+    /// pid, its workers are added); needs --target. `--server` then only
+    /// names it (one server).
     #[arg(long, requires = "target", conflicts_with_all = ["gateway", "baseline", "gateway_args", "baseline_args", "gateway_stderr", "baseline_stderr"])]
     pub pid: Option<u32>,
     /// Address of the already running server (with --pid).
     #[arg(long, value_name = "ADDR", requires = "pid")]
     pub target: Option<SocketAddr>,
     /// ZeroMQ endpoint the already running server subscribes on (with
-    /// --pid; fanout needs it), e.g. `tcp://127.0.0.1:5560`.
+    /// --pid; fanout needs it, except for nchan and Bun, which get
+    /// `POST /pub?channel=…` on --target), e.g. `tcp://127.0.0.1:5560`.
     #[arg(long = "zmq", value_name = "ENDPOINT", requires = "pid")]
     pub zmq: Option<String>,
 }
 
-/// The server, resolved from [`ServerArgs`].
+/// A server, resolved from [`ServerArgs`].
 #[derive(Debug, Clone, PartialEq)]
 pub enum Server {
+    /// The gateway or the baseline: a binary with their flags and READY line.
     Spawn {
         bin: PathBuf,
         cores: u32,
         extra_args: Vec<String>,
         stderr: Option<PathBuf>,
+        ready_timeout: Duration,
+    },
+    /// nginx + nchan with `workers` worker processes.
+    Nchan {
+        nginx: PathBuf,
+        module: PathBuf,
+        workers: u32,
+        ready_timeout: Duration,
+    },
+    /// Bun running the bench's script.
+    Bun {
+        bin: PathBuf,
         ready_timeout: Duration,
     },
     Attach {
@@ -147,20 +241,31 @@ pub enum Server {
 }
 
 impl ServerArgs {
-    /// The server(s) to measure, in order (gateway first), or why the
-    /// arguments do not name them.
-    pub fn servers(&self) -> Result<Vec<(ServerKind, Server)>, String> {
-        let kinds: &[ServerKind] = match self.server {
-            ServerChoice::Gateway => &[ServerKind::Gateway],
-            ServerChoice::Baseline => &[ServerKind::Baseline],
-            ServerChoice::Both => &[ServerKind::Gateway, ServerKind::Baseline],
-        };
-        if let (Some(pid), Some(target)) = (self.pid, self.target) {
-            if kinds.len() != 1 {
-                return Err("--pid attaches to one server: --server gateway or baseline".into());
+    /// The servers `--server` names, in order, each once.
+    pub fn kinds(&self) -> Result<Vec<ServerKind>, String> {
+        let mut kinds: Vec<ServerKind> = Vec::new();
+        for kind in self.server.iter().flat_map(|c| c.kinds()) {
+            if kinds.contains(kind) {
+                return Err(format!("--server names the {} twice", kind.name()));
             }
+            kinds.push(*kind);
+        }
+        if kinds.is_empty() {
+            return Err("--server names no server".into());
+        }
+        Ok(kinds)
+    }
+
+    /// The servers to measure, in order, or why the arguments do not name
+    /// them.
+    pub fn servers(&self) -> Result<Vec<(ServerKind, Server)>, String> {
+        let kinds = self.kinds()?;
+        if let (Some(pid), Some(target)) = (self.pid, self.target) {
+            let [kind] = kinds[..] else {
+                return Err("--pid attaches to one server: name one with --server".into());
+            };
             return Ok(vec![(
-                kinds[0],
+                kind,
                 Server::Attach {
                     pid,
                     target,
@@ -168,6 +273,7 @@ impl ServerArgs {
                 },
             )]);
         }
+        let ready_timeout = Duration::from_secs_f64(self.ready_timeout_s);
         kinds
             .iter()
             .map(|&kind| {
@@ -178,11 +284,30 @@ impl ServerArgs {
                     ServerKind::Baseline => {
                         (&self.baseline, &self.baseline_args, &self.baseline_stderr)
                     }
+                    ServerKind::Nchan => {
+                        let server = Server::Nchan {
+                            nginx: self.nginx.clone().unwrap_or_else(|| "nginx".into()),
+                            module: self
+                                .nchan_module
+                                .clone()
+                                .unwrap_or_else(|| NCHAN_MODULE_DEBIAN.into()),
+                            workers: self.cores,
+                            ready_timeout,
+                        };
+                        return Ok((kind, server));
+                    }
+                    ServerKind::Bun => {
+                        let server = Server::Bun {
+                            bin: self.bun.clone().unwrap_or_else(|| "bun".into()),
+                            ready_timeout,
+                        };
+                        return Ok((kind, server));
+                    }
                 };
                 let bin = bin.as_ref().ok_or_else(|| {
                     format!(
                         "--server {} needs --{} BIN (or --pid and --target)",
-                        self.server_name(),
+                        self.server_names(),
                         kind.name()
                     )
                 })?;
@@ -193,19 +318,25 @@ impl ServerArgs {
                         cores: self.cores,
                         extra_args: extra.clone(),
                         stderr: stderr.clone(),
-                        ready_timeout: Duration::from_secs_f64(self.ready_timeout_s),
+                        ready_timeout,
                     },
                 ))
             })
             .collect()
     }
 
-    fn server_name(&self) -> &'static str {
-        match self.server {
-            ServerChoice::Gateway => "gateway",
-            ServerChoice::Baseline => "baseline",
-            ServerChoice::Both => "both",
-        }
+    /// `--server` as given, for messages.
+    fn server_names(&self) -> String {
+        self.server
+            .iter()
+            .map(|c| {
+                c.to_possible_value()
+                    .expect("no skipped values")
+                    .get_name()
+                    .to_owned()
+            })
+            .collect::<Vec<_>>()
+            .join(",")
     }
 }
 
@@ -280,7 +411,11 @@ pub struct FanoutArgs {
     pub server: ServerArgs,
     #[command(flatten)]
     pub client: ClientArgs,
-    /// WebSocket subscribers; subscriber i is on channel "fanout-{i % C}".
+    /// How the subscribers subscribe: each SSE event's data holds what a
+    /// WebSocket message would.
+    #[arg(long, default_value = "ws", value_parser = fanout_transport())]
+    pub transport: Transport,
+    /// Subscribers; subscriber i is on channel "fanout-{i % C}".
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=u32::MAX as u64))]
     pub connections: u64,
     /// Channels (1: one hot channel every subscriber is on).
@@ -357,7 +492,8 @@ pub struct StormArgs {
     #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..=60_000))]
     pub backoff_ms: u64,
     /// After a drop, wait at most this long for the server to count the
-    /// connections out (its /healthz) before reconnecting.
+    /// connections out (its /healthz; nchan's and Bun's sockets in
+    /// /proc/net/tcp) before reconnecting.
     #[arg(long, default_value_t = 10.0, value_parser = seconds)]
     pub settle_s: f64,
 }
@@ -372,6 +508,19 @@ fn seconds(s: &str) -> Result<f64, String> {
     } else {
         Err(format!("{s:?}: seconds must be between 0 and 1e9"))
     }
+}
+
+/// fanout's `--transport`: the transports that push a stream of messages
+/// (a long-poll answers one message per request), with their help texts.
+fn fanout_transport() -> impl clap::builder::TypedValueParser<Value = Transport> {
+    let streams = Transport::value_variants()
+        .iter()
+        .filter(|t| **t != Transport::LongPoll)
+        .filter_map(|t| t.to_possible_value());
+    clap::builder::TypedValueParser::map(
+        clap::builder::PossibleValuesParser::new(streams),
+        |name: String| Transport::from_str(&name, false).expect("one of the possible values"),
+    )
 }
 
 /// A positive, finite number (a rate).
@@ -565,7 +714,135 @@ mod tests {
         assert!(err.contains("--baseline BIN"), "{err}");
         assert!(parse(&["--server", "baseline", "--gateway", "gw"]).is_err());
         assert!(parse(&["--server", "gateway", "--baseline", "bl"]).is_err());
+        // `all` needs the baseline's binary too.
         assert!(parse(&["--server", "all", "--gateway", "gw"]).is_err());
+    }
+
+    #[test]
+    fn server_lists_and_the_peers() {
+        let a = parse(&["--server", "gateway,nchan,bun", "--gateway", "gw"]).unwrap();
+        let servers = a.server.servers().unwrap();
+        let kinds: Vec<ServerKind> = servers.iter().map(|(k, _)| *k).collect();
+        assert_eq!(
+            kinds,
+            [ServerKind::Gateway, ServerKind::Nchan, ServerKind::Bun]
+        );
+        // nginx and bun from PATH, the module at Debian's path, nginx's
+        // workers from --cores.
+        assert_eq!(
+            servers[1].1,
+            Server::Nchan {
+                nginx: "nginx".into(),
+                module: NCHAN_MODULE_DEBIAN.into(),
+                workers: 2,
+                ready_timeout: Duration::from_secs(30),
+            }
+        );
+        assert_eq!(
+            servers[2].1,
+            Server::Bun {
+                bin: "bun".into(),
+                ready_timeout: Duration::from_secs(30),
+            }
+        );
+        let a = parse(&[
+            "--server",
+            "bun,nchan",
+            "--nginx",
+            "/opt/nginx",
+            "--nchan-module",
+            "/opt/nchan.so",
+            "--bun",
+            "/opt/bun",
+            "--cores",
+            "3",
+        ])
+        .unwrap();
+        let servers = a.server.servers().unwrap();
+        assert_eq!(
+            servers[0].1,
+            Server::Bun {
+                bin: "/opt/bun".into(),
+                ready_timeout: Duration::from_secs(30),
+            }
+        );
+        assert_eq!(
+            servers[1].1,
+            Server::Nchan {
+                nginx: "/opt/nginx".into(),
+                module: "/opt/nchan.so".into(),
+                workers: 3,
+                ready_timeout: Duration::from_secs(30),
+            }
+        );
+        let all = parse(&["--server", "all", "--gateway", "gw", "--baseline", "bl"]).unwrap();
+        assert_eq!(all.server.kinds().unwrap().len(), 4);
+        // `both` keeps its meaning; a server named twice is refused.
+        let both = parse(&[
+            "--server",
+            "both,bun",
+            "--gateway",
+            "gw",
+            "--baseline",
+            "bl",
+        ])
+        .unwrap();
+        assert_eq!(
+            both.server.kinds().unwrap(),
+            [ServerKind::Gateway, ServerKind::Baseline, ServerKind::Bun]
+        );
+        let err = parse(&[
+            "--server",
+            "both,gateway",
+            "--gateway",
+            "gw",
+            "--baseline",
+            "bl",
+        ])
+        .unwrap_err();
+        assert!(err.contains("twice"), "{err}");
+        assert!(parse(&["--server", "nginx"]).is_err());
+        assert!(parse(&["--server", ""]).is_err());
+        // Attached: one server of any kind.
+        let a = parse(&[
+            "--server",
+            "nchan",
+            "--pid",
+            "7",
+            "--target",
+            "127.0.0.1:80",
+        ])
+        .unwrap();
+        assert_eq!(a.server.servers().unwrap()[0].0, ServerKind::Nchan);
+        assert!(parse(&[
+            "--server",
+            "nchan,bun",
+            "--pid",
+            "7",
+            "--target",
+            "127.0.0.1:80"
+        ])
+        .is_err());
+        assert!(parse(&["--bun", "b", "--pid", "7", "--target", "127.0.0.1:80"]).is_err());
+        assert!(parse(&["--nginx", "n", "--pid", "7", "--target", "127.0.0.1:80"]).is_err());
+        // Long-poll: nchan serves it, the baseline and Bun do not.
+        assert!(ServerKind::Nchan
+            .check_transport(Transport::LongPoll)
+            .is_ok());
+        assert!(ServerKind::Gateway
+            .check_transport(Transport::LongPoll)
+            .is_ok());
+        let err = ServerKind::Bun
+            .check_transport(Transport::LongPoll)
+            .unwrap_err();
+        assert!(
+            err.contains("Bun script (bun) serves WebSocket and SSE"),
+            "{err}"
+        );
+        assert!(ServerKind::Baseline
+            .check_transport(Transport::LongPoll)
+            .is_err());
+        assert!(ServerKind::Bun.check_transport(Transport::Sse).is_ok());
     }
 
     #[test]
@@ -608,9 +885,12 @@ mod tests {
         assert_eq!(a.max_attempts, 1);
         assert_eq!(a.client.threads, 1);
         assert_eq!(a.client.in_flight, 256);
-        assert_eq!(a.server.server, ServerChoice::Gateway);
+        assert_eq!(a.server.server, [ServerChoice::Gateway]);
+        assert_eq!(a.transport, Transport::Ws);
         let Scenario::Fanout(a) = parse_scenario(&[
             "fanout",
+            "--transport",
+            "sse",
             "--server",
             "both",
             "--gateway",
@@ -643,7 +923,14 @@ mod tests {
         assert_eq!(a.client.sources.len(), 2);
         assert_eq!(a.rate, 12.5);
         assert_eq!(a.payload_bytes, 200);
+        assert_eq!(a.transport, Transport::Sse);
         assert_eq!(a.server.servers().unwrap().len(), 2);
+        let Scenario::Fanout(a) =
+            parse_scenario(&["fanout", "--gateway", "gw", "--transport", "ws"]).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(a.transport, Transport::Ws);
         for bad in [
             &["--rate", "0"][..],
             &["--rate", "-3"],
@@ -653,7 +940,9 @@ mod tests {
             &["--payload-bytes", "100000"],
             &["--channels", "0"],
             &["--duration-s", "x"],
-            &["--transport", "ws"], // fanout is WebSocket only
+            // A long-poll answers once: nothing to fan a stream out on.
+            &["--transport", "longpoll"],
+            &["--transport", "grpc"],
         ] {
             let mut args = vec!["fanout", "--gateway", "gw"];
             args.extend_from_slice(bad);

@@ -1,6 +1,8 @@
-//! The fan-out scenario: N WebSocket subscribers over C channels, a ZeroMQ
-//! publisher at R messages/s for D seconds; deliveries/s, loss, reordering
-//! and publish→receive latency.
+//! The fan-out scenario: N subscribers (WebSocket, or SSE with
+//! `--transport sse`) over C channels, a ZeroMQ publisher at R messages/s for
+//! D seconds; deliveries/s, loss, reordering and publish→receive latency.
+//! nchan and Bun have no ZeroMQ: they get the same publications as
+//! pipelined `POST /pub?channel=…` requests (see `publish`).
 //!
 //! Client threads each own a contiguous block of the connections and one
 //! level-triggered epoll set; connection i subscribes to `fanout-{i % C}`.
@@ -24,7 +26,10 @@
 //!
 //! Per frame the receiver parses the header, reads 33 bytes at the end of
 //! the payload and updates a 24-byte tally: no allocation, no copy unless a
-//! frame is split across reads.
+//! frame is split across reads. An SSE event's data (its `data:` lines
+//! joined, de-chunked first where the server uses chunked coding) is the
+//! same content as a WebSocket message and is measured the same way; see
+//! `sse.rs` for how it is cut out of the stream without allocating.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -41,7 +46,9 @@ use crate::gateway::Target;
 use crate::handshake::{DialConfig, Dialer, Outcome};
 use crate::http;
 use crate::procfs;
+use crate::publish::Publisher;
 use crate::report::{bytes, failures_json, server_line, Health, Latency};
+use crate::sse::{self, Item, SseState};
 use crate::sys::{self, Epoll};
 use crate::util::{monotonic_ns, opt, realtime_minus_monotonic_ns, thousands};
 use crate::ws::{self, FrameHead, ReadEnd, SeqTally, Tail, KIND_MEASURED, KIND_PROBE};
@@ -95,11 +102,16 @@ struct Conn {
     probed: bool,
     closed: bool,
     opened: bool,
-    /// An unfinished frame from the previous read.
+    /// An unfinished frame (SSE: the unfinished event's data, then an
+    /// unfinished line) from the previous read.
     carry: Vec<u8>,
+    /// SSE only: where the stream stands between reads.
+    sse: SseState,
 }
 
-/// Per-thread counts of what arrived, besides measured deliveries.
+/// Per-thread counts of what arrived, besides measured deliveries. With SSE
+/// a "frame" is an event and "oversized" an event too large for the read
+/// buffer.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Counters {
     pub frames: u64,
@@ -117,6 +129,12 @@ pub struct Counters {
     pub close_frames: u64,
     /// Frames too large for the read buffer (the connection is dropped).
     pub oversized: u64,
+    /// SSE comment lines (heartbeats).
+    pub comments: u64,
+    /// SSE streams whose chunked coding broke (the connection is dropped),
+    /// and how the first one broke.
+    pub malformed: u64,
+    pub malformed_why: Option<&'static str>,
     /// Connections that ended with an EOF / a reset / another read error.
     pub eofs: u64,
     pub resets: u64,
@@ -141,6 +159,9 @@ impl Counters {
         self.pings += o.pings;
         self.close_frames += o.close_frames;
         self.oversized += o.oversized;
+        self.comments += o.comments;
+        self.malformed += o.malformed;
+        self.malformed_why = self.malformed_why.or(o.malformed_why);
         self.eofs += o.eofs;
         self.resets += o.resets;
         self.read_errors += o.read_errors;
@@ -178,6 +199,76 @@ struct Hists {
     socket: Histogram<u64>,
 }
 
+/// Handles one message's content (a WebSocket data frame's payload, an SSE
+/// event's data) for connection `conn`, read at `at`: both transports are
+/// measured by this one function.
+#[inline]
+fn on_message(
+    conn: &mut Conn,
+    content: &[u8],
+    at: Arrival,
+    hists: &mut Hists,
+    c: &mut Counters,
+    shared: &Shared,
+) {
+    match ws::decode_tail(content) {
+        Some(Tail {
+            kind: KIND_MEASURED,
+            channel,
+            seq,
+            sent_ns,
+        }) => {
+            if channel != conn.channel {
+                c.misrouted += 1;
+            } else {
+                c.measured += 1;
+                conn.tally.observe(seq);
+                // Arrived after epoll_wait returned: take the clock now.
+                let latency = if at.read_ns > sent_ns {
+                    at.read_ns - sent_ns
+                } else {
+                    monotonic_ns().saturating_sub(sent_ns)
+                };
+                hists.read.saturating_record(latency.max(1));
+                if let Some(socket_ns) = at.socket_ns {
+                    hists
+                        .socket
+                        .saturating_record(socket_ns.saturating_sub(sent_ns).max(1));
+                }
+            }
+        }
+        Some(Tail {
+            kind: KIND_PROBE, ..
+        }) => {
+            c.probes += 1;
+            if !conn.probed {
+                conn.probed = true;
+                shared.probed.fetch_add(1, Relaxed);
+            }
+        }
+        _ => c.unrecognized += 1,
+    }
+}
+
+/// Handles one SSE item for connection `conn`, read at `at`.
+#[inline]
+fn on_sse_item(
+    conn: &mut Conn,
+    item: Item<'_>,
+    at: Arrival,
+    hists: &mut Hists,
+    c: &mut Counters,
+    shared: &Shared,
+) {
+    match item {
+        Item::Event(data) => {
+            c.frames += 1;
+            on_message(conn, data, at, hists, c, shared);
+        }
+        Item::Comment => c.comments += 1,
+    }
+}
+
 /// Handles one frame for connection `conn`, read at `at`.
 #[inline]
 fn on_frame(
@@ -189,50 +280,13 @@ fn on_frame(
     c: &mut Counters,
     shared: &Shared,
 ) {
-    let now_ns = at.read_ns;
     c.frames += 1;
     if h.masked {
         c.masked += 1;
         return;
     }
     match h.opcode {
-        1 | 2 if h.fin => match ws::decode_tail(payload) {
-            Some(Tail {
-                kind: KIND_MEASURED,
-                channel,
-                seq,
-                sent_ns,
-            }) => {
-                if channel != conn.channel {
-                    c.misrouted += 1;
-                } else {
-                    c.measured += 1;
-                    conn.tally.observe(seq);
-                    // Arrived after epoll_wait returned: take the clock now.
-                    let latency = if now_ns > sent_ns {
-                        now_ns - sent_ns
-                    } else {
-                        monotonic_ns().saturating_sub(sent_ns)
-                    };
-                    hists.read.saturating_record(latency.max(1));
-                    if let Some(socket_ns) = at.socket_ns {
-                        hists
-                            .socket
-                            .saturating_record(socket_ns.saturating_sub(sent_ns).max(1));
-                    }
-                }
-            }
-            Some(Tail {
-                kind: KIND_PROBE, ..
-            }) => {
-                c.probes += 1;
-                if !conn.probed {
-                    conn.probed = true;
-                    shared.probed.fetch_add(1, Relaxed);
-                }
-            }
-            _ => c.unrecognized += 1,
-        },
+        1 | 2 if h.fin => on_message(conn, payload, at, hists, c, shared),
         0..=2 => c.fragmented += 1,
         8 => {
             c.close_frames += 1;
@@ -248,6 +302,35 @@ fn on_frame(
     }
 }
 
+/// Counts how a read ended; whether the connection is done for (`closed`:
+/// the server sent a close frame).
+fn ends_connection(end: ReadEnd, closed: bool, counters: &mut Counters) -> bool {
+    match end {
+        ReadEnd::Drained => closed,
+        ReadEnd::Eof => {
+            counters.eofs += 1;
+            true
+        }
+        ReadEnd::Error(e) => {
+            if e.kind() == std::io::ErrorKind::ConnectionReset {
+                counters.resets += 1;
+            } else {
+                counters.read_errors += 1;
+            }
+            true
+        }
+        ReadEnd::Oversized => {
+            counters.oversized += 1;
+            true
+        }
+        ReadEnd::Malformed(why) => {
+            counters.malformed += 1;
+            counters.malformed_why.get_or_insert(why);
+            true
+        }
+    }
+}
+
 struct Worker {
     index: usize,
     conns: Vec<Conn>,
@@ -255,6 +338,8 @@ struct Worker {
     dialer: Dialer,
     shared: Arc<Shared>,
     hists: Hists,
+    /// WebSocket frames or an SSE stream on every connection.
+    transport: Transport,
     /// CLOCK_REALTIME - CLOCK_MONOTONIC, for the kernel's timestamps.
     clock_offset_ns: i64,
     counters: Counters,
@@ -282,11 +367,13 @@ impl Worker {
                 closed: false,
                 opened: false,
                 carry: Vec::new(),
+                sse: SseState::new(false),
             })
             .collect();
         Ok(Worker {
             index,
             conns,
+            transport: cfg.transport,
             ep: Epoll::new().map_err(|e| format!("epoll_create1: {e}"))?,
             dialer: Dialer::new(cfg, base, 0x5eed ^ index as u64),
             shared,
@@ -315,18 +402,36 @@ impl Worker {
                 self.opened += 1;
                 self.shared.open.fetch_add(1, Relaxed);
                 self.connect_end = Some(Instant::now());
+                conn.sse = SseState::new(o.chunked);
                 if !o.extra.is_empty() {
-                    // Frames that came with the response head.
+                    // Frames (or SSE bytes) that came with the response head.
                     let at = Arrival {
                         read_ns: monotonic_ns(),
                         socket_ns: None,
                     };
                     let (hists, counters, shared) =
                         (&mut self.hists, &mut self.counters, &*self.shared);
-                    let used = ws::split_frames(&o.extra, |h, p| {
-                        on_frame(conn, h, p, at, hists, counters, shared)
-                    });
-                    conn.carry.extend_from_slice(&o.extra[used..]);
+                    if self.transport == Transport::Sse {
+                        let mut state = conn.sse;
+                        let mut carry = std::mem::take(&mut conn.carry);
+                        let end = sse::feed_events(
+                            &mut state,
+                            &mut carry,
+                            &mut self.scratch,
+                            &o.extra,
+                            |item| on_sse_item(conn, item, at, hists, counters, shared),
+                        );
+                        conn.sse = state;
+                        conn.carry = carry;
+                        if ends_connection(end, conn.closed, counters) {
+                            self.drop_connection(o.local as usize);
+                        }
+                    } else {
+                        let used = ws::split_frames(&o.extra, |h, p| {
+                            on_frame(conn, h, p, at, hists, counters, shared)
+                        });
+                        conn.carry.extend_from_slice(&o.extra[used..]);
+                    }
                 }
             }
             Outcome::GaveUp => {
@@ -353,60 +458,56 @@ impl Worker {
         let mut reads = 0u64;
         let mut bytes = 0u64;
         let mut carry = std::mem::take(&mut conn.carry);
-        let end = ws::read_frames(
-            &mut carry,
-            &mut self.scratch,
-            |buf| {
-                let r = sys::recv_stamped(fd, buf);
-                if let Ok((n, stamp)) = r {
-                    reads += 1;
-                    bytes += n as u64;
-                    // What the first read gets was in the socket when
-                    // epoll_wait returned; a further read (after a full
-                    // buffer) takes the clock again.
-                    at.set(Arrival {
-                        read_ns: if first { ready_ns } else { monotonic_ns() },
-                        socket_ns: stamp.map(|real| (real as i64 - offset).max(0) as u64),
-                    });
-                    first = false;
-                }
-                r.map(|(n, _)| n)
-            },
-            |h, p| on_frame(conn, h, p, at.get(), hists, counters, shared),
-        );
+        let read = |buf: &mut [u8]| {
+            let r = sys::recv_stamped(fd, buf);
+            if let Ok((n, stamp)) = r {
+                reads += 1;
+                bytes += n as u64;
+                // What the first read gets was in the socket when
+                // epoll_wait returned; a further read (after a full
+                // buffer) takes the clock again.
+                at.set(Arrival {
+                    read_ns: if first { ready_ns } else { monotonic_ns() },
+                    socket_ns: stamp.map(|real| (real as i64 - offset).max(0) as u64),
+                });
+                first = false;
+            }
+            r.map(|(n, _)| n)
+        };
+        let end = if self.transport == Transport::Sse {
+            // A copy: the closure below holds `conn`.
+            let mut state = conn.sse;
+            let end = sse::read_events(&mut state, &mut carry, &mut self.scratch, read, |item| {
+                on_sse_item(conn, item, at.get(), hists, counters, shared)
+            });
+            conn.sse = state;
+            end
+        } else {
+            ws::read_frames(&mut carry, &mut self.scratch, read, |h, p| {
+                on_frame(conn, h, p, at.get(), hists, counters, shared)
+            })
+        };
         conn.carry = carry;
         counters.reads += reads;
         counters.bytes += bytes;
-        let gone = match end {
-            ReadEnd::Drained => conn.closed,
-            ReadEnd::Eof => {
-                counters.eofs += 1;
-                true
-            }
-            ReadEnd::Error(e) => {
-                if e.kind() == std::io::ErrorKind::ConnectionReset {
-                    counters.resets += 1;
-                } else {
-                    counters.read_errors += 1;
-                }
-                true
-            }
-            ReadEnd::Oversized => {
-                counters.oversized += 1;
-                true
-            }
-        };
-        if gone {
-            conn.closed = true;
-            conn.carry = Vec::new();
-            sys::close_abortive(fd);
-            conn.fd = -1;
-            self.closed += 1;
-            shared.closed.fetch_add(1, Relaxed);
+        if ends_connection(end, conn.closed, counters) {
+            self.drop_connection(local);
         }
         self.shared.delivered[self.index]
             .0
             .store(self.counters.measured, Relaxed);
+    }
+
+    /// Closes connection `local` (the server closed it, or what it sent
+    /// cannot be read on).
+    fn drop_connection(&mut self, local: usize) {
+        let conn = &mut self.conns[local];
+        conn.closed = true;
+        conn.carry = Vec::new();
+        sys::close_abortive(conn.fd);
+        conn.fd = -1;
+        self.closed += 1;
+        self.shared.closed.fetch_add(1, Relaxed);
     }
 
     /// Connects this thread's share, then reads until told to stop.
@@ -506,6 +607,7 @@ impl Drop for Worker {
 #[derive(Debug, Clone)]
 pub struct FanoutReport {
     pub kind: ServerKind,
+    pub transport: Transport,
     pub process: &'static str,
     pub pid: u32,
     pub target: String,
@@ -546,6 +648,10 @@ pub struct FanoutReport {
     /// this bench (all its threads, the publisher included).
     pub server_cpu_s: Option<f64>,
     pub client_cpu_s: f64,
+    /// How the messages were published (ZeroMQ, or HTTP POSTs for nchan
+    /// and Bun), and the POSTs that failed, by reason.
+    pub publisher: String,
+    pub publish_failures: Vec<(String, u64, String)>,
 }
 
 impl FanoutReport {
@@ -612,20 +718,37 @@ impl FanoutReport {
             ));
         }
         let c = &self.counters;
+        let (unrecognized, oversized) = match self.transport {
+            Transport::Sse => (
+                "events not recognised as fan-out payloads",
+                "events too large for the read buffer",
+            ),
+            _ => (
+                "frames not recognised as fan-out payloads",
+                "frames too large for the read buffer",
+            ),
+        };
         for (n, what) in [
             (
                 c.misrouted,
                 "deliveries for another channel than subscribed",
             ),
-            (c.unrecognized, "frames not recognised as fan-out payloads"),
+            (c.unrecognized, unrecognized),
             (c.masked, "masked frames from the server"),
             (c.fragmented, "fragmented frames"),
             (c.close_frames, "close frames from the server"),
-            (c.oversized, "frames too large for the read buffer"),
+            (c.oversized, oversized),
         ] {
             if n > 0 {
                 e.push(format!("{n} {what}"));
             }
+        }
+        if c.malformed > 0 {
+            e.push(format!(
+                "{} SSE streams with broken chunked coding (e.g. {})",
+                c.malformed,
+                c.malformed_why.unwrap_or("?")
+            ));
         }
         if self.closed_by_server > 0 {
             e.push(format!(
@@ -648,13 +771,18 @@ impl FanoutReport {
         if let Health::Failed(why) = &self.health {
             e.push(format!("/healthz failed after subscribing: {why}"));
         }
+        for (reason, n, example) in &self.publish_failures {
+            e.push(format!(
+                "{n} publications failed: {reason} (e.g. {example})"
+            ));
+        }
         e
     }
 
     pub fn table(&self) -> String {
         let mut t = String::new();
         let server = server_line(self.kind, self.pid, &self.target, self.cores);
-        let _ = writeln!(t, "fanout ws: {server}");
+        let _ = writeln!(t, "fanout {}: {server}", self.transport.name());
         let row = |t: &mut String, k: &str, v: String| {
             let _ = writeln!(t, "  {k:<28} {v}");
         };
@@ -691,6 +819,7 @@ impl FanoutReport {
                 self.payload_bytes
             ),
         );
+        row(&mut t, "published by", self.publisher.clone());
         row(&mut t, "deliveries expected", thousands(self.loss.expected));
         row(
             &mut t,
@@ -754,14 +883,24 @@ impl FanoutReport {
         row(
             &mut t,
             "client reads",
-            format!(
-                "{} recv, {} frames, {} (probes {}, pings {})",
-                thousands(c.reads),
-                thousands(c.frames),
-                bytes(c.bytes),
-                thousands(c.probes),
-                c.pings
-            ),
+            match self.transport {
+                Transport::Sse => format!(
+                    "{} recv, {} events, {} (probes {}, comments {})",
+                    thousands(c.reads),
+                    thousands(c.frames),
+                    bytes(c.bytes),
+                    thousands(c.probes),
+                    c.comments
+                ),
+                _ => format!(
+                    "{} recv, {} frames, {} (probes {}, pings {})",
+                    thousands(c.reads),
+                    thousands(c.frames),
+                    bytes(c.bytes),
+                    thousands(c.probes),
+                    c.pings
+                ),
+            },
         );
         for e in self.errors() {
             let _ = writeln!(t, "  ERROR: {e}");
@@ -775,7 +914,7 @@ impl FanoutReport {
         let c = &self.counters;
         json!({
             "scenario": "fanout",
-            "transport": "ws",
+            "transport": self.transport.name(),
             "server": self.kind.name(),
             "process": self.process,
             "pid": self.pid,
@@ -816,8 +955,12 @@ impl FanoutReport {
             "rss_after_bytes": self.rss_after,
             "server_cpu_pct": self.server_cpu_pct().map(|p| p.round()),
             "client_cpu_pct": self.client_cpu_pct().map(|p| p.round()),
+            "publisher": self.publisher,
+            "publish_failures": failures_json(&self.publish_failures),
             "client_reads": c.reads,
+            // SSE: events, and comment lines (heartbeats).
             "client_frames": c.frames,
+            "client_comments": c.comments,
             "failures": failures_json(&self.failures),
             "ok": errors.is_empty(),
             "errors": errors,
@@ -841,13 +984,6 @@ pub fn due_by(elapsed: Duration, rate: f64, total: u64) -> u64 {
     ((elapsed.as_secs_f64() * rate).floor() as u64 + 1).min(total)
 }
 
-/// Publishes one message `[channel, payload]`.
-fn publish(sock: &zmq::Socket, channel: &[u8], payload: &[u8]) -> Result<(), String> {
-    sock.send(channel, zmq::SNDMORE)
-        .and_then(|_| sock.send(payload, 0))
-        .map_err(|e| format!("zmq send: {e}"))
-}
-
 /// Runs fanout against one server.
 pub fn run_one(
     args: &FanoutArgs,
@@ -857,26 +993,15 @@ pub fn run_one(
     sys::check_nofile_for(args.connections)?;
     let mut target = Target::start(kind, server)?;
     let name = kind.name();
-    let endpoint = target.zmq.clone().ok_or_else(|| {
-        format!("the {name} has no ZeroMQ endpoint to publish to (READY zmq=-, or --zmq not given)")
-    })?;
+    // ZeroMQ, or POST /pub for nchan and Bun.
+    let mut publisher = Publisher::connect(kind, target.zmq.as_deref(), target.listen)?;
     let listen = target.listen;
     sys::check_sources(&args.client.sources, listen)?;
     let healthz_before = http::healthz(listen, HEALTHZ_TIMEOUT)
         .ok()
         .map(|c| c.iter().sum::<u64>());
     std::thread::sleep(Duration::from_millis(200));
-    let rss_before = procfs::rss_bytes(target.pid).map_err(|e| e.to_string())?;
-
-    let ctx = zmq::Context::new();
-    let sock = ctx
-        .socket(zmq::PUB)
-        .map_err(|e| format!("zmq socket: {e}"))?;
-    // Unlimited: a publication is never dropped on the bench's side.
-    sock.set_sndhwm(0).map_err(|e| format!("zmq sndhwm: {e}"))?;
-    sock.set_linger(0).map_err(|e| format!("zmq linger: {e}"))?;
-    sock.connect(&endpoint)
-        .map_err(|e| format!("zmq connect {endpoint}: {e}"))?;
+    let rss_before = target.rss_bytes()?;
 
     let threads = args.client.threads as u64;
     let channels = args.channels;
@@ -902,7 +1027,7 @@ pub fn run_one(
         let cfg = DialConfig {
             target: listen,
             sources: args.client.sources.clone(),
-            transport: Transport::Ws,
+            transport: args.transport,
             channel_prefix: "fanout".into(),
             channels,
             in_flight,
@@ -995,7 +1120,7 @@ pub fn run_one(
                 sent_ns: monotonic_ns(),
             };
             ws::encode_payload(&mut payload, args.payload_bytes as usize, &tail);
-            publish(&sock, ch, &payload)?;
+            publisher.publish(ch, &payload)?;
         }
         probe_rounds += 1;
         let round_end = Instant::now() + probe_interval;
@@ -1022,7 +1147,7 @@ pub fn run_one(
     };
     // Let the last probes drain before measuring.
     std::thread::sleep(Duration::from_millis(200));
-    let rss_subscribed = procfs::rss_bytes(target.pid).map_err(|e| e.to_string())?;
+    let rss_subscribed = target.rss_bytes()?;
     eprintln!(
         "bench: fanout {name}: subscribed in {subscribe_s:.3} s ({unprobed} without a probe); \
          publishing {} msg/s for {} s",
@@ -1033,7 +1158,7 @@ pub fn run_one(
     let total = (args.rate * args.duration_s).round() as u64;
     let mut sent_per_channel = vec![0u32; channels as usize];
     let delivered_start = shared.delivered();
-    let server_cpu_start = procfs::cpu_seconds(target.pid).ok();
+    let server_cpu_start = target.cpu_seconds().ok();
     let client_cpu_start = procfs::self_cpu_seconds();
     let publish_start = Instant::now();
     let mut k = 0u64;
@@ -1051,7 +1176,7 @@ pub fn run_one(
                 sent_ns: monotonic_ns(),
             };
             ws::encode_payload(&mut payload, args.payload_bytes as usize, &tail);
-            publish(&sock, &channel_names[c], &payload)?;
+            publisher.publish(&channel_names[c], &payload)?;
             sent_per_channel[c] += 1;
             k += 1;
         }
@@ -1087,7 +1212,7 @@ pub fn run_one(
     let publish_end = Instant::now();
     let publish_s = publish_end.duration_since(publish_start).as_secs_f64();
     let client_cpu_s = procfs::self_cpu_seconds() - client_cpu_start;
-    let server_cpu_s = match (server_cpu_start, procfs::cpu_seconds(target.pid).ok()) {
+    let server_cpu_s = match (server_cpu_start, target.cpu_seconds().ok()) {
         (Some(a), Some(b)) => Some(b - a),
         _ => None,
     };
@@ -1138,7 +1263,7 @@ pub fn run_one(
         connect_end = connect_end.max(r.connect_end);
     }
     target.alive()?;
-    let rss_after = procfs::rss_bytes(target.pid).map_err(|e| e.to_string())?;
+    let rss_after = target.rss_bytes()?;
     for tx in &close_txs {
         let _ = tx.send(());
     }
@@ -1148,6 +1273,7 @@ pub fn run_one(
     let loss = ws::summarize(tallies.iter().map(|(c, t)| (*c, t)), &sent_per_channel);
     let report = FanoutReport {
         kind,
+        transport: args.transport,
         process: target.how(),
         pid: target.pid,
         target: listen.to_string(),
@@ -1181,6 +1307,8 @@ pub fn run_one(
         health,
         server_cpu_s,
         client_cpu_s,
+        publisher: publisher.describe(),
+        publish_failures: publisher.failures(),
     };
     target.stop();
     Ok(report)

@@ -144,6 +144,12 @@ pub fn head_excerpt(head: &[u8]) -> String {
     text.trim_end().replace("\r\n", " | ")
 }
 
+/// Whether a response head announces a chunked body.
+fn chunked_body(head: &[u8]) -> bool {
+    http::header(head, "Transfer-Encoding")
+        .is_some_and(|te| te.to_ascii_lowercase().contains("chunked"))
+}
+
 /// What a [`Dialer`] needs to open connections.
 #[derive(Debug, Clone)]
 pub struct DialConfig {
@@ -175,6 +181,9 @@ pub struct Opened {
     pub fd: RawFd,
     /// Bytes that came after the response head.
     pub extra: Vec<u8>,
+    /// The head said `Transfer-Encoding: chunked` (what hyper-based servers
+    /// do for an SSE stream): the body must be de-chunked before it is read.
+    pub chunked: bool,
     /// From the start of the successful attempt to its response head.
     pub latency: Duration,
     pub attempt: u32,
@@ -415,9 +424,11 @@ impl Dialer {
                     let _ = ep.delete(a.hs.fd);
                 }
                 let buf = a.hs.buf;
+                let chunked = chunked_body(&buf[..buf.len() - extra]);
                 out.push(Outcome::Opened(Opened {
                     local,
                     fd: a.hs.fd,
+                    chunked,
                     extra: buf[buf.len() - extra..].to_vec(),
                     latency: now.duration_since(a.started),
                     attempt: a.attempt,
@@ -501,6 +512,21 @@ mod tests {
     const WS_101: &str =
         "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
         Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n";
+
+    #[test]
+    fn chunked_bodies_are_recognised() {
+        assert!(!chunked_body(WS_101.as_bytes()));
+        assert!(chunked_body(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\
+              transfer-encoding: chunked\r\n\r\n"
+        ));
+        assert!(chunked_body(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, Chunked\r\n\r\n"
+        ));
+        assert!(!chunked_body(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\n"
+        ));
+    }
 
     fn config(target: SocketAddr, max_attempts: u32) -> DialConfig {
         DialConfig {
@@ -586,6 +612,7 @@ mod tests {
             match o {
                 Outcome::Opened(o) => {
                     assert_eq!(o.extra, b"\x81\x02hi");
+                    assert!(!o.chunked);
                     assert_eq!(o.attempt, 1);
                     sys::close(o.fd);
                 }

@@ -14,7 +14,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::os::fd::RawFd;
 use std::time::{Duration, Instant};
 
-use crate::cli::{IdleArgs, Server, ServerKind};
+use crate::cli::{IdleArgs, Server, ServerKind, Transport};
 use crate::gateway::Target;
 use crate::handshake::{advance, Handshake, Progress, Step};
 use crate::http;
@@ -27,27 +27,29 @@ const HEALTHZ_TIMEOUT: Duration = Duration::from_secs(10);
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
 pub fn run(args: &IdleArgs, kind: ServerKind, server: &Server) -> Result<IdleReport, String> {
+    kind.check_transport(args.transport)?;
     sys::check_nofile_for(args.connections)?;
 
     // Spawned (and stopped when dropped) or attached.
     let mut server = Target::start(kind, server)?;
     let (pid, target, cores) = (server.pid, server.listen, server.cores);
     sys::check_sources(&args.sources, target)?;
+    let source = server.connections_source();
 
     // Connections the server counts before this run (its own /healthz
     // request included, if it counts that).
-    let baseline = match http::healthz(target, HEALTHZ_TIMEOUT) {
+    let baseline = match server.connections(HEALTHZ_TIMEOUT) {
         Ok(per_core) => Some(per_core.iter().sum::<u64>()),
-        Err(e) if server.spawned.is_none() => {
-            eprintln!("bench: /healthz unavailable, the connection count is not checked: {e}");
+        Err(e) if !server.is_spawned() => {
+            eprintln!("bench: {source} unavailable, the connection count is not checked: {e}");
             None
         }
         Err(e) => return Err(e),
     };
-    let unavailable_why = "the server had no /healthz before the run".to_string();
+    let unavailable_why = format!("the server had no {source} before the run");
     // Let the server finish with the /healthz connection before measuring.
     std::thread::sleep(Duration::from_millis(200));
-    let rss_before = procfs::rss_bytes(pid).map_err(|e| e.to_string())?;
+    let rss_before = server.rss_bytes()?;
     let slab_before = procfs::slab_bytes().map_err(|e| e.to_string())?;
 
     let mut conns = Connector::new(args, target)?;
@@ -61,10 +63,10 @@ pub fn run(args: &IdleArgs, kind: ServerKind, server: &Server) -> Result<IdleRep
     );
 
     std::thread::sleep(Duration::from_secs_f64(args.hold_s));
-    let (closed_during_hold, data_during_hold, peeked) = conns.check_alive();
+    let hold = conns.check_alive();
 
     let health = match baseline {
-        Some(baseline) => Health::checked(baseline, http::healthz(target, HEALTHZ_TIMEOUT)),
+        Some(baseline) => Health::checked(baseline, server.connections(HEALTHZ_TIMEOUT)),
         None => Health::Unavailable(unavailable_why),
     };
     std::thread::sleep(Duration::from_millis(100));
@@ -72,7 +74,10 @@ pub fn run(args: &IdleArgs, kind: ServerKind, server: &Server) -> Result<IdleRep
     server
         .alive()
         .map_err(|e| format!("{e} with {} connections open", conns.established.len()))?;
-    let rss_after = procfs::rss_bytes(pid).map_err(|e| format!("after the connections: {e}"))?;
+    let rss_after = server
+        .rss_bytes()
+        .map_err(|e| format!("after the connections: {e}"))?;
+    let rss_scope = server.rss_scope();
     let slab_after = procfs::slab_bytes().map_err(|e| e.to_string())?;
 
     let mut report = IdleReport {
@@ -98,9 +103,12 @@ pub fn run(args: &IdleArgs, kind: ServerKind, server: &Server) -> Result<IdleRep
         slab_before,
         slab_after,
         health,
-        closed_during_hold,
-        data_during_hold,
-        bytes_after_head: conns.bytes_after_head + peeked,
+        connections_source: source,
+        rss_scope,
+        closed_during_hold: hold.closed,
+        data_during_hold: hold.with_data,
+        sse_comments_during_hold: hold.sse_comments_only,
+        bytes_after_head: conns.bytes_after_head + hold.bytes,
         healthz_baseline_after_close: None,
         healthz_after_close: None,
         rss_after_close: None,
@@ -111,7 +119,8 @@ pub fn run(args: &IdleArgs, kind: ServerKind, server: &Server) -> Result<IdleRep
     if let Some(baseline) = baseline {
         let deadline = Instant::now() + CLOSE_GRACE;
         loop {
-            let total = http::healthz(target, HEALTHZ_TIMEOUT)
+            let total = server
+                .connections(HEALTHZ_TIMEOUT)
                 .map(|c| c.iter().sum::<u64>())
                 .ok();
             report.healthz_after_close = total;
@@ -122,9 +131,33 @@ pub fn run(args: &IdleArgs, kind: ServerKind, server: &Server) -> Result<IdleRep
         }
         report.healthz_baseline_after_close = Some(baseline);
     }
-    report.rss_after_close = procfs::rss_bytes(pid).ok();
+    report.rss_after_close = server.rss_bytes().ok();
     server.stop();
     Ok(report)
+}
+
+/// What the open connections looked like at the end of the hold.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Hold {
+    /// Closed or reset by the server.
+    closed: u64,
+    /// With bytes waiting (SSE comments aside).
+    with_data: u64,
+    /// SSE: with nothing but comments waiting.
+    sse_comments_only: u64,
+    /// Bytes waiting, over all of them (up to 4 KiB each).
+    bytes: u64,
+}
+
+/// Whether an SSE stream's bytes hold no event: only comment lines (`:`…)
+/// and blank lines, and the chunk-size lines of a chunked body (hex digits;
+/// a line of only those would be an SSE field without a value, which
+/// carries nothing either).
+pub fn only_sse_comments(bytes: &[u8]) -> bool {
+    bytes.split(|&b| b == b'\n').all(|line| {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        line.is_empty() || line[0] == b':' || line.iter().all(u8::is_ascii_hexdigit)
+    })
 }
 
 /// Opens the connections of one run and keeps them.
@@ -353,23 +386,29 @@ impl<'a> Connector<'a> {
         }
     }
 
-    /// After the hold: how many open connections the server closed or reset,
-    /// how many have bytes waiting, and how many bytes (peeked, up to 4 KiB each).
-    fn check_alive(&self) -> (u64, u64, u64) {
-        let (mut closed, mut with_data, mut bytes) = (0, 0, 0);
+    /// After the hold: how many open connections the server closed or
+    /// reset, how many have bytes waiting (and how many bytes, peeked, up to
+    /// 4 KiB each). Over SSE, bytes that are only comments (a greeting like
+    /// nchan's `: hi`, a keep-alive) are counted apart: they are no message.
+    fn check_alive(&self) -> Hold {
+        let mut hold = Hold::default();
         let mut buf = [0u8; 4096];
         for &fd in &self.established {
             match sys::recv(fd, &mut buf, libc::MSG_PEEK | libc::MSG_DONTWAIT) {
-                Ok(0) => closed += 1,
+                Ok(0) => hold.closed += 1,
                 Ok(n) => {
-                    with_data += 1;
-                    bytes += n as u64;
+                    if self.args.transport == Transport::Sse && only_sse_comments(&buf[..n]) {
+                        hold.sse_comments_only += 1;
+                    } else {
+                        hold.with_data += 1;
+                    }
+                    hold.bytes += n as u64;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(_) => closed += 1,
+                Err(_) => hold.closed += 1,
             }
         }
-        (closed, with_data, bytes)
+        hold
     }
 
     /// Resets every open connection (see `sys::close_abortive`).
@@ -468,7 +507,7 @@ mod tests {
         assert_eq!(c.established.len(), 50);
         assert!(c.failures.is_empty(), "{:?}", c.failures);
         assert_eq!(c.not_attempted(), 0);
-        assert_eq!(c.check_alive(), (0, 0, 0));
+        assert_eq!(c.check_alive(), Hold::default());
         c.close_all();
         done.send(()).unwrap();
         let heads = server.join().unwrap();
@@ -514,7 +553,7 @@ mod tests {
         server.join().unwrap();
         // The server is gone: every open connection now reads as closed.
         std::thread::sleep(Duration::from_millis(50));
-        assert_eq!(c.check_alive().0, 10);
+        assert_eq!(c.check_alive().closed, 10);
     }
 
     #[test]
@@ -531,9 +570,10 @@ mod tests {
         // The comment arrives with the head (counted then) or after it
         // (peeked at the end of the hold): 6 bytes per connection either way.
         std::thread::sleep(Duration::from_millis(50));
-        let (closed, _, peeked) = c.check_alive();
-        assert_eq!(closed, 0);
-        assert_eq!(c.bytes_after_head + peeked, 5 * 6);
+        let hold = c.check_alive();
+        assert_eq!(hold.closed, 0);
+        assert_eq!(hold.with_data, 0, "a comment is not data");
+        assert_eq!(c.bytes_after_head + hold.bytes, 5 * 6);
         done.send(()).unwrap();
         server.join().unwrap();
 
@@ -551,5 +591,17 @@ mod tests {
             "{reason}"
         );
         assert_eq!(*n, 3);
+    }
+
+    #[test]
+    fn sse_comments_are_not_messages() {
+        assert!(only_sse_comments(b": hi\n\n"));
+        assert!(only_sse_comments(b""));
+        // Bun's chunked stream: size line, comment, CRLF.
+        assert!(only_sse_comments(b"6\r\n: hi\n\n\r\n"));
+        assert!(only_sse_comments(b":\r\n\r\n: keep-alive\n\n"));
+        assert!(!only_sse_comments(b"data: x\n\n"));
+        assert!(!only_sse_comments(b": hi\n\nid: 1\ndata: x\n\n"));
+        assert!(!only_sse_comments(b"1e\r\nevent: m\n"));
     }
 }

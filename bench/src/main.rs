@@ -1,12 +1,14 @@
-//! `bench`: the load generator for the gateway and the baseline server.
-//! Each scenario is a subcommand that prints progress on stderr, a human
-//! table on stdout and then one JSON line with the same figures. With
-//! `--server both` it measures the gateway, then the baseline, and adds the
-//! ratio gateway / baseline of each figure.
+//! `bench`: the load generator for the gateway and the servers it is
+//! compared with (the baseline, nginx + nchan, Bun). Each scenario is a
+//! subcommand that prints progress on stderr, a human table on stdout and
+//! then one JSON line with the same figures. With several servers
+//! (`--server gateway,baseline,nchan,bun`, `both`, `all`) it measures them
+//! one after the other and adds the ratio first server / each other one of
+//! each figure.
 //!
 //! `bench idle --gateway target/release/gateway --connections 10000 --transport ws`
 //! `bench fanout --server both --gateway target/release/gateway --baseline target/release/baseline`
-//! `bench storm --server both --gateway target/release/gateway --baseline target/release/baseline`
+//! `bench storm --server gateway,nchan,bun --gateway target/release/gateway --bun BUN`
 
 #![recursion_limit = "256"]
 
@@ -16,8 +18,11 @@ mod gateway;
 mod handshake;
 mod http;
 mod idle;
+mod peers;
 mod procfs;
+mod publish;
 mod report;
+mod sse;
 mod storm;
 mod sys;
 mod util;
@@ -26,7 +31,7 @@ mod ws;
 use clap::{CommandFactory, Parser};
 use serde_json::{json, Value};
 
-use crate::cli::{Cli, Scenario, Server, ServerArgs, ServerKind};
+use crate::cli::{Cli, Scenario, Server, ServerArgs, ServerKind, Transport};
 
 /// What one run against one server gave: its table, its JSON, whether it is
 /// clean.
@@ -36,12 +41,14 @@ struct Run {
     ok: bool,
 }
 
-/// Runs `one` against each server `args` names, prints each table, the
-/// comparison when there are two, and the one JSON line; returns the exit
-/// code (0 clean, 1 a run with errors, 2 a run that failed).
+/// Runs `one` against each server `args` names, one after the other,
+/// prints each table, the comparison of the first with each other one when
+/// there are several, and the one JSON line; returns the exit code (0
+/// clean, 1 a run with errors, 2 a run that failed).
 fn run_all(
     scenario: &str,
     args: &ServerArgs,
+    transport: Transport,
     compared: &[(&str, &str)],
     mut one: impl FnMut(ServerKind, &Server) -> Result<Run, String>,
 ) -> i32 {
@@ -51,6 +58,15 @@ fn run_all(
             .error(clap::error::ErrorKind::MissingRequiredArgument, e)
             .exit(),
     };
+    // A server that cannot serve the transport is refused before any run.
+    if let Some(e) = servers
+        .iter()
+        .find_map(|(k, _)| k.check_transport(transport).err())
+    {
+        Cli::command()
+            .error(clap::error::ErrorKind::ArgumentConflict, e)
+            .exit()
+    }
     let mut runs = Vec::new();
     let mut code = 0;
     for (kind, server) in &servers {
@@ -73,8 +89,8 @@ fn run_all(
             }
         }
     }
-    let ratios = if runs.len() == 2 {
-        let (table, ratios) = report::compare(&runs[0].1, &runs[1].1, compared);
+    let ratios = if runs.len() >= 2 {
+        let (table, ratios) = report::compare(&runs, compared);
         print!("{table}");
         Some(ratios)
     } else {
@@ -87,27 +103,48 @@ fn run_all(
 fn main() {
     let cli = Cli::parse();
     let code = match &cli.scenario {
-        Scenario::Idle(args) => run_all("idle", &args.server, report::IDLE_COMPARED, |k, s| {
-            idle::run(args, k, s).map(|r| Run {
-                table: r.table(),
-                json: r.json(),
-                ok: r.errors().is_empty(),
+        Scenario::Idle(args) => {
+            let transport = args.transport;
+            run_all(
+                "idle",
+                &args.server,
+                transport,
+                report::IDLE_COMPARED,
+                |k, s| {
+                    idle::run(args, k, s).map(|r| Run {
+                        table: r.table(),
+                        json: r.json(),
+                        ok: r.errors().is_empty(),
+                    })
+                },
+            )
+        }
+        Scenario::Fanout(args) => {
+            let transport = args.transport;
+            run_all(
+                "fanout",
+                &args.server,
+                transport,
+                fanout::COMPARED,
+                |k, s| {
+                    fanout::run_one(args, k, s).map(|r| Run {
+                        table: r.table(),
+                        json: r.json(),
+                        ok: r.errors().is_empty(),
+                    })
+                },
+            )
+        }
+        Scenario::Storm(args) => {
+            let transport = args.transport;
+            run_all("storm", &args.server, transport, storm::COMPARED, |k, s| {
+                storm::run_one(args, k, s).map(|r| Run {
+                    table: r.table(),
+                    json: r.json(),
+                    ok: r.errors().is_empty(),
+                })
             })
-        }),
-        Scenario::Fanout(args) => run_all("fanout", &args.server, fanout::COMPARED, |k, s| {
-            fanout::run_one(args, k, s).map(|r| Run {
-                table: r.table(),
-                json: r.json(),
-                ok: r.errors().is_empty(),
-            })
-        }),
-        Scenario::Storm(args) => run_all("storm", &args.server, storm::COMPARED, |k, s| {
-            storm::run_one(args, k, s).map(|r| Run {
-                table: r.table(),
-                json: r.json(),
-                ok: r.errors().is_empty(),
-            })
-        }),
+        }
     };
     std::process::exit(code);
 }

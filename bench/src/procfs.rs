@@ -1,4 +1,6 @@
-//! Memory figures from /proc: a process's resident set and the kernel's slab.
+//! Figures from /proc: a process's (or a process group's) resident set and
+//! CPU time, the kernel's slab and TCP counters, and the connections a
+//! server holds by its sockets.
 
 use std::io;
 
@@ -93,6 +95,142 @@ pub fn parse_netstat(text: &str, prefix: &str, names: &[&str]) -> Vec<u64> {
         .collect()
 }
 
+/// The direct children of a process: from `/proc/PID/task/*/children`
+/// (each thread lists the children it forked) where the kernel has them
+/// (CONFIG_PROC_CHILDREN), else by scanning every `/proc/*/stat` for its
+/// parent pid.
+pub fn children(pid: u32) -> Vec<u32> {
+    let listed: Option<Vec<u32>> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .ok()
+        .and_then(|tasks| {
+            let mut all = Vec::new();
+            for task in tasks {
+                let path = task.ok()?.path().join("children");
+                let text = std::fs::read_to_string(path).ok()?;
+                all.extend(
+                    text.split_whitespace()
+                        .filter_map(|p| p.parse::<u32>().ok()),
+                );
+            }
+            Some(all)
+        });
+    if let Some(children) = listed {
+        return children;
+    }
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&p| {
+            std::fs::read_to_string(format!("/proc/{p}/stat"))
+                .ok()
+                .and_then(|stat| parse_stat_ppid(&stat))
+                == Some(pid)
+        })
+        .collect()
+}
+
+/// The parent pid (field 4) of a `/proc/PID/stat` line.
+pub fn parse_stat_ppid(stat: &str) -> Option<u32> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// `VmRSS` summed over a process and its direct children. Pages they share
+/// (code, nginx's shared memory zones) count once per process that has them
+/// resident: an upper bound of what the group uses, and its delta is what
+/// the connections added to it.
+pub fn tree_rss_bytes(pid: u32) -> io::Result<u64> {
+    // The parent first: if it is gone, say so rather than sum the rest.
+    let mut total = rss_bytes(pid)?;
+    for child in children(pid) {
+        // A child that exited in between has nothing resident any more.
+        total += rss_bytes(child).unwrap_or(0);
+    }
+    Ok(total)
+}
+
+/// CPU seconds (user + system) of a process plus those of its direct
+/// children that are still running.
+pub fn tree_cpu_seconds(pid: u32) -> io::Result<f64> {
+    let mut total = cpu_seconds(pid)?;
+    for child in children(pid) {
+        total += cpu_seconds(child).unwrap_or(0.0);
+    }
+    Ok(total)
+}
+
+/// TCP states (as `/proc/net/tcp` writes them) of a connection a server
+/// still holds: ESTABLISHED, and CLOSE_WAIT (the peer has closed, the
+/// server has not yet).
+const HELD_STATES: [&str; 2] = ["01", "08"];
+
+/// Connections a server listening on `listen` holds now: the sockets of
+/// `/proc/net/tcp` and `/proc/net/tcp6` whose local address is `listen`
+/// (any local address with its port when `listen` is a wildcard) in a
+/// [`HELD_STATES`] state. It counts for servers without `/healthz`; it is
+/// this network namespace's view, the client's ends are not among them
+/// (their local port is an ephemeral one).
+pub fn server_connections(listen: std::net::SocketAddr) -> io::Result<u64> {
+    let mut n = 0;
+    for path in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        match std::fs::read_to_string(path) {
+            Ok(text) => n += count_held(&text, listen),
+            // No IPv6 in this kernel: no tcp6 file.
+            Err(e) if e.kind() == io::ErrorKind::NotFound && path.ends_with('6') => {}
+            Err(e) => return Err(io::Error::new(e.kind(), format!("{path}: {e}"))),
+        }
+    }
+    Ok(n)
+}
+
+/// Counts the lines of a `/proc/net/tcp{,6}` table held on `listen` (see
+/// [`server_connections`]).
+pub fn count_held(table: &str, listen: std::net::SocketAddr) -> u64 {
+    table
+        .lines()
+        .skip(1)
+        .filter(|line| {
+            let mut fields = line.split_whitespace();
+            let (Some(_slot), Some(local), Some(_remote), Some(state)) =
+                (fields.next(), fields.next(), fields.next(), fields.next())
+            else {
+                return false;
+            };
+            HELD_STATES.contains(&state)
+                && parse_proc_net_addr(local).is_some_and(|a| {
+                    a.port() == listen.port()
+                        && (listen.ip().is_unspecified() || a.ip() == listen.ip())
+                })
+        })
+        .count() as u64
+}
+
+/// An `ADDR:PORT` of `/proc/net/tcp` (8 hex digits, the IPv4 address in
+/// host byte order) or `/proc/net/tcp6` (32 hex digits: four 32-bit words,
+/// each in host byte order); an IPv4-mapped IPv6 address comes back as IPv4.
+pub fn parse_proc_net_addr(field: &str) -> Option<std::net::SocketAddr> {
+    let (addr, port) = field.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let ip: std::net::IpAddr = match addr.len() {
+        8 => std::net::Ipv4Addr::from(u32::from_str_radix(addr, 16).ok()?.to_ne_bytes()).into(),
+        32 => {
+            let mut bytes = [0u8; 16];
+            for (i, word) in bytes.chunks_exact_mut(4).enumerate() {
+                let w = u32::from_str_radix(&addr[i * 8..i * 8 + 8], 16).ok()?;
+                word.copy_from_slice(&w.to_ne_bytes());
+            }
+            let v6 = std::net::Ipv6Addr::from(bytes);
+            match v6.to_ipv4_mapped() {
+                Some(v4) => v4.into(),
+                None => v6.into(),
+            }
+        }
+        _ => return None,
+    };
+    Some((ip, port).into())
+}
+
 /// The value of a `Name:   1234 kB` line, in bytes. Used for both
 /// /proc/PID/status and /proc/meminfo, which share the format. The name must
 /// match exactly (`Slab` is not `SReclaimable`, `VmRSS` is not `VmRSSx`).
@@ -164,6 +302,55 @@ mod tests {
             tcp_ext_counters(TCP_COUNTERS).unwrap().len(),
             TCP_COUNTERS.len()
         );
+    }
+
+    #[test]
+    fn parent_pid_from_proc_stat() {
+        let stat = "4243 (nginx: worker) S 4242 4242 4242 0 -1 4194560 1234 0 0 0 150 25\n";
+        assert_eq!(parse_stat_ppid(stat), Some(4242));
+        assert_eq!(parse_stat_ppid("1 (init"), None);
+        // This test process is a child of its parent.
+        let me = std::process::id();
+        // SAFETY: getppid has no preconditions.
+        let parent = unsafe { libc::getppid() } as u32;
+        assert!(children(parent).contains(&me));
+        // (Not compared with rss_bytes(me): other tests allocate meanwhile.)
+        assert!(tree_rss_bytes(me).unwrap() > 0);
+        assert!(tree_cpu_seconds(me).is_ok());
+        assert!(tree_rss_bytes(u32::MAX).is_err());
+    }
+
+    #[test]
+    fn held_connections_from_proc_net_tcp() {
+        // 127.0.0.1:8080 listening, two accepted (one ESTABLISHED, one
+        // CLOSE_WAIT), one in TIME_WAIT, the client's end of one, and an
+        // IPv4-mapped one in tcp6.
+        let tcp = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n\
+            0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1\n\
+            1: 0100007F:1F90 0100007F:D431 01 00000000:00000000 00:00000000 00000000     0        0 2\n\
+            2: 0100007F:1F90 0100007F:D432 08 00000000:00000000 00:00000000 00000000     0        0 3\n\
+            3: 0100007F:1F90 0100007F:D433 06 00000000:00000000 00:00000000 00000000     0        0 0\n\
+            4: 0100007F:D431 0100007F:1F90 01 00000000:00000000 00:00000000 00000000     0        0 4\n";
+        let listen: std::net::SocketAddr = "127.0.0.1:8080".parse().unwrap();
+        assert_eq!(count_held(tcp, listen), 2);
+        assert_eq!(count_held(tcp, "0.0.0.0:8080".parse().unwrap()), 2);
+        assert_eq!(count_held(tcp, "127.0.0.2:8080".parse().unwrap()), 0);
+        assert_eq!(count_held(tcp, "127.0.0.1:8081".parse().unwrap()), 0);
+        let tcp6 = "  sl  local_address                         remote_address                        st\n\
+            0: 0000000000000000FFFF00000100007F:1F90 0000000000000000FFFF00000100007F:D431 01 0\n\
+            1: 00000000000000000000000001000000:1F90 00000000000000000000000001000000:D432 01 0\n";
+        assert_eq!(count_held(tcp6, listen), 1);
+        assert_eq!(count_held(tcp6, "[::1]:8080".parse().unwrap()), 1);
+        assert_eq!(parse_proc_net_addr("0100007F:1F90"), Some(listen));
+        assert_eq!(parse_proc_net_addr("0100007F"), None);
+        assert_eq!(parse_proc_net_addr("XYZ:1F90"), None);
+        // The real tables read (this test's own listener, unconnected: 0).
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        assert_eq!(server_connections(addr).unwrap(), 0);
+        let _c = std::net::TcpStream::connect(addr).unwrap();
+        let _s = l.accept().unwrap();
+        assert_eq!(server_connections(addr).unwrap(), 1);
     }
 
     #[test]

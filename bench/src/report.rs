@@ -1,6 +1,6 @@
 //! The figures: the idle scenario's report (per-connection arithmetic, the
 //! human table and the one-line JSON), latency summaries, and the
-//! gateway / baseline comparison every scenario prints with `--server both`.
+//! comparison every scenario prints with several servers (first / other).
 
 use std::fmt::Write as _;
 
@@ -93,10 +93,19 @@ pub struct IdleReport {
     pub slab_before: u64,
     pub slab_after: u64,
     pub health: Health,
+    /// Where the server's connections were counted: "/healthz", or
+    /// "/proc/net/tcp" for servers without one (nchan, Bun).
+    pub connections_source: &'static str,
+    /// What the RSS figures are of: "process", or nginx's master and
+    /// workers summed.
+    pub rss_scope: String,
     /// Open connections the server had closed (or reset) by the end of the hold.
     pub closed_during_hold: u64,
     /// Open connections that had unexpected bytes waiting at the end of the hold.
     pub data_during_hold: u64,
+    /// SSE connections with nothing but comments waiting (a greeting such
+    /// as nchan's `: hi`): no message, not an error.
+    pub sse_comments_during_hold: u64,
     /// Bytes received after response heads (idle connections should get none).
     pub bytes_after_head: u64,
     /// After the bench closed its connections: the count `/healthz` should
@@ -149,15 +158,16 @@ impl IdleReport {
             let expected = baseline + self.open;
             if *total != expected {
                 errors.push(format!(
-                    "/healthz counts {total} connections {per_core:?}, expected {expected} \
+                    "{} counts {total} connections {per_core:?}, expected {expected} \
                      ({baseline} before the run + {} open)",
-                    self.open
+                    self.connections_source, self.open
                 ));
             }
         }
         if let Health::Failed(why) = &self.health {
             errors.push(format!(
-                "/healthz failed after the connections were open: {why}"
+                "{} failed after the connections were open: {why}",
+                self.connections_source
             ));
         }
         if self.closed_during_hold > 0 {
@@ -170,9 +180,13 @@ impl IdleReport {
             match self.healthz_after_close {
                 Some(n) if n == baseline => {}
                 Some(n) => errors.push(format!(
-                    "/healthz still counts {n} connections after the bench closed them all (expected {baseline})"
+                    "{} still counts {n} connections after the bench closed them all (expected {baseline})",
+                    self.connections_source
                 )),
-                None => errors.push("/healthz did not answer after the connections were closed".into()),
+                None => errors.push(format!(
+                    "{} did not answer after the connections were closed",
+                    self.connections_source
+                )),
             }
         }
         if self.data_during_hold > 0 {
@@ -216,6 +230,9 @@ impl IdleReport {
             bytes(self.rss_before)
         );
         let _ = writeln!(t, "  {:<26} {}", "server RSS after", bytes(self.rss_after));
+        if self.rss_scope != "process" {
+            let _ = writeln!(t, "  {:<26} {}", "RSS of", self.rss_scope);
+        }
         let _ = writeln!(
             t,
             "  {:<26} {} B",
@@ -245,17 +262,28 @@ impl IdleReport {
                 Health::Unavailable(why) => format!("not checked: {why}"),
                 Health::Failed(why) => format!("FAILED: {why}"),
             };
-        let _ = writeln!(t, "  {:<26} {health}", "/healthz");
+        let _ = writeln!(t, "  {:<26} {health}", self.connections_source);
         let _ = writeln!(
             t,
             "  {:<26} {} closed, {} with data",
             "during the hold", self.closed_during_hold, self.data_during_hold
         );
+        if self.sse_comments_during_hold > 0 {
+            let _ = writeln!(
+                t,
+                "  {:<26} {} with only SSE comments waiting (a greeting, no message)",
+                "", self.sse_comments_during_hold
+            );
+        }
         if let Some(b) = self.healthz_baseline_after_close {
             let now = self
                 .healthz_after_close
                 .map_or("no answer".to_string(), |n| n.to_string());
-            let _ = writeln!(t, "  {:<26} /healthz {now} (expected {b})", "after close");
+            let _ = writeln!(
+                t,
+                "  {:<26} {} {now} (expected {b})",
+                "after close", self.connections_source
+            );
         }
         if let Some(rss) = self.rss_after_close {
             let _ = writeln!(t, "  {:<26} {}", "server RSS after close", bytes(rss));
@@ -293,14 +321,17 @@ impl IdleReport {
             "connects_per_s": self.connects_per_s().map(|r| r.round()),
             "rss_before_bytes": self.rss_before,
             "rss_after_bytes": self.rss_after,
+            "rss_of": self.rss_scope,
             "rss_bytes_per_conn": self.rss_per_conn().map(round1),
             "slab_before_bytes": self.slab_before,
             "slab_after_bytes": self.slab_after,
             "slab_bytes_per_conn": self.slab_per_conn().map(round1),
+            "connections_counted_by": self.connections_source,
             "healthz_connections": health_total,
             "healthz_expected": health_expected,
             "healthz_per_core": health_per_core,
             "closed_during_hold": self.closed_during_hold,
+            "sse_comments_during_hold": self.sse_comments_during_hold,
             "healthz_after_close": self.healthz_after_close,
             "rss_after_close_bytes": self.rss_after_close,
             "failures": failures_json(&self.failures),
@@ -320,11 +351,20 @@ pub fn bytes(n: u64) -> String {
 }
 
 /// A table's server line: `spawned gateway pid 42 at 127.0.0.1:1234, 2
-/// cores`, or `attached gateway pid 42 at …` (no `cores`).
+/// cores`, or `attached gateway pid 42 at …` (no `cores`); nginx's cores
+/// are its worker processes, Bun runs one JavaScript thread whatever
+/// `--cores` says.
 pub fn server_line(kind: ServerKind, pid: u32, target: &str, cores: Option<u32>) -> String {
-    match cores {
-        Some(c) => format!("spawned {} pid {pid} at {target}, {c} cores", kind.name()),
-        None => format!("attached {} pid {pid} at {target}", kind.name()),
+    let name = kind.name();
+    match (kind, cores) {
+        (_, None) => format!("attached {name} pid {pid} at {target}"),
+        (ServerKind::Nchan, Some(c)) => {
+            format!("spawned nchan (nginx master pid {pid}) at {target}, {c} worker processes")
+        }
+        (ServerKind::Bun, Some(_)) => format!(
+            "spawned bun pid {pid} at {target}, one JavaScript thread (--cores does not apply)"
+        ),
+        (_, Some(c)) => format!("spawned {name} pid {pid} at {target}, {c} cores"),
     }
 }
 
@@ -405,53 +445,96 @@ pub fn number_at(v: &Value, path: &str) -> Option<f64> {
         .and_then(Value::as_f64)
 }
 
-/// Compares two runs' JSON reports on `figures` (label, dotted path): a
-/// human table (figure, gateway, baseline, gateway/baseline) and a JSON
-/// object path → ratio (null where there is none).
-pub fn compare(gateway: &Value, baseline: &Value, figures: &[(&str, &str)]) -> (String, Value) {
-    let mut t = String::new();
-    let _ = writeln!(t, "gateway vs baseline (ratio = gateway / baseline):");
-    let _ = writeln!(
-        t,
-        "  {:<34} {:>14} {:>14} {:>10}",
-        "figure", "gateway", "baseline", "ratio"
-    );
-    let mut ratios = serde_json::Map::new();
-    for (label, path) in figures {
-        let (g, b) = (number_at(gateway, path), number_at(baseline, path));
-        let r = ratio(g, b);
-        let _ = writeln!(
-            t,
-            "  {label:<34} {:>14} {:>14} {:>10}",
-            opt(g, 1),
-            opt(b, 1),
-            opt(r, 3)
-        );
-        ratios.insert(
-            path.to_string(),
-            json!(r.map(|r| (r * 1000.0).round() / 1000.0)),
-        );
+/// A compared figure with the decimals its size deserves: none from 1000
+/// up, one from 10, three below (seconds of 0.034 and 0.075 must not both
+/// read 0.1); `-` when absent.
+pub fn figure(x: Option<f64>) -> String {
+    match x {
+        Some(v) if v.abs() >= 1000.0 => opt(x, 0),
+        Some(v) if v.abs() >= 10.0 => opt(x, 1),
+        _ => opt(x, 3),
     }
-    (t, Value::Object(ratios))
 }
 
-/// The one JSON line of a run against one server, or against both (each
-/// report under its name, plus the ratios).
+/// The figure at `path` of a report: a count as the integer it is, a
+/// measure by [`figure`].
+fn figure_at(report: &Value, path: &str) -> String {
+    match path.split('.').try_fold(report, |v, key| v.get(key)) {
+        Some(n) if n.is_u64() || n.is_i64() => n.to_string(),
+        other => figure(other.and_then(Value::as_f64)),
+    }
+}
+
+/// Compares the first run's JSON report with each other's on `figures`
+/// (label, dotted path): a human table (figure, each server's value, then
+/// first / other for each other server) and a JSON object keyed by the
+/// other server's name, each path → ratio (null where there is none).
+pub fn compare(runs: &[(ServerKind, Value)], figures: &[(&str, &str)]) -> (String, Value) {
+    let mut t = String::new();
+    let Some(((first, first_json), others)) = runs.split_first() else {
+        return (t, Value::Object(Default::default()));
+    };
+    let names: Vec<&str> = others.iter().map(|(k, _)| k.name()).collect();
+    let _ = writeln!(
+        t,
+        "{} vs {} (ratio = {} / other):",
+        first.name(),
+        names.join(", "),
+        first.name()
+    );
+    let _ = write!(t, "  {:<34} {:>14}", "figure", first.name());
+    for name in &names {
+        let _ = write!(t, " {name:>14}");
+    }
+    for name in &names {
+        let _ = write!(t, " {:>12}", format!("/{name}"));
+    }
+    let _ = writeln!(t);
+    let mut ratios: Vec<serde_json::Map<String, Value>> = vec![Default::default(); others.len()];
+    for (label, path) in figures {
+        let f = number_at(first_json, path);
+        let values: Vec<Option<f64>> = others.iter().map(|(_, v)| number_at(v, path)).collect();
+        let _ = write!(t, "  {label:<34} {:>14}", figure_at(first_json, path));
+        for (_, v) in others {
+            let _ = write!(t, " {:>14}", figure_at(v, path));
+        }
+        for (v, r) in values.iter().zip(ratios.iter_mut()) {
+            let x = ratio(f, *v);
+            let _ = write!(t, " {:>12}", opt(x, 3));
+            r.insert(
+                path.to_string(),
+                json!(x.map(|r| (r * 1000.0).round() / 1000.0)),
+            );
+        }
+        let _ = writeln!(t);
+    }
+    let by_name = names
+        .iter()
+        .zip(ratios)
+        .map(|(name, r)| (name.to_string(), Value::Object(r)))
+        .collect();
+    (t, Value::Object(by_name))
+}
+
+/// The one JSON line of a run: one server's report as it is, or several
+/// (each report under its server's name, in order under `servers`, plus
+/// `ratios`: other server's name → figure → first / other).
 pub fn combined_json(scenario: &str, runs: &[(ServerKind, Value)], ratios: Option<Value>) -> Value {
     if let ([(_, only)], None) = (runs, &ratios) {
         return only.clone();
     }
     let ok = runs.iter().all(|(_, v)| v["ok"] == Value::Bool(true));
+    let names: Vec<&str> = runs.iter().map(|(k, _)| k.name()).collect();
     let mut out = serde_json::Map::new();
     out.insert("scenario".into(), json!(scenario));
-    out.insert("server".into(), json!("both"));
+    out.insert("servers".into(), json!(names));
     for (kind, v) in runs {
         out.insert(kind.name().into(), v.clone());
     }
-    out.insert(
-        "ratio_gateway_over_baseline".into(),
-        ratios.unwrap_or(Value::Null),
-    );
+    if let Some(first) = names.first() {
+        out.insert("ratio".into(), json!(format!("{first} / other")));
+    }
+    out.insert("ratios".into(), ratios.unwrap_or(Value::Null));
     out.insert("ok".into(), json!(ok));
     Value::Object(out)
 }
@@ -484,8 +567,11 @@ mod tests {
                 total: 10_001,
                 per_core: vec![5_001, 5_000],
             },
+            connections_source: "/healthz",
+            rss_scope: "process".into(),
             closed_during_hold: 0,
             data_during_hold: 0,
+            sse_comments_during_hold: 0,
             bytes_after_head: 0,
             healthz_baseline_after_close: Some(1),
             healthz_after_close: Some(1),
@@ -565,6 +651,27 @@ mod tests {
     }
 
     #[test]
+    fn a_peer_counted_by_its_sockets() {
+        let mut r = report();
+        r.kind = ServerKind::Nchan;
+        r.connections_source = "/proc/net/tcp";
+        r.rss_scope = "nginx master + 2 workers (VmRSS summed)".into();
+        r.health = Health::Checked {
+            baseline: 0,
+            total: 9_999,
+            per_core: vec![9_999],
+        };
+        r.sse_comments_during_hold = 10_000;
+        let e = r.errors();
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(e[0].starts_with("/proc/net/tcp counts 9999"), "{}", e[0]);
+        let t = r.table();
+        assert!(t.contains("nginx master + 2 workers"), "{t}");
+        assert!(t.contains("only SSE comments"), "{t}");
+        assert_eq!(r.json()["connections_counted_by"], "/proc/net/tcp");
+    }
+
+    #[test]
     fn attached_server_without_healthz() {
         let mut r = report();
         r.cores = None;
@@ -590,39 +697,96 @@ mod tests {
         assert_eq!(number_at(&g, "latency_us.p50"), None);
         assert_eq!(number_at(&g, "latency_us.p99.x"), None);
         assert_eq!(number_at(&g, "nothing"), None);
-        let (table, r) = compare(
-            &g,
-            &b,
-            &[
-                ("deliveries/s", "deliveries_per_s"),
-                ("p99 µs", "latency_us.p99"),
-                ("p50 µs", "latency_us.p50"),
-            ],
-        );
-        assert_eq!(r["deliveries_per_s"], 1.25);
-        assert_eq!(r["latency_us.p99"], 0.25);
-        assert_eq!(r["latency_us.p50"], Value::Null);
+        let figures = &[
+            ("deliveries/s", "deliveries_per_s"),
+            ("p99 µs", "latency_us.p99"),
+            ("p50 µs", "latency_us.p50"),
+        ];
+        let runs = [
+            (ServerKind::Gateway, g.clone()),
+            (ServerKind::Baseline, b.clone()),
+        ];
+        let (table, r) = compare(&runs, figures);
+        assert_eq!(r["baseline"]["deliveries_per_s"], 1.25);
+        assert_eq!(r["baseline"]["latency_us.p99"], 0.25);
+        assert_eq!(r["baseline"]["latency_us.p50"], Value::Null);
         assert!(
             table.contains("1.250") && table.contains("0.250"),
             "{table}"
         );
-        let both = combined_json(
-            "fanout",
-            &[
-                (ServerKind::Gateway, g.clone()),
-                (ServerKind::Baseline, b.clone()),
-            ],
-            Some(r),
-        );
-        assert_eq!(both["server"], "both");
+        assert!(table.starts_with("gateway vs baseline (ratio = gateway / other):\n"));
+        let both = combined_json("fanout", &runs, Some(r));
+        assert_eq!(both["servers"], json!(["gateway", "baseline"]));
         assert_eq!(both["gateway"]["deliveries_per_s"], 100_000.0);
-        assert_eq!(both["ratio_gateway_over_baseline"]["latency_us.p99"], 0.25);
+        assert_eq!(both["ratios"]["baseline"]["latency_us.p99"], 0.25);
+        assert_eq!(both["ratio"], "gateway / other");
         assert_eq!(both["ok"], false, "the baseline's run was not ok");
         // One server: its report as it is.
         assert_eq!(
             combined_json("fanout", &[(ServerKind::Gateway, g.clone())], None),
             g
         );
+    }
+
+    #[test]
+    fn figures_keep_their_digits() {
+        assert_eq!(figure(Some(11_829_248.0)), "11829248");
+        assert_eq!(figure(Some(47.0)), "47.0");
+        assert_eq!(figure(Some(0.034)), "0.034");
+        assert_eq!(figure(Some(-0.5)), "-0.500");
+        assert_eq!(figure(None), "-");
+    }
+
+    #[test]
+    fn the_first_server_against_each_other_one() {
+        let g = json!({"handshakes_per_s": 10_000.0, "ok": true});
+        let n = json!({"handshakes_per_s": 5_000.0, "ok": true});
+        let bun = json!({"handshakes_per_s": 40_000.0, "ok": true});
+        let failed =
+            json!({"scenario": "storm", "server": "baseline", "ok": false, "errors": ["x"]});
+        let runs = [
+            (ServerKind::Gateway, g),
+            (ServerKind::Nchan, n),
+            (ServerKind::Bun, bun),
+            (ServerKind::Baseline, failed),
+        ];
+        let (table, r) = compare(&runs, &[("handshakes/s", "handshakes_per_s")]);
+        assert_eq!(r["nchan"]["handshakes_per_s"], 2.0);
+        assert_eq!(r["bun"]["handshakes_per_s"], 0.25);
+        // A failed run has no figures: no ratio, not a crash.
+        assert_eq!(r["baseline"]["handshakes_per_s"], Value::Null);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(
+            lines[0],
+            "gateway vs nchan, bun, baseline (ratio = gateway / other):"
+        );
+        for col in [
+            "gateway",
+            "nchan",
+            "bun",
+            "baseline",
+            "/nchan",
+            "/bun",
+            "/baseline",
+        ] {
+            assert!(lines[1].contains(col), "{}", lines[1]);
+        }
+        assert!(
+            lines[2].contains(" 10000 ")
+                && lines[2].contains("2.000")
+                && lines[2].contains("0.250")
+                && lines[2].trim_end().ends_with('-'),
+            "{}",
+            lines[2]
+        );
+        let j = combined_json("storm", &runs, Some(r));
+        assert_eq!(j["servers"], json!(["gateway", "nchan", "bun", "baseline"]));
+        assert_eq!(j["ratios"]["bun"]["handshakes_per_s"], 0.25);
+        assert_eq!(j["bun"]["handshakes_per_s"], 40_000.0);
+        assert_eq!(j["ok"], false);
+        assert!(!j.to_string().contains('\n'), "one line");
+        // No runs, no table.
+        assert_eq!(compare(&[], &[("x", "x")]).0, "");
     }
 
     #[test]
@@ -652,6 +816,14 @@ mod tests {
         assert_eq!(
             server_line(ServerKind::Baseline, 7, "[::1]:80", None),
             "attached baseline pid 7 at [::1]:80"
+        );
+        assert_eq!(
+            server_line(ServerKind::Nchan, 9, "127.0.0.1:1", Some(2)),
+            "spawned nchan (nginx master pid 9) at 127.0.0.1:1, 2 worker processes"
+        );
+        assert_eq!(
+            server_line(ServerKind::Bun, 9, "127.0.0.1:1", Some(1)),
+            "spawned bun pid 9 at 127.0.0.1:1, one JavaScript thread (--cores does not apply)"
         );
         let f = failures_json(&[("b".into(), 3, "x".into()), ("a".into(), 1, "y".into())]);
         assert_eq!(f.to_string(), r#"{"b":3,"a":1}"#);

@@ -8,7 +8,9 @@
 //! set; an open connection leaves the set (it is only closed later). Clients
 //! are dropped with a RST (SO_LINGER 0, the default) or a FIN (`--close
 //! fin`); between a drop and the next reconnect the bench waits for the
-//! server's /healthz count to return to where it was before the run.
+//! server's connection count to return to where it was before the run: its
+//! /healthz, or for servers without one (nchan, Bun) its sockets in
+//! /proc/net/tcp. The server's CPU time is taken over every phase.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -24,7 +26,6 @@ use crate::cli::{CloseHow, Server, ServerKind, StormArgs, Transport};
 use crate::fanout::{block_start, merge_histograms, new_histogram};
 use crate::gateway::Target;
 use crate::handshake::{DialConfig, Dialer, Outcome};
-use crate::http;
 use crate::procfs;
 use crate::report::{bytes, failures_json, server_line, Latency};
 use crate::sys::{self, Epoll};
@@ -213,6 +214,10 @@ pub struct PhaseReport {
     /// Machine-wide TcpExt counters over the phase (`procfs::TCP_COUNTERS`):
     /// SYNs or handshakes the listener dropped show here.
     pub tcp: Vec<(&'static str, u64)>,
+    /// The phase's wall time (from telling the clients to connect until
+    /// the last of them reported) and the server's CPU seconds over it.
+    pub wall_s: f64,
+    pub server_cpu_s: Option<f64>,
 }
 
 impl PhaseReport {
@@ -230,6 +235,11 @@ impl PhaseReport {
             .and_then(|s| crate::report::rate(self.opened, s))
     }
 
+    /// The server's CPU use over the phase, in % of one core.
+    pub fn server_cpu_pct(&self) -> Option<f64> {
+        cpu_pct(self.server_cpu_s, self.wall_s)
+    }
+
     fn json(&self) -> Value {
         json!({
             "jitter_ms": self.jitter_ms,
@@ -245,6 +255,9 @@ impl PhaseReport {
             "failures": failures_json(&self.failures),
             "handshake_us": self.latency.json(),
             "max_in_flight": self.max_in_flight,
+            "wall_s": round3(self.wall_s),
+            "server_cpu_s": self.server_cpu_s.map(round3),
+            "server_cpu_pct": self.server_cpu_pct().map(|p| p.round()),
             "tcp": self.tcp.iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
         })
     }
@@ -298,6 +311,12 @@ impl PhaseReport {
             opt(l.max_us, 0)
         );
         let _ = writeln!(t, "    {:<30} {}", "most in flight", self.max_in_flight);
+        let _ = writeln!(
+            t,
+            "    {:<30} {}",
+            "server CPU",
+            cpu_row(self.server_cpu_s, self.wall_s)
+        );
         let tcp: Vec<String> = self.tcp.iter().map(|(k, v)| format!("{k} +{v}")).collect();
         let _ = writeln!(
             t,
@@ -317,9 +336,15 @@ pub struct DropReport {
     /// From the drop until the server's /healthz count was back at its
     /// baseline (`None`: no /healthz, or not within --settle-s).
     pub settle_s: Option<f64>,
-    /// What /healthz said last (when it answered).
+    /// What the count said last (when it answered).
     pub healthz_last: Option<u64>,
     pub healthz_baseline: Option<u64>,
+    /// Where the count comes from: "/healthz" or "/proc/net/tcp".
+    pub counted_by: &'static str,
+    /// From the drop until the server settled (or --settle-s ran out), and
+    /// the server's CPU seconds over it.
+    pub wall_s: f64,
+    pub server_cpu_s: Option<f64>,
 }
 
 impl DropReport {
@@ -330,6 +355,10 @@ impl DropReport {
             "settle_s": self.settle_s.map(round3),
             "healthz_last": self.healthz_last,
             "healthz_baseline": self.healthz_baseline,
+            "counted_by": self.counted_by,
+            "wall_s": round3(self.wall_s),
+            "server_cpu_s": self.server_cpu_s.map(round3),
+            "server_cpu_pct": cpu_pct(self.server_cpu_s, self.wall_s).map(|p| p.round()),
         })
     }
 }
@@ -375,8 +404,8 @@ impl StormReport {
         ] {
             if d.healthz_baseline.is_some() && d.settle_s.is_none() {
                 e.push(format!(
-                    "{label}: /healthz still counted {:?} connections (baseline {:?}) after --settle-s",
-                    d.healthz_last, d.healthz_baseline
+                    "{label}: {} still counted {:?} connections (baseline {:?}) after --settle-s",
+                    d.counted_by, d.healthz_last, d.healthz_baseline
                 ));
             }
         }
@@ -405,10 +434,13 @@ impl StormReport {
         ] {
             let _ = writeln!(
                 t,
-                "  {label}: {} closed in {:.3} s; server back at its count after {} s",
+                "  {label}: {} closed in {:.3} s; server back at its count ({}) after {} s; \
+                 server CPU {}",
                 thousands(d.closed),
                 d.close_s,
-                opt(d.settle_s, 3)
+                d.counted_by,
+                opt(d.settle_s, 3),
+                cpu_row(d.server_cpu_s, d.wall_s)
             );
             p.rows(&mut t);
         }
@@ -460,27 +492,44 @@ fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }
 
+/// CPU seconds over a wall time in % of one core.
+fn cpu_pct(cpu_s: Option<f64>, wall_s: f64) -> Option<f64> {
+    cpu_s.and_then(|c| (wall_s > 0.0).then(|| 100.0 * c / wall_s))
+}
+
+/// `0.412 s in 0.530 s wall (78 % of a core)`.
+fn cpu_row(cpu_s: Option<f64>, wall_s: f64) -> String {
+    format!(
+        "{} s in {wall_s:.3} s wall ({} % of a core)",
+        opt(cpu_s, 3),
+        opt(cpu_pct(cpu_s, wall_s), 0)
+    )
+}
+
 /// Runs storm against one server.
 pub fn run_one(args: &StormArgs, kind: ServerKind, server: &Server) -> Result<StormReport, String> {
     if args.transport == Transport::LongPoll {
         return Err("storm measures WebSocket and SSE handshakes (--transport ws|sse)".into());
     }
+    kind.check_transport(args.transport)?;
     sys::check_nofile_for(args.connections)?;
     let mut target = Target::start(kind, server)?;
     let name = kind.name();
     let listen = target.listen;
     sys::check_sources(&args.client.sources, listen)?;
-    let count_now = || {
-        http::healthz(listen, HEALTHZ_TIMEOUT)
+    let counted_by = target.connections_source();
+    let count_now = |target: &Target| {
+        target
+            .connections(HEALTHZ_TIMEOUT)
             .ok()
             .map(|c| c.iter().sum::<u64>())
     };
-    let healthz_baseline = count_now();
+    let healthz_baseline = count_now(&target);
     if healthz_baseline.is_none() {
-        eprintln!("bench: storm {name}: no /healthz: waiting 1 s after each drop instead");
+        eprintln!("bench: storm {name}: no {counted_by}: waiting 1 s after each drop instead");
     }
     std::thread::sleep(Duration::from_millis(200));
-    let rss_before = procfs::rss_bytes(target.pid).map_err(|e| e.to_string())?;
+    let rss_before = target.rss_bytes()?;
 
     let threads = args.client.threads as u64;
     let in_flight = (args.client.in_flight / threads).max(1) as usize;
@@ -538,6 +587,8 @@ pub fn run_one(args: &StormArgs, kind: ServerKind, server: &Server) -> Result<St
         progress.gave_up.store(0, Relaxed);
         let jitter = Duration::from_millis(jitter_ms);
         let tcp_before = procfs::tcp_ext_counters(procfs::TCP_COUNTERS).ok();
+        let cpu_before = target.cpu_seconds().ok();
+        let phase_start = Instant::now();
         let t0 = Instant::now() + START_DELAY;
         let deadline = t0 + jitter + Duration::from_secs_f64(args.client.connect_timeout_s);
         for (i, tx) in cmd_txs.iter().enumerate() {
@@ -592,6 +643,11 @@ pub fn run_one(args: &StormArgs, kind: ServerKind, server: &Server) -> Result<St
             latency: Latency::default(),
             max_in_flight: 0,
             tcp: Vec::new(),
+            wall_s: phase_start.elapsed().as_secs_f64(),
+            server_cpu_s: match (cpu_before, target.cpu_seconds().ok()) {
+                (Some(a), Some(b)) => Some(b - a),
+                _ => None,
+            },
         };
         if let (Some(a), Ok(b)) = (tcp_before, procfs::tcp_ext_counters(procfs::TCP_COUNTERS)) {
             p.tcp = procfs::TCP_COUNTERS
@@ -627,6 +683,7 @@ pub fn run_one(args: &StormArgs, kind: ServerKind, server: &Server) -> Result<St
         Ok(p)
     };
     let drop_all = |target: &mut Target| -> Result<DropReport, String> {
+        let cpu_before = target.cpu_seconds().ok();
         let start = Instant::now();
         for tx in &cmd_txs {
             tx.send(Cmd::Drop(args.close))
@@ -646,12 +703,15 @@ pub fn run_one(args: &StormArgs, kind: ServerKind, server: &Server) -> Result<St
             settle_s: None,
             healthz_last: None,
             healthz_baseline,
+            counted_by,
+            wall_s: 0.0,
+            server_cpu_s: None,
         };
         match healthz_baseline {
             Some(baseline) => {
                 let deadline = start + Duration::from_secs_f64(args.settle_s);
                 loop {
-                    d.healthz_last = count_now();
+                    d.healthz_last = count_now(target);
                     if d.healthz_last == Some(baseline) {
                         d.settle_s = Some(start.elapsed().as_secs_f64());
                         break;
@@ -664,6 +724,11 @@ pub fn run_one(args: &StormArgs, kind: ServerKind, server: &Server) -> Result<St
             }
             None => std::thread::sleep(Duration::from_secs(1)),
         }
+        d.wall_s = start.elapsed().as_secs_f64();
+        d.server_cpu_s = match (cpu_before, target.cpu_seconds().ok()) {
+            (Some(a), Some(b)) => Some(b - a),
+            _ => None,
+        };
         target.alive()?;
         eprintln!(
             "bench: storm {name}: dropped {closed} ({}) in {close_s:.3} s, server settled after {} s",
@@ -680,7 +745,7 @@ pub fn run_one(args: &StormArgs, kind: ServerKind, server: &Server) -> Result<St
         let drop_before_jitter = drop_all(&mut target)?;
         let jitter = run_phase("reconnect with jitter", args.jitter_ms, &mut target)?;
         std::thread::sleep(Duration::from_millis(100));
-        let rss_after = procfs::rss_bytes(target.pid).map_err(|e| e.to_string())?;
+        let rss_after = target.rss_bytes()?;
         Ok(StormReport {
             kind,
             process: target.how(),
@@ -720,11 +785,15 @@ pub const COMPARED: &[(&str, &str)] = &[
     ("jitter: handshakes/s", "jitter.handshakes_per_s"),
     ("jitter: handshake p99 (µs)", "jitter.handshake_us.p99"),
     ("jitter: failed attempts", "jitter.failed_attempts"),
+    ("burst: server CPU (s)", "burst.server_cpu_s"),
+    ("burst: server CPU (% of a core)", "burst.server_cpu_pct"),
+    ("jitter: server CPU (s)", "jitter.server_cpu_s"),
     ("burst: listen drops (machine)", "burst.tcp.ListenDrops"),
     (
         "drop: server settled after (s)",
         "drop_before_burst.settle_s",
     ),
+    ("drop: server CPU (s)", "drop_before_burst.server_cpu_s"),
     ("server RSS after (B)", "rss_after_bytes"),
 ];
 
@@ -755,6 +824,8 @@ mod tests {
             },
             max_in_flight: 256,
             tcp: vec![("ListenOverflows", 0), ("ListenDrops", 2)],
+            wall_s: 0.6,
+            server_cpu_s: Some(0.3),
         }
     }
 
@@ -771,6 +842,10 @@ mod tests {
         assert_eq!(j["gave_up"], 10);
         assert_eq!(j["failures"]["connect: Connection refused"], 100);
         assert_eq!(j["tcp"]["ListenDrops"], 2);
+        assert_eq!(j["server_cpu_s"], 0.3);
+        assert_eq!(j["server_cpu_pct"], 50.0);
+        assert_eq!(p.server_cpu_pct(), Some(50.0));
+        assert!(cpu_row(None, 1.0).starts_with("- s in 1.000 s wall (- %"));
         assert_eq!(phase(0, None).handshakes_per_s(), None);
     }
 
@@ -782,6 +857,9 @@ mod tests {
             settle_s: Some(0.2),
             healthz_last: Some(1),
             healthz_baseline: Some(1),
+            counted_by: "/healthz",
+            wall_s: 0.25,
+            server_cpu_s: Some(0.05),
         };
         let mut r = StormReport {
             kind: ServerKind::Baseline,
@@ -822,7 +900,14 @@ mod tests {
         let e = r.errors();
         assert_eq!(e.len(), 2, "{e:?}");
         assert!(e[0].contains("1000 of 5000"));
+        assert!(e[1].contains("/healthz still counted"));
         assert!(e[1].contains("after --settle-s"));
+        let t = r.table();
+        assert!(t.contains("server CPU"), "{t}");
+        assert!(
+            t.contains("0.300 s in 0.600 s wall (50 % of a core)"),
+            "{t}"
+        );
         assert!(r.table().contains("ERROR"));
     }
 }

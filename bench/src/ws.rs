@@ -156,17 +156,20 @@ pub fn parse_head(buf: &[u8]) -> Parsed {
     })
 }
 
-/// How a [`read_frames`] call ended.
+/// How a [`read_frames`] (or [`crate::sse::read_events`]) call ended.
 #[derive(Debug)]
 pub enum ReadEnd {
     /// Everything readable now was read (a short read, or would block).
     Drained,
-    /// The peer closed the connection.
+    /// The peer closed the connection (or ended an SSE response body).
     Eof,
     /// recv failed (a reset, mostly).
     Error(io::Error),
-    /// A frame that cannot fit the read buffer, or an invalid length.
+    /// A frame (an SSE event) that cannot fit the read buffer, or an
+    /// invalid length.
     Oversized,
+    /// Framing the reader cannot follow (bad HTTP chunked coding), and why.
+    Malformed(&'static str),
 }
 
 /// Reads from a socket (`read`, e.g. a nonblocking recv) into `scratch`
