@@ -17,15 +17,34 @@ pub struct Config {
     /// Public listener for WebSocket, SSE, long-poll and /healthz.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
-    /// Runtimes (one per core, each pinned and with its own SO_REUSEPORT
-    /// listener); 0 means one per available CPU.
+    /// Runtimes (one per core, each with its own SO_REUSEPORT listener);
+    /// 0 means one per available CPU.
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub cores: usize,
+    /// Pins each core's thread to one CPU. Off by default: a pinned thread
+    /// cannot be moved off a CPU that something else is busy on (the
+    /// ingest thread, ZeroMQ's IO thread, a sidecar), and in a reconnect
+    /// storm on a shared host the unpinned gateway accepted faster (see the
+    /// README's performance section). On a host given to the gateway alone,
+    /// with interrupts steered away from its CPUs, pinning keeps each core's
+    /// connections in one CPU's caches.
+    #[arg(long)]
+    pub pin_cores: bool,
     /// Connections the kernel queues per listener before its core accepts
     /// them (capped by net.core.somaxconn): reconnect storms arrive faster
     /// than one accept loop drains.
     #[arg(long, value_name = "N", default_value_t = 4096)]
     pub listen_backlog: i32,
+    /// How long the kernel keeps a new connection that has sent nothing
+    /// before handing it to a core (TCP_DEFER_ACCEPT), in seconds. Every
+    /// client of the gateway speaks first (a request head or a PROXY
+    /// header), so a connection arrives with its first bytes and is
+    /// answered in one go, without a wake-up of its core to read them: in a
+    /// reconnect storm that is a third of a core's wake-ups. A client
+    /// silent for longer is accepted then and meets `head_timeout_ms`.
+    /// 0 accepts every connection at once.
+    #[arg(long, value_name = "S", default_value_t = 1)]
+    pub defer_accept_s: u32,
     /// io_uring submission queue entries per core (the accepts, the epoll
     /// set's poll, the doorbell and the timers go through it).
     #[arg(long, value_name = "N", default_value_t = 4096)]

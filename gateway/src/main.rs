@@ -1,5 +1,5 @@
 //! The gateway binary: reads its configuration, opens one SO_REUSEPORT
-//! listener per core, starts one pinned monoio io_uring runtime per core and
+//! listener per core, starts one monoio io_uring runtime per core (pinned with `pin_cores`) and
 //! the ZeroMQ ingest thread, then prints one `READY …` line on stdout.
 //! SIGTERM or SIGINT drains it (see `drain`).
 
@@ -75,7 +75,7 @@ fn run(cfg: &'static Config) -> Result<(), String> {
     } else {
         cfg.cores
     };
-    let listeners = listeners(cfg.listen, cores, cfg.listen_backlog)
+    let listeners = listeners(cfg.listen, cores, cfg.listen_backlog, cfg.defer_accept_s)
         .map_err(|e| format!("listen on {}: {e}", cfg.listen))?;
     let listen_addr = listeners[0].local_addr().map_err(|e| e.to_string())?;
     // Duplicates for the drain, which shuts the listeners down from its own
@@ -140,7 +140,7 @@ fn run(cfg: &'static Config) -> Result<(), String> {
         let thread = std::thread::Builder::new()
             .name(format!("core-{index}"))
             .spawn(move || {
-                if let Some(cpu) = cpu {
+                if let Some(cpu) = cpu.filter(|_| cfg.pin_cores) {
                     if !core_affinity::set_for_current(cpu) {
                         warn!(core = index, "could not pin thread to its CPU");
                     }
@@ -305,6 +305,7 @@ fn listeners(
     addr: SocketAddr,
     count: usize,
     backlog: i32,
+    defer_accept_s: u32,
 ) -> std::io::Result<Vec<std::net::TcpListener>> {
     let mut addr = addr;
     let mut out = Vec::with_capacity(count);
@@ -313,6 +314,9 @@ fn listeners(
         socket.set_reuse_address(true)?;
         socket.set_reuse_port(true)?;
         socket.set_nodelay(true)?;
+        if defer_accept_s > 0 {
+            sys::defer_accept(&socket, defer_accept_s)?;
+        }
         socket.bind(&addr.into())?;
         socket.listen(backlog)?;
         let listener: std::net::TcpListener = socket.into();

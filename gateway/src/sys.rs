@@ -77,6 +77,26 @@ pub fn sendmsg<'a>(fd: RawFd, bufs: impl IntoIterator<Item = &'a [u8]>) -> io::R
     Ok(sent as usize)
 }
 
+/// Sets `TCP_DEFER_ACCEPT` on a listening socket: connections wait in the
+/// kernel until their first bytes arrive (or `secs` pass).
+pub fn defer_accept(listener: &impl AsRawFd, secs: u32) -> io::Result<()> {
+    let secs = libc::c_int::try_from(secs).unwrap_or(libc::c_int::MAX);
+    // SAFETY: setsockopt reads one c_int from a live local for the call.
+    let r = unsafe {
+        libc::setsockopt(
+            listener.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_DEFER_ACCEPT,
+            (&secs as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// `shutdown(2)`.
 pub fn shutdown(fd: RawFd, how: std::net::Shutdown) -> io::Result<()> {
     let how = match how {

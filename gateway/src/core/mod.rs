@@ -187,6 +187,11 @@ impl Core {
         let c = &mut conns[key as usize];
         c.counted_ip = counted.is_some() && self.admission.counts_addresses();
         c.expects_proxy_header = proxied;
+        // Its first bytes are there already (the listener defers accepts
+        // until they are, unless the client was silent past
+        // `defer_accept_s`): its task reads at once rather than waiting
+        // for the epoll set to say so.
+        c.readable = true;
         Ok(key)
     }
 
