@@ -56,7 +56,8 @@ pub struct Message {
     payload: Bytes,
     /// A whole WebSocket frame.
     pub ws: Bytes,
-    /// A whole SSE event.
+    /// A whole SSE event as one chunk of a chunked body (see
+    /// `core::sse_bytes` for an HTTP/1.0 stream's share of it).
     pub sse: Bytes,
     poll_item: OnceLock<Bytes>,
     poll_response: OnceLock<Bytes>,
@@ -74,8 +75,10 @@ impl Message {
         };
         let mut ws = Vec::with_capacity(payload.len() + channel.len() + 48);
         envelope::encode_ws(&p, &mut ws);
-        let mut sse = Vec::with_capacity(payload.len() + channel.len() + 64);
-        envelope::encode_sse(&p, &mut sse);
+        let mut sse_event = Vec::with_capacity(payload.len() + channel.len() + 64);
+        envelope::encode_sse(&p, &mut sse_event);
+        let mut sse = Vec::with_capacity(sse_event.len() + 16);
+        protocol::sse::push_chunk(&mut sse, &sse_event);
         Message {
             id,
             from_publisher: false,
@@ -775,7 +778,12 @@ mod tests {
     fn one_encoding_per_transport() {
         let msg = Message::encode(42, "news", None, b"hi");
         assert_eq!(msg.ws[0], 0x81, "a text frame with FIN");
-        assert!(msg.sse.starts_with(b"id: 42\n"));
+        // One chunk: its size in hex, then the event.
+        let event = crate::core::sse_bytes(&msg.sse, false);
+        assert!(event.starts_with(b"id: 42\n") && event.ends_with(b"\n\n"));
+        assert!(msg
+            .sse
+            .starts_with(format!("{:x}\r\nid: 42\n", event.len()).as_bytes()));
         assert!(msg.poll_response().starts_with(b"HTTP/1.1 200 OK\r\n"));
         let body_at = msg
             .poll_response()

@@ -264,10 +264,11 @@ impl<'a> Io<'a> {
                 Request::Sse {
                     channels,
                     last_event_id,
+                    chunked,
                     ..
                 } => {
                     drop(leftover);
-                    self.start_sse(channels, last_event_id);
+                    self.start_sse(channels, last_event_id, chunked);
                     self.park();
                     return Phase::Parked;
                 }
@@ -576,24 +577,32 @@ impl<'a> Io<'a> {
         self.core.cfg.history_messages * self.core.cfg.channels_per_connection_max
     }
 
-    /// Subscribes an SSE client and queues the head and what it missed.
-    fn start_sse(&mut self, channels: Vec<String>, since: Option<Cursor>) {
+    /// Subscribes an SSE client and queues the head and what it missed;
+    /// `chunked` (HTTP/1.1) sends the stream as a chunked body.
+    fn start_sse(&mut self, channels: Vec<String>, since: Option<Cursor>, chunked: bool) {
         self.core.stats.handshake("sse");
         let resume = self.subscribe(&channels, since, Transport::Sse, self.replay_all());
+        self.with_conn(|c, _| c.state = State::Sse { chunked });
         let subscribed = channels.len();
         drop(channels);
         let mut out = Vec::with_capacity(256);
-        sse::stream_response_head(&self.cors_lines(), &mut out);
+        sse::stream_response_head(&self.cors_lines(), chunked, &mut out);
         // The stream needs its lines no more.
         self.core.forget_cors_lines(self.key);
+        let mut events = Vec::with_capacity(64);
         let retry_ms = rand::thread_rng().gen_range(SSE_RETRY_MS_MIN..=SSE_RETRY_MS_MAX);
-        sse::encode_retry(&mut out, retry_ms);
+        sse::encode_retry(&mut events, retry_ms);
         for gap in &resume.gaps {
-            envelope::encode_sse_gap(gap, &mut out);
+            envelope::encode_sse_gap(gap, &mut events);
+        }
+        if chunked {
+            sse::push_chunk(&mut out, &events);
+        } else {
+            out.extend_from_slice(&events);
         }
         self.queue(out.into());
         for m in &resume.messages {
-            self.queue(m.sse.clone());
+            self.queue(crate::core::sse_bytes(&m.sse, chunked));
         }
         debug!(
             fd = self.fd(),

@@ -63,6 +63,9 @@ pub enum Request {
         channels: Vec<String>,
         last_event_id: Option<Cursor>,
         token: Option<String>,
+        /// An HTTP/1.1 request: the stream is a chunked body (HTTP/1.0 has
+        /// no chunked coding; its stream ends with the connection).
+        chunked: bool,
     },
     /// `GET /events?channel=A[&since=N]` without `Accept: text/event-stream`.
     LongPoll {
@@ -362,6 +365,7 @@ pub fn parse_request(buf: &[u8], limits: &HeadLimits) -> Result<Parsed, Reject> 
                     channels: query.channels,
                     last_event_id,
                     token: head.bearer().or(query.token),
+                    chunked: version == 1,
                 }
             } else {
                 Request::LongPoll {
@@ -1047,8 +1051,14 @@ mod tests {
                 channels: channels(names),
                 last_event_id,
                 token: None,
+                chunked: true,
             })
         };
+        // HTTP/1.0 has no chunked coding.
+        assert!(matches!(
+            request("GET /events?channel=a HTTP/1.0\r\nAccept: text/event-stream\r\n\r\n"),
+            Ok(Request::Sse { chunked: false, .. })
+        ));
         assert_eq!(sse("", "channel=a"), sse_ok(&["a"], None));
         assert_eq!(sse("", "channel=a&since=5"), sse_ok(&["a"], Some(5)));
         assert_eq!(

@@ -2,17 +2,63 @@
 
 /// Appends the response head that opens an event stream, with `extra`
 /// header lines (each ending in CRLF: the CORS headers, or "").
-pub fn stream_response_head(extra: &str, out: &mut Vec<u8>) {
+///
+/// `chunked` (for an HTTP/1.1 request) sends the stream as a chunked body,
+/// each write one or more whole events in one chunk (see [`push_chunk`]).
+/// Without it (HTTP/1.0, which has no chunked coding) the body ends when
+/// the connection does. Every mainstream SSE server frames HTTP/1.1
+/// streams this way, and HTTP clients read a chunked body chunk by chunk,
+/// whereas a body delimited by the connection's end is, for many of them,
+/// a download read in blocks (Python `requests`' `iter_content(8192)`
+/// returns once 8 KiB have come: at 100 small events a second, half a
+/// second late).
+pub fn stream_response_head(extra: &str, chunked: bool, out: &mut Vec<u8>) {
     // `X-Accel-Buffering: no` stops nginx-style proxies from holding events back.
     out.extend_from_slice(
         b"HTTP/1.1 200 OK\r\n\
           Content-Type: text/event-stream\r\n\
           Cache-Control: no-cache\r\n\
-          X-Accel-Buffering: no\r\n\
-          Connection: keep-alive\r\n",
+          X-Accel-Buffering: no\r\n",
     );
+    if chunked {
+        out.extend_from_slice(b"Transfer-Encoding: chunked\r\nConnection: keep-alive\r\n");
+    } else {
+        out.extend_from_slice(b"Connection: close\r\n");
+    }
     out.extend_from_slice(extra.as_bytes());
     out.extend_from_slice(b"\r\n");
+}
+
+/// The last chunk of a chunked body (RFC 9112 7.1): a stream the gateway
+/// ends on purpose ends with it, so the client sees a complete response
+/// rather than one cut off.
+pub const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
+
+/// Appends `body` as one chunk of a chunked body (RFC 9112 7.1): its size
+/// in hex, CRLF, the bytes, CRLF. Nothing for an empty `body` (an empty
+/// chunk would end the body).
+pub fn push_chunk(out: &mut Vec<u8>, body: &[u8]) {
+    if body.is_empty() {
+        return;
+    }
+    let digits = (usize::BITS - body.len().leading_zeros()).div_ceil(4) as usize;
+    out.reserve(digits + body.len() + 4);
+    for i in (0..digits).rev() {
+        out.push(b"0123456789abcdef"[(body.len() >> (i * 4)) & 0xf]);
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(body);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Where the body of `chunk`, one chunk as [`push_chunk`] makes it, lies
+/// within it: what an HTTP/1.0 stream is sent of the same bytes.
+pub fn chunk_body(chunk: &[u8]) -> std::ops::Range<usize> {
+    let start = chunk
+        .windows(2)
+        .position(|w| w == b"\r\n")
+        .map_or(0, |i| i + 2);
+    start..chunk.len().saturating_sub(2).max(start)
 }
 
 /// Appends one event. `data` is text: each line (split on "\r\n", "\r" or "\n")
@@ -204,15 +250,43 @@ pub(crate) mod tests {
     #[test]
     fn stream_head() {
         let mut out = Vec::new();
-        stream_response_head("", &mut out);
+        stream_response_head("", true, &mut out);
         assert_eq!(
             out,
             b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n\
-              X-Accel-Buffering: no\r\nConnection: keep-alive\r\n\r\n"
+              X-Accel-Buffering: no\r\nTransfer-Encoding: chunked\r\nConnection: keep-alive\r\n\r\n"
         );
         out.clear();
-        stream_response_head("Vary: Origin\r\n", &mut out);
+        stream_response_head("Vary: Origin\r\n", true, &mut out);
         assert!(out.ends_with(b"Connection: keep-alive\r\nVary: Origin\r\n\r\n"));
+        out.clear();
+        stream_response_head("", false, &mut out);
+        assert_eq!(
+            out,
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n\
+              X-Accel-Buffering: no\r\nConnection: close\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn chunks() {
+        for len in [1usize, 9, 15, 16, 255, 256, 4095, 4096, 70_000] {
+            let body = vec![b'x'; len];
+            let mut out = b"before".to_vec();
+            push_chunk(&mut out, &body);
+            let chunk = &out[6..];
+            let size_line = format!("{len:x}\r\n");
+            assert!(chunk.starts_with(size_line.as_bytes()), "{len}");
+            assert!(chunk.ends_with(b"\r\n"));
+            assert_eq!(chunk.len(), size_line.len() + len + 2);
+            assert_eq!(&chunk[chunk_body(chunk)], &body[..]);
+        }
+        let mut out = Vec::new();
+        push_chunk(&mut out, b"");
+        assert!(out.is_empty(), "an empty chunk would end the body");
+        let mut out = Vec::new();
+        push_chunk(&mut out, b": heartbeat\n\n");
+        assert_eq!(out, b"d\r\n: heartbeat\n\n\r\n");
     }
 
     proptest! {

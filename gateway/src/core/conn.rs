@@ -62,8 +62,9 @@ pub enum State {
         session: Box<ws::ServerSession>,
         echo: Option<crate::core::events::Echo>,
     },
-    /// An open SSE stream (parked).
-    Sse,
+    /// An open SSE stream (parked); `chunked` for an HTTP/1.1 request (see
+    /// [`sse_bytes`]).
+    Sse { chunked: bool },
     /// Its last bytes (an error response, a close frame) are leaving: no
     /// message, heartbeat or deadline touches it any more. Once they have
     /// left it is half-closed (`shut_wr`) and waits for the peer's end.
@@ -88,7 +89,7 @@ impl State {
             State::Request => Transport::Http,
             State::LongPoll { .. } => Transport::LongPoll,
             State::WebSocket { .. } => Transport::WebSocket,
-            State::Sse => Transport::Sse,
+            State::Sse { .. } => Transport::Sse,
             State::Closing { .. } => Transport::Closing,
         }
     }
@@ -120,6 +121,19 @@ pub const WS_PING: &[u8] = &[0x89, 0x00];
 /// The heartbeat of an SSE stream: a comment line, which EventSource
 /// ignores, and a blank line.
 pub const SSE_HEARTBEAT: &[u8] = b": heartbeat\n\n";
+/// [`SSE_HEARTBEAT`] as one chunk, for a chunked stream.
+pub const SSE_HEARTBEAT_CHUNK: &[u8] = b"d\r\n: heartbeat\n\n\r\n";
+
+/// What an SSE stream is sent of `chunk`, events as one HTTP/1.1 chunk
+/// (encoded once and shared by every stream): all of it on a chunked
+/// stream, the events alone on an HTTP/1.0 one (the same bytes, sliced).
+pub fn sse_bytes(chunk: &Bytes, chunked: bool) -> Bytes {
+    if chunked {
+        chunk.clone()
+    } else {
+        chunk.slice(protocol::sse::chunk_body(chunk))
+    }
+}
 /// Close frame 1008 (policy violation), reason "slow consumer": sent, if the
 /// socket takes it, to a WebSocket dropped for letting its queue overflow.
 pub const WS_CLOSE_SLOW_CONSUMER: &[u8] = &[
@@ -337,9 +351,17 @@ impl Conn {
             Transport::WebSocket => Some(Bytes::from_static(WS_CLOSE_SERVICE_RESTART)),
             Transport::Sse => {
                 let ms = rand::thread_rng().gen_range(SSE_RETRY_MS_MIN..=SSE_RETRY_MS_MAX);
-                let mut out = Vec::with_capacity(16);
-                protocol::sse::encode_retry(&mut out, ms);
-                Some(Bytes::from(out))
+                let mut retry = Vec::with_capacity(16);
+                protocol::sse::encode_retry(&mut retry, ms);
+                if self.sse_chunked() {
+                    // The hint, then the body's end.
+                    let mut out = Vec::with_capacity(32);
+                    protocol::sse::push_chunk(&mut out, &retry);
+                    out.extend_from_slice(protocol::sse::LAST_CHUNK);
+                    Some(Bytes::from(out))
+                } else {
+                    Some(Bytes::from(retry))
+                }
             }
             Transport::Http | Transport::LongPoll | Transport::Closing => None,
         };
@@ -353,13 +375,24 @@ impl Conn {
         farewell
     }
 
+    /// Whether this is an SSE stream sent as a chunked body.
+    pub fn sse_chunked(&self) -> bool {
+        matches!(self.state, State::Sse { chunked: true })
+    }
+
     /// Ends a stream whose token expired, behind what is already queued: a
     /// WebSocket gets close 4001 "token expired" (returned, for the caller
-    /// to queue), an SSE stream just ends. Seen as asked to go
-    /// (`Drain::Asked`); it closes once the bytes have left.
+    /// to queue), an SSE stream just ends (a chunked one with the body's
+    /// last chunk). Seen as asked to go (`Drain::Asked`); it closes once
+    /// the bytes have left.
     pub fn token_expired(&mut self) -> Option<Bytes> {
-        let farewell = (self.transport() == Transport::WebSocket)
-            .then(|| Bytes::from_static(WS_CLOSE_TOKEN_EXPIRED));
+        let farewell = match self.transport() {
+            Transport::WebSocket => Some(Bytes::from_static(WS_CLOSE_TOKEN_EXPIRED)),
+            Transport::Sse if self.sse_chunked() => {
+                Some(Bytes::from_static(protocol::sse::LAST_CHUNK))
+            }
+            _ => None,
+        };
         self.state = State::Closing { shut_wr: false };
         self.deadline_s = 0;
         self.drain = Drain::Asked;
@@ -521,8 +554,18 @@ mod tests {
     }
 
     #[test]
+    fn sse_bytes_are_the_chunk_or_its_events() {
+        let mut chunk = Vec::new();
+        protocol::sse::push_chunk(&mut chunk, SSE_HEARTBEAT);
+        assert_eq!(chunk, SSE_HEARTBEAT_CHUNK);
+        let chunk = Bytes::from(chunk);
+        assert_eq!(sse_bytes(&chunk, true), chunk);
+        assert_eq!(&sse_bytes(&chunk, false)[..], SSE_HEARTBEAT);
+    }
+
+    #[test]
     fn the_queue_is_written_from_where_the_kernel_stopped() {
-        let mut c = conn(State::Sse);
+        let mut c = conn(State::Sse { chunked: true });
         c.enqueue(Bytes::from_static(b"abc"), 100).unwrap();
         c.enqueue(Bytes::from_static(b"defg"), 100).unwrap();
         assert_eq!(c.queued_bytes, 7);
@@ -537,7 +580,7 @@ mod tests {
 
     #[test]
     fn over_its_budget_a_frame_comes_back_and_a_dead_connection_takes_nothing() {
-        let mut c = conn(State::Sse);
+        let mut c = conn(State::Sse { chunked: true });
         c.enqueue(Bytes::from_static(b"12345678"), 10).unwrap();
         let back = c.enqueue(Bytes::from_static(b"abc"), 10).unwrap_err();
         assert_eq!(&back[..], b"abc");
@@ -563,7 +606,7 @@ mod tests {
         c.close_now();
         assert!(c.dead && c.queue.is_empty());
         // An SSE stream just ends.
-        let mut c = conn(State::Sse);
+        let mut c = conn(State::Sse { chunked: true });
         c.enqueue(Bytes::from_static(b"data: x\n\n"), 100).unwrap();
         c.slow_consumer_farewell();
         assert_eq!(c.unsent().count(), 0);
@@ -575,14 +618,32 @@ mod tests {
         assert_eq!(c.ask_to_go().as_deref(), Some(WS_CLOSE_SERVICE_RESTART));
         assert!(matches!(c.state, State::Closing { shut_wr: false }));
         assert_eq!(c.drain, Drain::Asked);
-        let mut c = conn(State::Sse);
+        // An SSE stream: a retry hint, then (chunked) the body's end.
+        let mut c = conn(State::Sse { chunked: false });
         let retry = c.ask_to_go().unwrap();
         assert!(retry.starts_with(b"retry: "), "{retry:?}");
+        let mut c = conn(State::Sse { chunked: true });
+        let farewell = c.ask_to_go().unwrap();
+        let chunk = &farewell[..farewell.len() - protocol::sse::LAST_CHUNK.len()];
+        assert!(
+            farewell.ends_with(protocol::sse::LAST_CHUNK),
+            "{farewell:?}"
+        );
+        assert!(
+            chunk[protocol::sse::chunk_body(chunk)].starts_with(b"retry: "),
+            "{farewell:?}"
+        );
         let mut c = conn(State::Request);
         assert_eq!(c.ask_to_go(), None);
         assert!(matches!(c.state, State::Request) && c.drain == Drain::Asked);
         let mut c = conn(State::websocket(1024, None));
         assert_eq!(c.token_expired().as_deref(), Some(WS_CLOSE_TOKEN_EXPIRED));
-        assert_eq!(conn(State::Sse).token_expired(), None);
+        assert_eq!(conn(State::Sse { chunked: false }).token_expired(), None);
+        assert_eq!(
+            conn(State::Sse { chunked: true })
+                .token_expired()
+                .as_deref(),
+            Some(protocol::sse::LAST_CHUNK)
+        );
     }
 }

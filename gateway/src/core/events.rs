@@ -610,7 +610,7 @@ mod tests {
         let c = &mut conns[key as usize];
         c.state = match transport {
             Transport::WebSocket => State::websocket(1024, None),
-            _ => State::Sse,
+            _ => State::Sse { chunked: true },
         };
         c.parked = true;
         (key, client)

@@ -30,8 +30,8 @@ pub mod conn;
 pub mod registry;
 
 pub use self::conn::{
-    Conn, Drain, PollAnswer, State, Transport, SSE_HEARTBEAT, SSE_RETRY_MS_MAX, SSE_RETRY_MS_MIN,
-    WS_PING,
+    sse_bytes, Conn, Drain, PollAnswer, State, Transport, SSE_HEARTBEAT, SSE_HEARTBEAT_CHUNK,
+    SSE_RETRY_MS_MAX, SSE_RETRY_MS_MIN, WS_PING,
 };
 pub use self::registry::{Registry, Resume};
 
@@ -268,7 +268,8 @@ impl Core {
                 let state = State::websocket(self.cfg.ws_message_bytes_max, None);
                 self.open_stream(c, key, state);
             }
-            Transport::Sse => self.open_stream(c, key, State::Sse),
+            // HTTP/1.1; the request marks an HTTP/1.0 stream.
+            Transport::Sse => self.open_stream(c, key, State::Sse { chunked: true }),
             _ => {
                 c.state = State::LongPoll {
                     answer: PollAnswer::Waiting,
@@ -410,7 +411,7 @@ impl Core {
                         // may miss what was published before it subscribes
                         // again, and are told so (each gap encoded once per
                         // transport, shared like a message).
-                        let (mut ws_gap, mut sse_gap) = (None, None);
+                        let (mut ws_gap, mut sse_gap) = (None, None::<Bytes>);
                         for &key in subscribers {
                             let Some(conn) = conns.get_mut(key as usize) else {
                                 continue;
@@ -423,13 +424,16 @@ impl Core {
                                         Bytes::from(out)
                                     })
                                     .clone(),
-                                Transport::Sse => sse_gap
-                                    .get_or_insert_with(|| {
+                                Transport::Sse => sse_bytes(
+                                    sse_gap.get_or_insert_with(|| {
+                                        let mut event = Vec::new();
+                                        envelope::encode_sse_gap(&name, &mut event);
                                         let mut out = Vec::new();
-                                        envelope::encode_sse_gap(&name, &mut out);
+                                        protocol::sse::push_chunk(&mut out, &event);
                                         Bytes::from(out)
-                                    })
-                                    .clone(),
+                                    }),
+                                    conn.sse_chunked(),
+                                ),
                                 // A held poll is told with its next message.
                                 Transport::LongPoll => {
                                     poll_gaps.entry(key).or_default().push(name.clone());
@@ -478,7 +482,10 @@ impl Core {
                 }
                 let frame = match conn.transport() {
                     Transport::WebSocket => ws_frame.get_or_insert_with(|| own(&msg.ws)).clone(),
-                    Transport::Sse => sse_frame.get_or_insert_with(|| own(&msg.sse)).clone(),
+                    Transport::Sse => sse_bytes(
+                        sse_frame.get_or_insert_with(|| own(&msg.sse)),
+                        conn.sse_chunked(),
+                    ),
                     Transport::LongPoll
                         if matches!(
                             conn.state,
@@ -613,6 +620,7 @@ impl Core {
             }
             let beat = match conn.transport() {
                 Transport::WebSocket => WS_PING,
+                Transport::Sse if conn.sse_chunked() => SSE_HEARTBEAT_CHUNK,
                 Transport::Sse => SSE_HEARTBEAT,
                 Transport::Closing => {
                     // Lingering past its deadline: closed now.
@@ -1084,7 +1092,10 @@ mod tests {
             "{:?}",
             got[0]
         );
-        assert!(got[1].starts_with("event: gap\ndata: "), "{:?}", got[1]);
+        // One chunk of the SSE stream's body.
+        let event = got[1].split_once("\r\n").map_or("", |(_, e)| e);
+        assert!(event.starts_with("event: gap\ndata: "), "{:?}", got[1]);
+        assert!(event.ends_with("\n\n\r\n"), "{:?}", got[1]);
         // The held poll is told with the next message, whose id is its
         // cursor (an answer now could only carry this gateway's position).
         let mut buf = vec![0u8; 4096];
@@ -1112,7 +1123,7 @@ mod tests {
         match transport {
             Transport::Http => State::Request,
             Transport::WebSocket => State::websocket(1024, None),
-            Transport::Sse => State::Sse,
+            Transport::Sse => State::Sse { chunked: true },
             Transport::LongPoll => State::LongPoll {
                 answer: PollAnswer::Waiting,
                 cursor: 0,
@@ -1195,7 +1206,7 @@ mod tests {
     fn a_queue_over_its_budget_marks_the_connection_dead_and_frees_it() {
         let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
         let mut conn = Conn::new(a.as_raw_fd(), 0, ([127, 0, 0, 1], 1).into());
-        conn.state = State::Sse;
+        conn.state = State::Sse { chunked: true };
         let max = 3 << 20;
         let big = Bytes::from(vec![7u8; 1 << 20]);
         // Nobody reads: the socket fills and the rest stays queued.

@@ -1,7 +1,8 @@
 //! Connection lifecycle over time: heartbeats keep quiet streams alive (a
 //! WebSocket ping, an SSE comment, sent by each core's once-a-second
 //! sweep), a WebSocket that stops answering them is closed as a dead peer,
-//! an SSE stream starts with a jittered `retry:`, and a request head that
+//! an SSE stream starts with a jittered `retry:` (HTTP/1.1: as a chunked
+//! body; HTTP/1.0: as is), and a request head that
 //! never completes is closed at the head timeout (slowloris).
 //!
 //! Nothing here sleeps: every wait is a read of something the gateway sends
@@ -98,25 +99,70 @@ fn an_sse_stream_starts_with_a_jittered_retry_then_gets_heartbeats() {
     let mut reader = BufReader::new(stream);
     let head = read_head(&mut reader);
     assert_eq!(head.status, 200, "{head:?}");
-    let mut line = || {
-        let mut l = String::new();
-        match reader.read_line(&mut l) {
-            Ok(n) if n > 0 => l,
-            other => panic!("SSE stream: expected a line, got {other:?} ({l:?})"),
-        }
-    };
-    let retry: u32 = line()
+    // HTTP/1.1: a chunked body, each write whole events in one chunk, so
+    // that clients reading chunk by chunk get every event as it comes.
+    assert_eq!(
+        head.header("transfer-encoding"),
+        Some("chunked"),
+        "{head:?}"
+    );
+    let first = next_chunk(&mut reader);
+    let retry: u32 = first
         .strip_prefix("retry: ")
-        .and_then(|v| v.trim_end().parse().ok())
-        .expect("the stream starts with a retry: field");
+        .and_then(|v| v.strip_suffix("\n\n"))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("the stream starts with a retry: field, got {first:?}"));
     assert!((1000..=5000).contains(&retry), "retry: {retry}");
-    assert_eq!(line(), "\n");
     // An idle stream: heartbeat comments, each followed by a blank line,
     // and nothing else.
     for _ in 0..3 {
-        assert_eq!(line(), ": heartbeat\n");
-        assert_eq!(line(), "\n");
+        assert_eq!(next_chunk(&mut reader), ": heartbeat\n\n");
     }
+}
+
+/// Reads one chunk of a chunked body: its size line, its bytes and the
+/// CRLF after them, each checked.
+fn next_chunk(reader: &mut impl BufRead) -> String {
+    let mut size_line = String::new();
+    reader.read_line(&mut size_line).unwrap();
+    let size = size_line
+        .strip_suffix("\r\n")
+        .and_then(|s| usize::from_str_radix(s, 16).ok())
+        .unwrap_or_else(|| panic!("not a chunk size line: {size_line:?}"));
+    assert!(size > 0, "the stream ended");
+    let mut body = vec![0u8; size + 2];
+    reader.read_exact(&mut body).unwrap();
+    assert!(
+        body.ends_with(b"\r\n"),
+        "chunk not followed by CRLF: {body:?}"
+    );
+    body.truncate(size);
+    String::from_utf8(body).unwrap()
+}
+
+#[test]
+fn an_http_1_0_sse_stream_is_sent_as_is_and_ends_with_the_connection() {
+    let gw = Gateway::start(FAST_HEARTBEATS);
+    let mut stream = tcp_connect(gw.listen, None, None);
+    stream
+        .write_all(b"GET /events?channel=quiet HTTP/1.0\r\nAccept: text/event-stream\r\n\r\n")
+        .unwrap();
+    let mut reader = BufReader::new(stream);
+    let head = read_head(&mut reader);
+    assert_eq!(head.status, 200, "{head:?}");
+    // HTTP/1.0 has no chunked coding: the events themselves, and the body
+    // ends with the connection.
+    assert_eq!(head.header("transfer-encoding"), None, "{head:?}");
+    assert_eq!(head.header("connection"), Some("close"), "{head:?}");
+    let mut line = || {
+        let mut l = String::new();
+        reader.read_line(&mut l).unwrap();
+        l
+    };
+    assert!(line().starts_with("retry: "));
+    assert_eq!(line(), "\n");
+    assert_eq!(line(), ": heartbeat\n");
+    assert_eq!(line(), "\n");
 }
 
 #[test]
@@ -133,9 +179,7 @@ fn sse_retry_values_vary_between_streams() {
             .unwrap();
         let mut reader = BufReader::new(stream);
         assert_eq!(read_head(&mut reader).status, 200);
-        let mut l = String::new();
-        reader.read_line(&mut l).unwrap();
-        seen.insert(l);
+        seen.insert(next_chunk(&mut reader));
     }
     assert!(
         seen.len() > 1,
