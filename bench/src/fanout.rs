@@ -42,7 +42,6 @@ use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 
 use crate::cli::{FanoutArgs, Server, ServerKind, Transport};
-use crate::gateway::Target;
 use crate::handshake::{DialConfig, Dialer, Outcome};
 use crate::http;
 use crate::procfs;
@@ -50,6 +49,7 @@ use crate::publish::Publisher;
 use crate::report::{bytes, failures_json, server_line, Health, Latency};
 use crate::sse::{self, Item, SseState};
 use crate::sys::{self, Epoll};
+use crate::target::Target;
 use crate::util::{monotonic_ns, opt, realtime_minus_monotonic_ns, thousands};
 use crate::ws::{self, FrameHead, ReadEnd, SeqTally, Tail, KIND_MEASURED, KIND_PROBE};
 

@@ -15,12 +15,12 @@ use std::os::fd::RawFd;
 use std::time::{Duration, Instant};
 
 use crate::cli::{IdleArgs, Server, ServerKind, Transport};
-use crate::gateway::Target;
 use crate::handshake::{advance, Handshake, Progress, Step};
 use crate::http;
 use crate::procfs;
 use crate::report::{Health, IdleReport};
 use crate::sys::{self, Epoll};
+use crate::target::Target;
 
 const HEALTHZ_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the server may take to count the closed connections out.

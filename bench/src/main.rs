@@ -25,6 +25,7 @@ mod report;
 mod sse;
 mod storm;
 mod sys;
+mod target;
 mod util;
 mod ws;
 

@@ -24,11 +24,11 @@ use serde_json::{json, Value};
 
 use crate::cli::{CloseHow, Server, ServerKind, StormArgs, Transport};
 use crate::fanout::{block_start, merge_histograms, new_histogram};
-use crate::gateway::Target;
 use crate::handshake::{DialConfig, Dialer, Outcome};
 use crate::procfs;
 use crate::report::{bytes, failures_json, server_line, Latency};
 use crate::sys::{self, Epoll};
+use crate::target::Target;
 use crate::util::{opt, thousands, Rng};
 
 const HEALTHZ_TIMEOUT: Duration = Duration::from_secs(5);

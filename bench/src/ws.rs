@@ -156,7 +156,7 @@ pub fn parse_head(buf: &[u8]) -> Parsed {
     })
 }
 
-/// How a [`read_frames`] (or [`crate::sse::read_events`]) call ended.
+/// How a [`read_frames`] (or the SSE reader's) call ended.
 #[derive(Debug)]
 pub enum ReadEnd {
     /// Everything readable now was read (a short read, or would block).
