@@ -387,6 +387,13 @@ impl Bun {
         let stderr_path = dir.path().join("stderr.log");
         let stderr =
             File::create(&stderr_path).map_err(|e| format!("{}: {e}", stderr_path.display()))?;
+        // Bun runs in its directory: a relative path to it (not a bare name,
+        // which is looked up on PATH) is made absolute first.
+        let bin = &if bin.components().count() > 1 {
+            std::path::absolute(bin).map_err(|e| format!("{}: {e}", bin.display()))?
+        } else {
+            bin.to_path_buf()
+        };
         let mut cmd = Command::new(bin);
         cmd.arg(&script).current_dir(dir.path());
         let process = Gateway::spawn_command("bun", cmd, bin, stderr.into(), ready_timeout)
