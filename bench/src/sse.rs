@@ -15,7 +15,7 @@
 use std::io;
 use std::ops::Range;
 
-use crate::ws::ReadEnd;
+use crate::ws::{read_behind, ReadEnd};
 
 /// UTF-8 byte order mark: skipped once at the start of the stream.
 const BOM: &[u8] = b"\xef\xbb\xbf";
@@ -266,17 +266,9 @@ pub fn read_events(
     mut on_item: impl FnMut(Item<'_>),
 ) -> ReadEnd {
     loop {
-        let kept = carry.len();
-        if kept >= scratch.len() {
-            return ReadEnd::Oversized;
-        }
-        scratch[..kept].copy_from_slice(carry);
-        let n = match read(&mut scratch[kept..]) {
-            Ok(0) => return ReadEnd::Eof,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return ReadEnd::Drained,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return ReadEnd::Error(e),
+        let (kept, n) = match read_behind(carry, scratch, &mut read) {
+            Ok(got) => got,
+            Err(end) => return end,
         };
         let full = kept + n == scratch.len();
         let (body, ended) = match &mut state.chunk {

@@ -172,6 +172,30 @@ pub enum ReadEnd {
     Malformed(&'static str),
 }
 
+/// One read (`read`, e.g. a nonblocking recv) into `scratch` behind the
+/// bytes `carry` kept from the previous one: how many were kept and how
+/// many came, or how the reading ended (an interrupted read is retried).
+pub fn read_behind(
+    carry: &[u8],
+    scratch: &mut [u8],
+    read: &mut impl FnMut(&mut [u8]) -> io::Result<usize>,
+) -> Result<(usize, usize), ReadEnd> {
+    loop {
+        let kept = carry.len();
+        if kept >= scratch.len() {
+            return Err(ReadEnd::Oversized);
+        }
+        scratch[..kept].copy_from_slice(carry);
+        return match read(&mut scratch[kept..]) {
+            Ok(0) => Err(ReadEnd::Eof),
+            Ok(n) => Ok((kept, n)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Err(ReadEnd::Drained),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => Err(ReadEnd::Error(e)),
+        };
+    }
+}
+
 /// Reads from a socket (`read`, e.g. a nonblocking recv) into `scratch`
 /// behind the unfinished frame carried over from the previous read, hands
 /// each complete frame (header, payload) to `on_frame`, and keeps what is
@@ -184,17 +208,9 @@ pub fn read_frames(
     mut on_frame: impl FnMut(&FrameHead, &[u8]),
 ) -> ReadEnd {
     loop {
-        let kept = carry.len();
-        if kept >= scratch.len() {
-            return ReadEnd::Oversized;
-        }
-        scratch[..kept].copy_from_slice(carry);
-        let n = match read(&mut scratch[kept..]) {
-            Ok(0) => return ReadEnd::Eof,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return ReadEnd::Drained,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return ReadEnd::Error(e),
+        let (kept, n) = match read_behind(carry, scratch, &mut read) {
+            Ok(got) => got,
+            Err(end) => return end,
         };
         let total = kept + n;
         carry.clear();
