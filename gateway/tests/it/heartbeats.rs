@@ -220,3 +220,24 @@ fn a_request_head_that_never_completes_is_closed_while_others_are_served() {
     // A connection that completes its head in time is not affected.
     gw.healthz();
 }
+
+#[test]
+fn a_connection_that_never_speaks_is_closed_too() {
+    // The listener defers accepts until a connection's first bytes arrive
+    // (`defer_accept_s`, 1 s by default): one that sends nothing is
+    // accepted at that timeout, then closed at the head timeout, rather
+    // than left in the kernel or held for good.
+    let gw = Gateway::start(&["--head-timeout-ms", "1000", "--cores", "1"]);
+    let mut silent = tcp_connect(gw.listen, None, None);
+    let mut buf = [0u8; 256];
+    match silent.read(&mut buf) {
+        Ok(0) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        Ok(n) => panic!(
+            "a silent connection got an answer instead of a close: {:?}",
+            String::from_utf8_lossy(&buf[..n])
+        ),
+        Err(e) => panic!("a silent connection was never closed: {e}"),
+    }
+    gw.healthz();
+}
