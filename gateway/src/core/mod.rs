@@ -393,14 +393,13 @@ impl Core {
     /// and queues them on every local subscriber, then writes each touched
     /// connection once.
     ///
-    /// The writes are a rolling pass: every few connections, messages that
-    /// came in meanwhile join the batch, queued behind what the connections
-    /// not yet written have, and the connections already written go to the
-    /// back of the pass again. Writing 2,500 subscribers of a hot channel
-    /// takes tens of milliseconds; a message arriving just after a pass
-    /// started would otherwise wait for that whole pass, then for its own
-    /// (up to two passes for the last subscriber), and now waits one at
-    /// most.
+    /// The writes are a rolling pass: every few connections of its first
+    /// round, messages that came in meanwhile join the batch, queued behind
+    /// what the connections not yet written have, and the connections
+    /// already written go to the back of the pass again. Writing 2,500
+    /// subscribers of a hot channel takes tens of milliseconds; a message
+    /// arriving just after a pass started would otherwise wait for that
+    /// whole pass, then for its own.
     fn dispatch(&self, rx: &Receiver<ToCore>) -> usize {
         let cfg = self.cfg;
         let mut handled = 0;
@@ -414,8 +413,16 @@ impl Core {
         let (mut deliveries, mut delivered_bytes) = (0u64, 0u64);
         // The first of `dirty` already written in this pass.
         let mut written = 0;
+        // Messages join the pass until it has written as many connections
+        // as were dirty after the first intake; then what is dirty is
+        // written (each connection once more at most) and the core yields
+        // to its connections' tasks and reads, as often as before.
+        let mut intake_until: Option<usize> = None;
         loop {
-            while handled < DISPATCH_BATCH_MESSAGES && deliveries < DISPATCH_BATCH_DELIVERIES {
+            while intake_until.is_none_or(|n| written < n)
+                && handled < DISPATCH_BATCH_MESSAGES
+                && deliveries < DISPATCH_BATCH_DELIVERIES
+            {
                 let Ok(item) = rx.try_recv() else { break };
                 handled += 1;
                 let msg = match item {
@@ -586,6 +593,7 @@ impl Core {
                     stamps.push(msg.stamped);
                 }
             }
+            intake_until.get_or_insert(dirty.len());
             let stretch = dirty.len().min(written + WRITES_BETWEEN_INTAKES);
             for &key in &dirty[written..stretch] {
                 if let Some(conn) = conns.get_mut(key as usize) {
