@@ -177,6 +177,15 @@ pub struct ServerArgs {
     /// `--cores N`, nginx's worker processes (not Bun's).
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
     pub cores: u32,
+    /// CPUs the spawned server may run on (`0,1`, `0-3`, `0-1,6`): with
+    /// `--client-cpus`, the server and the load generator stop competing
+    /// for the same CPUs, and what is measured is the server's own rate.
+    /// Default: wherever the scheduler puts it.
+    #[arg(long, value_name = "CPUS", value_parser = cpu_list)]
+    pub server_cpus: Option<CpuList>,
+    /// CPUs the bench itself (its client threads and publisher) runs on.
+    #[arg(long, value_name = "CPUS", value_parser = cpu_list)]
+    pub client_cpus: Option<CpuList>,
     /// Extra argument for the spawned gateway (repeatable), e.g.
     /// `--gateway-arg=--ring-entries=8192`.
     #[arg(long = "gateway-arg", value_name = "ARG", allow_hyphen_values = true)]
@@ -496,6 +505,34 @@ pub struct StormArgs {
     /// /proc/net/tcp) before reconnecting.
     #[arg(long, default_value_t = 10.0, value_parser = seconds)]
     pub settle_s: f64,
+}
+
+/// CPUs, in order, each once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CpuList(pub Vec<usize>);
+
+/// A CPU list as `taskset -c` takes it: numbers and ranges, comma-separated.
+fn cpu_list(s: &str) -> Result<CpuList, String> {
+    let mut cpus = Vec::new();
+    for part in s.split(',') {
+        let (first, last) = match part.split_once('-') {
+            Some((a, b)) => (a, b),
+            None => (part, part),
+        };
+        let parse = |v: &str| {
+            v.trim()
+                .parse::<usize>()
+                .map_err(|_| format!("{s:?}: {part:?} is not a CPU number or range"))
+        };
+        let (first, last) = (parse(first)?, parse(last)?);
+        if first > last || last >= 1024 {
+            return Err(format!("{s:?}: bad CPU range {part:?}"));
+        }
+        cpus.extend(first..=last);
+    }
+    cpus.sort_unstable();
+    cpus.dedup();
+    Ok(CpuList(cpus))
 }
 
 /// A non-negative, finite number of seconds.
@@ -843,6 +880,30 @@ mod tests {
             .check_transport(Transport::LongPoll)
             .is_err());
         assert!(ServerKind::Bun.check_transport(Transport::Sse).is_ok());
+    }
+
+    #[test]
+    fn cpu_lists() {
+        assert_eq!(cpu_list("0,1"), Ok(CpuList(vec![0, 1])));
+        assert_eq!(cpu_list("2-4,0"), Ok(CpuList(vec![0, 2, 3, 4])));
+        assert_eq!(cpu_list("3,3-4"), Ok(CpuList(vec![3, 4])));
+        for bad in ["", "x", "1-", "4-2", "0,,1", "-1", "0-5000"] {
+            assert!(cpu_list(bad).is_err(), "{bad:?} accepted");
+        }
+        let Scenario::Storm(a) = parse_scenario(&[
+            "storm",
+            "--gateway",
+            "gw",
+            "--server-cpus",
+            "0-1",
+            "--client-cpus",
+            "2-7",
+        ])
+        .unwrap() else {
+            panic!()
+        };
+        assert_eq!(a.server.server_cpus, Some(CpuList(vec![0, 1])));
+        assert_eq!(a.server.client_cpus, Some(CpuList((2..=7).collect())));
     }
 
     #[test]

@@ -72,6 +72,7 @@ impl Gateway {
             None => Stdio::null(),
         };
         let mut cmd = Command::new(bin);
+        crate::sys::place_server(&mut cmd);
         cmd.args([
             "--listen",
             "127.0.0.1:0",

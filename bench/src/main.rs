@@ -101,8 +101,33 @@ fn run_all(
     code
 }
 
+/// Where the servers and the bench run (`--server-cpus`, `--client-cpus`),
+/// set before anything starts.
+fn place(args: &ServerArgs) {
+    let fail = |flag: &str, e: std::io::Error| -> ! {
+        Cli::command()
+            .error(clap::error::ErrorKind::InvalidValue, format!("{flag}: {e}"))
+            .exit()
+    };
+    if let Some(cpus) = &args.server_cpus {
+        if let Err(e) = sys::set_server_cpus(cpus.0.clone()) {
+            fail("--server-cpus", e);
+        }
+    }
+    if let Some(cpus) = &args.client_cpus {
+        if let Err(e) = sys::pin_self(&cpus.0) {
+            fail("--client-cpus", e);
+        }
+    }
+}
+
 fn main() {
     let cli = Cli::parse();
+    place(match &cli.scenario {
+        Scenario::Idle(args) => &args.server,
+        Scenario::Fanout(args) => &args.server,
+        Scenario::Storm(args) => &args.server,
+    });
     let code = match &cli.scenario {
         Scenario::Idle(args) => {
             let transport = args.transport;

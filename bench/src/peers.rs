@@ -198,7 +198,9 @@ impl Nginx {
             File::create(&stderr_path).map_err(|e| format!("{}: {e}", stderr_path.display()))?;
         // -e: nginx opens its compiled-in error log before it reads the
         // configuration; this keeps even that inside the directory.
-        let child = Command::new(nginx)
+        let mut cmd = Command::new(nginx);
+        crate::sys::place_server(&mut cmd);
+        let child = cmd
             .arg("-p")
             .arg(dir.path())
             .arg("-c")
@@ -395,6 +397,7 @@ impl Bun {
             bin.to_path_buf()
         };
         let mut cmd = Command::new(bin);
+        crate::sys::place_server(&mut cmd);
         cmd.arg(&script).current_dir(dir.path());
         let process = Gateway::spawn_command("bun", cmd, bin, stderr.into(), ready_timeout)
             .map_err(|e| match log_tail(&stderr_path, 5) {

@@ -356,6 +356,70 @@ impl Drop for Epoll {
     }
 }
 
+/// CPUs the servers this run spawns are restricted to (`--server-cpus`),
+/// set once at start.
+static SERVER_CPUS: std::sync::OnceLock<Vec<usize>> = std::sync::OnceLock::new();
+
+fn cpu_set(cpus: &[usize]) -> io::Result<libc::cpu_set_t> {
+    // SAFETY: cpu_set_t is plain data; all zeroes is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for &cpu in cpus {
+        if cpu >= libc::CPU_SETSIZE as usize {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("CPU {cpu} is beyond what a CPU set holds"),
+            ));
+        }
+        // SAFETY: `cpu` is below CPU_SETSIZE, checked above.
+        unsafe { libc::CPU_SET(cpu, &mut set) };
+    }
+    if cpus.is_empty() {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "no CPU"));
+    }
+    Ok(set)
+}
+
+/// Restricts the calling thread, and every thread and process it starts
+/// from now on, to `cpus` (the bench's `--client-cpus`).
+pub fn pin_self(cpus: &[usize]) -> io::Result<()> {
+    let set = cpu_set(cpus)?;
+    // SAFETY: pid 0 is the calling thread; `set` lives for the call.
+    if unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Remembers where spawned servers run (`--server-cpus`); checked now, so
+/// that a bad list fails before anything starts.
+pub fn set_server_cpus(cpus: Vec<usize>) -> io::Result<()> {
+    cpu_set(&cpus)?;
+    let _ = SERVER_CPUS.set(cpus);
+    Ok(())
+}
+
+/// Makes `cmd`'s process run on the `--server-cpus` (if given): its
+/// threads and children (nginx's workers) inherit them.
+pub fn place_server(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    let Some(cpus) = SERVER_CPUS.get() else {
+        return;
+    };
+    let Ok(set) = cpu_set(cpus) else {
+        return;
+    };
+    // SAFETY: between fork and exec only sched_setaffinity runs, which is
+    // async-signal-safe, on a set computed before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -498,5 +562,36 @@ mod tests {
             Some(libc::ECONNREFUSED)
         );
         close(fd);
+    }
+
+    #[test]
+    fn cpu_placement() {
+        // A thread of its own: the test runner's threads keep their CPUs.
+        std::thread::spawn(|| {
+            pin_self(&[0]).unwrap();
+            let status = std::fs::read_to_string("/proc/thread-self/status").unwrap();
+            assert!(
+                status.contains("Cpus_allowed_list:\t0\n"),
+                "{}",
+                status
+                    .lines()
+                    .find(|l| l.starts_with("Cpus_allowed_list"))
+                    .unwrap_or("")
+            );
+        })
+        .join()
+        .unwrap();
+        assert!(pin_self(&[]).is_err());
+        assert!(pin_self(&[libc::CPU_SETSIZE as usize]).is_err());
+        // A spawned server gets the CPUs it was given.
+        set_server_cpus(vec![0]).unwrap();
+        let mut cmd = std::process::Command::new("grep");
+        cmd.args(["Cpus_allowed_list", "/proc/self/status"]);
+        place_server(&mut cmd);
+        let out = cmd.output().unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "Cpus_allowed_list:\t0\n"
+        );
     }
 }
