@@ -487,6 +487,18 @@ pub fn stage(c: &mut Conn, stage: &mut Stage, frame: Bytes, bytes_max: usize) {
     c.staged_last = index;
 }
 
+/// Moves `c`'s staged frames (see [`stage`]) to its queue, in order, when
+/// the pass that staged them is not going to write it before the stage is
+/// reused.
+pub fn unstage(c: &mut Conn, stage: &Stage) {
+    let mut next = std::mem::replace(&mut c.staged, NOT_STAGED);
+    while next != NOT_STAGED && !c.dead {
+        let (frame, after) = &stage[next as usize];
+        c.requeue(frame.clone());
+        next = *after;
+    }
+}
+
 /// Writes `c`'s staged frames (see [`stage`]): what the socket does not
 /// take goes to its queue, to be written at the next `EPOLLOUT`.
 pub fn write_staged(c: &mut Conn, stage: &Stage) {
@@ -746,5 +758,32 @@ mod tests {
         let want: Vec<u8> = frames.iter().flat_map(|f| f.iter().copied()).collect();
         assert!(got == want, "every byte once, in order");
         assert_eq!(core.conns.borrow()[key as usize].queued_bytes, 0);
+    }
+
+    #[test]
+    fn frames_left_staged_by_an_unfinished_pass_go_out_before_anything_sent_later() {
+        let core = core();
+        let (key, mut client) = parked(&core, Transport::Sse);
+        let mut batch = Stage::new();
+        {
+            let mut conns = core.conns.borrow_mut();
+            let c = &mut conns[key as usize];
+            for f in [&b"one "[..], b"two "] {
+                stage(c, &mut batch, Bytes::from_static(f), 1 << 20);
+            }
+            // The pass stops before this connection: its frames leave the
+            // stage (reused by the next call) for its queue, in order,
+            // still counted.
+            unstage(c, &batch);
+            assert_eq!(c.staged, NOT_STAGED);
+            assert_eq!(c.queued_bytes, 8);
+            batch.clear();
+            // A heartbeat meanwhile goes out behind them.
+            send(c, Bytes::from_static(b"beat"), 1 << 20);
+            assert!(c.queue.is_empty() && c.queued_bytes == 0);
+        }
+        let mut got = [0u8; 12];
+        client.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"one two beat");
     }
 }

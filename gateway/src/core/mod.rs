@@ -50,8 +50,11 @@ pub struct Core {
     /// Limits on new connections (see `admission`).
     pub admission: Admission,
     started: Instant,
-    /// Connections with frames queued by the current batch.
+    /// Connections with frames queued by the current pass, in the order
+    /// the pass writes them.
     dirty: RefCell<Vec<u32>>,
+    /// How far the pass under way has got in `dirty` (0: none under way).
+    pass_at: Cell<usize>,
     /// The current delivery batch's frames, per connection (see
     /// `events::stage`); reused, never shrunk.
     stage: RefCell<events::Stage>,
@@ -126,6 +129,7 @@ impl Core {
             admission,
             started: Instant::now(),
             dirty: RefCell::new(Vec::new()),
+            pass_at: Cell::new(0),
             stage: RefCell::new(Vec::new()),
             drain_sweeps: Cell::new(0),
             stats: crate::ops::metrics::CoreStats::default(),
@@ -393,13 +397,14 @@ impl Core {
     /// and queues them on every local subscriber, then writes each touched
     /// connection once.
     ///
-    /// The writes are a rolling pass: every few connections of its first
-    /// round, messages that came in meanwhile join the batch, queued behind
-    /// what the connections not yet written have, and the connections
-    /// already written go to the back of the pass again. Writing 2,500
-    /// subscribers of a hot channel takes tens of milliseconds; a message
-    /// arriving just after a pass started would otherwise wait for that
-    /// whole pass, then for its own.
+    /// The writes are a rolling pass: every few connections, messages that
+    /// came in meanwhile join it, queued behind what the connections not
+    /// yet written have, and the connections already written go to the
+    /// back of the pass again. Writing 2,500 subscribers of a hot channel
+    /// takes tens of milliseconds; a message arriving just after a pass
+    /// started would otherwise wait for that whole pass, then for its own.
+    /// A call writes one round's worth and returns (the core's other tasks
+    /// run); the next call goes on with the same pass.
     fn dispatch(&self, rx: &Receiver<ToCore>) -> usize {
         let cfg = self.cfg;
         let mut handled = 0;
@@ -411,18 +416,16 @@ impl Core {
         let mut poll_gaps = self.poll_gaps.borrow_mut();
         let mut stage = self.stage.borrow_mut();
         let (mut deliveries, mut delivered_bytes) = (0u64, 0u64);
-        // The first of `dirty` already written in this pass.
-        let mut written = 0;
-        // Messages join the pass until it has written as many connections
-        // as were dirty after the first intake; then what is dirty is
-        // written (each connection once more at most) and the core yields
-        // to its connections' tasks and reads, as often as before.
-        let mut intake_until: Option<usize> = None;
+        // How far the pass has got in `dirty`; it may have begun in an
+        // earlier call.
+        let mut written = self.pass_at.get();
+        // This call's share of the pass: as many writes as connections
+        // were waiting after its first intake (one round, as often as the
+        // core yielded before the pass was rolling), then the core's other
+        // tasks get their turn.
+        let mut writes_left: Option<usize> = None;
         loop {
-            while intake_until.is_none_or(|n| written < n)
-                && handled < DISPATCH_BATCH_MESSAGES
-                && deliveries < DISPATCH_BATCH_DELIVERIES
-            {
+            while handled < DISPATCH_BATCH_MESSAGES && deliveries < DISPATCH_BATCH_DELIVERIES {
                 let Ok(item) = rx.try_recv() else { break };
                 handled += 1;
                 let msg = match item {
@@ -593,8 +596,12 @@ impl Core {
                     stamps.push(msg.stamped);
                 }
             }
-            intake_until.get_or_insert(dirty.len());
-            let stretch = dirty.len().min(written + WRITES_BETWEEN_INTAKES);
+            let share =
+                writes_left.get_or_insert((dirty.len() - written).max(WRITES_BETWEEN_INTAKES));
+            let stretch = dirty
+                .len()
+                .min(written + WRITES_BETWEEN_INTAKES.min(*share));
+            *share -= stretch - written;
             for &key in &dirty[written..stretch] {
                 if let Some(conn) = conns.get_mut(key as usize) {
                     conn.dirty = false;
@@ -606,11 +613,25 @@ impl Core {
                 }
             }
             written = stretch;
-            if written == dirty.len() {
+            if written == dirty.len() || *share == 0 {
                 break;
             }
         }
-        dirty.clear();
+        if written == dirty.len() {
+            dirty.clear();
+            written = 0;
+        } else {
+            // The pass goes on in the next call. The stage is this call's:
+            // what the connections not yet written have in it moves to
+            // their queues, so that anything written to them meanwhile (a
+            // heartbeat, a close) goes out behind it.
+            for &key in &dirty[written..] {
+                if let Some(conn) = conns.get_mut(key as usize) {
+                    events::unstage(conn, &stage);
+                }
+            }
+        }
+        self.pass_at.set(written);
         stage.clear();
         // Once per message per batch, after its writes: never per delivery.
         if !stamps.is_empty() {
@@ -810,9 +831,10 @@ pub async fn doorbell_loop(
         rung.store(false, Ordering::Release);
         loop {
             core.dispatch(&rx);
-            // Stopped at a batch limit with more waiting: yield, then go
-            // on (nothing will ring for what is already queued).
-            if rx.is_empty() {
+            // Stopped at a batch limit with more waiting, or with the pass
+            // under way: yield, then go on (nothing will ring for what is
+            // already queued).
+            if rx.is_empty() && core.pass_at.get() == 0 {
                 break;
             }
             yield_now().await;
