@@ -207,16 +207,7 @@ fn a_request_head_that_never_completes_is_closed_while_others_are_served() {
     assert_eq!(sse.next_delivery().text(), "served");
     drop(probe);
 
-    let mut buf = [0u8; 256];
-    match slow.read(&mut buf) {
-        Ok(0) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
-        Ok(n) => panic!(
-            "an incomplete head got an answer instead of a close: {:?}",
-            String::from_utf8_lossy(&buf[..n])
-        ),
-        Err(e) => panic!("an incomplete head was not closed at the head timeout: {e}"),
-    }
+    closed_unanswered(&mut slow, "an incomplete head");
     // A connection that completes its head in time is not affected.
     gw.healthz();
 }
@@ -229,15 +220,21 @@ fn a_connection_that_never_speaks_is_closed_too() {
     // than left in the kernel or held for good.
     let gw = Gateway::start(&["--head-timeout-ms", "1000", "--cores", "1"]);
     let mut silent = tcp_connect(gw.listen, None, None);
+    closed_unanswered(&mut silent, "a silent connection");
+    gw.healthz();
+}
+
+/// Waits (under the read timeout) for the gateway to close `stream`
+/// without having answered anything on it; `what` names it in failures.
+fn closed_unanswered(stream: &mut std::net::TcpStream, what: &str) {
     let mut buf = [0u8; 256];
-    match silent.read(&mut buf) {
+    match stream.read(&mut buf) {
         Ok(0) => {}
         Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
         Ok(n) => panic!(
-            "a silent connection got an answer instead of a close: {:?}",
+            "{what} got an answer instead of a close: {:?}",
             String::from_utf8_lossy(&buf[..n])
         ),
-        Err(e) => panic!("a silent connection was never closed: {e}"),
+        Err(e) => panic!("{what} was never closed: {e}"),
     }
-    gw.healthz();
 }
