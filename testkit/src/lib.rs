@@ -836,12 +836,7 @@ impl WsClient {
     pub fn next_message(&mut self) -> Message {
         match self.ws.read() {
             Ok(m) => m,
-            Err(tungstenite::Error::Io(e))
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
+            Err(tungstenite::Error::Io(e)) if is_read_timeout(&e) => {
                 panic!(
                     "ws {}: nothing received within the {IO_TIMEOUT:?} safety net",
                     self.path
@@ -872,6 +867,16 @@ impl WsClient {
     pub fn deliveries(&mut self, n: usize) -> Vec<Delivery> {
         (0..n).map(|_| self.next_delivery()).collect()
     }
+}
+
+/// Whether a read failed because the socket's read timeout (the tests'
+/// safety net) passed: Linux reports it as `WouldBlock`, others as
+/// `TimedOut`.
+pub fn is_read_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
 }
 
 /// A client socket connected to `addr` from `source` (any loopback address
@@ -1380,12 +1385,7 @@ impl SseClient {
                 Ok(0) => panic!("SSE {}: stream ended inside an event", self.path),
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::ConnectionReset && !any => return None,
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                    ) =>
-                {
+                Err(e) if is_read_timeout(&e) => {
                     panic!(
                         "SSE {}: nothing received within the {IO_TIMEOUT:?} safety net",
                         self.path

@@ -174,12 +174,7 @@ fn client(
                         }
                         Ok(Message::Binary(b)) => panic!("client {client}: binary frame {b:?}"),
                         Ok(_) => {}
-                        Err(tungstenite::Error::Io(e))
-                            if matches!(
-                                e.kind(),
-                                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                            ) =>
-                        {
+                        Err(tungstenite::Error::Io(e)) if is_read_timeout(&e) => {
                             panic!("client {client}: nothing received within {IO_TIMEOUT:?}")
                         }
                         Err(e) => break End::Failed(e.to_string()),
