@@ -75,8 +75,13 @@ fn keys() -> Arc<KeySet> {
 /// Checks a subscribing request's token against the current keys at the
 /// wall-clock time of the handshake, and every requested channel against
 /// its grant. Returns the seconds left until the connection's authorization
-/// ends: the token's `exp` plus the leeway the handshake allowed.
-pub fn check(cfg: &Config, token: Option<&str>, channels: &[String]) -> Result<u64, Denied> {
+/// ends (the token's `exp` plus the leeway the handshake allowed) and the
+/// grant.
+pub fn check(
+    cfg: &Config,
+    token: Option<&str>,
+    channels: &[String],
+) -> Result<(u64, Grant), Denied> {
     let now_unix_s = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
@@ -85,8 +90,9 @@ pub fn check(cfg: &Config, token: Option<&str>, channels: &[String]) -> Result<u
     if let Some(refused) = channels.iter().find(|c| !grant.allows(c)) {
         return Err(Denied::Channel(refused.clone()));
     }
-    Ok(grant
+    let seconds_left = grant
         .expires_at_s
         .saturating_add(cfg.auth_leeway_s)
-        .saturating_sub(now_unix_s))
+        .saturating_sub(now_unix_s);
+    Ok((seconds_left, grant))
 }

@@ -103,6 +103,15 @@ impl Cli {
         cfg.origins =
             protocol::origin::Origins::new(&cfg.allowed_origins, cfg.cors_allow_credentials)
                 .map_err(|e| e.to_string())?;
+        cfg.ws_subprotocols_spoken = cfg.ws_subprotocols.clone();
+        if !cfg
+            .ws_subprotocols_spoken
+            .iter()
+            .any(|p| p == protocol::upstream::SUBPROTOCOL)
+        {
+            cfg.ws_subprotocols_spoken
+                .push(protocol::upstream::SUBPROTOCOL.to_string());
+        }
         cfg.validate()?;
         Ok(cfg)
     }

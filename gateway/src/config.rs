@@ -170,6 +170,43 @@ pub struct Config {
     /// frames. Empty (the default): the header is never answered.
     #[arg(long = "ws-subprotocol", value_name = "NAME")]
     pub ws_subprotocols: Vec<String>,
+    /// ZeroMQ endpoints the upstream socket (PUSH) binds, where hub workers
+    /// connect a PULL socket to receive what clients send (repeatable).
+    /// With neither this nor `upstream_connect`, clients cannot send: a
+    /// message gets the error `upstream not configured`.
+    #[arg(long = "upstream-bind", value_name = "ENDPOINT")]
+    pub upstream_bind: Vec<String>,
+    /// ZeroMQ endpoints of hub workers (a bound PULL socket) the upstream
+    /// socket connects to (repeatable). Messages are spread over the hubs
+    /// connected at the time, round-robin.
+    #[arg(long = "upstream-connect", value_name = "ENDPOINT")]
+    pub upstream_connect: Vec<String>,
+    /// Messages the upstream socket holds per hub before the gateway stops
+    /// reading from the clients that send (its ZeroMQ send high-water mark).
+    #[arg(long, value_name = "N", default_value_t = 10_000)]
+    pub upstream_hwm_messages: i32,
+    /// Send connect, disconnect (with the reason), subscribe and
+    /// unsubscribe events of WebSocket and SSE streams upstream, so a hub
+    /// can keep presence and membership.
+    #[arg(long)]
+    pub upstream_presence: bool,
+    /// Token claims given to the hubs with every upstream message (besides
+    /// `sub`), by name (repeatable); absent claims are left out.
+    #[arg(long = "upstream-claim", value_name = "NAME")]
+    pub upstream_claims: Vec<String>,
+    /// Messages a second one connection may send (a token bucket holding a
+    /// second's worth); over it a message is refused with
+    /// `rate limit: messages per second`.
+    #[arg(long, value_name = "N", default_value_t = 100)]
+    pub send_messages_per_s: u32,
+    /// Payload bytes a second one connection may send, the same way
+    /// (`rate limit: bytes per second`).
+    #[arg(long, value_name = "BYTES", default_value_t = 262_144)]
+    pub send_bytes_per_s: u32,
+    /// How long a `POST /publish` waits for room upstream while the hubs
+    /// are slow or gone, before it is answered 503.
+    #[arg(long, value_name = "MS", default_value_t = 10_000)]
+    pub publish_wait_ms: u64,
     /// `/readyz` answers 503 `no_publisher` while the ZeroMQ socket has no
     /// peer (no publisher or forwarder connected), so a load balancer sends
     /// clients only to gateways that can deliver. Off by default: with a
@@ -241,6 +278,11 @@ pub struct Config {
     #[serde(skip)]
     #[arg(skip)]
     pub proxy_trusted: Vec<ipnet::IpNet>,
+    /// `ws_subprotocols` and the gateway's own ([`protocol::upstream::SUBPROTOCOL`]),
+    /// which it always speaks.
+    #[serde(skip)]
+    #[arg(skip)]
+    pub ws_subprotocols_spoken: Vec<String>,
     /// `allowed_origins`, checked and with its header lines written once.
     #[serde(skip)]
     #[arg(skip)]
@@ -390,6 +432,15 @@ impl Config {
                 "ws_subprotocols: {bad:?} is not a token (letters, digits, !#$%&'*+-.^_`|~)"
             ));
         }
+        if self.upstream_hwm_messages < 1 {
+            return Err("upstream_hwm_messages must be at least 1".into());
+        }
+        if self.send_messages_per_s == 0 || self.send_bytes_per_s == 0 {
+            return Err("send_messages_per_s and send_bytes_per_s must be greater than 0".into());
+        }
+        if self.send_messages_per_s > 1_000_000 {
+            return Err("send_messages_per_s must be at most 1000000".into());
+        }
         if self.zmq_bind.is_empty() && self.zmq_connect.is_empty() {
             return Err("no ZeroMQ endpoint: set zmq_bind or at least one zmq_connect".into());
         }
@@ -492,7 +543,7 @@ impl Config {
             channel_name_bytes_max: self.channel_name_bytes_max,
             channels_per_connection_max: self.channels_per_connection_max,
             echo_path: (!self.ws_echo_path.is_empty()).then_some(self.ws_echo_path.as_str()),
-            ws_subprotocols: &self.ws_subprotocols,
+            ws_subprotocols: &self.ws_subprotocols_spoken,
         }
     }
 }

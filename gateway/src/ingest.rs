@@ -124,6 +124,13 @@ impl Message {
 /// What ingest sends a core, in the order it happened.
 pub enum ToCore {
     Message(Arc<Message>),
+    /// A message for one connection of this core: its slab key and serial
+    /// (the entry may hold another connection by now). It has no id.
+    Direct {
+        key: u32,
+        serial: u32,
+        msg: Arc<Message>,
+    },
     /// The SUB socket no longer subscribes to this channel (demand mode,
     /// after the linger): publications on it may be missed from now on, so
     /// its history here no longer shows everything since its first message.
@@ -375,6 +382,14 @@ pub fn open(ctx: &zmq::Context, cfg: &Config) -> Result<(zmq::Socket, Bound), St
         sub.set_subscribe(b"")
             .map_err(|e| format!("zmq subscribe: {e}"))?;
         crate::ops::metrics::set_zmq_subscriptions(1);
+    } else {
+        // Replies to this gateway's connections, whichever they are: one
+        // subscription (an address starts with the instance).
+        let prefix = protocol::upstream::Address::instance_prefix(
+            crate::upstream::addresses().instance(),
+        );
+        sub.set_subscribe(prefix.as_bytes())
+            .map_err(|e| format!("zmq subscribe: {e}"))?;
     }
     watch_peers(ctx, &sub)?;
     let mut bound = Bound { endpoint: None };
@@ -603,6 +618,9 @@ impl Ingest<'_> {
                 return true;
             }
         };
+        if let Some(to) = checked.connection {
+            return self.direct(to, &checked);
+        }
         if let Some(demand) = &self.demand {
             if !demand.wants(checked.channel) {
                 // A longer name let through by a prefix subscription, or one
@@ -655,6 +673,24 @@ impl Ingest<'_> {
         }
         alive > 0
     }
+
+    /// A message for one connection: to its core, if it is one of this
+    /// gateway's (every gateway gets it with `zmq_subscribe = all`).
+    fn direct(&mut self, to: protocol::upstream::Address, checked: &Checked) -> bool {
+        let core = self.cores.get(usize::from(to.core));
+        let Some(core) = core.filter(|_| crate::upstream::addresses().is_ours(&to)) else {
+            crate::ops::metrics::note_dropped(9);
+            debug!(to = checked.channel, "message for a connection of another gateway");
+            return true;
+        };
+        let msg = Message::encode(0, checked.channel, checked.event.as_deref(), checked.payload);
+        core.deliver(ToCore::Direct {
+            key: to.key,
+            serial: to.serial,
+            msg: Arc::new(msg),
+        });
+        true
+    }
 }
 
 #[cfg(test)]
@@ -665,6 +701,7 @@ mod tests {
     fn checked<'a>(channel: &'a str, id: Option<u64>) -> Checked<'a> {
         Checked {
             channel,
+            connection: None,
             event: None,
             id,
             payload: b"",

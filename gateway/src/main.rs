@@ -16,6 +16,7 @@ mod ops;
 mod request;
 #[allow(unsafe_code)]
 mod sys;
+mod upstream;
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -88,6 +89,8 @@ fn run(cfg: &'static Config) -> Result<(), String> {
 
     let ctx = zmq::Context::new();
     let (sub, bound) = ingest::open(&ctx, cfg)?;
+    // Before the cores, which connect to its relay.
+    let upstream_bound = upstream::start(&ctx, cfg)?;
 
     // This process's ids: a counter from the start time in milliseconds (so
     // ids grow across restarts) with a random tag in the low bits (the
@@ -137,6 +140,7 @@ fn run(cfg: &'static Config) -> Result<(), String> {
         sweeps.push(alive.clone());
         let per_ip = per_ip.clone();
         let interest = interest_tx.clone();
+        let ctx = upstream_bound.as_ref().map(|_| ctx.clone());
         let thread = std::thread::Builder::new()
             .name(format!("core-{index}"))
             .spawn(move || {
@@ -158,8 +162,16 @@ fn run(cfg: &'static Config) -> Result<(), String> {
                 };
                 rt.block_on(async move {
                     let admission = Admission::new(cfg, cores, per_ip, 0);
+                    let upstream = match ctx.as_ref().map(upstream::CoreUpstream::open) {
+                        None => None,
+                        Some(Ok(up)) => Some(up),
+                        Some(Err(e)) => {
+                            let _ = ready.send(Err(format!("core {index}: {e}")));
+                            return;
+                        }
+                    };
                     let core = match Core::new(
-                        index, cfg, first_id, published, counts, admission, interest,
+                        index, cfg, first_id, published, counts, admission, interest, upstream,
                     ) {
                         Ok(core) => Rc::new(core),
                         Err(e) => {
@@ -220,12 +232,19 @@ fn run(cfg: &'static Config) -> Result<(), String> {
         cores,
         zmq_bind = bound.endpoint.as_deref().unwrap_or("-"),
         zmq_connect = ?cfg.zmq_connect,
+        upstream_bind = ?upstream_bound,
+        upstream_connect = ?cfg.upstream_connect,
         "gateway ready"
     );
     let mut stdout = std::io::stdout();
+    // The upstream endpoint(s) bound, when there are any (port `*` picks one).
+    let upstream_field = match upstream_bound.as_deref() {
+        Some(bound) if !bound.is_empty() => format!(" upstream={}", bound.join(",")),
+        _ => String::new(),
+    };
     let _ = writeln!(
         stdout,
-        "READY listen={listen_addr} zmq={}",
+        "READY listen={listen_addr} zmq={}{upstream_field}",
         bound.endpoint.as_deref().unwrap_or("-")
     );
     let _ = stdout.flush();

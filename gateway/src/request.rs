@@ -26,11 +26,14 @@ use protocol::id::Cursor;
 use protocol::origin::{Verdict, PATTERN_SLOT};
 use protocol::proxy::{self, ProxyParsed};
 use protocol::sse;
+use protocol::token::Grant;
+use protocol::upstream;
 use protocol::ws;
 use rand::Rng;
 use tracing::{debug, info, warn};
 
 use crate::core::events::{Echo, Read};
+use crate::core::conn::{Identity, TwoWay};
 use crate::core::{Core, Drain, PollAnswer, State, Transport, SSE_RETRY_MS_MAX, SSE_RETRY_MS_MIN};
 use crate::ops::drain::draining;
 
@@ -209,9 +212,11 @@ impl<'a> Io<'a> {
             if let Err(close) = self.check_origin(&request, origin.as_deref()) {
                 return Phase::Close(close);
             }
-            if let Err(close) = self.authorize(&request) {
-                return Phase::Close(close);
-            }
+            // Boxed: a task is as large as what it holds across an await.
+            let grant = match self.authorize(&request) {
+                Ok(grant) => grant.map(Box::new),
+                Err(close) => return Phase::Close(close),
+            };
             match request {
                 Request::Ready { keep_alive, head } => {
                     // While draining, every response is the connection's last.
@@ -242,11 +247,12 @@ impl<'a> Io<'a> {
                     pending = leftover;
                 }
                 Request::LongPoll {
-                    channels,
+                    mut channels,
                     since,
                     keep_alive,
                     ..
                 } => {
+                    self.add_user_channel(&mut channels, grant.as_deref());
                     pending = leftover;
                     match Box::pin(self.long_poll(&channels, since, keep_alive, &mut pending)).await
                     {
@@ -262,25 +268,30 @@ impl<'a> Io<'a> {
                 // Streams live long: what the request allocated is handed
                 // over and freed before they settle in.
                 Request::Sse {
-                    channels,
+                    mut channels,
                     last_event_id,
                     chunked,
                     ..
                 } => {
                     drop(leftover);
+                    self.add_user_channel(&mut channels, grant.as_deref());
                     self.start_sse(channels, last_event_id, chunked);
                     self.park();
                     return Phase::Parked;
                 }
                 Request::WebSocket {
-                    channels,
+                    mut channels,
                     accept,
                     protocol,
                     since,
                     ..
                 } => {
                     let response = ws::switching_protocols_response(&accept, protocol);
-                    return match self.start_websocket(channels, response, since, leftover) {
+                    self.add_user_channel(&mut channels, grant.as_deref());
+                    let two_way = (protocol == Some(upstream::SUBPROTOCOL))
+                        .then(|| self.two_way(grant));
+                    return match self.start_websocket(channels, response, since, leftover, two_way)
+                    {
                         Ok(()) => {
                             self.park();
                             Phase::Parked
@@ -456,26 +467,26 @@ impl<'a> Io<'a> {
     /// every channel it asks for: 401 (with `WWW-Authenticate`) or 403
     /// otherwise. A granted connection keeps its expiry in its slab entry,
     /// where the sweep finds it (no timer per connection).
-    fn authorize(&mut self, request: &Request) -> Result<(), Close> {
+    fn authorize(&mut self, request: &Request) -> Result<Option<Grant>, Close> {
         if !self.core.cfg.auth {
-            return Ok(());
+            return Ok(None);
         }
         let channels = match request {
             Request::WebSocket { channels, .. }
             | Request::Sse { channels, .. }
             | Request::LongPoll { channels, .. } => channels,
-            _ => return Ok(()),
+            _ => return Ok(None),
         };
         let (status, reason, response) =
             match crate::auth::check(self.core.cfg, request.token(), channels) {
-                Ok(seconds_left) => {
+                Ok((seconds_left, grant)) => {
                     // +1: the core clock is whole seconds, so "now" may be up
                     // to a second old; expiry never comes early.
                     let seconds_left = seconds_left.min(u64::from(u32::MAX / 2)) as u32 + 1;
                     self.with_conn(|c, core| {
                         c.auth_expires_s = core.now_s().saturating_add(seconds_left)
                     });
-                    return Ok(());
+                    return Ok(Some(grant));
                 }
                 Err(crate::auth::Denied::Token(e)) => (
                     e.status(),
@@ -577,6 +588,49 @@ impl<'a> Io<'a> {
         self.core.cfg.history_messages * self.core.cfg.channels_per_connection_max
     }
 
+    /// A token's user channel (`#` and its `sub`) joins the channels asked
+    /// for: the hubs' messages for this user reach every connection of it.
+    fn add_user_channel(&self, channels: &mut Vec<String>, grant: Option<&Grant>) {
+        let Some(sub) = grant.and_then(|g| g.sub.as_deref()) else {
+            return;
+        };
+        match upstream::user_channel(sub, self.core.cfg.channel_name_bytes_max) {
+            Some(name) if !channels.contains(&name) => channels.push(name),
+            Some(_) => {}
+            None => debug!(
+                peer = %self.client(),
+                "token sub cannot name a user channel (too long, or a space, quote or backslash)"
+            ),
+        }
+    }
+
+    /// A two-way WebSocket's state: its send budget, and with a token what
+    /// it may read and send and what the hubs are told about it.
+    fn two_way(&self, grant: Option<Box<Grant>>) -> Box<TwoWay> {
+        let cfg = self.core.cfg;
+        let identity = grant.map(|g| {
+            let claims: serde_json::Map<String, serde_json::Value> = cfg
+                .upstream_claims
+                .iter()
+                .filter_map(|name| Some((name.clone(), g.claims.get(name)?.clone())))
+                .collect();
+            Box::new(Identity {
+                sub: g.sub.as_deref().map(Into::into),
+                claims: (!claims.is_empty())
+                    .then(|| serde_json::Value::Object(claims).to_string().into()),
+                read: g.patterns().into(),
+                send: g.send.clone().into(),
+            })
+        });
+        Box::new(TwoWay {
+            message: Vec::new(),
+            binary: false,
+            paused: false,
+            budget: upstream::SendBudget::new(&self.core.send_limits(), self.core.clock_ms()),
+            identity,
+        })
+    }
+
     /// Subscribes an SSE client and queues the head and what it missed;
     /// `chunked` (HTTP/1.1) sends the stream as a chunked body.
     fn start_sse(&mut self, channels: Vec<String>, since: Option<Cursor>, chunked: bool) {
@@ -592,6 +646,13 @@ impl<'a> Io<'a> {
         let mut events = Vec::with_capacity(64);
         let retry_ms = rand::thread_rng().gen_range(SSE_RETRY_MS_MIN..=SSE_RETRY_MS_MAX);
         sse::encode_retry(&mut events, retry_ms);
+        if self.core.upstream.is_some() {
+            // Two-way is on: the client's POSTs name this stream, and the
+            // hubs' replies to it come here.
+            let address = self.with_conn(|c, core| core.address_of(self.key, c).encode());
+            upstream::encode_sse_welcome(&address, &mut events);
+        }
+        self.core.presence_open(self.key);
         for gap in &resume.gaps {
             envelope::encode_sse_gap(gap, &mut events);
         }
@@ -752,10 +813,24 @@ impl<'a> Io<'a> {
         response: Vec<u8>,
         since: Option<Cursor>,
         leftover: Vec<u8>,
+        two_way: Option<Box<TwoWay>>,
     ) -> Result<(), Close> {
         self.core.stats.handshake("ws");
         self.queue(response.into());
         let resume = self.subscribe(&channels, since, Transport::WebSocket, self.replay_all());
+        if let Some(two_way) = two_way {
+            // The subprotocol: the client learns its address first.
+            let address = self.with_conn(|c, core| {
+                if let State::WebSocket { session } = &mut c.state {
+                    session.two_way = Some(two_way);
+                }
+                core.address_of(self.key, c).encode()
+            });
+            let mut welcome = Vec::with_capacity(96);
+            upstream::encode_welcome(&address, &mut welcome);
+            self.queue(welcome.into());
+        }
+        self.core.presence_open(self.key);
         if !resume.gaps.is_empty() {
             let mut out = Vec::new();
             for gap in &resume.gaps {
@@ -776,11 +851,19 @@ impl<'a> Io<'a> {
             return Ok(());
         }
         let mut out = Vec::new();
+        let mut complete: Vec<(Vec<u8>, bool)> = Vec::new();
         let end = self.with_conn(|c, _| match &mut c.state {
-            State::WebSocket { session, echo } => {
-                session.input(&mut leftover, &mut out, &mut |part, out| {
+            State::WebSocket { session } => {
+                let crate::core::WsSession {
+                    frames,
+                    echo,
+                    two_way,
+                } = &mut **session;
+                frames.input(&mut leftover, &mut out, &mut |part, out| {
                     if let Some(state) = echo.as_mut() {
                         crate::core::events::echo_part(state, part, out);
+                    } else if let Some(t) = two_way.as_deref_mut() {
+                        crate::core::events::collect(t, part, &mut complete);
                     }
                 })
             }
@@ -788,6 +871,10 @@ impl<'a> Io<'a> {
         });
         if !out.is_empty() {
             self.queue(out.into());
+        }
+        let key = self.key;
+        for (message, binary) in complete {
+            self.with_conn(|c, core| core.client_message(c, key, &message, binary));
         }
         if let Some(end) = end {
             self.with_conn(|c, _| crate::core::events::log_session_end(c, end));

@@ -21,6 +21,8 @@ use crate::ws::{self, OpCode};
 #[derive(Debug, Clone, Copy)]
 pub struct Publication<'a> {
     pub channel: &'a str,
+    /// 0 for a message sent to one connection: it has no id (it is not
+    /// kept, so nothing resumes to it) and moves no cursor.
     pub id: Cursor,
     /// SSE event name chosen by the publisher (validated by the caller: no CR/LF).
     pub event: Option<&'a str>,
@@ -57,7 +59,9 @@ pub fn encode_ws(p: &Publication, out: &mut Vec<u8>) {
 /// `event.data` is always meta + "\n" + payload.
 pub fn encode_sse(p: &Publication, out: &mut Vec<u8>) {
     let text = std::str::from_utf8(p.payload).ok();
-    push_field_with(out, "id", |out| push_u64(out, p.id));
+    if p.id != 0 {
+        push_field_with(out, "id", |out| push_u64(out, p.id));
+    }
     if let Some(event) = p.event {
         debug_assert!(!event.contains(['\r', '\n']), "event name with CR/LF");
         sse::push_field(out, "event", event.as_bytes());
@@ -165,9 +169,11 @@ fn write_meta_fields<W: Write>(w: &mut W, p: &Publication) -> io::Result<()> {
     w.write_all(b"{\"channel\":")?;
     write_json_str(w, p.channel)?;
     // The id is a string: JSON numbers lose precision above 2^53 in JavaScript.
-    w.write_all(b",\"id\":\"")?;
-    write_u64(w, p.id)?;
-    w.write_all(b"\"")?;
+    if p.id != 0 {
+        w.write_all(b",\"id\":\"")?;
+        write_u64(w, p.id)?;
+        w.write_all(b"\"")?;
+    }
     if let Some(event) = p.event {
         w.write_all(b",\"event\":")?;
         write_json_str(w, event)?;

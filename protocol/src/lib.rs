@@ -20,6 +20,8 @@
 //! - [`id`]: message ids and cursors, the publisher's and the gateway's.
 //! - [`channel`]: channel names.
 //! - [`publication`]: the frames a publisher sends over ZeroMQ, checked.
+//! - [`upstream`]: two-way traffic: client messages and control messages,
+//!   the frames sent up to the hubs, connection addresses and replies.
 //! - [`limits`]: every default limit, with units in the names.
 
 #![forbid(unsafe_code)]
@@ -34,4 +36,5 @@ pub mod proxy;
 pub mod publication;
 pub mod sse;
 pub mod token;
+pub mod upstream;
 pub mod ws;

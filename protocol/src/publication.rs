@@ -6,7 +6,6 @@
 
 use serde_json::Value;
 
-use crate::channel::valid_channel_name;
 use crate::id::GATEWAY_ID_FLOOR;
 use crate::limits::EVENT_NAME_BYTES_MAX;
 
@@ -42,7 +41,12 @@ pub enum PublicationError {
 /// A publication that passed the checks.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Checked<'a> {
+    /// The channel (a user channel included), or, for a message to one
+    /// connection, `!` and its address as the publisher wrote it.
     pub channel: &'a str,
+    /// A message to one connection (the first frame was `!` and an
+    /// address): it has no id and is not kept.
+    pub connection: Option<crate::upstream::Address>,
     pub event: Option<String>,
     /// The publisher's id for the message, if it gave one.
     pub id: Option<u64>,
@@ -57,12 +61,14 @@ pub fn check_frames<'a, F: AsRef<[u8]>>(
     if frames.len() != 2 && frames.len() != 3 {
         return Err(PublicationError::WrongFrameCount(frames.len()));
     }
-    let channel = frames[0].as_ref();
-    if !valid_channel_name(channel, limits.channel_name_bytes_max) {
-        return Err(PublicationError::BadChannelName);
-    }
-    // Valid names are ASCII, so this cannot fail.
-    let channel = std::str::from_utf8(channel).map_err(|_| PublicationError::BadChannelName)?;
+    let first = frames[0].as_ref();
+    let connection = match crate::upstream::destination(first, limits.channel_name_bytes_max) {
+        None => return Err(PublicationError::BadChannelName),
+        Some(crate::upstream::Destination::Connection(a)) => Some(a),
+        Some(crate::upstream::Destination::Channel(_)) => None,
+    };
+    // Valid destinations are ASCII, so this cannot fail.
+    let channel = std::str::from_utf8(first).map_err(|_| PublicationError::BadChannelName)?;
     let payload = frames[1].as_ref();
     if payload.len() > limits.payload_bytes_max {
         return Err(PublicationError::PayloadTooLarge {
@@ -74,8 +80,14 @@ pub fn check_frames<'a, F: AsRef<[u8]>>(
         Some(meta) => parse_meta(meta.as_ref())?,
         None => (None, None),
     };
+    if connection.is_some() && id.is_some() {
+        // A message to one connection is not kept, so it has no position
+        // anyone could resume from.
+        return Err(PublicationError::BadId);
+    }
     Ok(Checked {
         channel,
+        connection,
         event,
         id,
         payload,
@@ -148,6 +160,7 @@ mod tests {
             check_frames(&two, &LIMITS).unwrap(),
             Checked {
                 channel: "news",
+                connection: None,
                 event: None,
                 id: None,
                 payload: &b"hello"[..]
@@ -160,6 +173,36 @@ mod tests {
         let nulls: [&[u8]; 3] = [b"news", b"", br#"{"event":null,"id":null}"#];
         let checked = check_frames(&nulls, &LIMITS).unwrap();
         assert_eq!((checked.event, checked.id), (None, None));
+    }
+
+    #[test]
+    fn a_reply_names_a_user_channel_or_one_connection_which_takes_no_id() {
+        let user: [&[u8]; 2] = [b"#auth0|42", b"hi"];
+        let checked = check_frames(&user, &LIMITS).unwrap();
+        assert_eq!((checked.channel, checked.connection), ("#auth0|42", None));
+        let address = crate::upstream::Address {
+            instance: 1,
+            core: 0,
+            key: 2,
+            serial: 3,
+            tag: 4,
+        };
+        let to = format!("!{}", address.encode());
+        let direct: [&[u8]; 2] = [to.as_bytes(), b"hi"];
+        let checked = check_frames(&direct, &LIMITS).unwrap();
+        assert_eq!(checked.connection, Some(address));
+        assert_eq!(checked.channel, to);
+        let with_id: [&[u8]; 3] = [to.as_bytes(), b"hi", br#"{"id":5}"#];
+        assert_eq!(check_frames(&with_id, &LIMITS), Err(PublicationError::BadId));
+        let with_event: [&[u8]; 3] = [to.as_bytes(), b"hi", br#"{"event":"reply"}"#];
+        assert!(check_frames(&with_event, &LIMITS).is_ok());
+        for bad in [&b"!0123"[..], b"#", b"#a b", b"!"] {
+            let f: [&[u8]; 2] = [bad, b"x"];
+            assert_eq!(
+                check_frames(&f, &LIMITS),
+                Err(PublicationError::BadChannelName)
+            );
+        }
     }
 
     #[test]

@@ -32,6 +32,9 @@
 //!     stricter side (`exp` down, `nbf` up).
 //!   - `channels` (required): an array of channel patterns (below). An empty
 //!     array is a valid token that allows no channel.
+//!   - `send` (optional): the channels the client may send messages on
+//!     (two-way traffic), patterns like `channels`; absent, it may send on
+//!     none.
 //!   - `sub` (optional): a string, handed on in the [`Grant`] for logs.
 //!   - `aud`: a string or an array of strings. When the set has audiences
 //!     ([`KeySet::set_audiences`]) the token must name one of them; when it
@@ -401,6 +404,10 @@ pub struct Grant {
     /// authorization runs out then (the leeway is not added).
     pub expires_at_s: u64,
     channels: Vec<ChannelPattern>,
+    /// The `send` claim's patterns (empty when absent).
+    pub send: Vec<ChannelPattern>,
+    /// The other claims, for the gateway to hand chosen ones to its hubs.
+    pub claims: serde_json::Map<String, Value>,
 }
 
 impl Grant {
@@ -413,6 +420,11 @@ impl Grant {
     /// The channel patterns of the token, in its order.
     pub fn patterns(&self) -> &[ChannelPattern] {
         &self.channels
+    }
+
+    /// Whether the token allows sending on `channel` (the `send` claim).
+    pub fn allows_send(&self, channel: &str) -> bool {
+        self.send.iter().any(|p| p.matches(channel))
     }
 }
 
@@ -629,14 +641,21 @@ pub fn verify(
         Some(Value::String(sub)) => Some(sub),
         Some(_) => return Err(TokenError::BadClaims),
     };
-    let channels = match claims.get("channels") {
-        None => return Err(TokenError::MissingChannels),
-        Some(Value::Array(entries)) => entries
+    let patterns = |v: &Value| match v {
+        Value::Array(entries) => entries
             .iter()
             .map(|entry| entry.as_str().and_then(ChannelPattern::parse))
             .collect::<Option<Vec<_>>>()
-            .ok_or(TokenError::BadClaims)?,
-        Some(_) => return Err(TokenError::BadClaims),
+            .ok_or(TokenError::BadClaims),
+        _ => Err(TokenError::BadClaims),
+    };
+    let channels = match claims.get("channels") {
+        None => return Err(TokenError::MissingChannels),
+        Some(v) => patterns(v)?,
+    };
+    let send = match claims.get("send") {
+        None => Vec::new(),
+        Some(v) => patterns(v)?,
     };
     check_audience(claims.get("aud"), &keys.audiences)?;
 
@@ -654,6 +673,8 @@ pub fn verify(
         sub,
         expires_at_s,
         channels,
+        send,
+        claims,
     })
 }
 
@@ -911,6 +932,23 @@ MBlcRTSWLU6Qtexw+8DN/pfCxwhX+V3u
     fn with_claims(token: &str, claims: &Value) -> String {
         let parts: Vec<&str> = token.split('.').collect();
         format!("{}.{}.{}", parts[0], b64(&claims.to_string()), parts[2])
+    }
+
+    #[test]
+    fn the_send_claim_is_separate_from_what_may_be_read_and_other_claims_are_kept() {
+        let keys = keys();
+        let grant = verify(&hs(&claims()), &keys, NOW, 0).unwrap();
+        assert!(grant.allows("news") && !grant.allows_send("news"));
+        let with_send = json!({"exp": NOW + 60, "channels": ["news"], "send": ["chat.*"],
+            "role": "admin"});
+        let grant = verify(&hs(&with_send), &keys, NOW, 0).unwrap();
+        assert!(grant.allows_send("chat.1") && !grant.allows_send("news"));
+        assert!(!grant.allows("chat.1"));
+        assert_eq!(grant.claims.get("role"), Some(&json!("admin")));
+        for bad in [json!("chat"), json!(["a b"]), json!([1])] {
+            let token = hs(&json!({"exp": NOW + 60, "channels": [], "send": bad}));
+            assert_eq!(verify(&token, &keys, NOW, 0).unwrap_err(), TokenError::BadClaims);
+        }
     }
 
     #[test]

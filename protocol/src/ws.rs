@@ -626,13 +626,14 @@ pub struct ServerSession {
     text: bool,
     utf8: Utf8Stream,
     /// Payload of the control frame being received (≤ 125 bytes). Allocated
-    /// only while a control frame is in flight.
-    control: Vec<u8>,
+    /// only while a control frame is in flight, and one pointer otherwise
+    /// (a `Vec` would be three words on every connection).
+    control: Option<Box<Control>>,
     closing: Option<Closing>,
 }
 
 /// Bytes of session state per WebSocket connection.
-pub const SERVER_SESSION_BYTES_MAX: usize = 112;
+pub const SERVER_SESSION_BYTES_MAX: usize = 96;
 const _: () = assert!(core::mem::size_of::<ServerSession>() <= SERVER_SESSION_BYTES_MAX);
 
 impl ServerSession {
@@ -643,7 +644,7 @@ impl ServerSession {
             fin: true,
             text: false,
             utf8: Utf8Stream::default(),
-            control: Vec::new(),
+            control: None,
             closing: None,
         }
     }
@@ -697,13 +698,16 @@ impl ServerSession {
                             on_message(MessagePart::Start(h.opcode), out);
                         }
                         OpCode::Continuation => {}
-                        OpCode::Close | OpCode::Ping | OpCode::Pong => self.control.clear(),
+                        OpCode::Close | OpCode::Ping | OpCode::Pong => self.control = None,
                     }
                 }
                 Some(FrameEvent::Payload(r)) => {
                     let bytes = &buf[base + r.start..base + r.end];
                     if is_control(self.opcode) {
-                        self.control.extend_from_slice(bytes);
+                        // The decoder bounds a control payload to 125 bytes.
+                        if !bytes.is_empty() {
+                            self.control.get_or_insert_with(Box::default).push(bytes);
+                        }
                     } else if self.text && self.utf8.feed(bytes).is_err() {
                         self.violation(
                             close_code::INVALID_PAYLOAD,
@@ -727,13 +731,14 @@ impl ServerSession {
     ) {
         match self.opcode {
             OpCode::Ping => {
-                encode_frame(OpCode::Pong, &self.control, out);
-                self.control = Vec::new();
+                let payload = self.control.take();
+                encode_frame(OpCode::Pong, control_bytes(&payload), out);
             }
             // Unsolicited pongs are allowed and mean nothing (§5.5.3).
-            OpCode::Pong => self.control = Vec::new(),
+            OpCode::Pong => self.control = None,
             OpCode::Close => {
-                match parse_close_payload(&self.control) {
+                let payload = self.control.take();
+                match parse_close_payload(control_bytes(&payload)) {
                     Ok(None) => {
                         // No code received: reply with an empty close.
                         encode_frame(OpCode::Close, &[], out);
@@ -752,7 +757,6 @@ impl ServerSession {
                         out,
                     ),
                 }
-                self.control = Vec::new();
             }
             OpCode::Text | OpCode::Binary | OpCode::Continuation => {
                 if !self.fin {
@@ -778,6 +782,41 @@ impl ServerSession {
             self.closing = Some(Closing::Violation { code, rule });
         }
     }
+}
+
+/// A control frame's payload while it arrives.
+#[derive(Debug, Clone)]
+struct Control {
+    len: u8,
+    buf: [u8; WS_CONTROL_PAYLOAD_BYTES_MAX],
+}
+
+impl Default for Control {
+    fn default() -> Control {
+        Control {
+            len: 0,
+            buf: [0; WS_CONTROL_PAYLOAD_BYTES_MAX],
+        }
+    }
+}
+
+impl Control {
+    /// Appends what fits (the decoder never passes more than fits).
+    fn push(&mut self, bytes: &[u8]) {
+        let at = usize::from(self.len);
+        let n = bytes.len().min(self.buf.len() - at);
+        self.buf[at..at + n].copy_from_slice(&bytes[..n]);
+        self.len += n as u8;
+    }
+
+    fn bytes(&self) -> &[u8] {
+        &self.buf[..usize::from(self.len)]
+    }
+}
+
+/// A control frame's payload, empty if none arrived.
+fn control_bytes(control: &Option<Box<Control>>) -> &[u8] {
+    control.as_deref().map_or(&[], Control::bytes)
 }
 
 fn is_control(op: OpCode) -> bool {

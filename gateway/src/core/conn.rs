@@ -55,13 +55,9 @@ pub enum State {
         cursor: u64,
         keep_alive: bool,
     },
-    /// An open WebSocket (parked): its session (frame decoder, UTF-8 and
-    /// close state), boxed as no other state has one; on the conformance
-    /// endpoint, the echo's progress through the message.
-    WebSocket {
-        session: Box<ws::ServerSession>,
-        echo: Option<crate::core::events::Echo>,
-    },
+    /// An open WebSocket (parked): its session, boxed as no other state
+    /// has one.
+    WebSocket { session: Box<WsSession> },
     /// An open SSE stream (parked); `chunked` for an HTTP/1.1 request (see
     /// [`sse_bytes`]).
     Sse { chunked: bool },
@@ -69,6 +65,82 @@ pub enum State {
     /// message, heartbeat or deadline touches it any more. Once they have
     /// left it is half-closed (`shut_wr`) and waits for the peer's end.
     Closing { shut_wr: bool },
+}
+
+/// What an open WebSocket keeps, in one heap block: the frame session
+/// (decoder, UTF-8 and close state), and what its kind of endpoint needs
+/// besides. Fits the block the session alone needed (see the budget).
+#[derive(Debug)]
+pub struct WsSession {
+    pub frames: ws::ServerSession,
+    /// On the conformance endpoint, the echo's progress through the message.
+    pub echo: Option<crate::core::events::Echo>,
+    /// A client speaking the gateway's subprotocol: it sends messages.
+    pub two_way: Option<Box<TwoWay>>,
+}
+
+/// A WebSocket on the gateway's subprotocol ([`protocol::upstream`]).
+#[derive(Debug)]
+pub struct TwoWay {
+    /// The message being received, its parts so far (unallocated between
+    /// messages).
+    pub message: Vec<u8>,
+    pub binary: bool,
+    /// Not read until the core's upstream outbox is empty (backpressure).
+    pub paused: bool,
+    pub budget: protocol::upstream::SendBudget,
+    /// Who it is (auth on): what it may read and send, and what the hubs
+    /// are told.
+    pub identity: Option<Box<Identity>>,
+}
+
+/// What a token said that a two-way connection needs after its handshake.
+#[derive(Debug)]
+pub struct Identity {
+    pub sub: Option<Box<str>>,
+    /// The `upstream_claims` the token has, as a JSON object's text.
+    pub claims: Option<Box<str>>,
+    pub read: Box<[protocol::token::ChannelPattern]>,
+    pub send: Box<[protocol::token::ChannelPattern]>,
+}
+
+impl Identity {
+    pub fn may_read(&self, channel: &str) -> bool {
+        self.read.iter().any(|p| p.matches(channel))
+    }
+
+    pub fn may_send(&self, channel: &str) -> bool {
+        self.send.iter().any(|p| p.matches(channel))
+    }
+}
+
+/// Why an open stream ended, for the hubs' presence (`upstream_presence`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gone {
+    /// Not a stream (a request, a long-poll), or still open: the client
+    /// closed it, or its connection broke.
+    ClientClosed,
+    /// It broke a rule of RFC 6455 (closed with 1002, 1007, 1009).
+    ProtocolError,
+    SlowConsumer,
+    TokenExpired,
+    /// The gateway drains: the client comes back, probably elsewhere.
+    Drain,
+    /// Nothing heard within the heartbeat interval and the pong timeout.
+    DeadPeer,
+}
+
+impl Gone {
+    pub fn reason(self) -> &'static str {
+        match self {
+            Gone::ClientClosed => "client closed",
+            Gone::ProtocolError => "protocol error",
+            Gone::SlowConsumer => "slow consumer",
+            Gone::TokenExpired => "token expired",
+            Gone::Drain => "drain",
+            Gone::DeadPeer => "dead peer",
+        }
+    }
 }
 
 /// A held long-poll's answer.
@@ -97,8 +169,11 @@ impl State {
     /// A new WebSocket session for messages up to `message_bytes_max`.
     pub fn websocket(message_bytes_max: u64, echo: Option<crate::core::events::Echo>) -> State {
         State::WebSocket {
-            session: Box::new(ws::ServerSession::new(message_bytes_max)),
-            echo,
+            session: Box::new(WsSession {
+                frames: ws::ServerSession::new(message_bytes_max),
+                echo,
+                two_way: None,
+            }),
         }
     }
 }
@@ -233,6 +308,15 @@ pub struct Conn {
     /// headers): a long-poll answer shared by many clients goes out behind
     /// this client's own status line and CORS headers.
     pub cors: u8,
+    /// Which of the connections its slab entry has held this is (the
+    /// core's count at accept): part of its address, so that a reply to a
+    /// connection that closed never reaches the next one in its entry.
+    pub serial: u32,
+    /// The stream it opened (WebSocket or SSE), for the hubs' presence;
+    /// None before one opens, and for long-polls.
+    pub stream: Option<Transport>,
+    /// Why the stream ended (the first reason found).
+    pub gone: Gone,
 }
 
 /// `Conn::staged` when nothing of the batch is staged.
@@ -255,6 +339,11 @@ thread_local! {
 /// list and its entry in a channel's subscriber set. `bench idle` measures
 /// the process's RSS per connection against it (see the README).
 pub const IDLE_CONNECTION_BYTES_MAX: usize = 384;
+/// An open WebSocket's heap block: the frame session and what its kind
+/// of endpoint needs besides (a pointer). Two-way traffic added that
+/// pointer within the block the session alone took before.
+const WS_SESSION_BLOCK_BYTES_MAX: usize = 112;
+const _: () = assert!(heap_block_bytes(std::mem::size_of::<WsSession>()) <= WS_SESSION_BLOCK_BYTES_MAX);
 /// The slab entry (a `Conn` and the slab's tag). Raising it costs memory
 /// on every connection of the host; say why in the commit.
 const CONN_BYTES_MAX: usize = 168;
@@ -277,7 +366,7 @@ const SUBSCRIPTION_BYTES_MAX: usize = 2 * (16 + 9);
 /// without the session.
 const _: () = assert!(
     CONN_BYTES_MAX
-        + heap_block_bytes(std::mem::size_of::<ws::ServerSession>())
+        + heap_block_bytes(std::mem::size_of::<WsSession>())
         + heap_block_bytes(std::mem::size_of::<u32>())
         + SUBSCRIPTION_BYTES_MAX
         <= IDLE_CONNECTION_BYTES_MAX
@@ -312,6 +401,16 @@ impl Conn {
             counted_ip: false,
             expects_proxy_header: false,
             cors: 0,
+            serial: 0,
+            stream: None,
+            gone: Gone::ClientClosed,
+        }
+    }
+
+    /// Notes why the stream is ending, unless a reason was found already.
+    pub fn going(&mut self, why: Gone) {
+        if self.gone == Gone::ClientClosed {
+            self.gone = why;
         }
     }
 
@@ -366,6 +465,7 @@ impl Conn {
             Transport::Http | Transport::LongPoll | Transport::Closing => None,
         };
         if farewell.is_some() {
+            self.going(Gone::Drain);
             self.state = State::Closing { shut_wr: false };
             // The linger's deadline starts when the event loop sees it.
             self.deadline_s = 0;
@@ -393,6 +493,7 @@ impl Conn {
             }
             _ => None,
         };
+        self.going(Gone::TokenExpired);
         self.state = State::Closing { shut_wr: false };
         self.deadline_s = 0;
         self.drain = Drain::Asked;
@@ -455,6 +556,7 @@ impl Conn {
     /// there is no way to say why that a client would see. The caller
     /// writes once, then [`Conn::close_now`].
     pub fn slow_consumer_farewell(&mut self) {
+        self.going(Gone::SlowConsumer);
         let started = if self.sent_of_front > 0 {
             self.queue.pop_front()
         } else {

@@ -42,7 +42,7 @@ use bytes::Bytes;
 use protocol::ws::{self, Closing, MessagePart, OpCode};
 use tracing::{debug, info, warn};
 
-use crate::core::conn::NOT_STAGED;
+use crate::core::conn::{Gone, TwoWay, WsSession, NOT_STAGED};
 use crate::core::{yield_now, Conn, Core, Drain, PollAnswer, State, Transport};
 use crate::sys;
 
@@ -177,6 +177,10 @@ pub async fn event_loop(core: Rc<Core>, spawn: fn(Rc<Core>, u32)) {
 impl Core {
     /// One epoll event for connection `key`.
     fn on_event(&self, key: u32, flags: u32, tasks: &mut Vec<u32>) {
+        if key == crate::upstream::UPSTREAM_KEY {
+            self.flush_upstream();
+            return;
+        }
         let readable = flags
             & (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR) as u32
             != 0;
@@ -247,7 +251,7 @@ impl Core {
             };
             if !c.dead {
                 match c.transport() {
-                    Transport::WebSocket if c.readable => self.read_websocket(c),
+                    Transport::WebSocket if c.readable => self.read_websocket(c, key),
                     Transport::Sse | Transport::Closing if c.readable => discard_input(self, c),
                     Transport::LongPoll => self.serve_held_poll(c, key),
                     _ => {}
@@ -324,24 +328,37 @@ impl Core {
     }
 
     /// Reads an open WebSocket's frames through its session, queues the
-    /// replies, and turns it to `Closing` when the session ends.
-    fn read_websocket(&self, c: &mut Conn) {
+    /// replies, hands a two-way client's whole messages on, and turns it to
+    /// `Closing` when the session ends. A two-way client whose messages
+    /// wait for room upstream is not read (its input stays in the socket).
+    fn read_websocket(&self, c: &mut Conn, key: u32) {
         let max = self.cfg.outbound_queue_bytes_max;
         for _ in 0..WS_READS_PER_TURN {
             let mut out = Vec::new();
             let mut end = None;
+            let mut complete: Vec<(Vec<u8>, bool)> = Vec::new();
             let fd = c.fd;
             let read = {
-                let State::WebSocket { session, echo } = &mut c.state else {
+                let State::WebSocket { session } = &mut c.state else {
                     return;
                 };
+                if crate::core::two_way::paused(session) {
+                    return;
+                }
+                let WsSession {
+                    frames,
+                    echo,
+                    two_way,
+                } = &mut **session;
                 read_into(
                     self,
                     fd,
                     |bytes| {
-                        end = session.input(bytes, &mut out, &mut |part, out| {
+                        end = frames.input(bytes, &mut out, &mut |part, out| {
                             if let Some(state) = echo.as_mut() {
                                 echo_part(state, part, out);
+                            } else if let Some(t) = two_way.as_deref_mut() {
+                                collect(t, part, &mut complete);
                             }
                         })
                     },
@@ -351,8 +368,14 @@ impl Core {
             if !out.is_empty() {
                 send(c, Bytes::from(out), max);
             }
+            for (message, binary) in complete {
+                self.client_message(c, key, &message, binary);
+            }
             if let Some(end) = end {
                 log_session_end(c, end);
+                if matches!(end, Closing::Violation { .. }) {
+                    c.going(Gone::ProtocolError);
+                }
                 c.state = State::Closing { shut_wr: false };
                 c.deadline_s = 0;
                 return;
@@ -563,6 +586,19 @@ fn discard_input(core: &Core, c: &mut Conn) {
         }
     }
     c.wake();
+}
+
+/// Gathers a two-way client's message part by part (the session bounds
+/// its size); a whole one goes to `complete`.
+pub fn collect(t: &mut TwoWay, part: MessagePart<'_>, complete: &mut Vec<(Vec<u8>, bool)>) {
+    match part {
+        MessagePart::Start(op) => {
+            t.binary = op == OpCode::Binary;
+            t.message.clear();
+        }
+        MessagePart::Chunk(bytes) => t.message.extend_from_slice(bytes),
+        MessagePart::End => complete.push((std::mem::take(&mut t.message), t.binary)),
+    }
 }
 
 /// What the conformance endpoint's echo has sent of the message in

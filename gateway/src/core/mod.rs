@@ -24,13 +24,14 @@ pub mod events;
 
 use crate::admission::{Admission, Refusal};
 use crate::config::Config;
-use crate::ingest::{InterestTx, ToCore};
+use crate::ingest::{InterestTx, Message, ToCore};
 
 pub mod conn;
 pub mod registry;
+pub mod two_way;
 
 pub use self::conn::{
-    sse_bytes, Conn, Drain, PollAnswer, State, Transport, SSE_HEARTBEAT, SSE_HEARTBEAT_CHUNK,
+    sse_bytes, Conn, Drain, PollAnswer, State, Transport, WsSession, SSE_HEARTBEAT, SSE_HEARTBEAT_CHUNK,
     SSE_RETRY_MS_MAX, SSE_RETRY_MS_MIN, WS_PING,
 };
 pub use self::registry::{Registry, Resume};
@@ -82,6 +83,10 @@ pub struct Core {
     poll_gaps: RefCell<HashMap<u32, Vec<Box<str>>>>,
     /// Every connection's readiness (see `events`).
     pub epoll: crate::sys::Epoll,
+    /// This core's end of the path to the hubs (None: not configured).
+    pub upstream: Option<crate::upstream::CoreUpstream>,
+    /// Connections accepted so far: the next one's serial.
+    serials: Cell<u32>,
 }
 
 /// Size of the per-core receive buffer.
@@ -117,7 +122,13 @@ impl Core {
         conn_counts: Arc<[AtomicU64]>,
         admission: Admission,
         interest: Option<InterestTx>,
+        upstream: Option<crate::upstream::CoreUpstream>,
     ) -> std::io::Result<Core> {
+        let epoll = crate::sys::Epoll::new()?;
+        if let Some(up) = &upstream {
+            let fd = up.fd().map_err(std::io::Error::other)?;
+            epoll.add(fd, crate::upstream::UPSTREAM_KEY)?;
+        }
         Ok(Core {
             index,
             cfg,
@@ -145,7 +156,9 @@ impl Core {
                 .collect(),
             cors_by_conn: RefCell::new(HashMap::new()),
             poll_gaps: RefCell::new(HashMap::new()),
-            epoll: crate::sys::Epoll::new()?,
+            epoll,
+            upstream,
+            serials: Cell::new(0),
         })
     }
 
@@ -223,7 +236,10 @@ impl Core {
         let mut conns = self.conns.borrow_mut();
         let entry = conns.vacant_entry();
         let key = entry.key() as u32;
-        entry.insert(Conn::new(fd, key, client));
+        let mut conn = Conn::new(fd, key, client);
+        conn.serial = self.serials.get();
+        self.serials.set(conn.serial.wrapping_add(1));
+        entry.insert(conn);
         key
     }
 
@@ -231,6 +247,18 @@ impl Core {
     /// of the epoll set).
     pub fn deregister(&self, key: u32) {
         let conn = self.conns.borrow_mut().remove(key as usize);
+        if conn.stream.is_some() {
+            // Presence: what the hubs are told, before it leaves its
+            // channels (its user channel says who it was).
+            let back = conn.gone == conn::Gone::Drain;
+            self.presence(
+                protocol::upstream::Kind::Disconnect,
+                &conn,
+                key,
+                "",
+                Some((conn.gone.reason(), back)),
+            );
+        }
         // The entry owned the descriptor: closed once, here.
         drop(crate::sys::own(conn.fd));
         if conn.cors == PATTERN_SLOT {
@@ -351,7 +379,7 @@ impl Core {
         let counts: Arc<[AtomicU64]> = vec![AtomicU64::new(0)].into();
         let admission = Admission::new(cfg, 1, None, 0);
         let published = Arc::new(AtomicU64::new(published_through));
-        Core::new(0, cfg, 1, published, counts, admission, None).expect("an epoll set")
+        Core::new(0, cfg, 1, published, counts, admission, None, None).expect("an epoll set")
     }
 
     /// Runs `f` on connection `key`'s slab entry (which must exist: its
@@ -386,6 +414,7 @@ impl Core {
     pub fn open_stream(&self, c: &mut Conn, key: u32, state: State) {
         let now = self.now_s();
         c.state = state;
+        c.stream = Some(c.transport());
         c.last_heard_s = now;
         c.deadline_s = match self.cfg.heartbeat_interval_s() {
             Some(interval) => now + interval - key % (interval / 2 + 1),
@@ -430,6 +459,27 @@ impl Core {
                 handled += 1;
                 let msg = match item {
                     ToCore::Message(msg) => msg,
+                    ToCore::Direct { key, serial, msg } => {
+                        let Some(conn) = conns
+                            .get_mut(key as usize)
+                            .filter(|c| c.serial == serial && !c.dead)
+                        else {
+                            crate::ops::metrics::note_direct_undelivered();
+                            continue;
+                        };
+                        let Some(frame) = self.direct_frame(conn, key, &msg) else {
+                            crate::ops::metrics::note_direct_undelivered();
+                            continue;
+                        };
+                        deliveries += 1;
+                        delivered_bytes += frame.len() as u64;
+                        events::stage(conn, &mut stage, frame, cfg.outbound_queue_bytes_max);
+                        if !conn.dirty {
+                            conn.dirty = true;
+                            dirty.push(key);
+                        }
+                        continue;
+                    }
                     ToCore::Unsubscribed(name) => {
                         let published = self.published_through.load(Ordering::Acquire);
                         if let Some(subscribers) = registry.forget(&name, published) {
@@ -645,6 +695,41 @@ impl Core {
         handled
     }
 
+    /// What a message for one connection is on its transport: the shared
+    /// frame on a stream, a whole answer (with the poll's own cursor, as
+    /// the message has no id) for a held long-poll. None when it cannot
+    /// take one now (between requests, closing).
+    fn direct_frame(&self, conn: &mut Conn, key: u32, msg: &Message) -> Option<Bytes> {
+        match conn.transport() {
+            Transport::WebSocket => Some(msg.ws.clone()),
+            Transport::Sse => Some(sse_bytes(&msg.sse, conn.sse_chunked())),
+            Transport::LongPoll => {
+                let State::LongPoll {
+                    answer: answer @ PollAnswer::Waiting,
+                    cursor,
+                    ..
+                } = &mut conn.state
+                else {
+                    return None;
+                };
+                *answer = PollAnswer::Queued;
+                let cursor = *cursor;
+                conn.wake();
+                let mut out = Vec::new();
+                envelope::longpoll_response(
+                    &[msg.poll_item()],
+                    cursor,
+                    &[],
+                    true,
+                    &self.cors_lines(key, conn.cors),
+                    &mut out,
+                );
+                Some(Bytes::from(out))
+            }
+            Transport::Http | Transport::Closing => None,
+        }
+    }
+
     /// Once a second: expire deadlines, send the heartbeats that are due
     /// and close WebSockets that stopped answering them. One pass over the
     /// slab instead of a timer per connection (a monoio timer costs more
@@ -706,9 +791,16 @@ impl Core {
                     continue;
                 }
             };
+            if let State::WebSocket { session } = &conn.state {
+                if two_way::paused(session) {
+                    // Not read while the hubs are behind: not silent.
+                    conn.last_heard_s = now;
+                }
+            }
             if conn.transport() == Transport::WebSocket
                 && silence_s_max.is_some_and(|max| now.wrapping_sub(conn.last_heard_s) > max)
             {
+                conn.going(conn::Gone::DeadPeer);
                 debug!(
                     fd = conn.fd,
                     "websocket silent past the pong timeout, closing"
@@ -752,6 +844,9 @@ impl Core {
                 "new connections refused with 503 in the last second"
             );
         }
+        // An edge of the upstream socket's descriptor is not seen again
+        // once missed: look once a second.
+        self.flush_upstream();
         let mut snapshot = self.stats.snapshot(by_transport);
         snapshot.history_evictions = self.registry.borrow().evictions;
         crate::ops::metrics::publish(self.index, snapshot);

@@ -148,7 +148,7 @@ pub fn set_zmq_subscriptions(n: u64) {
 static MESSAGES_IN: AtomicU64 = AtomicU64::new(0);
 
 /// Why ingest dropped a publication, as the `reason` label says it.
-pub const DROP_REASONS: [&str; 9] = [
+pub const DROP_REASONS: [&str; 10] = [
     "wrong_frame_count",
     "bad_channel_name",
     "payload_too_large",
@@ -158,8 +158,58 @@ pub const DROP_REASONS: [&str; 9] = [
     "not_after_last",
     "ids_exhausted",
     "not_subscribed",
+    "not_here",
 ];
-static DROPPED: [AtomicU64; 9] = [const { AtomicU64::new(0) }; 9];
+static DROPPED: [AtomicU64; 10] = [const { AtomicU64::new(0) }; 10];
+
+/// Upstream message kinds, as the `kind` label says them
+/// (`protocol::upstream::Kind` order).
+pub const UPSTREAM_KINDS: [&str; 5] = ["message", "connect", "disconnect", "subscribe", "unsubscribe"];
+static UPSTREAM_MESSAGES: [AtomicU64; 5] = [const { AtomicU64::new(0) }; 5];
+static UPSTREAM_BYTES: AtomicU64 = AtomicU64::new(0);
+static UPSTREAM_BLOCKED_NS: AtomicU64 = AtomicU64::new(0);
+static UPSTREAM_PEERS: AtomicI64 = AtomicI64::new(0);
+/// Why a client's message (or a presence event) did not go upstream, as
+/// the `reason` label says it.
+pub const UPSTREAM_REFUSALS: [&str; 8] = [
+    "bad_message",
+    "channel_not_allowed",
+    "rate_messages",
+    "rate_bytes",
+    "not_configured",
+    "publish_timeout",
+    "presence_overflow",
+    "too_many_channels",
+];
+static UPSTREAM_REFUSED: [AtomicU64; 8] = [const { AtomicU64::new(0) }; 8];
+/// Messages for one connection that found it gone.
+static DIRECT_UNDELIVERED: AtomicU64 = AtomicU64::new(0);
+
+/// Counts one message handed to the hubs' socket (by the relay thread),
+/// by its kind's [`UPSTREAM_KINDS`] index, and its payload bytes.
+pub fn note_upstream(kind: usize, payload_bytes: usize) {
+    UPSTREAM_MESSAGES[kind].fetch_add(1, Ordering::Relaxed);
+    UPSTREAM_BYTES.fetch_add(payload_bytes as u64, Ordering::Relaxed);
+}
+
+/// Time the relay waited for room at the hubs.
+pub fn note_upstream_blocked(d: Duration) {
+    UPSTREAM_BLOCKED_NS.fetch_add(d.as_nanos() as u64, Ordering::Relaxed);
+}
+
+/// A hub connected (+1) or went away (-1).
+pub fn add_upstream_peers(delta: i64) -> i64 {
+    UPSTREAM_PEERS.fetch_add(delta, Ordering::Relaxed) + delta
+}
+
+/// Counts a refusal by its [`UPSTREAM_REFUSALS`] index.
+pub fn note_upstream_refused(reason: usize) {
+    UPSTREAM_REFUSED[reason].fetch_add(1, Ordering::Relaxed);
+}
+
+pub fn note_direct_undelivered() {
+    DIRECT_UNDELIVERED.fetch_add(1, Ordering::Relaxed);
+}
 
 /// Counts a publication received by ingest.
 pub fn note_message_in() {
@@ -302,6 +352,55 @@ pub fn render() -> String {
             vec![],
             ZMQ_SUBSCRIPTIONS.load(Ordering::Relaxed) as f64,
         )],
+    ));
+
+    families.push(family(
+        "gateway_upstream_messages_total",
+        "Messages handed to the hubs' socket, by kind (client messages and presence events).",
+        MetricType::COUNTER,
+        UPSTREAM_KINDS
+            .iter()
+            .zip(&UPSTREAM_MESSAGES)
+            .map(|(k, n)| counter(vec![label("kind", k)], n.load(Ordering::Relaxed)))
+            .collect(),
+    ));
+    families.push(family(
+        "gateway_upstream_bytes_total",
+        "Payload bytes of the messages handed to the hubs' socket.",
+        MetricType::COUNTER,
+        vec![counter(vec![], UPSTREAM_BYTES.load(Ordering::Relaxed))],
+    ));
+    families.push(family(
+        "gateway_upstream_refused_total",
+        "Client messages refused (the client is told why) and presence events dropped, by reason.",
+        MetricType::COUNTER,
+        UPSTREAM_REFUSALS
+            .iter()
+            .zip(&UPSTREAM_REFUSED)
+            .map(|(r, n)| counter(vec![label("reason", r)], n.load(Ordering::Relaxed)))
+            .collect(),
+    ));
+    let mut blocked = Counter::default();
+    blocked.set_value(UPSTREAM_BLOCKED_NS.load(Ordering::Relaxed) as f64 / 1e9);
+    let mut blocked_metric = Metric::default();
+    blocked_metric.set_counter(blocked);
+    families.push(family(
+        "gateway_upstream_blocked_seconds_total",
+        "Time the upstream socket was full (hubs slow or gone) and senders waited.",
+        MetricType::COUNTER,
+        vec![blocked_metric],
+    ));
+    families.push(family(
+        "gateway_upstream_peers",
+        "Hub workers connected to the upstream socket.",
+        MetricType::GAUGE,
+        vec![gauge(vec![], UPSTREAM_PEERS.load(Ordering::Relaxed) as f64)],
+    ));
+    families.push(family(
+        "gateway_direct_undelivered_total",
+        "Messages for one connection that found it gone.",
+        MetricType::COUNTER,
+        vec![counter(vec![], DIRECT_UNDELIVERED.load(Ordering::Relaxed))],
     ));
 
     families.push(family(

@@ -1,0 +1,380 @@
+//! A core's side of two-way traffic: the messages and control messages of
+//! WebSockets on the gateway's subprotocol, what goes upstream for them
+//! (and for presence), and the acknowledgements and resumptions when the
+//! upstream socket has room again (see `crate::upstream`).
+
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use protocol::envelope;
+use protocol::upstream::{
+    self, ClientMessage, Kind, Ref, SendLimits, UpstreamMeta, USER_PREFIX,
+};
+use tracing::debug;
+
+use crate::core::conn::{TwoWay, WsSession};
+use crate::core::{events, Conn, Core, State, Transport};
+use crate::ops::metrics::note_upstream_refused;
+use crate::upstream::{Ack, Offered, Outgoing};
+
+/// Reasons a client is told, in `UPSTREAM_REFUSALS` order where counted.
+const NOT_CONFIGURED: &str = "upstream not configured";
+const CHANNEL_NOT_ALLOWED: &str = "channel not allowed";
+const TOO_MANY_CHANNELS: &str = "too many channels";
+
+impl Core {
+    /// The send limits of every connection.
+    pub fn send_limits(&self) -> SendLimits {
+        SendLimits {
+            messages_per_s: self.cfg.send_messages_per_s,
+            bytes_per_s: self.cfg.send_bytes_per_s,
+        }
+    }
+
+    /// Milliseconds of this core's clock, for the send budgets.
+    pub fn clock_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// The address of connection `key`.
+    pub fn address_of(&self, key: u32, c: &Conn) -> upstream::Address {
+        crate::upstream::addresses().of(self.index, key, c.serial)
+    }
+
+    /// Acts on one whole message from a two-way WebSocket (`c`, slab key
+    /// `key`): sends it upstream, or subscribes or unsubscribes, and
+    /// answers; a refusal is an error frame, the connection stays.
+    pub fn client_message(&self, c: &mut Conn, key: u32, message: &[u8], binary: bool) {
+        let cfg = self.cfg;
+        let max = cfg.outbound_queue_bytes_max;
+        let parsed = upstream::parse_client_message(message, cfg.channel_name_bytes_max);
+        let mut out = Vec::new();
+        match parsed {
+            Err(e) => {
+                note_upstream_refused(0);
+                debug!(peer = %c.client(), rule = e.rule.reason(), "client message refused");
+                upstream::encode_error(e.reference.as_ref(), e.rule.reason(), None, &mut out);
+            }
+            Ok(ClientMessage::Send {
+                channel,
+                reference,
+                payload,
+            }) => self.send_upstream(c, key, channel, reference, payload, binary, &mut out),
+            Ok(ClientMessage::Subscribe {
+                channels,
+                since,
+                reference,
+            }) => self.subscribe_more(c, key, channels, since, reference, &mut out),
+            Ok(ClientMessage::Unsubscribe {
+                channels,
+                reference,
+            }) => self.unsubscribe_some(c, key, &channels, reference, &mut out),
+        }
+        if !out.is_empty() {
+            events::send(c, Bytes::from(out), max);
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn send_upstream(
+        &self,
+        c: &mut Conn,
+        key: u32,
+        channel: &str,
+        reference: Option<Ref>,
+        payload: &[u8],
+        binary: bool,
+        out: &mut Vec<u8>,
+    ) {
+        let refuse = |index, reason: &str, channel, out: &mut Vec<u8>| {
+            note_upstream_refused(index);
+            upstream::encode_error(reference.as_ref(), reason, channel, out);
+        };
+        let Some(up) = &self.upstream else {
+            return refuse(4, NOT_CONFIGURED, None, out);
+        };
+        let limits = self.send_limits();
+        let now_ms = self.clock_ms();
+        let address = self.address_of(key, c);
+        let serial = c.serial;
+        let Some(two_way) = two_way_of(c) else { return };
+        if two_way
+            .identity
+            .as_ref()
+            .is_some_and(|id| !id.may_send(channel))
+        {
+            return refuse(1, CHANNEL_NOT_ALLOWED, Some(channel), out);
+        }
+        if let Err(over) = two_way.budget.take(&limits, now_ms, payload.len()) {
+            let index = match over {
+                upstream::RateExceeded::MessagesPerSecond => 2,
+                upstream::RateExceeded::BytesPerSecond => 3,
+            };
+            return refuse(index, over.reason(), Some(channel), out);
+        }
+        let identity = two_way.identity.as_deref();
+        let mut meta = Vec::with_capacity(64);
+        upstream::encode_upstream_meta(
+            &UpstreamMeta {
+                transport: "websocket",
+                sub: identity.and_then(|i| i.sub.as_deref()),
+                claims: identity.and_then(|i| i.claims.as_deref()),
+                binary: Some(binary),
+                ..UpstreamMeta::default()
+            },
+            &mut meta,
+        );
+        let mut message = Outgoing::new(Kind::Message, &address, channel, meta, payload);
+        message.ack = reference.clone().map(|reference| Ack {
+            key,
+            serial,
+            reference,
+        });
+        match up.offer(message) {
+            Offered::Sent => {
+                if let Some(r) = &reference {
+                    upstream::encode_ack(r, out);
+                }
+            }
+            Offered::Waiting => {
+                // The hubs are behind: this client is not read until the
+                // outbox has gone (TCP pushes back on it); its ack goes
+                // with its message.
+                if !two_way.paused {
+                    two_way.paused = true;
+                    up.pause(key, serial);
+                }
+            }
+        }
+    }
+
+    fn subscribe_more(
+        &self,
+        c: &mut Conn,
+        key: u32,
+        channels: Vec<String>,
+        since: Option<u64>,
+        reference: Option<Ref>,
+        out: &mut Vec<u8>,
+    ) {
+        let identity = two_way_of(c).and_then(|t| t.identity.as_deref());
+        if let Some(refused) = channels
+            .iter()
+            .find(|ch| identity.is_some_and(|i| !i.may_read(ch)))
+        {
+            note_upstream_refused(1);
+            return upstream::encode_error(
+                reference.as_ref(),
+                CHANNEL_NOT_ALLOWED,
+                Some(refused),
+                out,
+            );
+        }
+        let mut registry = self.registry.borrow_mut();
+        let subscribed: Vec<&str> = c
+            .channels
+            .iter()
+            .filter_map(|&id| registry.channels.get(id as usize))
+            .map(|ch| &*ch.name)
+            .collect();
+        let mut new: Vec<String> = Vec::new();
+        for ch in channels {
+            if !subscribed.contains(&ch.as_str()) && !new.contains(&ch) {
+                new.push(ch);
+            }
+        }
+        // The user channel is the gateway's, not counted.
+        let own = subscribed
+            .iter()
+            .filter(|n| !n.starts_with(USER_PREFIX as char))
+            .count();
+        if own + new.len() > self.cfg.channels_per_connection_max {
+            note_upstream_refused(7);
+            return upstream::encode_error(reference.as_ref(), TOO_MANY_CHANNELS, None, out);
+        }
+        let published = self.published_through.load(Ordering::Acquire);
+        let (ids, resume) = registry.subscribe(
+            key,
+            &new,
+            since,
+            published,
+            self.cfg.channels_max,
+            self.cfg.history_messages * new.len().max(1),
+        );
+        drop(registry);
+        let mut all = c.channels.to_vec();
+        all.extend_from_slice(&ids);
+        c.channels = all.into_boxed_slice();
+        if let Some(r) = &reference {
+            upstream::encode_ack(r, out);
+        }
+        for gap in &resume.gaps {
+            envelope::encode_ws_gap(gap, out);
+        }
+        for m in &resume.messages {
+            out.extend_from_slice(&m.ws);
+        }
+        for ch in &new {
+            self.presence(Kind::Subscribe, c, key, ch, None);
+        }
+    }
+
+    fn unsubscribe_some(
+        &self,
+        c: &mut Conn,
+        key: u32,
+        channels: &[String],
+        reference: Option<Ref>,
+        out: &mut Vec<u8>,
+    ) {
+        let mut registry = self.registry.borrow_mut();
+        let (leave, keep): (Vec<u32>, Vec<u32>) = c.channels.iter().partition(|&&id| {
+            registry
+                .channels
+                .get(id as usize)
+                .is_some_and(|ch| channels.iter().any(|n| *n == *ch.name))
+        });
+        registry.unsubscribe(key, &leave);
+        drop(registry);
+        c.channels = keep.into_boxed_slice();
+        if let Some(r) = &reference {
+            upstream::encode_ack(r, out);
+        }
+        if !leave.is_empty() {
+            for ch in channels {
+                self.presence(Kind::Unsubscribe, c, key, ch, None);
+            }
+        }
+    }
+
+    /// Sends a presence event for stream `c` (slab key `key`) upstream,
+    /// when presence is on: `connect`, `disconnect` (with why), `subscribe`
+    /// or `unsubscribe` (with the channel).
+    pub fn presence(&self, kind: Kind, c: &Conn, key: u32, channel: &str, gone: Option<(&str, bool)>) {
+        let Some(up) = self.upstream.as_ref().filter(|_| self.cfg.upstream_presence) else {
+            return;
+        };
+        let Some(stream) = c.stream else { return };
+        let two_way = match &c.state {
+            State::WebSocket { session } => session.two_way.as_deref(),
+            _ => None,
+        };
+        let identity = two_way.and_then(|t| t.identity.as_deref());
+        let sub = match identity.and_then(|i| i.sub.as_deref()) {
+            Some(sub) => Some(sub.to_string()),
+            None => self.user_of(c),
+        };
+        let mut meta = Vec::with_capacity(96);
+        upstream::encode_upstream_meta(
+            &UpstreamMeta {
+                transport: transport_name(stream),
+                sub: sub.as_deref(),
+                claims: identity.and_then(|i| i.claims.as_deref()),
+                reason: gone.map(|(reason, _)| reason),
+                reconnect: gone.is_some_and(|(_, back)| back),
+                ..UpstreamMeta::default()
+            },
+            &mut meta,
+        );
+        let address = self.address_of(key, c);
+        up.offer(Outgoing::new(kind, &address, channel, meta, &[]));
+    }
+
+    /// A stream opened: `connect`, then `subscribe` for each channel it
+    /// asked for (its user channel is implied by its `sub`).
+    pub fn presence_open(&self, key: u32) {
+        if self.upstream.is_none() || !self.cfg.upstream_presence {
+            return;
+        }
+        let conns = self.conns.borrow();
+        let Some(c) = conns.get(key as usize) else {
+            return;
+        };
+        self.presence(Kind::Connect, c, key, "", None);
+        let names: Vec<Box<str>> = {
+            let registry = self.registry.borrow();
+            c.channels
+                .iter()
+                .filter_map(|&id| registry.channels.get(id as usize))
+                .map(|ch| ch.name.clone())
+                .filter(|n| !n.starts_with(USER_PREFIX as char))
+                .collect()
+        };
+        for name in &names {
+            self.presence(Kind::Subscribe, c, key, name, None);
+        }
+    }
+
+    /// The `sub` of a connection's user channel, if it has one.
+    fn user_of(&self, c: &Conn) -> Option<String> {
+        let registry = self.registry.borrow();
+        c.channels
+            .iter()
+            .filter_map(|&id| registry.channels.get(id as usize))
+            .find_map(|ch| ch.name.strip_prefix(USER_PREFIX as char))
+            .map(str::to_string)
+    }
+
+    /// The upstream socket may have room: sends what waits, acknowledges
+    /// what went, and reads again the clients that were paused once
+    /// nothing waits.
+    pub fn flush_upstream(&self) {
+        let Some(up) = &self.upstream else { return };
+        if !up.is_blocked() {
+            // Only the POSTs may be waiting; flush wakes them.
+            up.flush();
+            return;
+        }
+        let flushed = up.flush();
+        let max = self.cfg.outbound_queue_bytes_max;
+        let mut conns = self.conns.borrow_mut();
+        for ack in flushed.acks {
+            let Some(c) = conns.get_mut(ack.key as usize) else {
+                continue;
+            };
+            if c.serial != ack.serial || c.transport() != Transport::WebSocket {
+                continue;
+            }
+            let mut out = Vec::new();
+            upstream::encode_ack(&ack.reference, &mut out);
+            events::send(c, Bytes::from(out), max);
+        }
+        for (key, serial) in flushed.resumed {
+            let Some(c) = conns.get_mut(key as usize) else {
+                continue;
+            };
+            if c.serial != serial {
+                continue;
+            }
+            if let Some(t) = two_way_of(c) {
+                t.paused = false;
+            }
+            // Heard from: it was not read, not silent.
+            c.last_heard_s = self.now_s();
+            c.wake();
+        }
+    }
+}
+
+/// A WebSocket's two-way state, if it speaks the subprotocol.
+pub fn two_way_of(c: &mut Conn) -> Option<&mut TwoWay> {
+    match &mut c.state {
+        State::WebSocket { session } => session.two_way.as_deref_mut(),
+        _ => None,
+    }
+}
+
+/// Whether a two-way WebSocket waits for room upstream (it is not read).
+pub fn paused(session: &WsSession) -> bool {
+    session.two_way.as_ref().is_some_and(|t| t.paused)
+}
+
+/// The name the hubs see for a stream's transport.
+fn transport_name(t: Transport) -> &'static str {
+    match t {
+        Transport::Sse => "sse",
+        Transport::LongPoll => "longpoll",
+        Transport::Http => "http",
+        _ => "websocket",
+    }
+}

@@ -1,0 +1,442 @@
+//! Two-way traffic: what clients send, on its way to the backend's hubs.
+//!
+//! ```text
+//! core 0 ─PUSH─┐                            ┌─▶ hub worker (PULL)
+//! core 1 ─PUSH─┼─inproc─▶ relay thread ─PUSH┼─▶ hub worker (PULL)
+//! …            ┘  (PULL)                    └─▶ …
+//! ```
+//!
+//! Each core owns a PUSH socket on an in-process endpoint, written from
+//! its own thread without blocking; one relay thread moves messages to the
+//! PUSH socket the hubs connect to (`upstream_bind`) or that connects to
+//! them (`upstream_connect`). Why PUSH: ZeroMQ spreads the messages over
+//! the hubs connected at the time, round-robin, and a hub that stops
+//! reading fills its own pipe and is skipped; the gateway needs no reply
+//! on the same socket (hubs answer by publishing, which reaches whichever
+//! gateway holds the connection, see `ingest`), so DEALER/ROUTER's
+//! envelopes would buy nothing. Why a relay: a socket belongs to one
+//! thread and an endpoint can be bound once, while every core sends.
+//!
+//! **Backpressure.** When every hub's pipe is at `upstream_hwm_messages`,
+//! the relay waits (the time is counted), the in-process pipes fill, and a
+//! core's non-blocking send is refused. The core then keeps the message in
+//! its outbox and stops reading that client until the outbox is empty
+//! again (the kernel's buffers fill and TCP pushes back on the client),
+//! while deliveries to everyone go on. Nothing a client sent is dropped:
+//! it is either sent, or refused with a reason the client sees, or still
+//! in the client's socket. Presence events (no sender to push back on)
+//! wait in the outbox up to a bound, past which they are dropped and
+//! counted.
+//!
+//! **Accepted** means handed to the core's ZeroMQ socket: that is when a
+//! client's `ref` is acknowledged and a `POST /publish` answered 202. What
+//! ZeroMQ holds for a hub that then dies is lost with it (ZeroMQ has no
+//! acknowledgements); hubs that must not lose a message should be
+//! restarted, not killed.
+
+use std::cell::{Cell, RefCell};
+use std::collections::hash_map::RandomState;
+use std::collections::VecDeque;
+use std::hash::BuildHasher;
+use std::os::fd::RawFd;
+use std::sync::OnceLock;
+use std::task::Waker;
+use std::time::Instant;
+
+use protocol::upstream::{Address, Kind, Ref};
+use tracing::{info, warn};
+
+use crate::config::Config;
+
+/// Where the cores' sockets meet the relay.
+const RELAY_ENDPOINT: &str = "inproc://gateway-upstream";
+/// Messages a core's socket (and the relay's end of it) holds before the
+/// core's sends are refused: small, so that a stall upstream reaches the
+/// senders quickly rather than piling up in the gateway.
+const CORE_HWM_MESSAGES: i32 = 1_000;
+/// Bytes of presence events a core keeps waiting for room upstream; past
+/// this they are dropped (and counted).
+const PRESENCE_WAITING_BYTES_MAX: usize = 4 << 20;
+/// The key of a core's upstream socket in its epoll set: slab keys never
+/// get there.
+pub const UPSTREAM_KEY: u32 = u32::MAX;
+
+/// How this process names its connections: a random instance, and a key
+/// for their tags (SipHash with random keys, so that an address cannot be
+/// derived from another one).
+pub struct Addresses {
+    instance: u64,
+    keys: RandomState,
+}
+
+/// This process's addresses.
+pub fn addresses() -> &'static Addresses {
+    static ADDRESSES: OnceLock<Addresses> = OnceLock::new();
+    ADDRESSES.get_or_init(|| Addresses {
+        instance: rand::random(),
+        keys: RandomState::new(),
+    })
+}
+
+impl Addresses {
+    pub fn instance(&self) -> u64 {
+        self.instance
+    }
+
+    /// The address of the connection `serial` in slab entry `key` of `core`.
+    pub fn of(&self, core: usize, key: u32, serial: u32) -> Address {
+        Address {
+            instance: self.instance,
+            core: core as u16,
+            key,
+            serial,
+            tag: self.tag(core as u16, key, serial),
+        }
+    }
+
+    fn tag(&self, core: u16, key: u32, serial: u32) -> u64 {
+        self.keys.hash_one((self.instance, core, key, serial))
+    }
+
+    /// Whether `a` is one this process gave out (it may have closed since).
+    pub fn is_ours(&self, a: &Address) -> bool {
+        a.instance == self.instance && a.tag == self.tag(a.core, a.key, a.serial)
+    }
+}
+
+/// Opens the hubs' socket and starts the relay. None when no upstream
+/// endpoint is configured (clients then cannot send).
+pub fn start(ctx: &zmq::Context, cfg: &Config) -> Result<Option<Vec<String>>, String> {
+    if cfg.upstream_bind.is_empty() && cfg.upstream_connect.is_empty() {
+        return Ok(None);
+    }
+    let push = ctx
+        .socket(zmq::PUSH)
+        .map_err(|e| format!("upstream socket: {e}"))?;
+    push.set_sndhwm(cfg.upstream_hwm_messages)
+        .map_err(|e| format!("upstream sndhwm: {e}"))?;
+    // Messages go only to hubs whose connection is complete: a configured
+    // hub that is not there holds nothing.
+    push.set_immediate(true)
+        .map_err(|e| format!("upstream immediate: {e}"))?;
+    // Nothing waits for the hubs when the process exits.
+    push.set_linger(0)
+        .map_err(|e| format!("upstream linger: {e}"))?;
+    watch_hubs(ctx, &push)?;
+    let mut bound = Vec::new();
+    for endpoint in &cfg.upstream_bind {
+        push.bind(endpoint)
+            .map_err(|e| format!("upstream bind {endpoint}: {e}"))?;
+        bound.push(
+            push.get_last_endpoint()
+                .map_err(|e| format!("upstream endpoint: {e}"))?
+                .unwrap_or_else(|raw| String::from_utf8_lossy(&raw).into_owned()),
+        );
+    }
+    for endpoint in &cfg.upstream_connect {
+        push.connect(endpoint)
+            .map_err(|e| format!("upstream connect {endpoint}: {e}"))?;
+    }
+    let pull = ctx
+        .socket(zmq::PULL)
+        .map_err(|e| format!("upstream relay socket: {e}"))?;
+    pull.set_rcvhwm(CORE_HWM_MESSAGES)
+        .map_err(|e| format!("upstream relay rcvhwm: {e}"))?;
+    pull.bind(RELAY_ENDPOINT)
+        .map_err(|e| format!("upstream relay bind: {e}"))?;
+    std::thread::Builder::new()
+        .name("upstream".into())
+        .spawn(move || relay(&pull, &push))
+        .map_err(|e| format!("spawn upstream thread: {e}"))?;
+    Ok(Some(bound))
+}
+
+/// Moves every message from the cores to the hubs, waiting (and counting
+/// the wait) while the hubs have no room.
+fn relay(pull: &zmq::Socket, push: &zmq::Socket) {
+    loop {
+        let frames = match pull.recv_multipart(0) {
+            Ok(frames) => frames,
+            Err(zmq::Error::EINTR) => continue,
+            Err(e) => {
+                warn!(error = %e, "upstream relay receive failed; clients can no longer send");
+                return;
+            }
+        };
+        let kind = match frames.first().map(Vec::as_slice) {
+            Some(b"message") => 0,
+            Some(b"connect") => 1,
+            Some(b"disconnect") => 2,
+            Some(b"subscribe") => 3,
+            _ => 4,
+        };
+        let payload_bytes = frames.last().map_or(0, Vec::len);
+        let mut waited_since = None;
+        loop {
+            let flags = if waited_since.is_none() {
+                zmq::DONTWAIT
+            } else {
+                0
+            };
+            match send_frames(push, &frames, flags) {
+                Ok(()) => break,
+                Err(zmq::Error::EAGAIN) => waited_since = Some(Instant::now()),
+                Err(zmq::Error::EINTR) => {}
+                Err(e) => {
+                    warn!(error = %e, "upstream send failed; clients can no longer send");
+                    return;
+                }
+            }
+        }
+        if let Some(t) = waited_since {
+            crate::ops::metrics::note_upstream_blocked(t.elapsed());
+        }
+        crate::ops::metrics::note_upstream(kind, payload_bytes);
+    }
+}
+
+/// Sends one multipart message; `EAGAIN` can only come with the first
+/// frame (ZeroMQ takes a message whole or not at all).
+fn send_frames<F: AsRef<[u8]>>(socket: &zmq::Socket, frames: &[F], flags: i32) -> zmq::Result<()> {
+    let last = frames.len().saturating_sub(1);
+    for (i, frame) in frames.iter().enumerate() {
+        let more = if i < last { zmq::SNDMORE } else { 0 };
+        socket.send(frame.as_ref(), flags | more)?;
+    }
+    Ok(())
+}
+
+/// Counts the hubs connected to the upstream socket.
+fn watch_hubs(ctx: &zmq::Context, push: &zmq::Socket) -> Result<(), String> {
+    const ENDPOINT: &str = "inproc://gateway-upstream-monitor";
+    let events = zmq::SocketEvent::CONNECTED as i32
+        | zmq::SocketEvent::ACCEPTED as i32
+        | zmq::SocketEvent::DISCONNECTED as i32;
+    push.monitor(ENDPOINT, events)
+        .map_err(|e| format!("upstream monitor: {e}"))?;
+    let pair = ctx
+        .socket(zmq::PAIR)
+        .map_err(|e| format!("upstream monitor socket: {e}"))?;
+    pair.connect(ENDPOINT)
+        .map_err(|e| format!("upstream monitor connect: {e}"))?;
+    std::thread::Builder::new()
+        .name("upstream-monitor".into())
+        .spawn(move || loop {
+            let Ok(frames) = pair.recv_multipart(0) else {
+                return;
+            };
+            let Some(head) = frames.first().filter(|f| f.len() >= 2) else {
+                continue;
+            };
+            let event = zmq::SocketEvent::from_raw(u16::from_le_bytes([head[0], head[1]]));
+            let delta = match event {
+                zmq::SocketEvent::CONNECTED | zmq::SocketEvent::ACCEPTED => 1,
+                zmq::SocketEvent::DISCONNECTED => -1,
+                _ => continue,
+            };
+            let hubs = crate::ops::metrics::add_upstream_peers(delta);
+            let endpoint = frames
+                .get(1)
+                .map(|f| String::from_utf8_lossy(f).into_owned());
+            info!(?event, endpoint = endpoint.as_deref().unwrap_or("?"), hubs, "upstream hub");
+        })
+        .map_err(|e| format!("spawn upstream monitor thread: {e}"))?;
+    Ok(())
+}
+
+/// One upstream message: `[kind, address, channel, meta, payload]`, and
+/// whom to acknowledge once it is handed over.
+pub struct Outgoing {
+    pub frames: [Vec<u8>; 5],
+    pub ack: Option<Ack>,
+}
+
+impl Outgoing {
+    pub fn new(kind: Kind, address: &Address, channel: &str, meta: Vec<u8>, payload: &[u8]) -> Outgoing {
+        Outgoing {
+            frames: [
+                kind.as_str().as_bytes().to_vec(),
+                address.encode().into_bytes(),
+                channel.as_bytes().to_vec(),
+                meta,
+                payload.to_vec(),
+            ],
+            ack: None,
+        }
+    }
+
+    fn is_presence(&self) -> bool {
+        self.frames[0] != Kind::Message.as_str().as_bytes()
+    }
+
+    fn bytes(&self) -> usize {
+        self.frames.iter().map(Vec::len).sum()
+    }
+}
+
+/// A client's `ref` to acknowledge once its message is handed over: the
+/// connection (slab key and serial: the entry may hold another one by then).
+pub struct Ack {
+    pub key: u32,
+    pub serial: u32,
+    pub reference: Ref,
+}
+
+/// What became of an offered message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Offered {
+    /// Handed to ZeroMQ.
+    Sent,
+    /// Kept in the outbox behind others: stop reading the sender.
+    Waiting,
+}
+
+/// A core's end of the upstream path: its socket, the messages waiting for
+/// room, the senders not read meanwhile, and the `POST`s waiting for room.
+pub struct CoreUpstream {
+    socket: zmq::Socket,
+    outbox: RefCell<VecDeque<Outgoing>>,
+    presence_waiting_bytes: Cell<usize>,
+    /// Connections (key, serial) not read until the outbox is empty.
+    paused: RefCell<Vec<(u32, u32)>>,
+    /// Tasks of `POST /publish` requests waiting for room.
+    waiters: RefCell<Vec<Waker>>,
+}
+
+/// What emptying the outbox did, for the core to act on.
+#[derive(Default)]
+pub struct Flushed {
+    pub acks: Vec<Ack>,
+    /// The outbox is empty: these connections may be read again.
+    pub resumed: Vec<(u32, u32)>,
+}
+
+impl CoreUpstream {
+    /// Connects a core's socket to the relay. Call on the core's thread
+    /// once the relay has bound its endpoint.
+    pub fn open(ctx: &zmq::Context) -> Result<CoreUpstream, String> {
+        let socket = ctx
+            .socket(zmq::PUSH)
+            .map_err(|e| format!("core upstream socket: {e}"))?;
+        socket
+            .set_sndhwm(CORE_HWM_MESSAGES)
+            .map_err(|e| format!("core upstream sndhwm: {e}"))?;
+        socket
+            .set_linger(0)
+            .map_err(|e| format!("core upstream linger: {e}"))?;
+        socket
+            .connect(RELAY_ENDPOINT)
+            .map_err(|e| format!("core upstream connect: {e}"))?;
+        Ok(CoreUpstream {
+            socket,
+            outbox: RefCell::new(VecDeque::new()),
+            presence_waiting_bytes: Cell::new(0),
+            paused: RefCell::new(Vec::new()),
+            waiters: RefCell::new(Vec::new()),
+        })
+    }
+
+    /// The descriptor ZeroMQ signals on when the socket's state may have
+    /// changed (for the core's epoll set).
+    pub fn fd(&self) -> Result<RawFd, String> {
+        self.socket
+            .get_fd()
+            .map_err(|e| format!("core upstream fd: {e}"))
+    }
+
+    /// Sends a message now, or keeps it in order behind those waiting.
+    pub fn offer(&self, out: Outgoing) -> Offered {
+        let mut outbox = self.outbox.borrow_mut();
+        if outbox.is_empty() {
+            match send_frames(&self.socket, &out.frames, zmq::DONTWAIT) {
+                Ok(()) => return Offered::Sent,
+                Err(zmq::Error::EAGAIN) => {}
+                Err(e) => warn!(error = %e, "core upstream send failed; kept for a retry"),
+            }
+        }
+        if out.is_presence() {
+            let bytes = self.presence_waiting_bytes.get() + out.bytes();
+            if bytes > PRESENCE_WAITING_BYTES_MAX {
+                crate::ops::metrics::note_upstream_refused(6);
+                return Offered::Waiting;
+            }
+            self.presence_waiting_bytes.set(bytes);
+        }
+        outbox.push_back(out);
+        Offered::Waiting
+    }
+
+    /// Keeps a connection unread until the outbox is empty.
+    pub fn pause(&self, key: u32, serial: u32) {
+        self.paused.borrow_mut().push((key, serial));
+    }
+
+    /// Whether messages wait for room.
+    pub fn is_blocked(&self) -> bool {
+        !self.outbox.borrow().is_empty()
+    }
+
+    /// Sends a `POST`'s message if nothing waits before it and the socket
+    /// takes it now; otherwise its task waits ([`CoreUpstream::wait`]).
+    pub fn try_send(&self, frames: &[Vec<u8>; 5]) -> bool {
+        if self.outbox.borrow().is_empty()
+            && send_frames(&self.socket, frames, zmq::DONTWAIT).is_ok()
+        {
+            return true;
+        }
+        // Refused: reading the events re-arms the descriptor's edge, which
+        // fires when there is room.
+        let _ = self.socket.get_events();
+        false
+    }
+
+    /// Wakes `waker` when the outbox next empties or the socket has room.
+    pub fn wait(&self, waker: &Waker) {
+        let mut waiters = self.waiters.borrow_mut();
+        if !waiters.iter().any(|w| w.will_wake(waker)) {
+            waiters.push(waker.clone());
+        }
+    }
+
+    /// Sends what waits, as far as the socket takes it. Called when the
+    /// socket's descriptor fires, and once a second by the sweep (an edge
+    /// ZeroMQ signalled while nothing waited is not seen again).
+    pub fn flush(&self) -> Flushed {
+        let mut flushed = Flushed::default();
+        let mut outbox = self.outbox.borrow_mut();
+        while let Some(out) = outbox.front() {
+            match send_frames(&self.socket, &out.frames, zmq::DONTWAIT) {
+                Ok(()) => {}
+                Err(zmq::Error::EAGAIN) => break,
+                Err(e) => {
+                    warn!(error = %e, "core upstream send failed; retried later");
+                    break;
+                }
+            }
+            let out = outbox.pop_front().expect("the front was there");
+            if out.is_presence() {
+                self.presence_waiting_bytes
+                    .set(self.presence_waiting_bytes.get() - out.bytes());
+            }
+            flushed.acks.extend(out.ack);
+        }
+        if outbox.is_empty() {
+            flushed.resumed = std::mem::take(&mut *self.paused.borrow_mut());
+        }
+        // Whether or not all went, let the waiting POSTs try (they only
+        // send once the outbox is empty).
+        let has_room = outbox.is_empty()
+            && self
+                .socket
+                .get_events()
+                .is_ok_and(|e| e.contains(zmq::POLLOUT));
+        if has_room || outbox.is_empty() {
+            for w in self.waiters.borrow_mut().drain(..) {
+                w.wake();
+            }
+        }
+        // Reading the events also re-arms the descriptor's edge.
+        let _ = self.socket.get_events();
+        flushed
+    }
+}
