@@ -53,7 +53,7 @@ const RELAY_ENDPOINT: &str = "inproc://gateway-upstream";
 /// Messages a core's socket (and the relay's end of it) holds before the
 /// core's sends are refused: small, so that a stall upstream reaches the
 /// senders quickly rather than piling up in the gateway.
-const CORE_HWM_MESSAGES: i32 = 1_000;
+const CORE_HWM_MESSAGES: i32 = 64;
 /// Bytes of presence events a core keeps waiting for room upstream; past
 /// this they are dropped (and counted).
 const PRESENCE_WAITING_BYTES_MAX: usize = 4 << 20;

@@ -12,6 +12,7 @@
 //! gateway fails a test instead of hanging it.
 
 pub mod http;
+pub mod two_way;
 
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -75,6 +76,8 @@ pub struct Gateway {
     pub listen: SocketAddr,
     /// The bound ZeroMQ SUB endpoint, from the READY line (`None` for `zmq=-`).
     pub zmq: Option<String>,
+    /// The bound upstream endpoint (`upstream=` on the READY line), if any.
+    pub upstream: Option<String>,
     /// The whole READY line, as printed.
     pub ready_line: String,
     pub log_path: PathBuf,
@@ -134,7 +137,11 @@ impl Gateway {
         let mut listen = None;
         let mut zmq = None;
         let mut zmq_seen = false;
+        let mut upstream = None;
         for tok in ready.split_whitespace().skip(1) {
+            if let Some(v) = tok.strip_prefix("upstream=") {
+                upstream = v.split(',').next().map(str::to_string);
+            }
             if let Some(v) = tok.strip_prefix("listen=") {
                 listen = v.parse::<SocketAddr>().ok();
             } else if let Some(v) = tok.strip_prefix("zmq=") {
@@ -156,9 +163,20 @@ impl Gateway {
             child,
             listen,
             zmq,
+            upstream,
             ready_line: ready,
             log_path,
         }
+    }
+
+    /// A WebSocket on the gateway's subprotocol, with `token` as a bearer.
+    pub fn two_way(&self, path: &str, token: Option<&str>) -> two_way::TwoWayClient {
+        two_way::TwoWayClient::connect(self.listen, path, token)
+    }
+
+    /// A hub connected to the gateway's bound upstream endpoint.
+    pub fn hub(&self) -> two_way::Hub {
+        two_way::Hub::connect(self.upstream.as_deref().expect("no upstream= on the READY line"))
     }
 
     /// The bound ZeroMQ endpoint; panics if the gateway is not binding one.

@@ -22,5 +22,6 @@ mod readyz_ingest;
 mod resume;
 mod systemd_notify;
 mod two_gateways;
+mod two_way;
 mod ws_control;
 mod ws_rules;
