@@ -544,6 +544,8 @@ impl Config {
             channels_per_connection_max: self.channels_per_connection_max,
             echo_path: (!self.ws_echo_path.is_empty()).then_some(self.ws_echo_path.as_str()),
             ws_subprotocols: &self.ws_subprotocols_spoken,
+            // A POSTed message is bounded like a WebSocket one.
+            publish_body_bytes_max: self.ws_message_bytes_max as usize,
         }
     }
 }

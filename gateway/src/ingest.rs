@@ -385,9 +385,8 @@ pub fn open(ctx: &zmq::Context, cfg: &Config) -> Result<(zmq::Socket, Bound), St
     } else {
         // Replies to this gateway's connections, whichever they are: one
         // subscription (an address starts with the instance).
-        let prefix = protocol::upstream::Address::instance_prefix(
-            crate::upstream::addresses().instance(),
-        );
+        let prefix =
+            protocol::upstream::Address::instance_prefix(crate::upstream::addresses().instance());
         sub.set_subscribe(prefix.as_bytes())
             .map_err(|e| format!("zmq subscribe: {e}"))?;
     }
@@ -680,10 +679,18 @@ impl Ingest<'_> {
         let core = self.cores.get(usize::from(to.core));
         let Some(core) = core.filter(|_| crate::upstream::addresses().is_ours(&to)) else {
             crate::ops::metrics::note_dropped(9);
-            debug!(to = checked.channel, "message for a connection of another gateway");
+            debug!(
+                to = checked.channel,
+                "message for a connection of another gateway"
+            );
             return true;
         };
-        let msg = Message::encode(0, checked.channel, checked.event.as_deref(), checked.payload);
+        let msg = Message::encode(
+            0,
+            checked.channel,
+            checked.event.as_deref(),
+            checked.payload,
+        );
         core.deliver(ToCore::Direct {
             key: to.key,
             serial: to.serial,

@@ -170,8 +170,9 @@ fn run(cfg: &'static Config) -> Result<(), String> {
                             return;
                         }
                     };
+                    let links = core::Links { interest, upstream };
                     let core = match Core::new(
-                        index, cfg, first_id, published, counts, admission, interest, upstream,
+                        index, cfg, first_id, published, counts, admission, links,
                     ) {
                         Ok(core) => Rc::new(core),
                         Err(e) => {

@@ -32,8 +32,8 @@ use protocol::ws;
 use rand::Rng;
 use tracing::{debug, info, warn};
 
-use crate::core::events::{Echo, Read};
 use crate::core::conn::{Identity, TwoWay};
+use crate::core::events::{Echo, Read};
 use crate::core::{Core, Drain, PollAnswer, State, Transport, SSE_RETRY_MS_MAX, SSE_RETRY_MS_MIN};
 use crate::ops::drain::draining;
 
@@ -288,8 +288,8 @@ impl<'a> Io<'a> {
                 } => {
                     let response = ws::switching_protocols_response(&accept, protocol);
                     self.add_user_channel(&mut channels, grant.as_deref());
-                    let two_way = (protocol == Some(upstream::SUBPROTOCOL))
-                        .then(|| self.two_way(grant));
+                    let two_way =
+                        (protocol == Some(upstream::SUBPROTOCOL)).then(|| self.two_way(grant));
                     return match self.start_websocket(channels, response, since, leftover, two_way)
                     {
                         Ok(()) => {
@@ -303,15 +303,38 @@ impl<'a> Io<'a> {
                     let response = ws::switching_protocols_response(&accept, protocol);
                     return self.echo(response, leftover);
                 }
+                Request::Publish {
+                    channel,
+                    address,
+                    body_bytes,
+                    keep_alive,
+                    ..
+                } => {
+                    let message = PostedMessage {
+                        channel,
+                        address,
+                        body_bytes,
+                        keep_alive: keep_alive && !draining(),
+                    };
+                    match Box::pin(self.publish(message, grant, leftover)).await {
+                        Ok((rest, true)) => pending = rest,
+                        Ok((_, false)) => return Phase::Close(Close::Linger),
+                        Err(close) => return Phase::Close(close),
+                    }
+                }
                 // A CORS preflight: its answer depends on the origin only.
-                Request::Preflight { keep_alive } => {
+                Request::Preflight { keep_alive } | Request::PublishPreflight { keep_alive } => {
                     let origins = &self.core.cfg.origins;
                     let allowed = matches!(
                         origins.check(origin.as_deref()),
                         Verdict::Allowed { cors } if cors != 0
                     );
                     let keep_alive = keep_alive && allowed && !draining();
-                    let response = origins.preflight_response(origin.as_deref(), keep_alive);
+                    let response = if matches!(request, Request::Preflight { .. }) {
+                        origins.preflight_response(origin.as_deref(), keep_alive)
+                    } else {
+                        origins.publish_preflight_response(origin.as_deref(), keep_alive)
+                    };
                     if !Box::pin(self.respond(response)).await {
                         return Phase::Close(Close::Now);
                     }
@@ -351,7 +374,10 @@ impl<'a> Io<'a> {
     fn check_origin(&mut self, request: &Request, origin: Option<&str>) -> Result<(), Close> {
         if matches!(
             request,
-            Request::Health { .. } | Request::Ready { .. } | Request::Preflight { .. }
+            Request::Health { .. }
+                | Request::Ready { .. }
+                | Request::Preflight { .. }
+                | Request::PublishPreflight { .. }
         ) {
             return Ok(());
         }
@@ -360,7 +386,10 @@ impl<'a> Io<'a> {
             Verdict::Allowed { cors } => {
                 self.with_conn(|c, _| c.cors = cors);
                 if cors == PATTERN_SLOT
-                    && matches!(request, Request::Sse { .. } | Request::LongPoll { .. })
+                    && matches!(
+                        request,
+                        Request::Sse { .. } | Request::LongPoll { .. } | Request::Publish { .. }
+                    )
                 {
                     let lines = origins.cors_lines_for(cors, origin).into_owned();
                     self.core.keep_cors_lines(self.key, Bytes::from(lines));
@@ -471,14 +500,27 @@ impl<'a> Io<'a> {
         if !self.core.cfg.auth {
             return Ok(None);
         }
-        let channels = match request {
+        let (channels, send) = match request {
             Request::WebSocket { channels, .. }
             | Request::Sse { channels, .. }
-            | Request::LongPoll { channels, .. } => channels,
+            | Request::LongPoll { channels, .. } => (&channels[..], None),
+            Request::Publish { channel, .. } => (&[][..], Some(channel.as_str())),
             _ => return Ok(None),
         };
         let (status, reason, response) =
             match crate::auth::check(self.core.cfg, request.token(), channels) {
+                Ok((_, grant)) if send.is_some_and(|ch| !grant.allows_send(ch)) => {
+                    debug!(
+                        fd = self.fd(),
+                        channel = send,
+                        "sending not allowed by the token"
+                    );
+                    (
+                        403,
+                        "channel not allowed",
+                        http::forbidden_response("channel not allowed", &self.cors_lines()),
+                    )
+                }
                 Ok((seconds_left, grant)) => {
                     // +1: the core clock is whole seconds, so "now" may be up
                     // to a second old; expiry never comes early.
@@ -588,6 +630,113 @@ impl<'a> Io<'a> {
         self.core.cfg.history_messages * self.core.cfg.channels_per_connection_max
     }
 
+    /// A `POST /publish`: reads the body (`body` holds what came with the
+    /// head), checks the sender's budget, and hands the message to the
+    /// hubs' socket, waiting up to `publish_wait_ms` for room: 202 once it
+    /// is there, 429 over a send limit, 503 when the hubs have no room or
+    /// there are none configured. Returns what followed the body, and
+    /// whether the connection goes on.
+    async fn publish(
+        &mut self,
+        message: PostedMessage,
+        grant: Option<Box<Grant>>,
+        mut body: Vec<u8>,
+    ) -> Result<(Vec<u8>, bool), Close> {
+        while body.len() < message.body_bytes {
+            match self.next().await {
+                Wake::Readable => {}
+                // It is answered first.
+                Wake::Drain => continue,
+                _ => return Err(Close::Now),
+            }
+            let room = message.body_bytes - body.len();
+            if self.read_into(|b| body.extend_from_slice(b), room) == Read::Eof {
+                return Err(Close::Now);
+            }
+        }
+        let rest = body.split_off(message.body_bytes);
+        let core = self.core;
+        let cfg = core.cfg;
+        let cors = self.cors_lines();
+        let refuse = |io: &mut Self, index, status, extra: &str, reason: &str| {
+            crate::ops::metrics::note_upstream_refused(index);
+            info!(peer = %io.client(), status, reason, "message refused");
+            io.queue(http::publish_refusal(status, &format!("{extra}{cors}"), reason).into());
+            Err(Close::Linger)
+        };
+        let Some(up) = &core.upstream else {
+            return refuse(self, 4, 503, "", "upstream not configured");
+        };
+        // The sender's budget: its user, or its address without auth.
+        let sender: Box<str> = match grant.as_ref().and_then(|g| g.sub.as_deref()) {
+            Some(sub) => sub.into(),
+            None => self.client().ip().to_string().into(),
+        };
+        let limits = core.send_limits();
+        let now_ms = core.clock_ms();
+        let taken = core
+            .post_budgets
+            .borrow_mut()
+            .entry(sender)
+            .or_insert_with(|| upstream::SendBudget::new(&limits, now_ms))
+            .take(&limits, now_ms, body.len());
+        if let Err(over) = taken {
+            let index = match over {
+                upstream::RateExceeded::MessagesPerSecond => 2,
+                upstream::RateExceeded::BytesPerSecond => 3,
+            };
+            return refuse(self, index, 429, "Retry-After: 1\r\n", over.reason());
+        }
+        let address = message
+            .address
+            .unwrap_or_else(|| self.with_conn(|c, core| core.address_of(self.key, c)));
+        let claims = grant.as_deref().map(|g| claims_for(cfg, g));
+        let mut meta = Vec::with_capacity(64);
+        upstream::encode_upstream_meta(
+            &upstream::UpstreamMeta {
+                transport: "http",
+                sub: grant.as_ref().and_then(|g| g.sub.as_deref()),
+                claims: claims.as_ref().and_then(|c| c.as_deref()),
+                binary: Some(std::str::from_utf8(&body).is_err()),
+                ..upstream::UpstreamMeta::default()
+            },
+            &mut meta,
+        );
+        let out = crate::upstream::Outgoing::new(
+            upstream::Kind::Message,
+            &address,
+            &message.channel,
+            meta,
+            &body,
+        );
+        drop(body);
+        // Waiting for room holds the connection past its head deadline.
+        self.with_conn(|c, core| c.deadline_s = core.deadline_after_ms(cfg.publish_wait_ms));
+        let room = poll_fn(|cx| {
+            if up.try_send(&out.frames) {
+                Poll::Ready(())
+            } else {
+                up.wait(cx.waker());
+                Poll::Pending
+            }
+        });
+        let wait = Duration::from_millis(cfg.publish_wait_ms);
+        if monoio::time::timeout(wait, room).await.is_err() {
+            let retry_after_s = rand::thread_rng().gen_range(
+                crate::admission::RETRY_AFTER_S_MIN..=crate::admission::RETRY_AFTER_S_MAX,
+            );
+            let extra = format!("Retry-After: {retry_after_s}\r\n");
+            return refuse(self, 5, 503, &extra, "upstream busy");
+        }
+        if !self
+            .respond(http::accepted_response(&cors, message.keep_alive))
+            .await
+        {
+            return Err(Close::Now);
+        }
+        Ok((rest, message.keep_alive))
+    }
+
     /// A token's user channel (`#` and its `sub`) joins the channels asked
     /// for: the hubs' messages for this user reach every connection of it.
     fn add_user_channel(&self, channels: &mut Vec<String>, grant: Option<&Grant>) {
@@ -609,15 +758,9 @@ impl<'a> Io<'a> {
     fn two_way(&self, grant: Option<Box<Grant>>) -> Box<TwoWay> {
         let cfg = self.core.cfg;
         let identity = grant.map(|g| {
-            let claims: serde_json::Map<String, serde_json::Value> = cfg
-                .upstream_claims
-                .iter()
-                .filter_map(|name| Some((name.clone(), g.claims.get(name)?.clone())))
-                .collect();
             Box::new(Identity {
                 sub: g.sub.as_deref().map(Into::into),
-                claims: (!claims.is_empty())
-                    .then(|| serde_json::Value::Object(claims).to_string().into()),
+                claims: claims_for(cfg, &g),
                 read: g.patterns().into(),
                 send: g.send.clone().into(),
             })
@@ -904,6 +1047,25 @@ impl<'a> Io<'a> {
             Err(close) => Phase::Close(close),
         }
     }
+}
+
+/// A `POST /publish` as its head described it.
+struct PostedMessage {
+    channel: String,
+    address: Option<upstream::Address>,
+    body_bytes: usize,
+    keep_alive: bool,
+}
+
+/// The claims of `grant` the hubs are given (`upstream_claims`), as a JSON
+/// object's text; None when it has none of them.
+fn claims_for(cfg: &crate::config::Config, grant: &Grant) -> Option<Box<str>> {
+    let claims: serde_json::Map<String, serde_json::Value> = cfg
+        .upstream_claims
+        .iter()
+        .filter_map(|name| Some((name.clone(), grant.claims.get(name)?.clone())))
+        .collect();
+    (!claims.is_empty()).then(|| serde_json::Value::Object(claims).to_string().into())
 }
 
 /// Where a waiting task stands: what its connection needs it for, or

@@ -238,7 +238,12 @@ fn watch_hubs(ctx: &zmq::Context, push: &zmq::Socket) -> Result<(), String> {
             let endpoint = frames
                 .get(1)
                 .map(|f| String::from_utf8_lossy(f).into_owned());
-            info!(?event, endpoint = endpoint.as_deref().unwrap_or("?"), hubs, "upstream hub");
+            info!(
+                ?event,
+                endpoint = endpoint.as_deref().unwrap_or("?"),
+                hubs,
+                "upstream hub"
+            );
         })
         .map_err(|e| format!("spawn upstream monitor thread: {e}"))?;
     Ok(())
@@ -252,7 +257,13 @@ pub struct Outgoing {
 }
 
 impl Outgoing {
-    pub fn new(kind: Kind, address: &Address, channel: &str, meta: Vec<u8>, payload: &[u8]) -> Outgoing {
+    pub fn new(
+        kind: Kind,
+        address: &Address,
+        channel: &str,
+        meta: Vec<u8>,
+        payload: &[u8],
+    ) -> Outgoing {
         Outgoing {
             frames: [
                 kind.as_str().as_bytes().to_vec(),

@@ -26,6 +26,8 @@ pub struct HeadLimits {
     /// The WebSocket subprotocols the server speaks
     /// (`Sec-WebSocket-Protocol`), each a token; see [`crate::ws::choose_subprotocol`].
     pub ws_subprotocols: &'static [String],
+    /// The largest body of a `POST /publish` (a client's message).
+    pub publish_body_bytes_max: usize,
 }
 
 impl Default for HeadLimits {
@@ -38,6 +40,7 @@ impl Default for HeadLimits {
             channels_per_connection_max: limits::CHANNELS_PER_CONNECTION_MAX,
             echo_path: None,
             ws_subprotocols: &[],
+            publish_body_bytes_max: limits::WS_MESSAGE_BYTES_MAX as usize,
         }
     }
 }
@@ -85,6 +88,19 @@ pub enum Request {
     /// `Authorization`, or an EventSource polyfill); answered by the origin
     /// allowlist (`origin::Origins::preflight_response`).
     Preflight { keep_alive: bool },
+    /// `POST /publish?channel=A[&address=ADDR]` with a body of
+    /// `body_bytes` (Content-Length): an SSE or long-poll client's message
+    /// for the hubs, from the stream at `address` if it names one.
+    Publish {
+        channel: String,
+        address: Option<crate::upstream::Address>,
+        body_bytes: usize,
+        keep_alive: bool,
+        token: Option<String>,
+    },
+    /// `OPTIONS /publish`: the CORS preflight of a cross-origin `POST`
+    /// (`Origins::publish_preflight_response`).
+    PublishPreflight { keep_alive: bool },
     /// `GET <echo_path>` with a valid RFC 6455 upgrade: a WebSocket that
     /// echoes every message, for conformance testing; only when
     /// [`HeadLimits::echo_path`] is set.
@@ -105,7 +121,8 @@ impl Request {
         match self {
             Request::WebSocket { token, .. }
             | Request::Sse { token, .. }
-            | Request::LongPoll { token, .. } => token.as_deref(),
+            | Request::LongPoll { token, .. }
+            | Request::Publish { token, .. } => token.as_deref(),
             _ => None,
         }
     }
@@ -148,6 +165,16 @@ pub enum Reject {
     BadHost,
     /// A request with a body (Content-Length > 0 or Transfer-Encoding). 400
     BodyNotAllowed,
+    /// `/publish` with a method other than POST (or OPTIONS, the
+    /// preflight). 405 with `Allow: POST, OPTIONS`
+    PostOnly,
+    /// `POST /publish` without a Content-Length (chunked bodies are not
+    /// taken). 411
+    LengthRequired,
+    /// A body over `publish_body_bytes_max`. 413
+    PayloadTooLarge,
+    /// `address` is not a connection address. 400
+    BadAddress,
     /// `/ws` without `Upgrade: websocket` and `Connection: upgrade`, or not HTTP/1.1. 400
     NotAnUpgrade,
     /// `Sec-WebSocket-Version` is not 13. 426 with `Sec-WebSocket-Version: 13`
@@ -175,7 +202,9 @@ impl Reject {
             Reject::HeadTooLarge | Reject::TooManyHeaders => 431,
             Reject::UrlTooLong => 414,
             Reject::NotFound => 404,
-            Reject::MethodNotAllowed => 405,
+            Reject::MethodNotAllowed | Reject::PostOnly => 405,
+            Reject::LengthRequired => 411,
+            Reject::PayloadTooLarge => 413,
             Reject::UnsupportedWebSocketVersion => 426,
             Reject::MalformedHead
             | Reject::BadHost
@@ -187,6 +216,7 @@ impl Reject {
             | Reject::BadChannelName
             | Reject::BadCursor
             | Reject::BadQuery
+            | Reject::BadAddress
             | Reject::BadOrigin => 400,
         }
     }
@@ -200,7 +230,10 @@ impl Reject {
             Reject::TooManyHeaders => "too many headers",
             Reject::UrlTooLong => "url too long",
             Reject::NotFound => "not found",
-            Reject::MethodNotAllowed => "method not allowed",
+            Reject::MethodNotAllowed | Reject::PostOnly => "method not allowed",
+            Reject::LengthRequired => "length required",
+            Reject::PayloadTooLarge => "payload too large",
+            Reject::BadAddress => "bad address",
             Reject::BadHost => "bad host",
             Reject::BodyNotAllowed => "body not allowed",
             Reject::NotAnUpgrade => "not an upgrade",
@@ -295,6 +328,8 @@ pub fn parse_request(buf: &[u8], limits: &HeadLimits) -> Result<Parsed, Reject> 
         "/events" => Endpoint::Events,
         "/healthz" => Endpoint::Health,
         "/readyz" => Endpoint::Ready,
+        // Its own rules: a POST with a body.
+        "/publish" => return publish(&head, method, version, query, head_len, limits),
         p if Some(p) == limits.echo_path => Endpoint::Echo,
         _ => return Err(Reject::NotFound),
     };
@@ -307,14 +342,7 @@ pub fn parse_request(buf: &[u8], limits: &HeadLimits) -> Result<Parsed, Reject> 
         return Err(Reject::BodyNotAllowed);
     }
     let keep_alive = head.keep_alive(version);
-    let origin = match head.single("origin") {
-        Ok(None) => None,
-        Ok(Some(v)) if !v.is_empty() && v.iter().all(|b| b.is_ascii_graphic()) => {
-            // Printable ASCII, so this is valid UTF-8.
-            Some(String::from_utf8_lossy(v).into_owned())
-        }
-        _ => return Err(Reject::BadOrigin),
-    };
+    let origin = head_origin(&head)?;
     if preflight {
         return Ok(Parsed::Complete {
             request: Request::Preflight { keep_alive },
@@ -382,6 +410,95 @@ pub fn parse_request(buf: &[u8], limits: &HeadLimits) -> Result<Parsed, Reject> 
         head_len,
         origin,
     })
+}
+
+/// `POST /publish` (or its preflight): a client's message, its length,
+/// its channel and the stream it comes from.
+fn publish(
+    head: &Head,
+    method: &str,
+    version: u8,
+    query: &str,
+    head_len: usize,
+    limits: &HeadLimits,
+) -> Result<Parsed, Reject> {
+    let keep_alive = head.keep_alive(version);
+    let origin = head_origin(head)?;
+    if method == "OPTIONS" && !head.has_body() {
+        return Ok(Parsed::Complete {
+            request: Request::PublishPreflight { keep_alive },
+            head_len,
+            origin,
+        });
+    }
+    if method != "POST" {
+        return Err(Reject::PostOnly);
+    }
+    if head.values("transfer-encoding").next().is_some() {
+        return Err(Reject::LengthRequired);
+    }
+    let body_bytes = match head.single("content-length") {
+        Ok(None) => return Err(Reject::LengthRequired),
+        Ok(Some(v)) => std::str::from_utf8(v)
+            .ok()
+            .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|v| v.parse::<usize>().ok())
+            .ok_or(Reject::MalformedHead)?,
+        Err(Repeated) => return Err(Reject::MalformedHead),
+    };
+    if body_bytes > limits.publish_body_bytes_max {
+        return Err(Reject::PayloadTooLarge);
+    }
+    let (mut channel, mut address, mut token) = (None, None, None);
+    for pair in query.split('&') {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let slot = match key {
+            "channel" => &mut channel,
+            "address" => &mut address,
+            "token" => &mut token,
+            _ => continue,
+        };
+        if slot.is_some() {
+            // One message, one channel, one stream, one token.
+            return Err(Reject::BadQuery);
+        }
+        *slot = Some(
+            percent_decode_strict(value)
+                .ok_or(Reject::BadQuery)?
+                .into_owned(),
+        );
+    }
+    let channel = channel.ok_or(Reject::NoChannel)?;
+    if !valid_channel_name(channel.as_bytes(), limits.channel_name_bytes_max) {
+        return Err(Reject::BadChannelName);
+    }
+    let address = match address {
+        None => None,
+        Some(a) => Some(crate::upstream::Address::parse(a.as_bytes()).ok_or(Reject::BadAddress)?),
+    };
+    Ok(Parsed::Complete {
+        request: Request::Publish {
+            channel,
+            address,
+            body_bytes,
+            keep_alive,
+            token: head.bearer().or(token),
+        },
+        head_len,
+        origin,
+    })
+}
+
+/// The request's `Origin`, if one: printable ASCII, once.
+fn head_origin(head: &Head) -> Result<Option<String>, Reject> {
+    match head.single("origin") {
+        Ok(None) => Ok(None),
+        // Printable ASCII, so this is valid UTF-8.
+        Ok(Some(v)) if !v.is_empty() && v.iter().all(|b| b.is_ascii_graphic()) => {
+            Ok(Some(String::from_utf8_lossy(v).into_owned()))
+        }
+        _ => Err(Reject::BadOrigin),
+    }
 }
 
 /// Checks an RFC 6455 opening handshake and returns its accept value.
@@ -683,7 +800,10 @@ fn status_line_reason(status: u16) -> &'static str {
         403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        411 => "Length Required",
+        413 => "Content Too Large",
         414 => "URI Too Long",
+        429 => "Too Many Requests",
         426 => "Upgrade Required",
         431 => "Request Header Fields Too Large",
         503 => "Service Unavailable",
@@ -698,6 +818,7 @@ fn status_line_reason(status: u16) -> &'static str {
 pub fn reject_response(reject: &Reject) -> Vec<u8> {
     let extra = match reject {
         Reject::MethodNotAllowed => "Allow: GET\r\n",
+        Reject::PostOnly => "Allow: POST, OPTIONS\r\n",
         Reject::UnsupportedWebSocketVersion => "Sec-WebSocket-Version: 13\r\n",
         _ => "",
     };
@@ -749,6 +870,32 @@ fn refusal_with_header(status: u16, extra: &str, reason: &str) -> Vec<u8> {
 /// `reason` plus "\n" as the body. `reason` must be one line of ASCII.
 pub fn unavailable_response(reason: &str, retry_after_s: u32) -> Vec<u8> {
     refusal_with_header(503, &format!("Retry-After: {retry_after_s}\r\n"), reason)
+}
+
+/// `202 Accepted` for a `POST /publish` whose message went to the hubs:
+/// `accepted` + "\n" as the body, `extra` header lines (CORS, or ""), and
+/// `Connection: close` when `!keep_alive`.
+pub fn accepted_response(extra: &str, keep_alive: bool) -> Vec<u8> {
+    let connection = if keep_alive {
+        ""
+    } else {
+        "Connection: close\r\n"
+    };
+    format!(
+        "HTTP/1.1 202 Accepted\r\n\
+         Content-Type: text/plain\r\n\
+         Content-Length: 9\r\n\
+         {connection}{extra}\r\n\
+         accepted\n"
+    )
+    .into_bytes()
+}
+
+/// A refused `POST /publish` that a page must be able to read: `status`
+/// (429 over a send limit, 503 when the hubs have no room, 403) with
+/// `extra` header lines (`Retry-After`, CORS) and `reason`, then close.
+pub fn publish_refusal(status: u16, extra: &str, reason: &str) -> Vec<u8> {
+    refusal_with_header(status, extra, reason)
 }
 
 /// `200 OK` for `/healthz`, `Content-Type: application/json`, body
@@ -1718,6 +1865,69 @@ mod tests {
         assert_eq!(
             request("GET ftp://h/healthz HTTP/1.1\r\n\r\n"),
             Err(Reject::NotFound)
+        );
+    }
+
+    #[test]
+    fn a_publish_is_a_post_with_a_length_one_channel_and_maybe_a_stream_address() {
+        let address = crate::upstream::Address {
+            instance: 7,
+            core: 1,
+            key: 2,
+            serial: 3,
+            tag: 4,
+        };
+        let a = address.encode();
+        assert_eq!(
+            request(&format!(
+                "POST /publish?channel=room&address={a}&token=t HTTP/1.1\r\nContent-Length: 5\r\n\r\n"
+            )),
+            Ok(Request::Publish {
+                channel: "room".into(),
+                address: Some(address),
+                body_bytes: 5,
+                keep_alive: true,
+                token: Some("t".into()),
+            })
+        );
+        assert!(matches!(
+            request("POST /publish?channel=room HTTP/1.1\r\nContent-Length: 0\r\nAuthorization: Bearer x\r\nConnection: close\r\n\r\n"),
+            Ok(Request::Publish { address: None, body_bytes: 0, keep_alive: false, token: Some(t), .. }) if t == "x"
+        ));
+        assert_eq!(
+            request("OPTIONS /publish HTTP/1.1\r\n\r\n"),
+            Ok(Request::PublishPreflight { keep_alive: true })
+        );
+        for (head, reject) in [
+            ("GET /publish?channel=a HTTP/1.1\r\n\r\n", Reject::PostOnly),
+            ("POST /publish?channel=a HTTP/1.1\r\n\r\n", Reject::LengthRequired),
+            (
+                "POST /publish?channel=a HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+                Reject::LengthRequired,
+            ),
+            ("POST /publish?channel=a HTTP/1.1\r\nContent-Length: x\r\n\r\n", Reject::MalformedHead),
+            (
+                "POST /publish?channel=a HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\n",
+                Reject::MalformedHead,
+            ),
+            ("POST /publish?channel=a HTTP/1.1\r\nContent-Length: 65537\r\n\r\n", Reject::PayloadTooLarge),
+            ("POST /publish HTTP/1.1\r\nContent-Length: 1\r\n\r\n", Reject::NoChannel),
+            ("POST /publish?channel=a&channel=b HTTP/1.1\r\nContent-Length: 1\r\n\r\n", Reject::BadQuery),
+            ("POST /publish?channel=a%20b HTTP/1.1\r\nContent-Length: 1\r\n\r\n", Reject::BadChannelName),
+            ("POST /publish?channel=a&address=zz HTTP/1.1\r\nContent-Length: 1\r\n\r\n", Reject::BadAddress),
+        ] {
+            assert_eq!(request(head), Err(reject.clone()), "{head:?}");
+        }
+        assert_eq!(Reject::PostOnly.status(), 405);
+        assert!(String::from_utf8(reject_response(&Reject::PostOnly))
+            .unwrap()
+            .contains("\r\nAllow: POST, OPTIONS\r\n"));
+        assert_eq!(
+            (
+                Reject::LengthRequired.status(),
+                Reject::PayloadTooLarge.status()
+            ),
+            (411, 413)
         );
     }
 

@@ -229,6 +229,27 @@ impl Origins {
     /// reads, when the origin is allowed with CORS; else `403` without any
     /// `Access-Control-*` header (the browser then refuses the request).
     pub fn preflight_response(&self, origin: Option<&str>, keep_alive: bool) -> Vec<u8> {
+        self.preflight(
+            "GET",
+            "Authorization, Last-Event-ID, Cache-Control",
+            origin,
+            keep_alive,
+        )
+    }
+
+    /// The same for `OPTIONS /publish`: a page's `POST` of a message, with
+    /// its token and its content type.
+    pub fn publish_preflight_response(&self, origin: Option<&str>, keep_alive: bool) -> Vec<u8> {
+        self.preflight("POST", "Authorization, Content-Type", origin, keep_alive)
+    }
+
+    fn preflight(
+        &self,
+        methods: &str,
+        headers: &str,
+        origin: Option<&str>,
+        keep_alive: bool,
+    ) -> Vec<u8> {
         let cors = match self.check(origin) {
             Verdict::Allowed { cors } if cors != 0 => cors,
             _ => return crate::http::forbidden_response("origin not allowed", ""),
@@ -241,8 +262,8 @@ impl Origins {
         format!(
             "HTTP/1.1 204 No Content\r\n\
              {}\
-             Access-Control-Allow-Methods: GET\r\n\
-             Access-Control-Allow-Headers: Authorization, Last-Event-ID, Cache-Control\r\n\
+             Access-Control-Allow-Methods: {methods}\r\n\
+             Access-Control-Allow-Headers: {headers}\r\n\
              Access-Control-Max-Age: {PREFLIGHT_MAX_AGE_S}\r\n\
              {connection}\r\n",
             self.cors_lines_for(cors, origin)

@@ -193,7 +193,10 @@ mod tests {
         assert_eq!(checked.connection, Some(address));
         assert_eq!(checked.channel, to);
         let with_id: [&[u8]; 3] = [to.as_bytes(), b"hi", br#"{"id":5}"#];
-        assert_eq!(check_frames(&with_id, &LIMITS), Err(PublicationError::BadId));
+        assert_eq!(
+            check_frames(&with_id, &LIMITS),
+            Err(PublicationError::BadId)
+        );
         let with_event: [&[u8]; 3] = [to.as_bytes(), b"hi", br#"{"event":"reply"}"#];
         assert!(check_frames(&with_event, &LIMITS).is_ok());
         for bad in [&b"!0123"[..], b"#", b"#a b", b"!"] {

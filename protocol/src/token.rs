@@ -947,7 +947,10 @@ MBlcRTSWLU6Qtexw+8DN/pfCxwhX+V3u
         assert_eq!(grant.claims.get("role"), Some(&json!("admin")));
         for bad in [json!("chat"), json!(["a b"]), json!([1])] {
             let token = hs(&json!({"exp": NOW + 60, "channels": [], "send": bad}));
-            assert_eq!(verify(&token, &keys, NOW, 0).unwrap_err(), TokenError::BadClaims);
+            assert_eq!(
+                verify(&token, &keys, NOW, 0).unwrap_err(),
+                TokenError::BadClaims
+            );
         }
     }
 

@@ -236,7 +236,7 @@ fn find_str<'a>(haystack: &'a [u8], needle: &str) -> Option<&'a str> {
 /// (`{"type":"welcome","address":"…"}` + `\n`), as a WebSocket text frame.
 pub fn encode_welcome(address: &str, out: &mut Vec<u8>) {
     let mut text = String::with_capacity(96);
-    let _ = write!(text, "{{\"type\":\"welcome\",\"address\":\"{address}\"}}\n");
+    let _ = writeln!(text, "{{\"type\":\"welcome\",\"address\":\"{address}\"}}");
     ws::encode_frame(OpCode::Text, text.as_bytes(), out);
 }
 
@@ -253,7 +253,7 @@ pub fn encode_sse_welcome(address: &str, out: &mut Vec<u8>) {
 /// socket, or the subscribe or unsubscribe was done.
 pub fn encode_ack(reference: &Ref, out: &mut Vec<u8>) {
     let mut text = String::with_capacity(32 + reference.json().len());
-    let _ = write!(text, "{{\"type\":\"ack\",\"ref\":{}}}\n", reference.json());
+    let _ = writeln!(text, "{{\"type\":\"ack\",\"ref\":{}}}", reference.json());
     ws::encode_frame(OpCode::Text, text.as_bytes(), out);
 }
 
@@ -503,6 +503,12 @@ impl SendBudget {
         }
     }
 
+    /// Whether a second has passed since the last message: both buckets
+    /// are full again (the budget can be forgotten).
+    pub fn is_full(&self, now_ms: u64) -> bool {
+        now_ms.saturating_sub(self.at_ms) >= 1000
+    }
+
     /// Takes one message of `bytes` at `now_ms`, or says which limit it
     /// crosses (and takes nothing). A message larger than a whole second's
     /// bytes never passes.
@@ -566,7 +572,10 @@ mod tests {
         let binary = [&b"{\"channel\":\"r\"}\n"[..], &[0xff, 0x00]].concat();
         assert!(matches!(
             parse_client_message(&binary, 128),
-            Ok(ClientMessage::Send { payload: [0xff, 0x00], .. })
+            Ok(ClientMessage::Send {
+                payload: [0xff, 0x00],
+                ..
+            })
         ));
     }
 
@@ -595,7 +604,10 @@ mod tests {
         assert_eq!(rule("not json\nx"), ClientRule::BadMeta);
         assert_eq!(rule("[1]"), ClientRule::BadMeta);
         assert_eq!(rule("{\"channel\":\"a\",\"extra\":1}"), ClientRule::BadMeta);
-        assert_eq!(rule("{\"type\":\"dance\",\"channel\":\"a\"}"), ClientRule::BadMeta);
+        assert_eq!(
+            rule("{\"type\":\"dance\",\"channel\":\"a\"}"),
+            ClientRule::BadMeta
+        );
         assert_eq!(rule("{}"), ClientRule::BadMeta);
         assert_eq!(rule("{\"channel\":\"a b\"}"), ClientRule::BadChannelName);
         assert_eq!(rule("{\"channel\":\"#alice\"}"), ClientRule::BadChannelName);
@@ -700,7 +712,10 @@ mod tests {
         );
         assert_eq!(destination(b"#", 128), None);
         assert_eq!(destination(b"#a b", 128), None);
-        assert_eq!(destination(b"news", 128), Some(Destination::Channel("news")));
+        assert_eq!(
+            destination(b"news", 128),
+            Some(Destination::Channel("news"))
+        );
         assert_eq!(destination(b"ne ws", 128), None);
         assert_eq!(user_channel("alice", 128).as_deref(), Some("#alice"));
         assert_eq!(user_channel("al\"ice", 128), None);
@@ -722,7 +737,10 @@ mod tests {
         );
         // Half a second: one message back.
         assert_eq!(b.take(&limits, 1500, 10), Ok(()));
-        assert_eq!(b.take(&limits, 3000, 101), Err(RateExceeded::BytesPerSecond));
+        assert_eq!(
+            b.take(&limits, 3000, 101),
+            Err(RateExceeded::BytesPerSecond)
+        );
         assert_eq!(b.take(&limits, 3000, 100), Ok(()));
         assert_eq!(b.take(&limits, 3000, 1), Err(RateExceeded::BytesPerSecond));
         // A clock that goes back takes nothing away.

@@ -176,7 +176,11 @@ impl Gateway {
 
     /// A hub connected to the gateway's bound upstream endpoint.
     pub fn hub(&self) -> two_way::Hub {
-        two_way::Hub::connect(self.upstream.as_deref().expect("no upstream= on the READY line"))
+        two_way::Hub::connect(
+            self.upstream
+                .as_deref()
+                .expect("no upstream= on the READY line"),
+        )
     }
 
     /// The bound ZeroMQ endpoint; panics if the gateway is not binding one.
@@ -1123,6 +1127,20 @@ impl HttpConn {
             .get_mut()
             .write_all(bytes)
             .unwrap_or_else(|e| panic!("write request: {e}"));
+    }
+
+    /// Sends `POST path` with `Host`, the extra headers and `body`
+    /// (Content-Length), and reads the response.
+    pub fn post(&mut self, path: &str, extra: &[(&str, &str)], body: &[u8]) -> HttpResponse {
+        let mut req = format!("POST {path} HTTP/1.1\r\nHost: gateway.test\r\n");
+        for (k, v) in extra {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        req.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
+        let mut bytes = req.into_bytes();
+        bytes.extend_from_slice(body);
+        self.send(&bytes);
+        self.read_response()
     }
 
     /// Sends `GET path` with `Host` and the extra headers (keep-alive).

@@ -146,7 +146,10 @@ impl TwoWayClient {
             Err(tungstenite::Error::Io(e)) if is_read_timeout(&e) => None,
             Err(e) => panic!("ws {}: read failed: {e:?}", self.path),
         };
-        self.ws.get_ref().set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        self.ws
+            .get_ref()
+            .set_read_timeout(Some(IO_TIMEOUT))
+            .unwrap();
         got.map(|(bytes, binary)| parse_frame(&bytes, binary, &self.path))
     }
 
@@ -164,9 +167,15 @@ impl TwoWayClient {
 
 /// A frame's meta line and payload.
 fn parse_frame(bytes: &[u8], binary: bool, context: &str) -> Frame {
-    let nl = bytes.iter().position(|&b| b == b'\n').unwrap_or(bytes.len());
+    let nl = bytes
+        .iter()
+        .position(|&b| b == b'\n')
+        .unwrap_or(bytes.len());
     let meta: Value = serde_json::from_slice(&bytes[..nl]).unwrap_or_else(|e| {
-        panic!("ws {context}: not a meta line ({e}): {:?}", String::from_utf8_lossy(bytes))
+        panic!(
+            "ws {context}: not a meta line ({e}): {:?}",
+            String::from_utf8_lossy(bytes)
+        )
     });
     let payload = bytes.get(nl + 1..).unwrap_or_default().to_vec();
     if meta.get("type").is_some() {
@@ -240,7 +249,11 @@ impl Hub {
             return None;
         }
         let frames = self.pull.recv_multipart(0).expect("hub receive");
-        assert_eq!(frames.len(), 5, "an upstream message is five frames: {frames:?}");
+        assert_eq!(
+            frames.len(),
+            5,
+            "an upstream message is five frames: {frames:?}"
+        );
         let text = |f: &Vec<u8>| String::from_utf8(f.clone()).expect("an ASCII frame");
         Some(Upstream {
             kind: text(&frames[0]),

@@ -343,7 +343,8 @@ pub const IDLE_CONNECTION_BYTES_MAX: usize = 384;
 /// of endpoint needs besides (a pointer). Two-way traffic added that
 /// pointer within the block the session alone took before.
 const WS_SESSION_BLOCK_BYTES_MAX: usize = 112;
-const _: () = assert!(heap_block_bytes(std::mem::size_of::<WsSession>()) <= WS_SESSION_BLOCK_BYTES_MAX);
+const _: () =
+    assert!(heap_block_bytes(std::mem::size_of::<WsSession>()) <= WS_SESSION_BLOCK_BYTES_MAX);
 /// The slab entry (a `Conn` and the slab's tag). Raising it costs memory
 /// on every connection of the host; say why in the commit.
 const CONN_BYTES_MAX: usize = 168;

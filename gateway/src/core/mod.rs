@@ -31,8 +31,8 @@ pub mod registry;
 pub mod two_way;
 
 pub use self::conn::{
-    sse_bytes, Conn, Drain, PollAnswer, State, Transport, WsSession, SSE_HEARTBEAT, SSE_HEARTBEAT_CHUNK,
-    SSE_RETRY_MS_MAX, SSE_RETRY_MS_MIN, WS_PING,
+    sse_bytes, Conn, Drain, PollAnswer, State, Transport, WsSession, SSE_HEARTBEAT,
+    SSE_HEARTBEAT_CHUNK, SSE_RETRY_MS_MAX, SSE_RETRY_MS_MIN, WS_PING,
 };
 pub use self::registry::{Registry, Resume};
 
@@ -87,6 +87,17 @@ pub struct Core {
     pub upstream: Option<crate::upstream::CoreUpstream>,
     /// Connections accepted so far: the next one's serial.
     serials: Cell<u32>,
+    /// Send budgets of `POST /publish` senders (by `sub`, or by address
+    /// without auth), forgotten once full again.
+    pub post_budgets: RefCell<HashMap<Box<str>, protocol::upstream::SendBudget>>,
+}
+
+/// A core's ends of the other threads' queues: to ingest (demand mode),
+/// to the hubs (two-way traffic).
+#[derive(Default)]
+pub struct Links {
+    pub interest: Option<InterestTx>,
+    pub upstream: Option<crate::upstream::CoreUpstream>,
 }
 
 /// Size of the per-core receive buffer.
@@ -121,9 +132,9 @@ impl Core {
         published_through: Arc<AtomicU64>,
         conn_counts: Arc<[AtomicU64]>,
         admission: Admission,
-        interest: Option<InterestTx>,
-        upstream: Option<crate::upstream::CoreUpstream>,
+        links: Links,
     ) -> std::io::Result<Core> {
+        let Links { interest, upstream } = links;
         let epoll = crate::sys::Epoll::new()?;
         if let Some(up) = &upstream {
             let fd = up.fd().map_err(std::io::Error::other)?;
@@ -159,6 +170,7 @@ impl Core {
             epoll,
             upstream,
             serials: Cell::new(0),
+            post_budgets: RefCell::new(HashMap::new()),
         })
     }
 
@@ -379,7 +391,7 @@ impl Core {
         let counts: Arc<[AtomicU64]> = vec![AtomicU64::new(0)].into();
         let admission = Admission::new(cfg, 1, None, 0);
         let published = Arc::new(AtomicU64::new(published_through));
-        Core::new(0, cfg, 1, published, counts, admission, None, None).expect("an epoll set")
+        Core::new(0, cfg, 1, published, counts, admission, Links::default()).expect("an epoll set")
     }
 
     /// Runs `f` on connection `key`'s slab entry (which must exist: its
@@ -847,6 +859,10 @@ impl Core {
         // An edge of the upstream socket's descriptor is not seen again
         // once missed: look once a second.
         self.flush_upstream();
+        let now_ms = self.clock_ms();
+        self.post_budgets
+            .borrow_mut()
+            .retain(|_, budget| !budget.is_full(now_ms));
         let mut snapshot = self.stats.snapshot(by_transport);
         snapshot.history_evictions = self.registry.borrow().evictions;
         crate::ops::metrics::publish(self.index, snapshot);

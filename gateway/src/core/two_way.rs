@@ -7,9 +7,7 @@ use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
 use protocol::envelope;
-use protocol::upstream::{
-    self, ClientMessage, Kind, Ref, SendLimits, UpstreamMeta, USER_PREFIX,
-};
+use protocol::upstream::{self, ClientMessage, Kind, Ref, SendLimits, UpstreamMeta, USER_PREFIX};
 use tracing::debug;
 
 use crate::core::conn::{TwoWay, WsSession};
@@ -250,8 +248,19 @@ impl Core {
     /// Sends a presence event for stream `c` (slab key `key`) upstream,
     /// when presence is on: `connect`, `disconnect` (with why), `subscribe`
     /// or `unsubscribe` (with the channel).
-    pub fn presence(&self, kind: Kind, c: &Conn, key: u32, channel: &str, gone: Option<(&str, bool)>) {
-        let Some(up) = self.upstream.as_ref().filter(|_| self.cfg.upstream_presence) else {
+    pub fn presence(
+        &self,
+        kind: Kind,
+        c: &Conn,
+        key: u32,
+        channel: &str,
+        gone: Option<(&str, bool)>,
+    ) {
+        let Some(up) = self
+            .upstream
+            .as_ref()
+            .filter(|_| self.cfg.upstream_presence)
+        else {
             return;
         };
         let Some(stream) = c.stream else { return };

@@ -164,7 +164,13 @@ static DROPPED: [AtomicU64; 10] = [const { AtomicU64::new(0) }; 10];
 
 /// Upstream message kinds, as the `kind` label says them
 /// (`protocol::upstream::Kind` order).
-pub const UPSTREAM_KINDS: [&str; 5] = ["message", "connect", "disconnect", "subscribe", "unsubscribe"];
+pub const UPSTREAM_KINDS: [&str; 5] = [
+    "message",
+    "connect",
+    "disconnect",
+    "subscribe",
+    "unsubscribe",
+];
 static UPSTREAM_MESSAGES: [AtomicU64; 5] = [const { AtomicU64::new(0) }; 5];
 static UPSTREAM_BYTES: AtomicU64 = AtomicU64::new(0);
 static UPSTREAM_BLOCKED_NS: AtomicU64 = AtomicU64::new(0);

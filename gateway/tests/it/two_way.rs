@@ -29,13 +29,19 @@ fn now_s() -> u64 {
 /// An HS256 token for `sub`, reading `channels` and sending on `send`,
 /// with `extra` claims, valid for `ttl_s`.
 fn token(sub: &str, channels: &[&str], send: &[&str], extra: Value, ttl_s: u64) -> String {
-    let mut claims = json!({"sub": sub, "exp": now_s() + ttl_s, "channels": channels, "send": send});
+    let mut claims =
+        json!({"sub": sub, "exp": now_s() + ttl_s, "channels": channels, "send": send});
     if let (Value::Object(c), Value::Object(e)) = (&mut claims, extra) {
         c.extend(e);
     }
     let mut header = Header::new(Algorithm::HS256);
     header.kid = Some("hs".into());
-    encode(&header, &claims, &EncodingKey::from_secret(SECRET.as_bytes())).unwrap()
+    encode(
+        &header,
+        &claims,
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap()
 }
 
 /// A gateway with auth on and an upstream socket bound on a free port,
@@ -59,7 +65,10 @@ fn gateway(extra: &[&str]) -> Gateway {
 fn join(publisher: &Publisher, to: &str, client: &mut TwoWayClient) {
     let deadline = Instant::now() + PROBE_BUDGET;
     loop {
-        assert!(Instant::now() < deadline, "{to}: no probe within {PROBE_BUDGET:?}");
+        assert!(
+            Instant::now() < deadline,
+            "{to}: no probe within {PROBE_BUDGET:?}"
+        );
         publisher.publish(to, b"probe");
         if let Some(f) = client.try_next_frame(PROBE_INTERVAL) {
             assert_eq!(f.message().1, "probe", "{to}: {f:?}");
@@ -94,14 +103,29 @@ fn two_websocket_clients_chat_through_a_hub_that_republishes_to_the_room() {
     let gw = gateway(&["--upstream-claim", "name"]);
     let hub = gw.hub();
     let publisher = Publisher::connect(gw.zmq_endpoint());
-    let alice_token = token("alice", &["room.*"], &["room.*"], json!({"name": "Alice"}), 3600);
-    let bob_token = token("bob", &["room.*"], &["room.*"], json!({"name": "Bob"}), 3600);
+    let alice_token = token(
+        "alice",
+        &["room.*"],
+        &["room.*"],
+        json!({"name": "Alice"}),
+        3600,
+    );
+    let bob_token = token(
+        "bob",
+        &["room.*"],
+        &["room.*"],
+        json!({"name": "Bob"}),
+        3600,
+    );
     let mut alice = gw.two_way("/ws?channel=room.1", Some(&alice_token));
     let mut bob = gw.two_way("/ws?channel=room.1", Some(&bob_token));
     assert_ne!(alice.address, bob.address);
     join(&publisher, &format!("!{}", alice.address), &mut alice);
 
-    for (from, sub, name, line) in [(0, "alice", "Alice", "hi bob"), (1, "bob", "Bob", "hi alice")] {
+    for (from, sub, name, line) in [
+        (0, "alice", "Alice", "hi bob"),
+        (1, "bob", "Bob", "hi alice"),
+    ] {
         let sender = if from == 0 { &mut alice } else { &mut bob };
         let address = sender.address.clone();
         sender.send("room.1", Some("r1"), line);
@@ -118,10 +142,16 @@ fn two_websocket_clients_chat_through_a_hub_that_republishes_to_the_room() {
             json!({"transport": "websocket", "sub": sub, "claims": {"name": name}, "binary": false})
         );
         // It republishes to the room, naming the sender: both see it.
-        publisher.publish(&m.channel, format!("{}: {}", m.meta["sub"].as_str().unwrap(), m.text()).as_bytes());
+        publisher.publish(
+            &m.channel,
+            format!("{}: {}", m.meta["sub"].as_str().unwrap(), m.text()).as_bytes(),
+        );
         for client in [&mut alice, &mut bob] {
             let (channel, text) = next_real(client).message();
-            assert_eq!((channel.as_str(), text), ("room.1", format!("{sub}: {line}")));
+            assert_eq!(
+                (channel.as_str(), text),
+                ("room.1", format!("{sub}: {line}"))
+            );
         }
     }
 }
@@ -184,13 +214,19 @@ fn sending_where_the_token_does_not_allow_or_over_a_limit_gets_an_error_naming_i
         match frame["type"].as_str() {
             Some("ack") => acked.push(format!("burst {i}")),
             Some("error") => {
-                assert_eq!(frame["reason"], "rate limit: messages per second", "{frame}");
+                assert_eq!(
+                    frame["reason"], "rate limit: messages per second",
+                    "{frame}"
+                );
                 refused += 1;
             }
             _ => panic!("{frame}"),
         }
     }
-    assert!(refused > 0 && !acked.is_empty(), "acked {acked:?}, refused {refused}");
+    assert!(
+        refused > 0 && !acked.is_empty(),
+        "acked {acked:?}, refused {refused}"
+    );
     for want in &acked {
         assert_eq!(&hub.next_of("message").text(), want);
     }
@@ -208,7 +244,10 @@ fn sending_where_the_token_does_not_allow_or_over_a_limit_gets_an_error_naming_i
     );
     // Counted (refusals are counted as they happen).
     let refusals = |reason: &str| {
-        metric(admin, &format!("gateway_upstream_refused_total{{reason=\"{reason}\"}}"))
+        metric(
+            admin,
+            &format!("gateway_upstream_refused_total{{reason=\"{reason}\"}}"),
+        )
     };
     assert_eq!(refusals("channel_not_allowed"), 2.0);
     assert_eq!(refusals("rate_bytes"), 1.0);
@@ -229,11 +268,17 @@ fn control_messages_subscribe_with_a_cursor_and_unsubscribe() {
     // Subscribing to b from the start of its history replays b1.
     c.control(&json!({"type": "subscribe", "channels": ["b"], "since": "0", "ref": "s"}));
     let (ack, before) = c.next_control();
-    assert!(before.iter().all(|f| f.message().1 == "probe"), "{before:?}");
+    assert!(
+        before.iter().all(|f| f.message().1 == "probe"),
+        "{before:?}"
+    );
     assert_eq!(ack, json!({"type": "ack", "ref": "s"}));
     // The gap (this gateway started after 0), then the history.
     let gap = next_real(&mut c);
-    assert!(matches!(&gap, Frame::Message { meta, .. } if meta["gap"] == true), "{gap:?}");
+    assert!(
+        matches!(&gap, Frame::Message { meta, .. } if meta["gap"] == true),
+        "{gap:?}"
+    );
     assert_eq!(next_real(&mut c).message(), ("b".into(), "b1".into()));
     publisher.publish("b", b"b2");
     assert_eq!(next_real(&mut c).message(), ("b".into(), "b2".into()));
@@ -241,7 +286,11 @@ fn control_messages_subscribe_with_a_cursor_and_unsubscribe() {
     assert_eq!(c.next_control().0, json!({"type": "ack", "ref": "u"}));
     publisher.publish("b", b"b3");
     publisher.publish("a", b"a2");
-    assert_eq!(next_real(&mut c).message(), ("a".into(), "a2".into()), "b3 not delivered");
+    assert_eq!(
+        next_real(&mut c).message(),
+        ("a".into(), "a2".into()),
+        "b3 not delivered"
+    );
 }
 
 /// A gateway behind `fwd` in demand mode, with auth, its upstream socket
@@ -275,12 +324,20 @@ fn a_reply_to_one_connection_and_a_message_to_one_user_reach_exactly_those_acros
     // Every subscription this test relies on has reached the publisher.
     join(&publisher, &format!("!{}", alice_a.address), &mut alice_a);
     join(&publisher, &format!("!{}", bob_b.address), &mut bob_b);
-    for (c, sub) in [(&mut alice_a, "alice"), (&mut alice_b, "alice"), (&mut carol_a, "carol"), (&mut bob_b, "bob")] {
+    for (c, sub) in [
+        (&mut alice_a, "alice"),
+        (&mut alice_b, "alice"),
+        (&mut carol_a, "carol"),
+        (&mut bob_b, "bob"),
+    ] {
         join(&publisher, &format!("#{sub}"), c);
     }
 
     let dropped = |admin, reason: &str| {
-        metric(admin, &format!("gateway_messages_dropped_total{{reason=\"{reason}\"}}"))
+        metric(
+            admin,
+            &format!("gateway_messages_dropped_total{{reason=\"{reason}\"}}"),
+        )
     };
     let before = [admin_a, admin_b].map(|a| (dropped(a, "not_here"), dropped(a, "not_subscribed")));
     let to_alice_a = format!("!{}", alice_a.address);
@@ -303,13 +360,21 @@ fn a_reply_to_one_connection_and_a_message_to_one_user_reach_exactly_those_acros
         (&mut bob_b, ("#bob", "for bob")),
     ] {
         let frame = next_real(c);
-        assert_eq!(frame.message(), (want.0.to_string(), want.1.to_string()), "{}", c.address);
+        assert_eq!(
+            frame.message(),
+            (want.0.to_string(), want.1.to_string()),
+            "{}",
+            c.address
+        );
         assert!(matches!(&frame, Frame::Message { meta, .. } if meta["id"].is_string()));
     }
     // Neither gateway received what was for the other's connections and
     // users: the forwarder sent each only what it subscribed to.
     let after = [admin_a, admin_b].map(|a| (dropped(a, "not_here"), dropped(a, "not_subscribed")));
-    assert_eq!(before, after, "dropped (not_here, not_subscribed) on A and B");
+    assert_eq!(
+        before, after,
+        "dropped (not_here, not_subscribed) on A and B"
+    );
 }
 
 /// Reads presence events until `n` have come for `address`.
@@ -317,7 +382,10 @@ fn presence_of(hub: &Hub, seen: &mut Vec<Upstream>, address: &str, n: usize) -> 
     while seen.iter().filter(|m| m.address == address).count() < n {
         seen.push(hub.next());
     }
-    seen.iter().filter(|m| m.address == address).cloned().collect()
+    seen.iter()
+        .filter(|m| m.address == address)
+        .cloned()
+        .collect()
 }
 
 fn kinds(events: &[Upstream]) -> Vec<(String, String, Option<String>)> {
@@ -327,7 +395,10 @@ fn kinds(events: &[Upstream]) -> Vec<(String, String, Option<String>)> {
             (
                 m.kind.clone(),
                 m.channel.clone(),
-                m.meta.get("reason").and_then(|r| r.as_str()).map(str::to_string),
+                m.meta
+                    .get("reason")
+                    .and_then(|r| r.as_str())
+                    .map(str::to_string),
             )
         })
         .collect()
@@ -348,7 +419,11 @@ fn presence_events_arrive_in_order_with_their_reasons() {
     let mut seen = Vec::new();
     let t = |sub: &str, ttl| token(sub, &["a", "b", "c"], &["a"], json!({}), ttl);
     let own = |kind: &str, channel: &str, reason: Option<&str>| {
-        (kind.to_string(), channel.to_string(), reason.map(str::to_string))
+        (
+            kind.to_string(),
+            channel.to_string(),
+            reason.map(str::to_string),
+        )
     };
 
     // Connect, subscribe, control messages, close.
@@ -370,7 +445,9 @@ fn presence_events_arrive_in_order_with_their_reasons() {
             own("disconnect", "", Some("client closed")),
         ]
     );
-    assert!(events.iter().all(|m| m.meta["sub"] == "dave" && m.meta["transport"] == "websocket"));
+    assert!(events
+        .iter()
+        .all(|m| m.meta["sub"] == "dave" && m.meta["transport"] == "websocket"));
     assert!(events[4].meta.get("reconnect").is_none());
 
     // Broken rule: a message over the size limit (1009).
@@ -378,12 +455,18 @@ fn presence_events_arrive_in_order_with_their_reasons() {
     big.send_raw(Message::Binary(vec![0; 2000]));
     while big.ws.read().is_ok() {}
     let events = presence_of(&hub, &mut seen, &big.address, 3);
-    assert_eq!(kinds(&events)[2], own("disconnect", "", Some("protocol error")));
+    assert_eq!(
+        kinds(&events)[2],
+        own("disconnect", "", Some("protocol error"))
+    );
 
     // A token that runs out.
     let mut brief = gw.two_way("/ws?channel=c", Some(&t("gail", 2)));
     let events = presence_of(&hub, &mut seen, &brief.address, 3);
-    assert_eq!(kinds(&events)[2], own("disconnect", "", Some("token expired")));
+    assert_eq!(
+        kinds(&events)[2],
+        own("disconnect", "", Some("token expired"))
+    );
     while brief.ws.read().is_ok() {}
 
     // An SSE stream learns its address, and is in presence too; the
@@ -395,7 +478,10 @@ fn presence_events_arrive_in_order_with_their_reasons() {
     let data: Value = serde_json::from_str(&welcome.data.join("\n")).unwrap();
     let sse_address = data["address"].as_str().unwrap().to_string();
     let events = presence_of(&hub, &mut seen, &sse_address, 2);
-    assert_eq!(kinds(&events), [own("connect", "", None), own("subscribe", "c", None)]);
+    assert_eq!(
+        kinds(&events),
+        [own("connect", "", None), own("subscribe", "c", None)]
+    );
     assert_eq!(events[0].meta, json!({"transport": "sse", "sub": "hank"}));
     let ws = gw.two_way("/ws?channel=c", Some(&t("ivan", 3600)));
     presence_of(&hub, &mut seen, &ws.address, 2);
@@ -451,7 +537,11 @@ fn hubs_stopped_for_5_s_while_50_clients_send_lose_nothing_and_hold_up_no_delive
                 // Every message acknowledged, in order.
                 for i in 0..MESSAGES {
                     let (ack, _) = c.next_control();
-                    assert_eq!(ack, json!({"type": "ack", "ref": i.to_string()}), "client {n}");
+                    assert_eq!(
+                        ack,
+                        json!({"type": "ack", "ref": i.to_string()}),
+                        "client {n}"
+                    );
                 }
                 c.address.clone()
             })
@@ -481,7 +571,10 @@ fn hubs_stopped_for_5_s_while_50_clients_send_lose_nothing_and_hold_up_no_delive
         let m = hub.next_of("message");
         let text = String::from_utf8_lossy(&m.payload[..16]).into_owned();
         let mut parts = text.split(':');
-        let (_n, i) = (parts.next().unwrap(), parts.next().unwrap().parse::<usize>().unwrap());
+        let (_n, i) = (
+            parts.next().unwrap(),
+            parts.next().unwrap().parse::<usize>().unwrap(),
+        );
         let want = next_seq.entry(m.address.clone()).or_insert(0);
         assert_eq!(i, *want, "{}: in order, once", m.address);
         *want += 1;
@@ -493,7 +586,179 @@ fn hubs_stopped_for_5_s_while_50_clients_send_lose_nothing_and_hold_up_no_delive
         assert_eq!(next_seq.get(a), Some(&MESSAGES), "{a}");
     }
     assert_eq!(done.load(Ordering::Relaxed), CLIENTS);
-    assert!(hub.next_within(Duration::from_millis(200)).is_none(), "nothing twice");
+    assert!(
+        hub.next_within(Duration::from_millis(200)).is_none(),
+        "nothing twice"
+    );
     assert!(metric(admin, "gateway_upstream_blocked_seconds_total") > 0.0);
     drop(probe);
+}
+
+#[test]
+fn an_sse_and_a_long_poll_client_take_part_through_post() {
+    let origin = "https://app.example";
+    let gw = gateway(&["--allowed-origin", origin, "--upstream-claim", "name"]);
+    let hub = gw.hub();
+    let publisher = Publisher::connect(gw.zmq_endpoint());
+    let sam = token("sam", &["room"], &["room"], json!({"name": "Sam"}), 3600);
+    let lena = token("lena", &["room"], &["room"], json!({}), 3600);
+
+    // The SSE client learns its stream's address…
+    let mut sse = gw.sse(&format!("/events?channel=room&token={sam}"), None);
+    let welcome = sse.next_event();
+    assert_eq!(welcome.event.as_deref(), Some("welcome"));
+    let welcome: Value = serde_json::from_str(&welcome.data.join("\n")).unwrap();
+    let address = welcome["address"].as_str().unwrap().to_string();
+    // … and names it in its POSTs, from a page of an allowed origin.
+    let mut http = gw.http();
+    let preflight = {
+        let mut conn = gw.http();
+        conn.send(
+            format!(
+                "OPTIONS /publish HTTP/1.1\r\nHost: g\r\nOrigin: {origin}\r\n\
+                 Access-Control-Request-Method: POST\r\n\r\n"
+            )
+            .as_bytes(),
+        );
+        conn.read_response()
+    };
+    assert_eq!(preflight.status, 204, "{}", preflight.describe());
+    assert_eq!(
+        preflight.header("access-control-allow-methods"),
+        Some("POST")
+    );
+    let auth = format!("Bearer {sam}");
+    let headers = [("Authorization", auth.as_str()), ("Origin", origin)];
+    let resp = http.post(
+        &format!("/publish?channel=room&address={address}"),
+        &headers,
+        b"hello from sse",
+    );
+    assert_eq!(resp.status, 202, "{}", resp.describe());
+    assert_eq!(resp.header("access-control-allow-origin"), Some(origin));
+    let m = hub.next_of("message");
+    assert_eq!(
+        (m.address.as_str(), m.channel.as_str(), m.text().as_str()),
+        (address.as_str(), "room", "hello from sse")
+    );
+    assert_eq!(
+        m.meta,
+        json!({"transport": "http", "sub": "sam", "claims": {"name": "Sam"}, "binary": false})
+    );
+    // The hub's reply to that address reaches the stream, without an id.
+    let to = format!("!{address}");
+    let deadline = Instant::now() + PROBE_BUDGET;
+    let reply = loop {
+        assert!(Instant::now() < deadline, "no reply reached the stream");
+        publisher.publish(&to, b"reply");
+        let d = sse.next_event();
+        if d.id.is_none() && d.data.join("\n").ends_with("\nreply") {
+            break d;
+        }
+    };
+    let meta: Value = serde_json::from_str(&reply.data[0]).unwrap();
+    assert_eq!(meta, json!({"channel": to}));
+
+    // A long-poll client POSTs on the same keep-alive connection as it
+    // polls; the hub answers it on its user channel, which its polls read.
+    let lena_auth = format!("Bearer {lena}");
+    let mut lp = gw.http();
+    let resp = lp.post(
+        "/publish?channel=room",
+        &[("Authorization", lena_auth.as_str())],
+        &[0xff, 0x00],
+    );
+    assert_eq!(resp.status, 202, "{}", resp.describe());
+    let m = hub.next_of("message");
+    assert_eq!(m.meta["sub"], "lena");
+    assert_eq!(m.meta["binary"], true);
+    assert_eq!(m.payload, [0xff, 0x00]);
+    publisher.publish("#lena", b"for lena");
+    let resp = lp.get(
+        "/events?channel=room&since=0",
+        &[("Authorization", lena_auth.as_str())],
+    );
+    assert_eq!(resp.status, 200, "{}", resp.describe());
+    let body: Value = serde_json::from_slice(&resp.body).unwrap();
+    let poll = parse_longpoll_body(&body, "lena's poll");
+    assert!(
+        poll.messages
+            .iter()
+            .any(|d| d.channel == "#lena" && d.text() == "for lena"),
+        "{body}"
+    );
+}
+
+#[test]
+fn a_post_is_refused_with_a_status_naming_the_rule() {
+    let gw = gateway(&[
+        "--send-bytes-per-s",
+        "1000",
+        "--ws-message-bytes-max",
+        "4096",
+    ]);
+    let _hub = gw.hub();
+    let t = token("olga", &["news"], &["chat"], json!({}), 3600);
+    let auth = format!("Bearer {t}");
+    let post =
+        |path: &str, headers: &[(&str, &str)], body: &[u8]| gw.http().post(path, headers, body);
+    let with_token = [("Authorization", auth.as_str())];
+    let reason = |r: &HttpResponse| String::from_utf8_lossy(&r.body).trim_end().to_string();
+
+    let r = post("/publish?channel=chat", &[], b"x");
+    assert_eq!(
+        (r.status, reason(&r)),
+        (401, "missing token".into()),
+        "{}",
+        r.describe()
+    );
+    let r = post("/publish?channel=news", &with_token, b"x");
+    assert_eq!((r.status, reason(&r)), (403, "channel not allowed".into()));
+    let r = post("/publish?channel=chat", &with_token, &[b'x'; 1001]);
+    assert_eq!(
+        (r.status, reason(&r)),
+        (429, "rate limit: bytes per second".into())
+    );
+    assert_eq!(r.header("retry-after"), Some("1"));
+    let r = post("/publish?channel=chat", &with_token, &[b'x'; 4097]);
+    assert_eq!((r.status, reason(&r)), (413, "payload too large".into()));
+    let r = gw.http().get("/publish?channel=chat", &[]);
+    assert_eq!(r.status, 405);
+    assert_eq!(r.header("allow"), Some("POST, OPTIONS"));
+
+    // No hub is there: what the gateway's own ZeroMQ queues hold is
+    // accepted (it goes to the first hub that connects), then a POST waits
+    // for room and is answered 503 after the wait.
+    let lonely = Gateway::start(&[
+        "--upstream-connect",
+        "tcp://127.0.0.1:9",
+        "--publish-wait-ms",
+        "300",
+        "--send-messages-per-s",
+        "1000000",
+    ]);
+    let mut conn = lonely.http();
+    let mut accepted = 0;
+    let r = loop {
+        let r = conn.post("/publish?channel=chat", &[], b"x");
+        if r.status != 202 || accepted == 1000 {
+            break r;
+        }
+        accepted += 1;
+    };
+    assert_eq!(
+        (r.status, reason(&r)),
+        (503, "upstream busy".into()),
+        "after {accepted}"
+    );
+    assert!((1..1000).contains(&accepted), "{accepted}");
+    assert!(r.header("retry-after").is_some());
+    // Without an upstream socket, clients cannot send.
+    let r = Gateway::start(&[])
+        .http()
+        .post("/publish?channel=chat", &[], b"x");
+    assert_eq!(
+        (r.status, reason(&r)),
+        (503, "upstream not configured".into())
+    );
 }
