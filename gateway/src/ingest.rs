@@ -390,7 +390,9 @@ pub fn open(ctx: &zmq::Context, cfg: &Config) -> Result<(zmq::Socket, Bound), St
         sub.set_subscribe(prefix.as_bytes())
             .map_err(|e| format!("zmq subscribe: {e}"))?;
     }
-    watch_peers(ctx, &sub)?;
+    // Peers connected now, as the socket's monitor reports them: `/readyz`
+    // can require at least one.
+    crate::ops::metrics::watch_zmq_peers(ctx, &sub, "ingest", crate::ops::metrics::add_zmq_peers)?;
     let mut bound = Bound { endpoint: None };
     if !cfg.zmq_bind.is_empty() {
         sub.bind(&cfg.zmq_bind)
@@ -406,54 +408,6 @@ pub fn open(ctx: &zmq::Context, cfg: &Config) -> Result<(zmq::Socket, Bound), St
             .map_err(|e| format!("zmq connect {endpoint}: {e}"))?;
     }
     Ok((sub, bound))
-}
-
-/// ZeroMQ peers (publishers or forwarders) the SUB socket is connected to
-/// now, as its monitor reports them; `/readyz` can require at least one.
-/// Counts the SUB socket's peers from its monitor events, on a thread of
-/// their own so the ingest loop keeps its single blocking receive.
-fn watch_peers(ctx: &zmq::Context, sub: &zmq::Socket) -> Result<(), String> {
-    const ENDPOINT: &str = "inproc://gateway-ingest-monitor";
-    let events = zmq::SocketEvent::CONNECTED as i32
-        | zmq::SocketEvent::ACCEPTED as i32
-        | zmq::SocketEvent::DISCONNECTED as i32;
-    sub.monitor(ENDPOINT, events)
-        .map_err(|e| format!("zmq monitor: {e}"))?;
-    let pair = ctx
-        .socket(zmq::PAIR)
-        .map_err(|e| format!("zmq monitor socket: {e}"))?;
-    pair.connect(ENDPOINT)
-        .map_err(|e| format!("zmq monitor connect: {e}"))?;
-    std::thread::Builder::new()
-        .name("ingest-monitor".into())
-        .spawn(move || loop {
-            // An event is two frames: 2 bytes of event number and 4 of
-            // value (little-endian), then the peer's endpoint.
-            let Ok(frames) = pair.recv_multipart(0) else {
-                return;
-            };
-            let Some(head) = frames.first().filter(|f| f.len() >= 2) else {
-                continue;
-            };
-            let event = zmq::SocketEvent::from_raw(u16::from_le_bytes([head[0], head[1]]));
-            let endpoint = frames
-                .get(1)
-                .map(|f| String::from_utf8_lossy(f).into_owned());
-            let delta = match event {
-                zmq::SocketEvent::CONNECTED | zmq::SocketEvent::ACCEPTED => 1,
-                zmq::SocketEvent::DISCONNECTED => -1,
-                _ => continue,
-            };
-            let now = crate::ops::metrics::add_zmq_peers(delta);
-            info!(
-                ?event,
-                endpoint = endpoint.as_deref().unwrap_or("?"),
-                peers = now,
-                "zmq peer"
-            );
-        })
-        .map_err(|e| format!("spawn zmq monitor thread: {e}"))?;
-    Ok(())
 }
 
 /// Gives a checked publication its id: the publisher's, or this

@@ -44,7 +44,7 @@ use std::task::Waker;
 use std::time::Instant;
 
 use protocol::upstream::{Address, Kind, Ref};
-use tracing::{info, warn};
+use tracing::warn;
 
 use crate::config::Config;
 
@@ -122,7 +122,12 @@ pub fn start(ctx: &zmq::Context, cfg: &Config) -> Result<Option<Vec<String>>, St
     // Nothing waits for the hubs when the process exits.
     push.set_linger(0)
         .map_err(|e| format!("upstream linger: {e}"))?;
-    watch_hubs(ctx, &push)?;
+    crate::ops::metrics::watch_zmq_peers(
+        ctx,
+        &push,
+        "upstream",
+        crate::ops::metrics::add_upstream_peers,
+    )?;
     let mut bound = Vec::new();
     for endpoint in &cfg.upstream_bind {
         push.bind(endpoint)
@@ -203,49 +208,6 @@ fn send_frames<F: AsRef<[u8]>>(socket: &zmq::Socket, frames: &[F], flags: i32) -
         let more = if i < last { zmq::SNDMORE } else { 0 };
         socket.send(frame.as_ref(), flags | more)?;
     }
-    Ok(())
-}
-
-/// Counts the hubs connected to the upstream socket.
-fn watch_hubs(ctx: &zmq::Context, push: &zmq::Socket) -> Result<(), String> {
-    const ENDPOINT: &str = "inproc://gateway-upstream-monitor";
-    let events = zmq::SocketEvent::CONNECTED as i32
-        | zmq::SocketEvent::ACCEPTED as i32
-        | zmq::SocketEvent::DISCONNECTED as i32;
-    push.monitor(ENDPOINT, events)
-        .map_err(|e| format!("upstream monitor: {e}"))?;
-    let pair = ctx
-        .socket(zmq::PAIR)
-        .map_err(|e| format!("upstream monitor socket: {e}"))?;
-    pair.connect(ENDPOINT)
-        .map_err(|e| format!("upstream monitor connect: {e}"))?;
-    std::thread::Builder::new()
-        .name("upstream-monitor".into())
-        .spawn(move || loop {
-            let Ok(frames) = pair.recv_multipart(0) else {
-                return;
-            };
-            let Some(head) = frames.first().filter(|f| f.len() >= 2) else {
-                continue;
-            };
-            let event = zmq::SocketEvent::from_raw(u16::from_le_bytes([head[0], head[1]]));
-            let delta = match event {
-                zmq::SocketEvent::CONNECTED | zmq::SocketEvent::ACCEPTED => 1,
-                zmq::SocketEvent::DISCONNECTED => -1,
-                _ => continue,
-            };
-            let hubs = crate::ops::metrics::add_upstream_peers(delta);
-            let endpoint = frames
-                .get(1)
-                .map(|f| String::from_utf8_lossy(f).into_owned());
-            info!(
-                ?event,
-                endpoint = endpoint.as_deref().unwrap_or("?"),
-                hubs,
-                "upstream hub"
-            );
-        })
-        .map_err(|e| format!("spawn upstream monitor thread: {e}"))?;
     Ok(())
 }
 

@@ -169,6 +169,26 @@ impl Gateway {
         }
     }
 
+    /// A gateway behind `fwd` (`zmq_subscribe = demand`, no linger), with
+    /// its admin listener on `admin`, and `extra` flags.
+    pub fn start_behind(fwd: &Forwarder, admin: SocketAddr, extra: &[&str]) -> Gateway {
+        let admin = admin.to_string();
+        let mut args = vec![
+            "--zmq-bind",
+            "",
+            "--zmq-connect",
+            &fwd.gateways,
+            "--zmq-subscribe",
+            "demand",
+            "--zmq-unsubscribe-linger-ms",
+            "0",
+            "--admin-listen",
+            &admin,
+        ];
+        args.extend_from_slice(extra);
+        Gateway::start(&args)
+    }
+
     /// A WebSocket on the gateway's subprotocol, with `token` as a bearer.
     pub fn two_way(&self, path: &str, token: Option<&str>) -> two_way::TwoWayClient {
         two_way::TwoWayClient::connect(self.listen, path, token)
@@ -686,6 +706,19 @@ pub struct Probe {
     /// The largest id among the probe messages the probe clients received.
     /// Any message the test publishes afterwards has a larger id.
     pub last_id: u64,
+}
+
+/// One sample of the `/metrics` on `admin`: `series` is the name with its
+/// labels as the text shows them (`gateway_x_total{reason="y"}`).
+pub fn metric(admin: SocketAddr, series: &str) -> f64 {
+    let resp = HttpConn::connect(admin).get("/metrics", &[]);
+    assert_eq!(resp.status, 200, "{}", resp.describe());
+    let text = String::from_utf8(resp.body).expect("metrics are UTF-8");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{series} ")))
+        .unwrap_or_else(|| panic!("no {series:?} in\n{text}"))
+        .parse()
+        .expect("a number")
 }
 
 /// Waits until each gateway's ingest has a working subscription to

@@ -485,11 +485,7 @@ impl Core {
                         };
                         deliveries += 1;
                         delivered_bytes += frame.len() as u64;
-                        events::stage(conn, &mut stage, frame, cfg.outbound_queue_bytes_max);
-                        if !conn.dirty {
-                            conn.dirty = true;
-                            dirty.push(key);
-                        }
+                        stage_for_pass(conn, key, frame, &mut stage, &mut dirty, cfg);
                         continue;
                     }
                     ToCore::Unsubscribed(name) => {
@@ -529,11 +525,7 @@ impl Core {
                                     }
                                     _ => continue,
                                 };
-                                events::stage(conn, &mut stage, gap, cfg.outbound_queue_bytes_max);
-                                if !conn.dirty {
-                                    conn.dirty = true;
-                                    dirty.push(key);
-                                }
+                                stage_for_pass(conn, key, gap, &mut stage, &mut dirty, cfg);
                             }
                         }
                         continue;
@@ -648,11 +640,7 @@ impl Core {
                     };
                     deliveries += 1;
                     delivered_bytes += frame.len() as u64;
-                    events::stage(conn, &mut stage, frame, cfg.outbound_queue_bytes_max);
-                    if !conn.dirty {
-                        conn.dirty = true;
-                        dirty.push(key);
-                    }
+                    stage_for_pass(conn, key, frame, &mut stage, &mut dirty, cfg);
                 }
                 if deliveries > delivered_before {
                     stamps.push(msg.stamped);
@@ -905,6 +893,23 @@ impl Core {
             not_asked_yet = open - asked,
             "drain: connections asked to go"
         );
+    }
+}
+
+/// Stages a frame for `conn` (slab key `key`) and puts it in the pass's
+/// list of connections to write, once.
+fn stage_for_pass(
+    conn: &mut Conn,
+    key: u32,
+    frame: Bytes,
+    stage: &mut events::Stage,
+    dirty: &mut Vec<u32>,
+    cfg: &Config,
+) {
+    events::stage(conn, stage, frame, cfg.outbound_queue_bytes_max);
+    if !conn.dirty {
+        conn.dirty = true;
+        dirty.push(key);
     }
 }
 

@@ -232,16 +232,19 @@ impl Core {
                 .get(id as usize)
                 .is_some_and(|ch| channels.iter().any(|n| *n == *ch.name))
         });
+        let left: Vec<Box<str>> = leave
+            .iter()
+            .filter_map(|&id| registry.channels.get(id as usize))
+            .map(|ch| ch.name.clone())
+            .collect();
         registry.unsubscribe(key, &leave);
         drop(registry);
         c.channels = keep.into_boxed_slice();
         if let Some(r) = &reference {
             upstream::encode_ack(r, out);
         }
-        if !leave.is_empty() {
-            for ch in channels {
-                self.presence(Kind::Unsubscribe, c, key, ch, None);
-            }
+        for name in &left {
+            self.presence(Kind::Unsubscribe, c, key, name, None);
         }
     }
 

@@ -217,6 +217,61 @@ pub fn note_direct_undelivered() {
     DIRECT_UNDELIVERED.fetch_add(1, Ordering::Relaxed);
 }
 
+/// Counts the peers of a ZeroMQ socket (publishers or forwarders of the
+/// SUB socket, hubs of the upstream one) from its monitor events, on a
+/// thread of its own (`<name>-monitor`), so the socket's owner keeps its
+/// single blocking loop; `add` takes +1 or -1 and returns the count.
+pub fn watch_zmq_peers(
+    ctx: &zmq::Context,
+    socket: &zmq::Socket,
+    name: &'static str,
+    add: fn(i64) -> i64,
+) -> Result<(), String> {
+    let endpoint = format!("inproc://gateway-{name}-monitor");
+    let events = zmq::SocketEvent::CONNECTED as i32
+        | zmq::SocketEvent::ACCEPTED as i32
+        | zmq::SocketEvent::DISCONNECTED as i32;
+    socket
+        .monitor(&endpoint, events)
+        .map_err(|e| format!("{name} monitor: {e}"))?;
+    let pair = ctx
+        .socket(zmq::PAIR)
+        .map_err(|e| format!("{name} monitor socket: {e}"))?;
+    pair.connect(&endpoint)
+        .map_err(|e| format!("{name} monitor connect: {e}"))?;
+    std::thread::Builder::new()
+        .name(format!("{name}-monitor"))
+        .spawn(move || loop {
+            // An event is two frames: 2 bytes of event number and 4 of
+            // value (little-endian), then the peer's endpoint.
+            let Ok(frames) = pair.recv_multipart(0) else {
+                return;
+            };
+            let Some(head) = frames.first().filter(|f| f.len() >= 2) else {
+                continue;
+            };
+            let event = zmq::SocketEvent::from_raw(u16::from_le_bytes([head[0], head[1]]));
+            let delta = match event {
+                zmq::SocketEvent::CONNECTED | zmq::SocketEvent::ACCEPTED => 1,
+                zmq::SocketEvent::DISCONNECTED => -1,
+                _ => continue,
+            };
+            let peers = add(delta);
+            let endpoint = frames
+                .get(1)
+                .map(|f| String::from_utf8_lossy(f).into_owned());
+            tracing::info!(
+                socket = name,
+                ?event,
+                endpoint = endpoint.as_deref().unwrap_or("?"),
+                peers,
+                "zmq peer"
+            );
+        })
+        .map_err(|e| format!("spawn {name} monitor thread: {e}"))?;
+    Ok(())
+}
+
 /// Counts a publication received by ingest.
 pub fn note_message_in() {
     MESSAGES_IN.fetch_add(1, Ordering::Relaxed);

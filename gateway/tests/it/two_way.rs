@@ -87,17 +87,6 @@ fn next_real(client: &mut TwoWayClient) -> Frame {
     }
 }
 
-/// A sample of `/metrics` on `admin`.
-fn metric(admin: SocketAddr, series: &str) -> f64 {
-    let resp = HttpConn::connect(admin).get("/metrics", &[]);
-    let text = String::from_utf8(resp.body).unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(&format!("{series} ")))
-        .unwrap_or_else(|| panic!("no {series:?} in\n{text}"))
-        .parse()
-        .unwrap()
-}
-
 #[test]
 fn two_websocket_clients_chat_through_a_hub_that_republishes_to_the_room() {
     let gw = gateway(&["--upstream-claim", "name"]);
@@ -296,17 +285,15 @@ fn control_messages_subscribe_with_a_cursor_and_unsubscribe() {
 /// A gateway behind `fwd` in demand mode, with auth, its upstream socket
 /// and its admin listener on `admin`.
 fn gateway_behind(fwd: &Forwarder, admin: SocketAddr) -> Gateway {
-    let admin = admin.to_string();
-    gateway(&[
-        "--zmq-bind",
-        "",
-        "--zmq-connect",
-        &fwd.gateways,
-        "--zmq-subscribe",
-        "demand",
-        "--admin-listen",
-        &admin,
-    ])
+    let secret = format!("hs={SECRET}");
+    let extra = [
+        "--auth",
+        "--auth-hs256-secret",
+        &secret,
+        "--upstream-bind",
+        "tcp://127.0.0.1:*",
+    ];
+    Gateway::start_behind(fwd, admin, &extra)
 }
 
 #[test]
