@@ -194,6 +194,12 @@ pub struct Config {
     /// `sub`), by name (repeatable); absent claims are left out.
     #[arg(long = "upstream-claim", value_name = "NAME")]
     pub upstream_claims: Vec<String>,
+    /// With auth on, a connection whose token has a `sub` also reads its
+    /// user channel, `#<sub>`, so that hubs can address every connection
+    /// of a user. Each distinct user a core holds costs a channel entry
+    /// there (about 400 bytes); off when hubs never address users.
+    #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
+    pub user_channels: bool,
     /// Messages a second one connection may send (a token bucket holding a
     /// second's worth); over it a message is refused with
     /// `rate limit: messages per second`.

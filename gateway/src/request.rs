@@ -740,7 +740,10 @@ impl<'a> Io<'a> {
     /// A token's user channel (`#` and its `sub`) joins the channels asked
     /// for: the hubs' messages for this user reach every connection of it.
     fn add_user_channel(&self, channels: &mut Vec<String>, grant: Option<&Grant>) {
-        let Some(sub) = grant.and_then(|g| g.sub.as_deref()) else {
+        let Some(sub) = grant
+            .and_then(|g| g.sub.as_deref())
+            .filter(|_| self.core.cfg.user_channels)
+        else {
             return;
         };
         match upstream::user_channel(sub, self.core.cfg.channel_name_bytes_max) {
