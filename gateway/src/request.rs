@@ -761,12 +761,8 @@ impl<'a> Io<'a> {
     fn two_way(&self, grant: Option<Box<Grant>>) -> Box<TwoWay> {
         let cfg = self.core.cfg;
         let identity = grant.map(|g| {
-            Box::new(Identity {
-                sub: g.sub.as_deref().map(Into::into),
-                claims: claims_for(cfg, &g),
-                read: g.patterns().into(),
-                send: g.send.clone().into(),
-            })
+            let claims = claims_for(cfg, &g);
+            Identity::new(g.sub.as_deref(), g.patterns(), &g.send, claims.as_deref())
         });
         Box::new(TwoWay {
             message: Vec::new(),

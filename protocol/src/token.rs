@@ -455,6 +455,16 @@ impl ChannelPattern {
         }
     }
 
+    /// Whether `pattern`, written as a token carries it (a valid one, see
+    /// [`ChannelPattern::parse`]), allows `channel`: the same rule as
+    /// [`ChannelPattern::matches`], for patterns kept as text.
+    pub fn text_matches(pattern: &str, channel: &str) -> bool {
+        match pattern.strip_suffix('*') {
+            Some(prefix) => channel.starts_with(prefix),
+            None => channel == pattern,
+        }
+    }
+
     /// Whether this pattern allows `channel` (byte for byte; no case folding).
     pub fn matches(&self, channel: &str) -> bool {
         match self {

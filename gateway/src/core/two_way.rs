@@ -10,7 +10,7 @@ use protocol::envelope;
 use protocol::upstream::{self, ClientMessage, Kind, Ref, SendLimits, UpstreamMeta, USER_PREFIX};
 use tracing::debug;
 
-use crate::core::conn::{TwoWay, WsSession};
+use crate::core::conn::{Identity, TwoWay, WsSession};
 use crate::core::{events, Conn, Core, State, Transport};
 use crate::ops::metrics::note_upstream_refused;
 use crate::upstream::{Ack, Offered, Outgoing};
@@ -110,13 +110,13 @@ impl Core {
             };
             return refuse(index, over.reason(), Some(channel), out);
         }
-        let identity = two_way.identity.as_deref();
+        let identity = two_way.identity.as_ref();
         let mut meta = Vec::with_capacity(64);
         upstream::encode_upstream_meta(
             &UpstreamMeta {
                 transport: "websocket",
-                sub: identity.and_then(|i| i.sub.as_deref()),
-                claims: identity.and_then(|i| i.claims.as_deref()),
+                sub: identity.and_then(Identity::sub),
+                claims: identity.and_then(Identity::claims),
                 binary: Some(binary),
                 ..UpstreamMeta::default()
             },
@@ -155,7 +155,7 @@ impl Core {
         reference: Option<Ref>,
         out: &mut Vec<u8>,
     ) {
-        let identity = two_way_of(c).and_then(|t| t.identity.as_deref());
+        let identity = two_way_of(c).and_then(|t| t.identity.as_ref());
         if let Some(refused) = channels
             .iter()
             .find(|ch| identity.is_some_and(|i| !i.may_read(ch)))
@@ -271,8 +271,8 @@ impl Core {
             State::WebSocket { session } => session.two_way.as_deref(),
             _ => None,
         };
-        let identity = two_way.and_then(|t| t.identity.as_deref());
-        let sub = match identity.and_then(|i| i.sub.as_deref()) {
+        let identity = two_way.and_then(|t| t.identity.as_ref());
+        let sub = match identity.and_then(Identity::sub) {
             Some(sub) => Some(sub.to_string()),
             None => self.user_of(c),
         };
@@ -281,7 +281,7 @@ impl Core {
             &UpstreamMeta {
                 transport: transport_name(stream),
                 sub: sub.as_deref(),
-                claims: identity.and_then(|i| i.claims.as_deref()),
+                claims: identity.and_then(Identity::claims),
                 reason: gone.map(|(reason, _)| reason),
                 reconnect: gone.is_some_and(|(_, back)| back),
                 ..UpstreamMeta::default()
