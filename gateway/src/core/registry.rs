@@ -196,6 +196,12 @@ impl Registry {
                     interest.send(Interest::On(name.as_str().into()));
                 }
             }
+            if ch.subscribers.capacity() == 0 {
+                // Most channels have few subscribers per core (a user
+                // channel, one or two): the set would otherwise start with
+                // room for four.
+                ch.subscribers.reserve_exact(1);
+            }
             ch.subscribers.insert(conn);
             ids.push(id);
             let last = ch.history.back();
