@@ -1011,12 +1011,15 @@ impl<'a> Io<'a> {
             }
             _ => None,
         });
-        if !out.is_empty() {
-            self.queue(out.into());
-        }
         let key = self.key;
+        let mut answers = Vec::new();
         for (message, binary) in complete {
-            self.with_conn(|c, core| core.client_message(c, key, &message, binary));
+            self.with_conn(|c, core| core.client_message(c, key, &message, binary, &mut answers));
+        }
+        // A close frame, if any, goes last.
+        answers.extend_from_slice(&out);
+        if !answers.is_empty() {
+            self.queue(answers.into());
         }
         if let Some(end) = end {
             self.with_conn(|c, _| crate::core::events::log_session_end(c, end));

@@ -157,41 +157,64 @@ pub fn start(ctx: &zmq::Context, cfg: &Config) -> Result<Option<Vec<String>>, St
 }
 
 /// Moves every message from the cores to the hubs, waiting (and counting
-/// the wait) while the hubs have no room.
+/// the wait) while the hubs have no room. The frames move as ZeroMQ
+/// messages, never copied.
 fn relay(pull: &zmq::Socket, push: &zmq::Socket) {
+    let mut frames: Vec<zmq::Message> = Vec::with_capacity(5);
     loop {
-        let frames = match pull.recv_multipart(0) {
-            Ok(frames) => frames,
-            Err(zmq::Error::EINTR) => continue,
-            Err(e) => {
-                warn!(error = %e, "upstream relay receive failed; clients can no longer send");
-                return;
+        frames.clear();
+        loop {
+            match pull.recv_msg(0) {
+                Ok(frame) => {
+                    let more = frame.get_more();
+                    frames.push(frame);
+                    if !more {
+                        break;
+                    }
+                }
+                Err(zmq::Error::EINTR) => continue,
+                Err(e) => {
+                    warn!(error = %e, "upstream relay receive failed; clients can no longer send");
+                    return;
+                }
             }
-        };
-        let kind = match frames.first().map(Vec::as_slice) {
+        }
+        let kind = match frames.first().map(|f| &f[..]) {
             Some(b"message") => 0,
             Some(b"connect") => 1,
             Some(b"disconnect") => 2,
             Some(b"subscribe") => 3,
             _ => 4,
         };
-        let payload_bytes = frames.last().map_or(0, Vec::len);
+        let payload_bytes = frames.last().map_or(0, |f| f.len());
+        let last = frames.len() - 1;
+        let more = |i| if i < last { zmq::SNDMORE } else { 0 };
+        // The first frame (the kind, a few bytes) is sent as a copy: a
+        // refused ZeroMQ message is gone, and a refusal is how the relay
+        // learns that no hub has room, and then waits (the wait counted).
         let mut waited_since = None;
-        loop {
+        let first = loop {
             let flags = if waited_since.is_none() {
                 zmq::DONTWAIT
             } else {
                 0
             };
-            match send_frames(push, &frames, flags) {
-                Ok(()) => break,
+            match push.send(&frames[0][..], flags | more(0)) {
                 Err(zmq::Error::EAGAIN) => waited_since = Some(Instant::now()),
                 Err(zmq::Error::EINTR) => {}
-                Err(e) => {
-                    warn!(error = %e, "upstream send failed; clients can no longer send");
-                    return;
-                }
+                other => break other,
             }
+        };
+        let sent = first.and_then(|()| {
+            frames
+                .drain(..)
+                .enumerate()
+                .skip(1)
+                .try_for_each(|(i, frame)| push.send(frame, more(i)))
+        });
+        if let Err(e) = sent {
+            warn!(error = %e, "upstream send failed; clients can no longer send");
+            return;
         }
         if let Some(t) = waited_since {
             crate::ops::metrics::note_upstream_blocked(t.elapsed());
@@ -320,12 +343,8 @@ impl CoreUpstream {
     /// Sends a message now, or keeps it in order behind those waiting.
     pub fn offer(&self, out: Outgoing) -> Offered {
         let mut outbox = self.outbox.borrow_mut();
-        if outbox.is_empty() {
-            match send_frames(&self.socket, &out.frames, zmq::DONTWAIT) {
-                Ok(()) => return Offered::Sent,
-                Err(zmq::Error::EAGAIN) => {}
-                Err(e) => warn!(error = %e, "core upstream send failed; kept for a retry"),
-            }
+        if outbox.is_empty() && self.send_now(&out.frames) {
+            return Offered::Sent;
         }
         if out.is_presence() {
             let bytes = self.presence_waiting_bytes.get() + out.bytes();
@@ -337,6 +356,30 @@ impl CoreUpstream {
         }
         outbox.push_back(out);
         Offered::Waiting
+    }
+
+    /// One non-blocking send. Refused, it reads the socket's events: that
+    /// processes the commands waiting in its mailbox (a pipe saying it has
+    /// room again may be among them: then it sends again, as no edge of
+    /// the descriptor would say so), and leaves the mailbox empty, so that
+    /// the next command makes a new edge. False: no room now; the edge
+    /// comes when there is.
+    fn send_now(&self, frames: &[Vec<u8>; 5]) -> bool {
+        for _ in 0..2 {
+            match send_frames(&self.socket, frames, zmq::DONTWAIT) {
+                Ok(()) => return true,
+                Err(zmq::Error::EAGAIN) => {}
+                Err(e) => {
+                    warn!(error = %e, "core upstream send failed; kept for a retry");
+                    return false;
+                }
+            }
+            match self.socket.get_events() {
+                Ok(events) if events.contains(zmq::POLLOUT) => {}
+                _ => return false,
+            }
+        }
+        false
     }
 
     /// Keeps a connection unread until the outbox is empty.
@@ -352,15 +395,7 @@ impl CoreUpstream {
     /// Sends a `POST`'s message if nothing waits before it and the socket
     /// takes it now; otherwise its task waits ([`CoreUpstream::wait`]).
     pub fn try_send(&self, frames: &[Vec<u8>; 5]) -> bool {
-        if self.outbox.borrow().is_empty()
-            && send_frames(&self.socket, frames, zmq::DONTWAIT).is_ok()
-        {
-            return true;
-        }
-        // Refused: reading the events re-arms the descriptor's edge, which
-        // fires when there is room.
-        let _ = self.socket.get_events();
-        false
+        self.outbox.borrow().is_empty() && self.send_now(frames)
     }
 
     /// Wakes `waker` when the outbox next empties or the socket has room.
@@ -372,19 +407,15 @@ impl CoreUpstream {
     }
 
     /// Sends what waits, as far as the socket takes it. Called when the
-    /// socket's descriptor fires, and once a second by the sweep (an edge
-    /// ZeroMQ signalled while nothing waited is not seen again).
+    /// socket's descriptor fires, and once a second by the sweep (a
+    /// safety net: see [`CoreUpstream::send_now`] for why no edge is
+    /// missed).
     pub fn flush(&self) -> Flushed {
         let mut flushed = Flushed::default();
         let mut outbox = self.outbox.borrow_mut();
         while let Some(out) = outbox.front() {
-            match send_frames(&self.socket, &out.frames, zmq::DONTWAIT) {
-                Ok(()) => {}
-                Err(zmq::Error::EAGAIN) => break,
-                Err(e) => {
-                    warn!(error = %e, "core upstream send failed; retried later");
-                    break;
-                }
+            if !self.send_now(&out.frames) {
+                break;
             }
             let out = outbox.pop_front().expect("the front was there");
             if out.is_presence() {
@@ -395,21 +426,14 @@ impl CoreUpstream {
         }
         if outbox.is_empty() {
             flushed.resumed = std::mem::take(&mut *self.paused.borrow_mut());
-        }
-        // Whether or not all went, let the waiting POSTs try (they only
-        // send once the outbox is empty).
-        let has_room = outbox.is_empty()
-            && self
-                .socket
-                .get_events()
-                .is_ok_and(|e| e.contains(zmq::POLLOUT));
-        if has_room || outbox.is_empty() {
+            // Empty the mailbox (the edge that brought us here may have
+            // come with more commands): the next one makes a new edge.
+            let _ = self.socket.get_events();
+            // The POSTs waiting may try now.
             for w in self.waiters.borrow_mut().drain(..) {
                 w.wake();
             }
         }
-        // Reading the events also re-arms the descriptor's edge.
-        let _ = self.socket.get_events();
         flushed
     }
 }

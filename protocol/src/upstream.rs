@@ -22,6 +22,7 @@
 
 use std::fmt::Write as _;
 
+use serde_json::value::RawValue;
 use serde_json::Value;
 
 use crate::channel::valid_channel_name;
@@ -105,6 +106,25 @@ impl ClientRule {
     }
 }
 
+/// A client message's meta line as it is read: borrowed from the message
+/// (no allocation on the hot path), every field optional, no other field.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Meta<'a> {
+    // Borrowed strings: one the JSON escaped (which no valid name, kind or
+    // cursor needs) cannot be read this way and is refused.
+    #[serde(rename = "type", borrow, default)]
+    kind: Option<&'a str>,
+    #[serde(borrow, default)]
+    channel: Option<&'a str>,
+    #[serde(borrow, default)]
+    channels: Option<Vec<&'a str>>,
+    #[serde(borrow, default)]
+    since: Option<&'a str>,
+    #[serde(rename = "ref", borrow, default)]
+    reference: Option<&'a RawValue>,
+}
+
 /// Checks one whole client message (the WebSocket message's bytes).
 pub fn parse_client_message(
     message: &[u8],
@@ -114,16 +134,30 @@ pub fn parse_client_message(
         Some(i) => (&message[..i], Some(&message[i + 1..])),
         None => (message, None),
     };
-    let bad = |reference, rule| ClientError { reference, rule };
     if meta.len() > CLIENT_META_BYTES_MAX {
-        return Err(bad(None, ClientRule::BadMeta));
+        return Err(ClientError {
+            reference: None,
+            rule: ClientRule::BadMeta,
+        });
     }
-    let Ok(Value::Object(mut fields)) = serde_json::from_slice::<Value>(meta) else {
-        return Err(bad(None, ClientRule::BadMeta));
+    let fields: Meta = match serde_json::from_slice(meta) {
+        Ok(fields) => fields,
+        // Refused whatever else it says; its ref, if it can be read,
+        // goes with the refusal.
+        Err(_) => {
+            return Err(ClientError {
+                reference: reference_of(meta),
+                rule: ClientRule::BadMeta,
+            })
+        }
     };
-    let reference = match fields.remove("ref") {
-        None | Some(Value::Null) => None,
-        Some(v) => Some(reference(&v).ok_or(bad(None, ClientRule::BadMeta))?),
+    let reference = match fields.reference {
+        None => None,
+        Some(raw) if raw.get() == "null" => None,
+        Some(raw) => Some(reference(raw).ok_or(ClientError {
+            reference: None,
+            rule: ClientRule::BadMeta,
+        })?),
     };
     let bad = |rule| {
         Err(ClientError {
@@ -131,69 +165,45 @@ pub fn parse_client_message(
             rule,
         })
     };
-    let kind = match fields.remove("type") {
-        None => "message".to_string(),
-        Some(Value::String(kind)) => kind,
-        Some(_) => return bad(ClientRule::BadMeta),
-    };
     let valid = |name: &str| valid_channel_name(name.as_bytes(), channel_name_bytes_max);
-    match kind.as_str() {
+    match fields.kind.unwrap_or("message") {
         "message" => {
-            let Some(Value::String(channel)) = fields.remove("channel") else {
+            if fields.channels.is_some() || fields.since.is_some() {
                 return bad(ClientRule::BadMeta);
+            }
+            let channel = match fields.channel {
+                None => return bad(ClientRule::BadMeta),
+                Some(name) if valid(name) => name,
+                Some(_) => return bad(ClientRule::BadChannelName),
             };
-            if !fields.is_empty() {
-                return bad(ClientRule::BadMeta);
-            }
-            if !valid(&channel) {
-                return bad(ClientRule::BadChannelName);
-            }
-            // The name borrowed from the message itself: it is the same
-            // bytes the JSON held (valid names need no escaping), found
-            // again so that the caller keeps no allocation.
-            let channel = find_str(meta, &channel).ok_or(ClientError {
-                reference: reference.clone(),
-                rule: ClientRule::BadChannelName,
-            })?;
             Ok(ClientMessage::Send {
                 channel,
                 reference,
                 payload: payload.unwrap_or(&[]),
             })
         }
-        "subscribe" | "unsubscribe" => {
+        kind @ ("subscribe" | "unsubscribe") => {
             if payload.is_some_and(|p| !p.is_empty()) {
                 return bad(ClientRule::UnexpectedPayload);
             }
-            let Some(Value::Array(list)) = fields.remove("channels") else {
+            if fields.channel.is_some() {
+                return bad(ClientRule::BadMeta);
+            }
+            let Some(list) = fields.channels.filter(|l| !l.is_empty()) else {
                 return bad(ClientRule::BadMeta);
             };
-            let mut channels = Vec::with_capacity(list.len());
-            for name in list {
-                let Value::String(name) = name else {
-                    return bad(ClientRule::BadMeta);
-                };
-                if !valid(&name) {
-                    return bad(ClientRule::BadChannelName);
-                }
-                channels.push(name);
+            if list.iter().any(|name| !valid(name)) {
+                return bad(ClientRule::BadChannelName);
             }
-            if channels.is_empty() {
-                return bad(ClientRule::BadMeta);
-            }
-            let since = match fields.remove("since") {
-                None | Some(Value::Null) => None,
-                Some(Value::String(s)) if kind == "subscribe" => {
-                    match crate::id::parse_cursor(s.as_bytes()) {
-                        Some(c) => Some(c),
-                        None => return bad(ClientRule::BadCursor),
-                    }
-                }
+            let channels = list.into_iter().map(str::to_string).collect();
+            let since = match fields.since {
+                None => None,
+                Some(s) if kind == "subscribe" => match crate::id::parse_cursor(s.as_bytes()) {
+                    Some(c) => Some(c),
+                    None => return bad(ClientRule::BadCursor),
+                },
                 Some(_) => return bad(ClientRule::BadCursor),
             };
-            if !fields.is_empty() {
-                return bad(ClientRule::BadMeta);
-            }
             Ok(if kind == "subscribe" {
                 ClientMessage::Subscribe {
                     channels,
@@ -212,24 +222,22 @@ pub fn parse_client_message(
 }
 
 /// A `"ref"`: a short string or a non-negative integer, kept as JSON text.
-fn reference(v: &Value) -> Option<Ref> {
-    match v {
-        Value::String(s) if s.len() <= REF_BYTES_MAX => Some(Ref(v.to_string().into())),
+fn reference(raw: &RawValue) -> Option<Ref> {
+    match serde_json::from_str::<Value>(raw.get()).ok()? {
+        Value::String(s) if s.len() <= REF_BYTES_MAX => Some(Ref(raw.get().into())),
         Value::Number(n) if n.is_u64() => Some(Ref(n.to_string().into())),
         _ => None,
     }
 }
 
-/// `needle` as it appears, quoted, in `haystack` (a JSON text).
-fn find_str<'a>(haystack: &'a [u8], needle: &str) -> Option<&'a str> {
-    let n = needle.as_bytes();
-    (0..haystack.len().saturating_sub(n.len() + 1))
-        .find(|&i| {
-            haystack[i] == b'"'
-                && haystack[i + 1..].starts_with(n)
-                && haystack.get(i + 1 + n.len()) == Some(&b'"')
-        })
-        .and_then(|i| std::str::from_utf8(&haystack[i + 1..i + 1 + n.len()]).ok())
+/// The `ref` of a meta line that is refused for another reason, if it is
+/// a JSON object with a readable one (the slow path: errors only).
+fn reference_of(meta: &[u8]) -> Option<Ref> {
+    let Ok(Value::Object(fields)) = serde_json::from_slice::<Value>(meta) else {
+        return None;
+    };
+    let raw = serde_json::value::to_raw_value(fields.get("ref")?).ok()?;
+    reference(&raw)
 }
 
 /// The first frame to the client on the subprotocol: its address

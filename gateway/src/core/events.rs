@@ -365,11 +365,16 @@ impl Core {
                     usize::MAX,
                 )
             };
-            if !out.is_empty() {
-                send(c, Bytes::from(out), max);
-            }
+            // The answers to the messages, then the session's replies (a
+            // close frame, if the client closed after them, must be last),
+            // in one write.
+            let mut answers = Vec::new();
             for (message, binary) in complete {
-                self.client_message(c, key, &message, binary);
+                self.client_message(c, key, &message, binary, &mut answers);
+            }
+            answers.extend_from_slice(&out);
+            if !answers.is_empty() {
+                send(c, Bytes::from(answers), max);
             }
             if let Some(end) = end {
                 log_session_end(c, end);

@@ -40,36 +40,39 @@ impl Core {
     }
 
     /// Acts on one whole message from a two-way WebSocket (`c`, slab key
-    /// `key`): sends it upstream, or subscribes or unsubscribes, and
-    /// answers; a refusal is an error frame, the connection stays.
-    pub fn client_message(&self, c: &mut Conn, key: u32, message: &[u8], binary: bool) {
+    /// `key`): sends it upstream, or subscribes or unsubscribes; its
+    /// answer (an ack, or an error frame: the connection stays) goes to
+    /// `out`, which the caller writes once for all the messages of a read.
+    pub fn client_message(
+        &self,
+        c: &mut Conn,
+        key: u32,
+        message: &[u8],
+        binary: bool,
+        out: &mut Vec<u8>,
+    ) {
         let cfg = self.cfg;
-        let max = cfg.outbound_queue_bytes_max;
         let parsed = upstream::parse_client_message(message, cfg.channel_name_bytes_max);
-        let mut out = Vec::new();
         match parsed {
             Err(e) => {
                 note_upstream_refused(0);
                 debug!(peer = %c.client(), rule = e.rule.reason(), "client message refused");
-                upstream::encode_error(e.reference.as_ref(), e.rule.reason(), None, &mut out);
+                upstream::encode_error(e.reference.as_ref(), e.rule.reason(), None, out);
             }
             Ok(ClientMessage::Send {
                 channel,
                 reference,
                 payload,
-            }) => self.send_upstream(c, key, channel, reference, payload, binary, &mut out),
+            }) => self.send_upstream(c, key, channel, reference, payload, binary, out),
             Ok(ClientMessage::Subscribe {
                 channels,
                 since,
                 reference,
-            }) => self.subscribe_more(c, key, channels, since, reference, &mut out),
+            }) => self.subscribe_more(c, key, channels, since, reference, out),
             Ok(ClientMessage::Unsubscribe {
                 channels,
                 reference,
-            }) => self.unsubscribe_some(c, key, &channels, reference, &mut out),
-        }
-        if !out.is_empty() {
-            events::send(c, Bytes::from(out), max);
+            }) => self.unsubscribe_some(c, key, &channels, reference, out),
         }
     }
 
