@@ -29,6 +29,14 @@ pub enum Scenario {
     /// then all reconnecting, once all together and once with jitter; report
     /// the time until all are back and handshakes/s.
     Storm(StormArgs),
+    /// Two-way round trips: N WebSocket clients on the `gateway.v1`
+    /// subprotocol each send R messages/s on their own channel, which the
+    /// bench's hub (ZeroMQ PULL from the server's `--upstream-bind`) sends
+    /// straight back to the sender (`!ADDRESS`); report round-trip latency
+    /// and loss, then, with a few clients sending as fast as they are
+    /// answered (a bounded window each), the messages/s the server carries
+    /// upstream and back, and its CPU.
+    Roundtrip(RoundtripArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -113,6 +121,23 @@ impl ServerKind {
     /// gateway's contract); the others are counted from /proc/net/tcp.
     pub fn has_healthz(self) -> bool {
         matches!(self, ServerKind::Gateway | ServerKind::Baseline)
+    }
+
+    /// Why it cannot carry what clients send (roundtrip), if it cannot:
+    /// nginx + nchan and the Bun script only deliver.
+    pub fn check_two_way(self) -> Result<(), String> {
+        match self {
+            ServerKind::Gateway | ServerKind::Baseline => Ok(()),
+            ServerKind::Nchan | ServerKind::Bun => Err(format!(
+                "{} has no two-way contract (the gateway.v1 subprotocol, --upstream-bind): \
+                 roundtrip measures the gateway and the baseline",
+                if self == ServerKind::Bun {
+                    "the Bun script (bun)"
+                } else {
+                    "nchan"
+                }
+            )),
+        }
     }
 
     /// Why it cannot serve `transport`, if it cannot: the baseline and the
@@ -507,6 +532,70 @@ pub struct StormArgs {
     pub settle_s: f64,
 }
 
+#[derive(Debug, Clone, Args)]
+pub struct RoundtripArgs {
+    #[command(flatten)]
+    pub server: ServerArgs,
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Clients; client i subscribes to channel "rt.{i}" and sends on it.
+    #[arg(long, default_value_t = 1_000, value_parser = clap::value_parser!(u64).range(1..=u32::MAX as u64))]
+    pub connections: u64,
+    /// Messages each client sends a second in the latency phase, on a
+    /// fixed schedule (the clients' schedules spread evenly over the
+    /// interval): the offered load is connections × this.
+    #[arg(long, default_value_t = 10.0, value_parser = positive)]
+    pub rate_per_connection: f64,
+    /// The latency phase's measured window (after --warmup-s).
+    #[arg(long, default_value_t = 10.0, value_parser = seconds)]
+    pub duration_s: f64,
+    /// Each phase first runs this long at its load unmeasured (connections
+    /// and buffers settle).
+    #[arg(long, default_value_t = 1.0, value_parser = seconds)]
+    pub warmup_s: f64,
+    /// After a phase's last send, wait at most this long for the replies
+    /// still on their way (stops early once all are back): a message not
+    /// back by then is lost.
+    #[arg(long, default_value_t = 5.0, value_parser = seconds)]
+    pub grace_s: f64,
+    /// The saturation phase's measured window (after --warmup-s); 0 leaves
+    /// the phase out.
+    #[arg(long, default_value_t = 5.0, value_parser = seconds)]
+    pub saturate_s: f64,
+    /// Clients that send in the saturation phase, spread over all of them
+    /// (at most --connections).
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..=u32::MAX as u64))]
+    pub saturate_connections: u64,
+    /// In the saturation phase, messages each client has on their way
+    /// (sent, reply not back) at most: it sends the next as soon as a
+    /// reply frees a place, so a slow server or hub lowers the rate, never
+    /// piles up.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub window: u32,
+    /// Payload size in bytes (at least 33: kind, connection, sequence
+    /// number and send time in hex; more is filler before them).
+    #[arg(long, default_value_t = crate::ws::TAIL_LEN as u64,
+          value_parser = clap::value_parser!(u64).range(crate::ws::TAIL_LEN as u64..=crate::ws::PAYLOAD_BYTES_MAX as u64))]
+    pub payload_bytes: u64,
+    /// Send messages without a "ref": the server then sends no
+    /// acknowledgements (by default every message has one, and the ack's
+    /// latency is reported too).
+    #[arg(long)]
+    pub no_refs: bool,
+    /// Hub threads, each with its own PULL and publisher (the server
+    /// spreads its messages over them).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub hub_threads: u32,
+    /// The path check (every client sends probes until one comes back)
+    /// gives up after this long.
+    #[arg(long, default_value_t = 30.0, value_parser = seconds)]
+    pub probe_timeout_s: f64,
+    /// The already running server's upstream endpoint (its
+    /// --upstream-bind), where the hub connects (with --pid).
+    #[arg(long, value_name = "ENDPOINT", requires = "pid")]
+    pub upstream: Option<String>,
+}
+
 /// CPUs, in order, each once.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CpuList(pub Vec<usize>);
@@ -599,6 +688,7 @@ mod tests {
             Scenario::Idle(a) => a.server.servers()?,
             Scenario::Fanout(a) => a.server.servers()?,
             Scenario::Storm(a) => a.server.servers()?,
+            Scenario::Roundtrip(a) => a.server.servers()?,
         };
         Ok(s)
     }
@@ -1052,5 +1142,98 @@ mod tests {
             args.extend_from_slice(bad);
             assert!(parse_scenario(&args).is_err(), "{bad:?} accepted");
         }
+    }
+
+    #[test]
+    fn roundtrip_defaults_and_flags() {
+        let Scenario::Roundtrip(a) = parse_scenario(&["roundtrip", "--gateway", "gw"]).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(a.connections, 1_000);
+        assert_eq!(a.rate_per_connection, 10.0);
+        assert_eq!(a.duration_s, 10.0);
+        assert_eq!(a.warmup_s, 1.0);
+        assert_eq!(a.grace_s, 5.0);
+        assert_eq!(a.saturate_s, 5.0);
+        assert_eq!(a.saturate_connections, 50);
+        assert_eq!(a.window, 64);
+        assert_eq!(a.payload_bytes, 33);
+        assert!(!a.no_refs);
+        assert_eq!(a.hub_threads, 1);
+        assert_eq!(a.upstream, None);
+        let Scenario::Roundtrip(a) = parse_scenario(&[
+            "roundtrip",
+            "--server",
+            "both",
+            "--gateway",
+            "gw",
+            "--baseline",
+            "bl",
+            "--connections",
+            "200",
+            "--rate-per-connection",
+            "2.5",
+            "--duration-s",
+            "3",
+            "--saturate-s",
+            "0",
+            "--saturate-connections",
+            "7",
+            "--window",
+            "8",
+            "--no-refs",
+            "--hub-threads",
+            "2",
+            "--threads",
+            "2",
+        ])
+        .unwrap() else {
+            panic!()
+        };
+        assert_eq!(a.connections, 200);
+        assert_eq!(a.rate_per_connection, 2.5);
+        assert_eq!(a.saturate_s, 0.0);
+        assert_eq!((a.saturate_connections, a.window), (7, 8));
+        assert!(a.no_refs);
+        assert_eq!((a.hub_threads, a.client.threads), (2, 2));
+        assert_eq!(a.server.servers().unwrap().len(), 2);
+        let Scenario::Roundtrip(a) = parse_scenario(&[
+            "roundtrip",
+            "--server",
+            "baseline",
+            "--pid",
+            "9",
+            "--target",
+            "127.0.0.1:1",
+            "--zmq",
+            "tcp://127.0.0.1:2",
+            "--upstream",
+            "tcp://127.0.0.1:3",
+        ])
+        .unwrap() else {
+            panic!()
+        };
+        assert_eq!(a.upstream.as_deref(), Some("tcp://127.0.0.1:3"));
+        for bad in [
+            &["--rate-per-connection", "0"][..],
+            &["--window", "0"],
+            &["--window", "5000"],
+            &["--payload-bytes", "32"],
+            &["--saturate-connections", "0"],
+            &["--hub-threads", "0"],
+            // The upstream endpoint of a running server, not of a spawned one.
+            &["--upstream", "tcp://127.0.0.1:3"],
+        ] {
+            let mut args = vec!["roundtrip", "--gateway", "gw"];
+            args.extend_from_slice(bad);
+            assert!(parse_scenario(&args).is_err(), "{bad:?} accepted");
+        }
+        // Only the gateway and the baseline carry what clients send.
+        assert!(ServerKind::Gateway.check_two_way().is_ok());
+        assert!(ServerKind::Baseline.check_two_way().is_ok());
+        let err = ServerKind::Nchan.check_two_way().unwrap_err();
+        assert!(err.starts_with("nchan has no two-way contract"), "{err}");
+        assert!(ServerKind::Bun.check_two_way().is_err());
     }
 }

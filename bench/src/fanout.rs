@@ -1028,7 +1028,7 @@ pub fn run_one(
             target: listen,
             sources: args.client.sources.clone(),
             transport: args.transport,
-            channel_prefix: "fanout".into(),
+            channel_prefix: "fanout-".into(),
             channels,
             in_flight,
             handshake_timeout: Duration::from_secs_f64(args.client.handshake_timeout_s),
@@ -1036,6 +1036,7 @@ pub fn run_one(
             backoff: Duration::from_millis(50),
             backoff_max: Duration::from_secs(1),
             keep_in_epoll: true,
+            subprotocol: None,
         };
         let worker = Worker::new(t as usize, base, count, channels, cfg, shared.clone())?;
         let tx = result_tx.clone();

@@ -10,12 +10,16 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-/// What the gateway's `READY listen=ADDR zmq=ENDPOINT` line says.
+/// What the gateway's `READY listen=ADDR zmq=ENDPOINT [upstream=ENDPOINT,…]`
+/// line says.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Ready {
     pub listen: SocketAddr,
     /// The bound ZeroMQ endpoint, `None` when the line says `zmq=-`.
     pub zmq: Option<String>,
+    /// The first upstream endpoint bound (`--upstream-bind`, port `*`
+    /// resolved), `None` when the line has no `upstream=`.
+    pub upstream: Option<String>,
 }
 
 /// Parses the READY line (trailing newline and unknown extra `key=value`
@@ -27,6 +31,7 @@ pub fn parse_ready(line: &str) -> Result<Ready, String> {
     }
     let mut listen = None;
     let mut zmq = None;
+    let mut upstream = None;
     for word in words {
         match word.split_once('=') {
             Some(("listen", v)) => {
@@ -37,6 +42,13 @@ pub fn parse_ready(line: &str) -> Result<Ready, String> {
             }
             Some(("zmq", "-")) => zmq = Some(None),
             Some(("zmq", v)) => zmq = Some(Some(v.to_string())),
+            Some(("upstream", v)) => {
+                upstream = v
+                    .split(',')
+                    .next()
+                    .filter(|e| !e.is_empty())
+                    .map(String::from)
+            }
             Some(_) => {}
             None => return Err(format!("READY line: {word:?} is not key=value")),
         }
@@ -44,6 +56,7 @@ pub fn parse_ready(line: &str) -> Result<Ready, String> {
     Ok(Ready {
         listen: listen.ok_or_else(|| format!("READY line without listen=: {line:?}"))?,
         zmq: zmq.unwrap_or(None),
+        upstream,
     })
 }
 
@@ -123,6 +136,7 @@ impl Gateway {
             ready: Ready {
                 listen: ([0, 0, 0, 0], 0).into(),
                 zmq: None,
+                upstream: None,
             },
         };
         let deadline = Instant::now() + ready_timeout;
@@ -201,16 +215,24 @@ mod tests {
             parse_ready("READY listen=127.0.0.1:40123 zmq=tcp://127.0.0.1:35001\n").unwrap(),
             Ready {
                 listen: "127.0.0.1:40123".parse().unwrap(),
-                zmq: Some("tcp://127.0.0.1:35001".into())
+                zmq: Some("tcp://127.0.0.1:35001".into()),
+                upstream: None,
             }
         );
         assert_eq!(
             parse_ready("READY listen=[::1]:80 zmq=- extra=1").unwrap(),
             Ready {
                 listen: "[::1]:80".parse().unwrap(),
-                zmq: None
+                zmq: None,
+                upstream: None,
             }
         );
+        // Two-way: the upstream endpoints bound, the first one kept.
+        let r = parse_ready(
+            "READY listen=127.0.0.1:1 zmq=tcp://127.0.0.1:2 upstream=tcp://127.0.0.1:3,ipc:///x\n",
+        )
+        .unwrap();
+        assert_eq!(r.upstream.as_deref(), Some("tcp://127.0.0.1:3"));
         assert_eq!(parse_ready("READY listen=127.0.0.1:1").unwrap().zmq, None);
     }
 

@@ -52,13 +52,15 @@ pub enum Progress {
     Failed(String, String),
 }
 
-/// Moves one handshake on after epoll reported `flags` for it.
+/// Moves one handshake on after epoll reported `flags` for it (a
+/// WebSocket that offered `subprotocol` must have it chosen).
 pub fn advance(
     h: &mut Handshake,
     flags: u32,
     ep: &Epoll,
     token: u64,
     transport: Transport,
+    subprotocol: Option<&str>,
 ) -> Progress {
     if h.step == Step::Connecting {
         if let Some(e) = sys::socket_error(h.fd) {
@@ -111,7 +113,8 @@ pub fn advance(
             Ok(n) => {
                 h.buf.extend_from_slice(&chunk[..n]);
                 if let Some(len) = http::head_len(&h.buf) {
-                    return match http::check_subscribe_response(transport, &h.buf[..len]) {
+                    let head = &h.buf[..len];
+                    return match http::check_subscribe_response(transport, head, subprotocol) {
                         Ok(()) => Progress::Done(h.buf.len() - len),
                         Err(e) => Progress::Failed(e, head_excerpt(&h.buf[..len])),
                     };
@@ -156,8 +159,8 @@ pub struct DialConfig {
     pub target: SocketAddr,
     pub sources: Vec<IpAddr>,
     pub transport: Transport,
-    /// Connection i (global index) subscribes to `{prefix}-{i % channels}`
-    /// and binds to source `i % sources.len()`.
+    /// Connection i (global index) subscribes to `{prefix}{i % channels}`
+    /// (`fanout-3`, `rt.3`) and binds to source `i % sources.len()`.
     pub channel_prefix: String,
     pub channels: u64,
     /// Handshakes in flight at once (this dialer's share).
@@ -172,6 +175,9 @@ pub struct DialConfig {
     /// Whether an open connection stays in the epoll set (readable, same
     /// token) or leaves it.
     pub keep_in_epoll: bool,
+    /// A WebSocket subprotocol to offer, which the 101 must then choose
+    /// (the two-way `gateway.v1`); `None`: the plain subscription.
+    pub subprotocol: Option<&'static str>,
 }
 
 /// A connection whose handshake succeeded.
@@ -384,8 +390,13 @@ impl Dialer {
             );
             return;
         }
-        let channel = format!("{}-{}", self.cfg.channel_prefix, global % self.cfg.channels);
-        let buf = http::subscribe_request(self.cfg.transport, &self.host, &channel);
+        let channel = format!("{}{}", self.cfg.channel_prefix, global % self.cfg.channels);
+        let buf = http::subscribe_request_with(
+            self.cfg.transport,
+            &self.host,
+            &channel,
+            self.cfg.subprotocol,
+        );
         self.inflight.insert(
             local,
             Attempt {
@@ -416,7 +427,14 @@ impl Dialer {
         let Some(a) = self.inflight.get_mut(&local) else {
             return;
         };
-        match advance(&mut a.hs, flags, ep, token, self.cfg.transport) {
+        match advance(
+            &mut a.hs,
+            flags,
+            ep,
+            token,
+            self.cfg.transport,
+            self.cfg.subprotocol,
+        ) {
             Progress::Pending => {}
             Progress::Done(extra) => {
                 let a = self.inflight.remove(&local).expect("present");
@@ -533,7 +551,7 @@ mod tests {
             target,
             sources: vec!["127.0.0.1".parse().unwrap()],
             transport: Transport::Ws,
-            channel_prefix: "t".into(),
+            channel_prefix: "t-".into(),
             channels: 3,
             in_flight: 4,
             handshake_timeout: Duration::from_secs(5),
@@ -541,6 +559,7 @@ mod tests {
             backoff: Duration::from_millis(5),
             backoff_max: Duration::from_millis(40),
             keep_in_epoll: false,
+            subprotocol: None,
         }
     }
 

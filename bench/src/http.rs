@@ -13,10 +13,23 @@ pub use testkit::http::{
 
 /// The request head that subscribes one connection to `channel`.
 pub fn subscribe_request(transport: Transport, host: &str, channel: &str) -> Vec<u8> {
+    subscribe_request_with(transport, host, channel, None)
+}
+
+/// [`subscribe_request`], a WebSocket one offering `subprotocol`
+/// (`Sec-WebSocket-Protocol`) when given: the gateway's two-way
+/// `gateway.v1`.
+pub fn subscribe_request_with(
+    transport: Transport,
+    host: &str,
+    channel: &str,
+    subprotocol: Option<&str>,
+) -> Vec<u8> {
     match transport {
         Transport::Ws => format!(
             "GET /ws?channel={channel} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\n\
-             Connection: Upgrade\r\nSec-WebSocket-Key: {WS_KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+             Connection: Upgrade\r\nSec-WebSocket-Key: {WS_KEY}\r\nSec-WebSocket-Version: 13\r\n{}\r\n",
+            subprotocol.map_or(String::new(), |p| format!("Sec-WebSocket-Protocol: {p}\r\n"))
         ),
         Transport::Sse => format!(
             "GET /events?channel={channel} HTTP/1.1\r\nHost: {host}\r\nAccept: text/event-stream\r\n\
@@ -29,9 +42,29 @@ pub fn subscribe_request(transport: Transport, host: &str, channel: &str) -> Vec
     .into_bytes()
 }
 
-/// Checks that a complete response head accepts the subscription. The error
-/// is short and stable (it is used as a failure category).
-pub fn check_subscribe_response(transport: Transport, head: &[u8]) -> Result<(), String> {
+/// Checks that a complete response head accepts the subscription, and for
+/// a WebSocket that offered `subprotocol`, that the 101 chose it (a server
+/// that does not speak it would take the client's messages for noise). The
+/// error is short and stable (it is used as a failure category).
+pub fn check_subscribe_response(
+    transport: Transport,
+    head: &[u8],
+    subprotocol: Option<&str>,
+) -> Result<(), String> {
+    check_head(transport, head)?;
+    match (transport, subprotocol) {
+        (Transport::Ws, Some(want)) => match header(head, "Sec-WebSocket-Protocol") {
+            Some(got) if got == want => Ok(()),
+            Some(other) => Err(format!("101 chose subprotocol {other:?}, not {want:?}")),
+            None => Err(format!(
+                "101 without Sec-WebSocket-Protocol (offered {want:?})"
+            )),
+        },
+        _ => Ok(()),
+    }
+}
+
+fn check_head(transport: Transport, head: &[u8]) -> Result<(), String> {
     let status =
         status_code(head).ok_or_else(|| format!("malformed status line {:?}", first_line(head)))?;
     match transport {
@@ -180,27 +213,63 @@ mod tests {
 
     #[test]
     fn subscribe_responses() {
-        assert_eq!(check_subscribe_response(Transport::Ws, WS_OK), Ok(()));
-        assert_eq!(check_subscribe_response(Transport::Sse, SSE_OK), Ok(()));
+        assert_eq!(check_subscribe_response(Transport::Ws, WS_OK, None), Ok(()));
+        assert_eq!(
+            check_subscribe_response(Transport::Sse, SSE_OK, None),
+            Ok(())
+        );
         let refused = b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\n\r\n";
-        assert!(check_subscribe_response(Transport::Ws, refused)
+        assert!(check_subscribe_response(Transport::Ws, refused, None)
             .unwrap_err()
             .starts_with("status 503"));
-        assert!(check_subscribe_response(Transport::Sse, refused)
+        assert!(check_subscribe_response(Transport::Sse, refused, None)
             .unwrap_err()
             .starts_with("status 503"));
-        assert!(check_subscribe_response(Transport::Ws, SSE_OK)
+        assert!(check_subscribe_response(Transport::Ws, SSE_OK, None)
             .unwrap_err()
             .starts_with("status 200"));
         let bad_accept = b"HTTP/1.1 101 Switching Protocols\r\nSec-WebSocket-Accept: xyz\r\n\r\n";
-        assert!(check_subscribe_response(Transport::Ws, bad_accept)
+        assert!(check_subscribe_response(Transport::Ws, bad_accept, None)
             .unwrap_err()
             .contains("wrong"));
         let no_accept = b"HTTP/1.1 101 Switching Protocols\r\n\r\n";
-        assert!(check_subscribe_response(Transport::Ws, no_accept).is_err());
+        assert!(check_subscribe_response(Transport::Ws, no_accept, None).is_err());
         let json = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n";
-        assert!(check_subscribe_response(Transport::Sse, json).is_err());
-        assert!(check_subscribe_response(Transport::Sse, b"garbage\r\n\r\n").is_err());
+        assert!(check_subscribe_response(Transport::Sse, json, None).is_err());
+        assert!(check_subscribe_response(Transport::Sse, b"garbage\r\n\r\n", None).is_err());
+    }
+
+    #[test]
+    fn the_two_way_subprotocol_is_offered_and_checked() {
+        let req = String::from_utf8(subscribe_request_with(
+            Transport::Ws,
+            "h",
+            "rt.3",
+            Some("gateway.v1"),
+        ))
+        .unwrap();
+        assert!(req.starts_with("GET /ws?channel=rt.3 HTTP/1.1\r\n"));
+        assert!(req.contains("\r\nSec-WebSocket-Protocol: gateway.v1\r\n"));
+        assert_eq!(head_len(req.as_bytes()), Some(req.len()));
+        assert!(
+            !String::from_utf8(subscribe_request(Transport::Ws, "h", "x"))
+                .unwrap()
+                .contains("Protocol")
+        );
+        let chosen = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
+            Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\nSec-WebSocket-Protocol: gateway.v1\r\n\r\n";
+        let v1 = Some("gateway.v1");
+        assert_eq!(check_subscribe_response(Transport::Ws, chosen, v1), Ok(()));
+        let err = check_subscribe_response(Transport::Ws, WS_OK, v1).unwrap_err();
+        assert!(err.contains("without Sec-WebSocket-Protocol"), "{err}");
+        let other = b"HTTP/1.1 101 Switching Protocols\r\n\
+            Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\nSec-WebSocket-Protocol: chat\r\n\r\n";
+        assert!(check_subscribe_response(Transport::Ws, other, v1).is_err());
+        // Not offered: not asked for.
+        assert_eq!(
+            check_subscribe_response(Transport::Ws, chosen, None),
+            Ok(())
+        );
     }
 
     #[test]

@@ -331,7 +331,7 @@ impl<'a> Connector<'a> {
                 let Some(h) = self.inflight.get_mut(&token) else {
                     continue;
                 };
-                let progress = advance(h, flags, &self.ep, token, args.transport);
+                let progress = advance(h, flags, &self.ep, token, args.transport, None);
                 match progress {
                     Progress::Pending => {}
                     Progress::Done(extra) => {

@@ -9,6 +9,7 @@
 //! `bench idle --gateway target/release/gateway --connections 10000 --transport ws`
 //! `bench fanout --server both --gateway target/release/gateway --baseline target/release/baseline`
 //! `bench storm --server gateway,nchan,bun --gateway target/release/gateway --bun BUN`
+//! `bench roundtrip --server both --gateway target/release/gateway --baseline target/release/baseline`
 
 #![recursion_limit = "256"]
 
@@ -17,11 +18,13 @@ mod fanout;
 mod gateway;
 mod handshake;
 mod http;
+mod hub;
 mod idle;
 mod peers;
 mod procfs;
 mod publish;
 mod report;
+mod roundtrip;
 mod sse;
 mod storm;
 mod sys;
@@ -32,7 +35,7 @@ mod ws;
 use clap::{CommandFactory, Parser};
 use serde_json::{json, Value};
 
-use crate::cli::{Cli, Scenario, Server, ServerArgs, ServerKind, Transport};
+use crate::cli::{Cli, Scenario, Server, ServerArgs, ServerKind};
 
 /// What one run against one server gave: its table, its JSON, whether it is
 /// clean.
@@ -45,11 +48,13 @@ struct Run {
 /// Runs `one` against each server `args` names, one after the other,
 /// prints each table, the comparison of the first with each other one when
 /// there are several, and the one JSON line; returns the exit code (0
-/// clean, 1 a run with errors, 2 a run that failed).
+/// clean, 1 a run with errors, 2 a run that failed). A server `can_serve`
+/// refuses (a transport it lacks, no two-way contract) is refused before
+/// any run.
 fn run_all(
     scenario: &str,
     args: &ServerArgs,
-    transport: Transport,
+    can_serve: impl Fn(ServerKind) -> Result<(), String>,
     compared: &[(&str, &str)],
     mut one: impl FnMut(ServerKind, &Server) -> Result<Run, String>,
 ) -> i32 {
@@ -59,11 +64,7 @@ fn run_all(
             .error(clap::error::ErrorKind::MissingRequiredArgument, e)
             .exit(),
     };
-    // A server that cannot serve the transport is refused before any run.
-    if let Some(e) = servers
-        .iter()
-        .find_map(|(k, _)| k.check_transport(transport).err())
-    {
+    if let Some(e) = servers.iter().find_map(|(k, _)| can_serve(*k).err()) {
         Cli::command()
             .error(clap::error::ErrorKind::ArgumentConflict, e)
             .exit()
@@ -127,6 +128,7 @@ fn main() {
         Scenario::Idle(args) => &args.server,
         Scenario::Fanout(args) => &args.server,
         Scenario::Storm(args) => &args.server,
+        Scenario::Roundtrip(args) => &args.server,
     });
     let code = match &cli.scenario {
         Scenario::Idle(args) => {
@@ -134,7 +136,7 @@ fn main() {
             run_all(
                 "idle",
                 &args.server,
-                transport,
+                |k| k.check_transport(transport),
                 report::IDLE_COMPARED,
                 |k, s| {
                     idle::run(args, k, s).map(|r| Run {
@@ -150,7 +152,7 @@ fn main() {
             run_all(
                 "fanout",
                 &args.server,
-                transport,
+                |k| k.check_transport(transport),
                 fanout::COMPARED,
                 |k, s| {
                     fanout::run_one(args, k, s).map(|r| Run {
@@ -163,14 +165,33 @@ fn main() {
         }
         Scenario::Storm(args) => {
             let transport = args.transport;
-            run_all("storm", &args.server, transport, storm::COMPARED, |k, s| {
-                storm::run_one(args, k, s).map(|r| Run {
+            run_all(
+                "storm",
+                &args.server,
+                |k| k.check_transport(transport),
+                storm::COMPARED,
+                |k, s| {
+                    storm::run_one(args, k, s).map(|r| Run {
+                        table: r.table(),
+                        json: r.json(),
+                        ok: r.errors().is_empty(),
+                    })
+                },
+            )
+        }
+        Scenario::Roundtrip(args) => run_all(
+            "roundtrip",
+            &args.server,
+            ServerKind::check_two_way,
+            roundtrip::COMPARED,
+            |k, s| {
+                roundtrip::run_one(args, k, s).map(|r| Run {
                     table: r.table(),
                     json: r.json(),
                     ok: r.errors().is_empty(),
                 })
-            })
-        }
+            },
+        ),
     };
     std::process::exit(code);
 }

@@ -23,8 +23,18 @@ pub fn slab_bytes() -> io::Result<u64> {
 /// CPU time (user + system) a process has used so far, all its threads,
 /// from `/proc/PID/stat`, in seconds.
 pub fn cpu_seconds(pid: u32) -> io::Result<f64> {
-    let path = format!("/proc/{pid}/stat");
-    let text = std::fs::read_to_string(&path)
+    stat_cpu_seconds(&format!("/proc/{pid}/stat"))
+}
+
+/// CPU time (user + system) one thread of this process has used so far
+/// (`tid` from gettid(2)), in seconds: roundtrip's hub, apart from the
+/// client threads.
+pub fn thread_cpu_seconds(tid: u32) -> io::Result<f64> {
+    stat_cpu_seconds(&format!("/proc/self/task/{tid}/stat"))
+}
+
+fn stat_cpu_seconds(path: &str) -> io::Result<f64> {
+    let text = std::fs::read_to_string(path)
         .map_err(|e| io::Error::new(e.kind(), format!("{path}: {e}")))?;
     let ticks = parse_stat_cpu_ticks(&text).ok_or_else(|| {
         io::Error::new(

@@ -548,7 +548,7 @@ pub fn run_one(args: &StormArgs, kind: ServerKind, server: &Server) -> Result<St
                 target: listen,
                 sources: args.client.sources.clone(),
                 transport: args.transport,
-                channel_prefix: "storm".into(),
+                channel_prefix: "storm-".into(),
                 channels: args.channels,
                 in_flight,
                 handshake_timeout: Duration::from_secs_f64(args.client.handshake_timeout_s),
@@ -556,6 +556,7 @@ pub fn run_one(args: &StormArgs, kind: ServerKind, server: &Server) -> Result<St
                 backoff: Duration::from_millis(args.backoff_ms),
                 backoff_max: Duration::from_secs(1).max(Duration::from_millis(args.backoff_ms)),
                 keep_in_epoll: false,
+                subprotocol: None,
             },
             progress: progress.clone(),
         };

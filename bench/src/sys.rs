@@ -356,6 +356,45 @@ impl Drop for Epoll {
     }
 }
 
+/// An eventfd: another thread's way to wake a thread sleeping in
+/// epoll_wait (roundtrip's commands to its client threads), a signal
+/// rather than a polling timeout.
+pub struct EventFd {
+    fd: RawFd,
+}
+
+impl EventFd {
+    pub fn new() -> io::Result<EventFd> {
+        // SAFETY: plain syscall.
+        let fd = check(unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) })?;
+        Ok(EventFd { fd })
+    }
+
+    pub fn fd(&self) -> RawFd {
+        self.fd
+    }
+
+    /// Makes the descriptor readable (wakes the thread that waits on it).
+    pub fn notify(&self) {
+        let one: u64 = 1;
+        // SAFETY: an 8-byte write from a live u64 (what an eventfd takes).
+        unsafe { libc::write(self.fd, &one as *const u64 as *const libc::c_void, 8) };
+    }
+
+    /// Reads the count back to 0 (the descriptor stops being readable).
+    pub fn drain(&self) {
+        let mut n: u64 = 0;
+        // SAFETY: an 8-byte read into a live u64; nonblocking.
+        unsafe { libc::read(self.fd, &mut n as *mut u64 as *mut libc::c_void, 8) };
+    }
+}
+
+impl Drop for EventFd {
+    fn drop(&mut self) {
+        close(self.fd);
+    }
+}
+
 /// CPUs the servers this run spawns are restricted to (`--server-cpus`),
 /// set once at start.
 static SERVER_CPUS: std::sync::OnceLock<Vec<usize>> = std::sync::OnceLock::new();
@@ -562,6 +601,24 @@ mod tests {
             Some(libc::ECONNREFUSED)
         );
         close(fd);
+    }
+
+    #[test]
+    fn an_eventfd_wakes_epoll_until_drained() {
+        let ep = Epoll::new().unwrap();
+        let wake = EventFd::new().unwrap();
+        ep.add(wake.fd(), libc::EPOLLIN as u32, 7).unwrap();
+        let mut events = Vec::with_capacity(4);
+        ep.wait(&mut events, 0).unwrap();
+        assert!(events.is_empty());
+        wake.notify();
+        wake.notify();
+        ep.wait(&mut events, 1000).unwrap();
+        assert_eq!(events.len(), 1);
+        assert_eq!({ events[0].u64 }, 7);
+        wake.drain();
+        ep.wait(&mut events, 0).unwrap();
+        assert!(events.is_empty(), "one drain reads both notifications");
     }
 
     #[test]

@@ -46,6 +46,9 @@ pub struct Target {
     pub listen: SocketAddr,
     /// Where a publisher connects (`None`: the server binds none / not given).
     pub zmq: Option<String>,
+    /// Where a hub connects to take what clients send (its READY line's
+    /// `upstream=`; `None`: the server binds none, or attached).
+    pub upstream: Option<String>,
     /// Cores a spawned server was given (`None` when attached; nginx: its
     /// worker processes; Bun: 1, its one JavaScript thread).
     pub cores: Option<u32>,
@@ -54,7 +57,7 @@ pub struct Target {
 
 impl Target {
     pub fn start(kind: ServerKind, server: &Server) -> Result<Target, String> {
-        let (spawned, pid, listen, zmq, cores) = match server {
+        let (spawned, pid, listen, zmq, upstream, cores) = match server {
             Server::Spawn {
                 bin,
                 cores,
@@ -70,8 +73,15 @@ impl Target {
                     stderr.as_deref(),
                     *ready_timeout,
                 )?;
-                let (pid, ready) = (g.pid(), g.ready.clone());
-                (Spawned::Gateway(g), pid, ready.listen, ready.zmq, *cores)
+                let (pid, r) = (g.pid(), g.ready.clone());
+                (
+                    Spawned::Gateway(g),
+                    pid,
+                    r.listen,
+                    r.zmq,
+                    r.upstream,
+                    *cores,
+                )
             }
             Server::Nchan {
                 nginx,
@@ -81,12 +91,12 @@ impl Target {
             } => {
                 let n = Nginx::spawn(nginx, module, *workers, *ready_timeout)?;
                 let (pid, listen) = (n.pid(), n.listen);
-                (Spawned::Nginx(n), pid, listen, None, *workers)
+                (Spawned::Nginx(n), pid, listen, None, None, *workers)
             }
             Server::Bun { bin, ready_timeout } => {
                 let b = Bun::spawn(bin, *ready_timeout)?;
                 let (pid, ready) = (b.process.pid(), b.process.ready.clone());
-                (Spawned::Bun(b), pid, ready.listen, ready.zmq, 1)
+                (Spawned::Bun(b), pid, ready.listen, ready.zmq, None, 1)
             }
             Server::Attach { pid, target, zmq } => {
                 return Ok(Target {
@@ -94,6 +104,7 @@ impl Target {
                     pid: *pid,
                     listen: *target,
                     zmq: zmq.clone(),
+                    upstream: None,
                     cores: None,
                     spawned: None,
                 })
@@ -109,6 +120,7 @@ impl Target {
             pid,
             listen,
             zmq,
+            upstream,
             cores: Some(cores),
             spawned: Some(spawned),
         })

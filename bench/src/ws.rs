@@ -73,9 +73,18 @@ pub fn decode_tail(content: &[u8]) -> Option<Tail> {
     if content.len() < TAIL_LEN + 2 {
         return None;
     }
-    let t = &content[content.len() - TAIL_LEN..];
+    let tail = read_tail(content)?;
+    (tail.kind == KIND_MEASURED || tail.kind == KIND_PROBE).then_some(tail)
+}
+
+/// The tail at the end of `bytes` whatever its kind byte (an ASCII
+/// letter): roundtrip has kinds of its own and reads the tail from a bare
+/// payload or from the `ref` an acknowledgement echoes.
+#[inline]
+pub fn read_tail(bytes: &[u8]) -> Option<Tail> {
+    let t = bytes.get(bytes.len().checked_sub(TAIL_LEN)?..)?;
     let kind = t[0];
-    if kind != KIND_MEASURED && kind != KIND_PROBE {
+    if !kind.is_ascii_alphabetic() {
         return None;
     }
     Some(Tail {
@@ -84,6 +93,25 @@ pub fn decode_tail(content: &[u8]) -> Option<Tail> {
         seq: hex_value(&t[9..17])? as u32,
         sent_ns: hex_value(&t[17..33])?,
     })
+}
+
+/// Appends a masked client frame (FIN set) of any length to `out`: what
+/// roundtrip's clients send.
+pub fn append_client_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8], mask: [u8; 4]) {
+    out.push(0x80 | opcode);
+    match payload.len() {
+        n if n < 126 => out.push(0x80 | n as u8),
+        n if n <= 0xffff => {
+            out.push(0x80 | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(0x80 | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    out.extend_from_slice(&mask);
+    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
 }
 
 /// A WebSocket frame header.
@@ -727,6 +755,54 @@ mod tests {
             "c saw 6..11, never published on channel 1"
         );
         assert_eq!(summarize([], &[5]), LossSummary::default());
+    }
+
+    #[test]
+    fn client_frames_of_every_length_unmask_to_their_payload() {
+        for len in [0usize, 1, 125, 126, 300, 0xffff, 0x10000] {
+            let payload: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+            let mut f = vec![9u8]; // appended behind what is there
+            append_client_frame(&mut f, 1, &payload, [0xde, 0xad, 0xbe, 0xef]);
+            let Parsed::Head(h) = parse_head(&f[1..]) else {
+                panic!("{len}")
+            };
+            assert!(h.masked && h.fin && h.opcode == 1, "{len}");
+            assert_eq!((h.payload_len, h.total_len()), (len, f.len() - 1));
+            let unmasked: Vec<u8> = f[1 + h.header_len..]
+                .iter()
+                .enumerate()
+                .map(|(i, b)| b ^ [0xde, 0xad, 0xbe, 0xef][i % 4])
+                .collect();
+            assert_eq!(unmasked, payload, "{len}");
+        }
+        // The short form is the control frame's.
+        let mut f = Vec::new();
+        append_client_frame(&mut f, 10, b"abc", [1, 2, 3, 4]);
+        assert_eq!(f, client_frame(10, b"abc", [1, 2, 3, 4]));
+    }
+
+    #[test]
+    fn tails_of_any_kind() {
+        let tail = Tail {
+            kind: b's',
+            channel: 7,
+            seq: 9,
+            sent_ns: 11,
+        };
+        let mut p = Vec::new();
+        encode_payload(&mut p, 40, &tail);
+        assert_eq!(read_tail(&p), Some(tail));
+        assert_eq!(
+            decode_tail(&content("c", 1, &p)),
+            None,
+            "not a fan-out kind"
+        );
+        assert_eq!(read_tail(&p[1..]), Some(tail), "filler is not read");
+        assert_eq!(read_tail(&p[..p.len() - 1]), None);
+        assert_eq!(read_tail(b""), None);
+        let at = p.len() - TAIL_LEN;
+        p[at] = b'7';
+        assert_eq!(read_tail(&p), None, "a kind is a letter");
     }
 
     #[test]

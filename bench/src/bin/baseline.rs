@@ -16,12 +16,32 @@
 //! and payload, and `/healthz`. What it leaves out on purpose: resume
 //! (`Last-Event-ID`, `since=`), history and long-poll. The baseline measures
 //! delivery, not resume.
+//!
+//! Two-way, the gateway's `gateway.v1` contract, the same straightforward
+//! way: a WebSocket that offers the subprotocol (axum's
+//! `WebSocketUpgrade::protocols`) is welcomed with an address of its own
+//! (`{"type":"welcome","address":"…"}`: a random instance id and a
+//! connection counter, 52 hex digits), and may send messages
+//! (`{"channel":"room","ref":"7"}\n<payload>`). Its task checks each one and
+//! hands it to the upstream thread through a bounded tokio channel, waiting
+//! when the channel is full (so a slow hub stops the reading of the clients
+//! that send, and nothing is dropped), then acknowledges a `ref`
+//! (`{"type":"ack","ref":"7"}`) or answers an error. The upstream thread
+//! sends each as five ZeroMQ frames, `[b"message", address, channel, meta,
+//! payload]`, on a PUSH socket bound at each `--upstream-bind`, blocking
+//! when the hubs do not keep up. A publication whose first frame is `!` and
+//! an address goes, through a map of address → the connection's bounded
+//! channel, to that one connection (`{"channel":"!ADDRESS"}\n<payload>`); a
+//! connection whose channel is full is dropped from the map and closed as a
+//! slow consumer, like a lagging subscriber. Left out: subscribe and
+//! unsubscribe control messages, send rate limits, tokens, presence events.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
+use std::hash::{BuildHasher as _, Hasher as _};
 use std::io::{IsTerminal as _, Write as _};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -34,7 +54,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use base64::Engine as _;
 use clap::Parser;
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::{StreamExt as _, StreamMap};
@@ -48,6 +68,18 @@ const CHANNELS_PER_CONNECTION_MAX: usize = 16;
 const PAYLOAD_BYTES_MAX: usize = 1 << 20;
 const EVENT_NAME_BYTES_MAX: usize = 64;
 const ZMQ_RCVHWM_MESSAGES: i32 = 100_000;
+/// The two-way subprotocol, and the gateway's limits on what clients send.
+const SUBPROTOCOL: &str = "gateway.v1";
+const CLIENT_META_BYTES_MAX: usize = 1024;
+const REF_BYTES_MAX: usize = 64;
+/// Hex digits of a connection's address (the gateway's length).
+const ADDRESS_BYTES: usize = 52;
+/// Client messages waiting for the upstream thread, over all connections:
+/// past this, the connections that send wait.
+const UPSTREAM_QUEUE: usize = 1024;
+/// Messages for one connection waiting for its task; past this it is a
+/// slow consumer.
+const DIRECT_QUEUE: usize = 1024;
 
 /// The baseline server: tokio + axum + broadcast channels, ZeroMQ in.
 #[derive(Parser)]
@@ -65,6 +97,11 @@ struct Args {
     /// ZeroMQ endpoint the SUB socket connects to (repeatable).
     #[arg(long)]
     zmq_connect: Vec<String>,
+    /// ZeroMQ endpoint the upstream PUSH socket binds, where hubs connect a
+    /// PULL to receive what clients send (repeatable; `*` port allowed).
+    /// None: a client's message is answered `upstream not configured`.
+    #[arg(long = "upstream-bind", value_name = "ENDPOINT")]
+    upstream_bind: Vec<String>,
 }
 
 /// One publication, encoded once for every subscriber of its channel.
@@ -73,13 +110,73 @@ struct Delivery {
     sse: Event,
 }
 
-#[derive(Default)]
+/// A connection's address: 52 lowercase hex digits.
+type Address = [u8; ADDRESS_BYTES];
+
+/// One client message on its way to the hubs.
+struct Upstream {
+    address: Address,
+    channel: String,
+    binary: bool,
+    payload: Vec<u8>,
+}
+
 struct AppState {
     channels: Mutex<HashMap<String, broadcast::Sender<Arc<Delivery>>>>,
     connections: AtomicUsize,
+    /// Two-way connections by address: where a message for one of them goes.
+    direct: Mutex<HashMap<Address, mpsc::Sender<Message>>>,
+    /// To the upstream thread (`None`: no `--upstream-bind`).
+    upstream: Option<mpsc::Sender<Upstream>>,
+    /// This process's part of every address, drawn at start.
+    instance: u64,
+    next_connection: AtomicU64,
 }
 
 impl AppState {
+    fn new(upstream: Option<mpsc::Sender<Upstream>>) -> AppState {
+        AppState {
+            channels: Mutex::default(),
+            connections: AtomicUsize::new(0),
+            direct: Mutex::default(),
+            upstream,
+            // Random enough to tell runs apart: std's per-process hash keys.
+            instance: std::collections::hash_map::RandomState::new()
+                .build_hasher()
+                .finish(),
+            next_connection: AtomicU64::new(0),
+        }
+    }
+
+    /// A new connection's address, and the channel its messages come on.
+    fn register(&self) -> (Address, mpsc::Receiver<Message>) {
+        let n = self.next_connection.fetch_add(1, Ordering::Relaxed);
+        let address = make_address(self.instance, n);
+        let (tx, rx) = mpsc::channel(DIRECT_QUEUE);
+        self.direct.lock().unwrap().insert(address, tx);
+        (address, rx)
+    }
+
+    /// Hands a publication for one connection to its task. A connection
+    /// whose queue is full loses its entry: its task closes it as a slow
+    /// consumer once it has sent what is queued.
+    fn deliver_direct(&self, address: &Address, message: Message) {
+        let mut direct = self.direct.lock().unwrap();
+        let Some(tx) = direct.get(address) else {
+            return; // gone, or never here: dropped, as the gateway does
+        };
+        match tx.try_send(message) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                warn!(address = %String::from_utf8_lossy(address), "connection lagged; closing");
+                direct.remove(address);
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                direct.remove(address);
+            }
+        }
+    }
+
     fn subscribe(&self, channel: &str) -> broadcast::Receiver<Arc<Delivery>> {
         let mut channels = self.channels.lock().unwrap();
         channels
@@ -141,7 +238,8 @@ fn main() {
 }
 
 async fn run(args: Args) -> Result<(), String> {
-    let state = Arc::new(AppState::default());
+    let (upstream_tx, upstream_bound) = open_upstream(&args.upstream_bind)?;
+    let state = Arc::new(AppState::new(upstream_tx));
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|e| format!("listen {}: {e}", args.listen))?;
@@ -164,9 +262,15 @@ async fn run(args: Args) -> Result<(), String> {
         .route("/healthz", get(healthz))
         .with_state(state);
     let zmq = zmq_endpoint.as_deref().unwrap_or("-");
-    info!(%listen, zmq, zmq_connect = ?args.zmq_connect, "baseline ready");
+    info!(%listen, zmq, zmq_connect = ?args.zmq_connect, upstream = ?upstream_bound, "baseline ready");
+    // The upstream endpoints bound, like the gateway's line (port `*` resolved).
+    let upstream_field = if upstream_bound.is_empty() {
+        String::new()
+    } else {
+        format!(" upstream={}", upstream_bound.join(","))
+    };
     let mut stdout = std::io::stdout();
-    let _ = writeln!(stdout, "READY listen={listen} zmq={zmq}");
+    let _ = writeln!(stdout, "READY listen={listen} zmq={zmq}{upstream_field}");
     let _ = stdout.flush();
     axum::serve(listener, app)
         .await
@@ -187,11 +291,50 @@ async fn ws_handler(
         Ok(channels) => subscribe_all(&state, channels),
         Err(reason) => return (StatusCode::BAD_REQUEST, reason).into_response(),
     };
-    ws.on_upgrade(move |socket| serve_ws(socket, subs, state))
+    // Chosen when the client offers it: the connection is then two-way.
+    let ws = ws.protocols([SUBPROTOCOL]);
+    let two_way = ws.selected_protocol().is_some();
+    ws.on_upgrade(move |socket| serve_ws(socket, subs, state, two_way))
 }
 
-async fn serve_ws(mut socket: WebSocket, mut subs: Subscriptions, state: Arc<AppState>) {
-    let _connected = Connected::new(state);
+/// Takes a two-way connection's address out of the map when it ends.
+struct Registered(Arc<AppState>, Address);
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.0.direct.lock().unwrap().remove(&self.1);
+    }
+}
+
+/// The next message for this one connection (never, on a receive-only one).
+async fn next_direct(direct: &mut Option<mpsc::Receiver<Message>>) -> Option<Message> {
+    match direct {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn serve_ws(
+    mut socket: WebSocket,
+    mut subs: Subscriptions,
+    state: Arc<AppState>,
+    two_way: bool,
+) {
+    let _connected = Connected::new(state.clone());
+    let mut direct = None;
+    let mut registered = None;
+    if two_way {
+        let (address, rx) = state.register();
+        registered = Some(Registered(state.clone(), address));
+        direct = Some(rx);
+        let welcome = format!(
+            "{{\"type\":\"welcome\",\"address\":\"{}\"}}\n",
+            String::from_utf8_lossy(&address)
+        );
+        if socket.send(Message::Text(welcome.into())).await.is_err() {
+            return;
+        }
+    }
     loop {
         tokio::select! {
             item = subs.next() => match item {
@@ -208,13 +351,75 @@ async fn serve_ws(mut socket: WebSocket, mut subs: Subscriptions, state: Arc<App
                 }
                 None => break,
             },
-            // Pings are answered by tungstenite; anything else is ignored.
+            message = next_direct(&mut direct) => match message {
+                Some(message) => {
+                    if socket.send(message).await.is_err() {
+                        break;
+                    }
+                }
+                // Dropped from the map: it lagged behind its messages.
+                None => {
+                    let close = CloseFrame { code: close_code::POLICY, reason: "slow consumer".into() };
+                    let _ = socket.send(Message::Close(Some(close))).await;
+                    break;
+                }
+            },
+            // Pings are answered by tungstenite. A receive-only connection's
+            // messages are ignored; a two-way one's go upstream.
             incoming = socket.recv() => match incoming {
                 Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break,
+                Some(Ok(Message::Text(text))) if two_way => {
+                    let address = registered.as_ref().map(|r| r.1).expect("two-way");
+                    if !from_client(&state, &mut socket, &address, text.as_bytes(), false).await {
+                        break;
+                    }
+                }
+                Some(Ok(Message::Binary(bytes))) if two_way => {
+                    let address = registered.as_ref().map(|r| r.1).expect("two-way");
+                    if !from_client(&state, &mut socket, &address, &bytes, true).await {
+                        break;
+                    }
+                }
                 Some(Ok(_)) => {}
             },
         }
     }
+}
+
+/// One message from a two-way client: checked, handed to the upstream
+/// thread (waiting while its queue is full), then acknowledged if it has a
+/// ref; refused with an error frame otherwise. False when the socket failed.
+async fn from_client(
+    state: &AppState,
+    socket: &mut WebSocket,
+    address: &Address,
+    message: &[u8],
+    binary: bool,
+) -> bool {
+    let answer = match parse_client_message(message) {
+        Err((reference, reason)) => error_frame(reference.as_deref(), reason),
+        Ok(sent) => match &state.upstream {
+            None => error_frame(sent.reference.as_deref(), "upstream not configured"),
+            Some(upstream) => {
+                let up = Upstream {
+                    address: *address,
+                    channel: sent.channel.to_owned(),
+                    binary,
+                    payload: sent.payload.to_vec(),
+                };
+                match (upstream.send(up).await, sent.reference) {
+                    (Err(_), reference) => {
+                        error_frame(reference.as_deref(), "upstream unavailable")
+                    }
+                    (Ok(()), Some(reference)) => {
+                        format!("{{\"type\":\"ack\",\"ref\":{reference}}}\n")
+                    }
+                    (Ok(()), None) => return true,
+                }
+            }
+        },
+    };
+    socket.send(Message::Text(answer.into())).await.is_ok()
 }
 
 async fn sse_handler(
@@ -332,6 +537,13 @@ fn ingest(sub: zmq::Socket, state: &AppState) {
                 return;
             }
         };
+        if frames.first().is_some_and(|f| f.first() == Some(&b'!')) {
+            match check_direct(&frames) {
+                Ok((address, message)) => state.deliver_direct(&address, message),
+                Err(reason) => warn!(reason, "publication dropped"),
+            }
+            continue;
+        }
         let (channel, event, payload) = match check_frames(&frames) {
             Ok(checked) => checked,
             Err(reason) => {
@@ -342,6 +554,175 @@ fn ingest(sub: zmq::Socket, state: &AppState) {
         next_id += 1;
         let delivery = encode(next_id, channel, event.as_deref(), payload);
         state.publish(channel, Arc::new(delivery));
+    }
+}
+
+/// `[b"!" + address, payload]`: a message for one connection, as that
+/// connection gets it (`{"channel":"!ADDRESS"}\n<payload>`, a text frame
+/// when the payload is UTF-8). No id: it is nobody's history.
+fn check_direct(frames: &[Vec<u8>]) -> Result<(Address, Message), String> {
+    let [first, payload] = frames else {
+        return Err(format!("{} frames for one connection", frames.len()));
+    };
+    let address = parse_address(&first[1..]).ok_or("bad connection address")?;
+    if payload.len() > PAYLOAD_BYTES_MAX {
+        return Err(format!("payload of {} bytes", payload.len()));
+    }
+    let mut bytes = Vec::with_capacity(16 + ADDRESS_BYTES + payload.len());
+    bytes.extend_from_slice(b"{\"channel\":\"!");
+    bytes.extend_from_slice(&address);
+    bytes.extend_from_slice(b"\"}\n");
+    bytes.extend_from_slice(payload);
+    let message = match String::from_utf8(bytes) {
+        Ok(text) => Message::Text(text.into()),
+        Err(e) => Message::Binary(e.into_bytes().into()),
+    };
+    Ok((address, message))
+}
+
+/// An address as this server writes them: 52 lowercase hex digits.
+fn parse_address(text: &[u8]) -> Option<Address> {
+    let hex = text.iter().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    if hex {
+        text.try_into().ok()
+    } else {
+        None
+    }
+}
+
+/// Connection `n`'s address: the instance (16 hex digits), then `n` (36).
+fn make_address(instance: u64, n: u64) -> Address {
+    format!("{instance:016x}{n:036x}")
+        .into_bytes()
+        .try_into()
+        .expect("16 + 36 digits")
+}
+
+/// A client message, checked: its channel, its `ref` as the JSON text the
+/// ack echoes, its payload.
+#[derive(Debug, PartialEq)]
+struct ClientSend<'a> {
+    channel: String,
+    reference: Option<String>,
+    payload: &'a [u8],
+}
+
+/// Checks a client message (meta line, `\n`, payload) like the gateway
+/// does; a refusal says why, with the ref when it could be read.
+fn parse_client_message(message: &[u8]) -> Result<ClientSend<'_>, (Option<String>, &'static str)> {
+    use serde_json::Value;
+    let (meta, payload) = match message.iter().position(|&b| b == b'\n') {
+        Some(i) => (&message[..i], &message[i + 1..]),
+        None => (message, &[][..]),
+    };
+    if meta.len() > CLIENT_META_BYTES_MAX {
+        return Err((None, "bad meta"));
+    }
+    let Ok(Value::Object(mut fields)) = serde_json::from_slice::<Value>(meta) else {
+        return Err((None, "bad meta"));
+    };
+    let reference = match fields.remove("ref") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(r)) if r.len() <= REF_BYTES_MAX => Some(Value::String(r).to_string()),
+        Some(Value::Number(n)) if n.is_u64() => Some(n.to_string()),
+        Some(_) => return Err((None, "bad meta")),
+    };
+    match fields.remove("type") {
+        None => {}
+        Some(Value::String(kind)) if kind == "message" => {}
+        Some(Value::String(kind)) if kind == "subscribe" || kind == "unsubscribe" => {
+            return Err((
+                reference,
+                "control messages are not supported by the baseline",
+            ))
+        }
+        Some(_) => return Err((reference, "bad meta")),
+    }
+    let Some(Value::String(channel)) = fields.remove("channel") else {
+        return Err((reference, "bad meta"));
+    };
+    if !fields.is_empty() {
+        return Err((reference, "bad meta"));
+    }
+    if !valid_channel_name(channel.as_bytes()) {
+        return Err((reference, "bad channel name"));
+    }
+    if payload.len() > PAYLOAD_BYTES_MAX {
+        return Err((reference, "payload too large"));
+    }
+    Ok(ClientSend {
+        channel,
+        reference,
+        payload,
+    })
+}
+
+/// `{"type":"error","ref":…,"reason":"…"}` and `\n`, the ref as the client
+/// sent it (left out when it could not be read).
+fn error_frame(reference: Option<&str>, reason: &str) -> String {
+    use serde_json::Value;
+    let mut fields = serde_json::Map::new();
+    fields.insert("type".into(), "error".into());
+    if let Some(r) = reference.and_then(|r| serde_json::from_str::<Value>(r).ok()) {
+        fields.insert("ref".into(), r);
+    }
+    fields.insert("reason".into(), reason.into());
+    format!("{}\n", Value::Object(fields))
+}
+
+/// The upstream PUSH socket, bound at each endpoint, fed by a plain thread
+/// from a bounded channel; `None` without endpoints. Returns the channel
+/// and the endpoints bound (port `*` resolved).
+fn open_upstream(
+    endpoints: &[String],
+) -> Result<(Option<mpsc::Sender<Upstream>>, Vec<String>), String> {
+    if endpoints.is_empty() {
+        return Ok((None, Vec::new()));
+    }
+    let ctx = zmq::Context::new();
+    let push = ctx
+        .socket(zmq::PUSH)
+        .map_err(|e| format!("zmq socket: {e}"))?;
+    let mut bound = Vec::new();
+    for endpoint in endpoints {
+        push.bind(endpoint)
+            .map_err(|e| format!("zmq bind {endpoint}: {e}"))?;
+        let last = push.get_last_endpoint().map_err(|e| e.to_string())?;
+        bound.push(last.unwrap_or_else(|raw| String::from_utf8_lossy(&raw).into_owned()));
+    }
+    let (tx, rx) = mpsc::channel(UPSTREAM_QUEUE);
+    std::thread::Builder::new()
+        .name("upstream".into())
+        .spawn(move || {
+            forward_upstream(push, rx);
+            error!("ZeroMQ upstream stopped");
+            std::process::exit(1);
+        })
+        .map_err(|e| format!("spawn upstream thread: {e}"))?;
+    Ok((Some(tx), bound))
+}
+
+/// The upstream loop: each client message as five frames. The send blocks
+/// while no hub is connected or the hubs are behind (ZeroMQ's high-water
+/// mark): the channel then fills and the senders' tasks wait.
+fn forward_upstream(push: zmq::Socket, mut rx: mpsc::Receiver<Upstream>) {
+    while let Some(m) = rx.blocking_recv() {
+        let meta: &[u8] = if m.binary {
+            br#"{"transport":"websocket","binary":true}"#
+        } else {
+            br#"{"transport":"websocket","binary":false}"#
+        };
+        let frames: [&[u8]; 5] = [
+            b"message",
+            &m.address,
+            m.channel.as_bytes(),
+            meta,
+            &m.payload,
+        ];
+        if let Err(e) = push.send_multipart(frames, 0) {
+            error!("zmq send (upstream): {e}");
+            return;
+        }
     }
 }
 
@@ -497,6 +878,98 @@ mod tests {
         let mut expected = b"{\"channel\":\"raw\",\"id\":\"7\"}\n".to_vec();
         expected.extend_from_slice(&[0, 0xff]);
         assert_eq!(binary, Message::Binary(expected.into()));
+    }
+
+    #[test]
+    fn client_messages_are_checked_like_the_gateway() {
+        let ok =
+            parse_client_message(b"{\"channel\":\"rt.5\",\"ref\":\"17\"}\nhello\nworld").unwrap();
+        assert_eq!(
+            ok,
+            ClientSend {
+                channel: "rt.5".into(),
+                reference: Some("\"17\"".into()),
+                payload: b"hello\nworld",
+            }
+        );
+        let numbered =
+            parse_client_message(b"{\"type\":\"message\",\"ref\":7,\"channel\":\"a\"}").unwrap();
+        assert_eq!(
+            (numbered.reference.as_deref(), numbered.payload),
+            (Some("7"), &b""[..])
+        );
+        let refused = |m: &[u8]| parse_client_message(m).unwrap_err();
+        assert_eq!(refused(b"not json\nx"), (None, "bad meta"));
+        assert_eq!(
+            refused(b"{\"channel\":\"a\",\"ref\":-1}"),
+            (None, "bad meta")
+        );
+        let long_ref = format!("{{\"channel\":\"a\",\"ref\":\"{}\"}}", "x".repeat(65));
+        assert_eq!(refused(long_ref.as_bytes()), (None, "bad meta"));
+        let r = Some("1".to_string());
+        assert_eq!(refused(b"{\"ref\":1}"), (r.clone(), "bad meta"));
+        assert_eq!(
+            refused(b"{\"ref\":1,\"channel\":\"a b\"}"),
+            (r.clone(), "bad channel name")
+        );
+        assert_eq!(
+            refused(b"{\"ref\":1,\"channel\":\"a\",\"x\":0}"),
+            (r.clone(), "bad meta")
+        );
+        assert_eq!(
+            refused(b"{\"ref\":1,\"type\":\"dance\",\"channel\":\"a\"}"),
+            (r.clone(), "bad meta")
+        );
+        assert!(refused(b"{\"type\":\"subscribe\",\"channels\":[\"a\"]}")
+            .1
+            .contains("not supported"));
+        let meta = format!("{{\"channel\":\"{}\"}}", "a".repeat(CLIENT_META_BYTES_MAX));
+        assert_eq!(refused(meta.as_bytes()), (None, "bad meta"));
+        // Errors echo the ref as it came, in the gateway's field order.
+        assert_eq!(
+            error_frame(Some("\"17\""), "upstream not configured"),
+            "{\"type\":\"error\",\"ref\":\"17\",\"reason\":\"upstream not configured\"}\n"
+        );
+        assert_eq!(
+            error_frame(None, "bad meta"),
+            "{\"type\":\"error\",\"reason\":\"bad meta\"}\n"
+        );
+    }
+
+    #[test]
+    fn addresses_and_messages_for_one_connection() {
+        let a = make_address(0x0123_4567_89ab_cdef, 42);
+        assert_eq!(&a[..16], b"0123456789abcdef");
+        assert_eq!(&a[16..], format!("{:036x}", 42).as_bytes());
+        assert_eq!(parse_address(&a), Some(a));
+        assert_eq!(parse_address(&a[1..]), None);
+        assert_eq!(parse_address(&a.to_ascii_uppercase()), None);
+        let mut to = b"!".to_vec();
+        to.extend_from_slice(&a);
+        let (address, message) = check_direct(&[to.clone(), b"pong".to_vec()]).unwrap();
+        assert_eq!(address, a);
+        let text = format!("{{\"channel\":\"!{}\"}}\npong", String::from_utf8_lossy(&a));
+        assert_eq!(message, Message::Text(text.into()));
+        let (_, binary) = check_direct(&[to.clone(), vec![0xff, 0]]).unwrap();
+        assert!(matches!(binary, Message::Binary(_)));
+        assert!(check_direct(&[to.clone()]).is_err());
+        assert!(check_direct(&[to, b"p".to_vec(), b"{}".to_vec()]).is_err());
+        assert!(check_direct(&[b"!nobody".to_vec(), b"p".to_vec()]).is_err());
+        // Registered connections get their messages; a full queue drops
+        // the connection from the map; an unknown address is ignored.
+        let state = AppState::new(None);
+        let (address, mut rx) = state.register();
+        let (other, _rx2) = state.register();
+        assert_ne!(address, other);
+        assert_eq!(&address[..16], &other[..16], "one instance");
+        state.deliver_direct(&address, Message::Text("x".into()));
+        assert_eq!(rx.try_recv().unwrap(), Message::Text("x".into()));
+        for _ in 0..=DIRECT_QUEUE {
+            state.deliver_direct(&address, Message::Text("y".into()));
+        }
+        assert!(!state.direct.lock().unwrap().contains_key(&address));
+        assert!(state.direct.lock().unwrap().contains_key(&other));
+        state.deliver_direct(&make_address(1, 1), Message::Text("z".into()));
     }
 
     #[tokio::test]
