@@ -408,6 +408,17 @@ pub struct IdleArgs {
     /// How long the connections are held idle before the server is measured.
     #[arg(long, default_value_t = 2.0, value_parser = seconds)]
     pub hold_s: f64,
+    /// WebSocket only: offer this subprotocol (`gateway.v1`: a two-way
+    /// client that never sends), which the 101 must choose; the gateway's
+    /// welcome frame that follows is expected, not counted as data.
+    #[arg(long, value_name = "NAME")]
+    pub subprotocol: Option<String>,
+    /// Present a token with each connection, signed HS256 with this secret
+    /// under kid `idle` (give the gateway `--auth --auth-hs256-secret
+    /// idle=SECRET`): connection i is user `idle-{i}`, reading and sending
+    /// on `idle-*`, so each has a user channel of its own.
+    #[arg(long, value_name = "SECRET")]
+    pub token_hs256: Option<String>,
 }
 
 /// What the client side of fanout and storm share: how many sockets, from

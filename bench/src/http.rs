@@ -11,14 +11,9 @@ pub use testkit::http::{
     first_line, head_len, header, parse_health_body, status_code, WS_ACCEPT, WS_KEY,
 };
 
-/// The request head that subscribes one connection to `channel`.
-pub fn subscribe_request(transport: Transport, host: &str, channel: &str) -> Vec<u8> {
-    subscribe_request_with(transport, host, channel, None)
-}
-
-/// [`subscribe_request`], a WebSocket one offering `subprotocol`
-/// (`Sec-WebSocket-Protocol`) when given: the gateway's two-way
-/// `gateway.v1`.
+/// The request head that subscribes one connection to `channel`; a
+/// WebSocket one offers `subprotocol` (`Sec-WebSocket-Protocol`) when
+/// given: the gateway's two-way `gateway.v1`.
 pub fn subscribe_request_with(
     transport: Transport,
     host: &str,
@@ -182,13 +177,19 @@ mod tests {
 
     #[test]
     fn requests() {
-        let ws =
-            String::from_utf8(subscribe_request(Transport::Ws, "127.0.0.1:80", "idle-7")).unwrap();
+        let ws = String::from_utf8(subscribe_request_with(
+            Transport::Ws,
+            "127.0.0.1:80",
+            "idle-7",
+            None,
+        ))
+        .unwrap();
         assert!(ws.starts_with("GET /ws?channel=idle-7 HTTP/1.1\r\n"));
         assert!(ws.contains("\r\nUpgrade: websocket\r\n"));
         assert!(ws.contains("\r\nSec-WebSocket-Version: 13\r\n"));
         assert!(ws.ends_with("\r\n\r\n") && head_len(ws.as_bytes()) == Some(ws.len()));
-        let sse = String::from_utf8(subscribe_request(Transport::Sse, "h", "idle-0")).unwrap();
+        let sse =
+            String::from_utf8(subscribe_request_with(Transport::Sse, "h", "idle-0", None)).unwrap();
         assert!(sse.starts_with("GET /events?channel=idle-0 HTTP/1.1\r\nHost: h\r\n"));
         assert!(sse.contains("\r\nAccept: text/event-stream\r\n"));
         assert_eq!(head_len(sse.as_bytes()), Some(sse.len()));
@@ -252,7 +253,7 @@ mod tests {
         assert!(req.contains("\r\nSec-WebSocket-Protocol: gateway.v1\r\n"));
         assert_eq!(head_len(req.as_bytes()), Some(req.len()));
         assert!(
-            !String::from_utf8(subscribe_request(Transport::Ws, "h", "x"))
+            !String::from_utf8(subscribe_request_with(Transport::Ws, "h", "x", None))
                 .unwrap()
                 .contains("Protocol")
         );

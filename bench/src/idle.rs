@@ -172,6 +172,9 @@ struct Connector<'a> {
     started: VecDeque<(Instant, u64)>,
     next: u64,
     pub established: Vec<RawFd>,
+    /// Per established connection: bytes of the two-way welcome already
+    /// read with the response head.
+    welcome_read: Vec<u8>,
     /// Failure category → (count, first example).
     pub failures: BTreeMap<String, (u64, String)>,
     pub bytes_after_head: u64,
@@ -192,6 +195,7 @@ impl<'a> Connector<'a> {
             started: VecDeque::new(),
             next: 0,
             established: Vec::with_capacity(args.connections as usize),
+            welcome_read: Vec::with_capacity(args.connections as usize),
             failures: BTreeMap::new(),
             bytes_after_head: 0,
             first_start: None,
@@ -253,8 +257,18 @@ impl<'a> Connector<'a> {
             self.fail(format!("epoll_ctl: {e}"), format!("connection {i}"));
             return;
         }
-        let channel = format!("idle-{}", i % self.args.channels);
-        let buf = http::subscribe_request(self.args.transport, &self.host, &channel);
+        let mut channel = format!("idle-{}", i % self.args.channels);
+        if let Some(secret) = &self.args.token_hs256 {
+            // The token rides in the query after the channel.
+            channel.push_str("&token=");
+            channel.push_str(&idle_token(secret, i));
+        }
+        let buf = http::subscribe_request_with(
+            self.args.transport,
+            &self.host,
+            &channel,
+            self.args.subprotocol.as_deref(),
+        );
         self.inflight.insert(
             i,
             Handshake {
@@ -331,7 +345,14 @@ impl<'a> Connector<'a> {
                 let Some(h) = self.inflight.get_mut(&token) else {
                     continue;
                 };
-                let progress = advance(h, flags, &self.ep, token, args.transport, None);
+                let progress = advance(
+                    h,
+                    flags,
+                    &self.ep,
+                    token,
+                    args.transport,
+                    args.subprotocol.as_deref(),
+                );
                 match progress {
                     Progress::Pending => {}
                     Progress::Done(extra) => {
@@ -340,6 +361,7 @@ impl<'a> Connector<'a> {
                         // client nothing but its socket.
                         let _ = self.ep.delete(h.fd);
                         self.established.push(h.fd);
+                        self.welcome_read.push(extra.min(WELCOME_BYTES) as u8);
                         self.bytes_after_head += extra as u64;
                         self.last_done = Some(Instant::now());
                     }
@@ -393,7 +415,15 @@ impl<'a> Connector<'a> {
     fn check_alive(&self) -> Hold {
         let mut hold = Hold::default();
         let mut buf = [0u8; 4096];
-        for &fd in &self.established {
+        for (k, &fd) in self.established.iter().enumerate() {
+            // A two-way client's welcome is expected: what is left of it
+            // after the response head is taken off the socket first.
+            if self.args.subprotocol.is_some() {
+                let left = WELCOME_BYTES - usize::from(self.welcome_read[k]);
+                if left > 0 {
+                    let _ = sys::recv(fd, &mut buf[..left], libc::MSG_DONTWAIT);
+                }
+            }
             match sys::recv(fd, &mut buf, libc::MSG_PEEK | libc::MSG_DONTWAIT) {
                 Ok(0) => hold.closed += 1,
                 Ok(n) => {
@@ -426,6 +456,30 @@ impl Drop for Connector<'_> {
             sys::close(h.fd);
         }
     }
+}
+
+/// The gateway's welcome to a `gateway.v1` client: a text frame of
+/// `{"type":"welcome","address":"<52 hex digits>"}` and `\n` (84 bytes).
+const WELCOME_BYTES: usize = 2 + 84;
+
+/// Connection `i`'s token: HS256 under kid `idle`, user `idle-{i}`,
+/// reading and sending on `idle-*`, valid for an hour.
+fn idle_token(secret: &str, i: u64) -> String {
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+        + 3600;
+    let claims = serde_json::json!({
+        "sub": format!("idle-{i}"), "exp": exp, "channels": ["idle-*"], "send": ["idle-*"],
+    });
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+    header.kid = Some("idle".into());
+    jsonwebtoken::encode(
+        &header,
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .expect("an HS256 token")
 }
 
 #[cfg(test)]
