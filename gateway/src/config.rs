@@ -197,7 +197,7 @@ pub struct Config {
     /// With auth on, a connection whose token has a `sub` also reads its
     /// user channel, `#<sub>`, so that hubs can address every connection
     /// of a user. Each distinct user a core holds costs a channel entry
-    /// there (about 340 bytes, measured); off when hubs never address users.
+    /// there (about 320 bytes, measured); off when hubs never address users.
     #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
     pub user_channels: bool,
     /// Messages a second one connection may send (a token bucket holding a

@@ -1,7 +1,10 @@
 //! Channel name → local subscribers and history, for one core; what a
 //! resuming client is owed.
 
+use std::collections::hash_map::DefaultHasher;
 use std::collections::{HashMap, VecDeque};
+use std::hash::BuildHasherDefault;
+use std::rc::Rc;
 use std::sync::Arc;
 
 use indexmap::IndexSet;
@@ -12,17 +15,24 @@ use crate::ingest::{Interest, InterestTx, Message};
 
 /// A channel as one core sees it: its local subscribers and its history.
 pub(super) struct Channel {
-    pub(super) name: Box<str>,
-    pub(super) subscribers: IndexSet<u32>,
+    /// Shared with the table's key: one copy of the name.
+    pub(super) name: Rc<str>,
+    pub(super) subscribers: Subscribers,
     pub(super) history: VecDeque<Arc<Message>>,
     /// Highest id this channel's history has let go of: a cursor below it
     /// cannot be served completely.
     pub(super) evicted_through: u64,
 }
 
+/// A channel's local subscribers: slab keys, which this core hands out
+/// (no client chooses them), so the hasher needs no random keys, and the
+/// set carries none (16 bytes less on every channel, a user channel's
+/// included).
+pub(super) type Subscribers = IndexSet<u32, BuildHasherDefault<DefaultHasher>>;
+
 /// Channel name → local subscribers and history, for one core.
 pub struct Registry {
-    pub(super) ids: HashMap<Box<str>, u32>,
+    pub(super) ids: HashMap<Rc<str>, u32>,
     pub(super) channels: Slab<Channel>,
     /// Channel ids in creation order, for evicting whole channels past
     /// `channels_max`.
@@ -78,7 +88,7 @@ impl Registry {
     /// subscribers is forgotten; one that got a subscriber meanwhile (ingest
     /// subscribes again when it hears of it) loses its history, and its
     /// subscribers are returned to be told of the gap.
-    pub(super) fn forget(&mut self, name: &str, published_through: u64) -> Option<&IndexSet<u32>> {
+    pub(super) fn forget(&mut self, name: &str, published_through: u64) -> Option<&Subscribers> {
         self.forgotten_through = self.forgotten_through.max(published_through);
         let id = *self.ids.get(name)?;
         let ch = &mut self.channels[id as usize];
@@ -98,15 +108,16 @@ impl Registry {
         if self.channels.len() >= channels_max {
             self.evict_one();
         }
+        let name: Rc<str> = name.into();
         let id = self.channels.insert(Channel {
-            name: name.into(),
-            subscribers: IndexSet::new(),
+            name: name.clone(),
+            subscribers: Subscribers::default(),
             history: VecDeque::new(),
             // Whatever this channel had before it entered the table (before
             // this process started, or before it was evicted) is unknown.
             evicted_through: self.forgotten_through,
         }) as u32;
-        self.ids.insert(name.into(), id);
+        self.ids.insert(name, id);
         self.age.push_back(id);
         id
     }
@@ -253,7 +264,7 @@ impl Registry {
             };
             if ch.subscribers.swap_remove(&conn) && ch.subscribers.is_empty() {
                 if let Some(interest) = &self.interest {
-                    interest.send(Interest::Off(ch.name.clone()));
+                    interest.send(Interest::Off((*ch.name).into()));
                 }
             }
             // A channel nobody listens to and nothing was published on would

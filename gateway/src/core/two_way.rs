@@ -238,7 +238,7 @@ impl Core {
         let left: Vec<Box<str>> = leave
             .iter()
             .filter_map(|&id| registry.channels.get(id as usize))
-            .map(|ch| ch.name.clone())
+            .map(|ch| (*ch.name).into())
             .collect();
         registry.unsubscribe(key, &leave);
         drop(registry);
@@ -311,7 +311,7 @@ impl Core {
             c.channels
                 .iter()
                 .filter_map(|&id| registry.channels.get(id as usize))
-                .map(|ch| ch.name.clone())
+                .map(|ch| Box::<str>::from(&*ch.name))
                 .filter(|n| !n.starts_with(USER_PREFIX as char))
                 .collect()
         };
