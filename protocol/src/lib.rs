@@ -20,6 +20,8 @@
 //! - [`id`]: message ids and cursors, the publisher's and the gateway's.
 //! - [`channel`]: channel names.
 //! - [`publication`]: the frames a publisher sends over ZeroMQ, checked.
+//! - [`grpc`]: gRPC's length-prefixed messages and status codes, and the
+//!   messages of `proto/gateway/v1/gateway.proto`.
 //! - [`upstream`]: two-way traffic: client messages and control messages,
 //!   the frames sent up to the hubs, connection addresses and replies.
 //! - [`limits`]: every default limit, with units in the names.
@@ -28,6 +30,7 @@
 
 pub mod channel;
 pub mod envelope;
+pub mod grpc;
 pub mod http;
 pub mod id;
 pub mod limits;
