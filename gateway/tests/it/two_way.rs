@@ -448,7 +448,7 @@ fn presence_events_arrive_in_order_with_their_reasons() {
     );
 
     // A token that runs out.
-    let mut brief = gw.two_way("/ws?channel=c", Some(&t("gail", 2)));
+    let mut brief = gw.two_way("/ws?channel=c", Some(&t("gail", 3)));
     let events = presence_of(&hub, &mut seen, &brief.address, 3);
     assert_eq!(
         kinds(&events)[2],
