@@ -632,17 +632,19 @@ fn an_sse_and_a_long_poll_client_take_part_through_post() {
         m.meta,
         json!({"transport": "http", "sub": "sam", "claims": {"name": "Sam"}, "binary": false})
     );
-    // The hub's reply to that address reaches the stream, without an id.
+    // The hub's reply to that address reaches the stream, without an id
+    // (once the publisher has joined: probed through a WebSocket).
+    let mut probe = gw.two_way("/ws?channel=room", Some(&sam));
+    join(&publisher, &format!("!{}", probe.address), &mut probe);
     let to = format!("!{address}");
-    let deadline = Instant::now() + PROBE_BUDGET;
+    publisher.publish(&to, b"reply");
     let reply = loop {
-        assert!(Instant::now() < deadline, "no reply reached the stream");
-        publisher.publish(&to, b"reply");
         let d = sse.next_event();
-        if d.id.is_none() && d.data.join("\n").ends_with("\nreply") {
+        if d.data.join("\n").ends_with("\nreply") {
             break d;
         }
     };
+    assert_eq!(reply.id, None);
     let meta: Value = serde_json::from_str(&reply.data[0]).unwrap();
     assert_eq!(meta, json!({"channel": to}));
 
@@ -748,4 +750,66 @@ fn a_post_is_refused_with_a_status_naming_the_rule() {
         (r.status, reason(&r)),
         (503, "upstream not configured".into())
     );
+}
+
+/// Opens a WebSocket that never reads again (from a socket with a small
+/// receive buffer) and returns it with the address its `connect` event
+/// names.
+fn silent_websocket(gw: &Gateway, hub: &Hub, path: &str) -> (std::net::TcpStream, String) {
+    let mut stream = tcp_connect(gw.listen, None, Some(16 * 1024));
+    let (head, _) = send_upgrade(&mut stream, path);
+    assert_eq!(head.status, 101, "{head:?}");
+    let connect = hub.next_of("connect");
+    (stream, connect.address)
+}
+
+/// The disconnect event of `address`, other events skipped.
+fn disconnect_of(hub: &Hub, address: &str) -> Upstream {
+    loop {
+        let m = hub.next_of("disconnect");
+        if m.address == address {
+            return m;
+        }
+    }
+}
+
+#[test]
+fn presence_names_a_dead_peer_and_a_slow_consumer() {
+    // Pings every second, a second to answer: silent for two, it is dead.
+    let gw = Gateway::start(&[
+        "--upstream-bind",
+        "tcp://127.0.0.1:*",
+        "--upstream-presence",
+        "--heartbeat-interval-ms",
+        "1000",
+        "--pong-timeout-ms",
+        "1000",
+    ]);
+    let hub = gw.hub();
+    let (_dead, address) = silent_websocket(&gw, &hub, "/ws?channel=quiet");
+    let gone = disconnect_of(&hub, &address);
+    assert_eq!(gone.meta["reason"], "dead peer", "{:?}", gone.meta);
+
+    // More than its outbound queue may hold, and it does not read.
+    let gw = Gateway::start(&[
+        "--upstream-bind",
+        "tcp://127.0.0.1:*",
+        "--upstream-presence",
+        "--outbound-queue-bytes-max",
+        "100000",
+    ]);
+    let hub = gw.hub();
+    let publisher = Publisher::connect(gw.zmq_endpoint());
+    let probe = wait_for_subscription(&publisher, &[&gw]);
+    // The probe client's connect came first.
+    hub.next_of("connect");
+    let (_slow, address) = silent_websocket(&gw, &hub, "/ws?channel=bulk");
+    // 16 MB: more than its queue and both kernels' buffers can hold.
+    let chunk = vec![b'x'; 16 * 1024];
+    for _ in 0..1000 {
+        publisher.publish("bulk", &chunk);
+    }
+    let gone = disconnect_of(&hub, &address);
+    assert_eq!(gone.meta["reason"], "slow consumer", "{:?}", gone.meta);
+    drop(probe);
 }
