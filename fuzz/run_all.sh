@@ -6,7 +6,7 @@
 set -u
 cd "$(dirname "$0")"
 secs=${1:-600}
-targets=(request_head ws_frames ws_session cursor close_payload proxy_header publication token origin client_message)
+targets=(request_head ws_frames ws_session cursor close_payload proxy_header publication token origin client_message grpc_frames)
 export RUSTC_BOOTSTRAP=1
 cargo fuzz build -O -a || exit 1
 mkdir -p logs
