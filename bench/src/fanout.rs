@@ -756,21 +756,7 @@ impl FanoutReport {
                 self.closed_by_server, c.eofs, c.resets, c.read_errors, c.close_frames
             ));
         }
-        if let Health::Checked {
-            baseline, total, ..
-        } = &self.health
-        {
-            if *total != baseline + self.open {
-                e.push(format!(
-                    "/healthz counts {total} connections, expected {} ({baseline} + {} open)",
-                    baseline + self.open,
-                    self.open
-                ));
-            }
-        }
-        if let Health::Failed(why) = &self.health {
-            e.push(format!("/healthz failed after subscribing: {why}"));
-        }
+        e.extend(self.health.error(self.open, "after subscribing"));
         for (reason, n, example) in &self.publish_failures {
             e.push(format!(
                 "{n} publications failed: {reason} (e.g. {example})"

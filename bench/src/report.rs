@@ -58,6 +58,22 @@ impl Health {
         }
     }
 
+    /// What is wrong with the count after `open` connections, if anything:
+    /// a count other than the baseline plus them, or no answer (`when`
+    /// says at which point of the run it was asked).
+    pub fn error(&self, open: u64, when: &str) -> Option<String> {
+        match self {
+            Health::Checked {
+                baseline, total, ..
+            } if *total != baseline + open => Some(format!(
+                "/healthz counts {total} connections, expected {} ({baseline} + {open} open)",
+                baseline + open
+            )),
+            Health::Failed(why) => Some(format!("/healthz failed {when}: {why}")),
+            _ => None,
+        }
+    }
+
     pub fn expected(&self, open: u64) -> Option<u64> {
         match self {
             Health::Checked { baseline, .. } => Some(baseline + open),

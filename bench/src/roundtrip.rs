@@ -1876,21 +1876,7 @@ impl RoundtripReport {
                 self.closed_by_server, c.eofs, c.resets, c.read_errors, c.close_frames
             ));
         }
-        if let Health::Checked {
-            baseline, total, ..
-        } = &self.health
-        {
-            if *total != baseline + self.open {
-                e.push(format!(
-                    "/healthz counts {total} connections, expected {} ({baseline} + {} open)",
-                    baseline + self.open,
-                    self.open
-                ));
-            }
-        }
-        if let Health::Failed(why) = &self.health {
-            e.push(format!("/healthz failed after connecting: {why}"));
-        }
+        e.extend(self.health.error(self.open, "after connecting"));
         for (rule, n, example) in &self.hub.problems {
             e.push(format!("hub: {n} × {rule} (e.g. {example})"));
         }

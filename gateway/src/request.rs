@@ -992,37 +992,13 @@ impl<'a> Io<'a> {
         if leftover.is_empty() {
             return Ok(());
         }
-        let mut out = Vec::new();
-        let mut complete: Vec<(Vec<u8>, bool)> = Vec::new();
-        let end = self.with_conn(|c, _| match &mut c.state {
-            State::WebSocket { session } => {
-                let crate::core::WsSession {
-                    frames,
-                    echo,
-                    two_way,
-                } = &mut **session;
-                frames.input(&mut leftover, &mut out, &mut |part, out| {
-                    if let Some(state) = echo.as_mut() {
-                        crate::core::events::echo_part(state, part, out);
-                    } else if let Some(t) = two_way.as_deref_mut() {
-                        crate::core::events::collect(t, part, &mut complete);
-                    }
-                })
-            }
-            _ => None,
-        });
         let key = self.key;
-        let mut answers = Vec::new();
-        for (message, binary) in complete {
-            self.with_conn(|c, core| core.client_message(c, key, &message, binary, &mut answers));
-        }
-        // A close frame, if any, goes last.
-        answers.extend_from_slice(&out);
+        let (answers, ended) =
+            self.with_conn(|c, core| core.websocket_input(c, key, &mut leftover));
         if !answers.is_empty() {
             self.queue(answers.into());
         }
-        if let Some(end) = end {
-            self.with_conn(|c, _| crate::core::events::log_session_end(c, end));
+        if ended {
             return Err(Close::Linger);
         }
         Ok(())

@@ -387,11 +387,6 @@ impl CoreUpstream {
         self.paused.borrow_mut().push((key, serial));
     }
 
-    /// Whether messages wait for room.
-    pub fn is_blocked(&self) -> bool {
-        !self.outbox.borrow().is_empty()
-    }
-
     /// Sends a `POST`'s message if nothing waits before it and the socket
     /// takes it now; otherwise its task waits ([`CoreUpstream::wait`]).
     pub fn try_send(&self, frames: &[Vec<u8>; 5]) -> bool {

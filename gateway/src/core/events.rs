@@ -334,56 +334,27 @@ impl Core {
     fn read_websocket(&self, c: &mut Conn, key: u32) {
         let max = self.cfg.outbound_queue_bytes_max;
         for _ in 0..WS_READS_PER_TURN {
-            let mut out = Vec::new();
-            let mut end = None;
-            let mut complete: Vec<(Vec<u8>, bool)> = Vec::new();
+            match &c.state {
+                State::WebSocket { session } if !crate::core::two_way::paused(session) => {}
+                _ => return,
+            }
             let fd = c.fd;
-            let read = {
-                let State::WebSocket { session } = &mut c.state else {
-                    return;
-                };
-                if crate::core::two_way::paused(session) {
+            let mut fed = None;
+            let read = read_into(
+                self,
+                fd,
+                |bytes| fed = Some(self.websocket_input(c, key, bytes)),
+                usize::MAX,
+            );
+            if let Some((answers, ended)) = fed {
+                if !answers.is_empty() {
+                    send(c, Bytes::from(answers), max);
+                }
+                if ended {
+                    c.state = State::Closing { shut_wr: false };
+                    c.deadline_s = 0;
                     return;
                 }
-                let WsSession {
-                    frames,
-                    echo,
-                    two_way,
-                } = &mut **session;
-                read_into(
-                    self,
-                    fd,
-                    |bytes| {
-                        end = frames.input(bytes, &mut out, &mut |part, out| {
-                            if let Some(state) = echo.as_mut() {
-                                echo_part(state, part, out);
-                            } else if let Some(t) = two_way.as_deref_mut() {
-                                collect(t, part, &mut complete);
-                            }
-                        })
-                    },
-                    usize::MAX,
-                )
-            };
-            // The answers to the messages, then the session's replies (a
-            // close frame, if the client closed after them, must be last),
-            // in one write.
-            let mut answers = Vec::new();
-            for (message, binary) in complete {
-                self.client_message(c, key, &message, binary, &mut answers);
-            }
-            answers.extend_from_slice(&out);
-            if !answers.is_empty() {
-                send(c, Bytes::from(answers), max);
-            }
-            if let Some(end) = end {
-                log_session_end(c, end);
-                if matches!(end, Closing::Violation { .. }) {
-                    c.going(Gone::ProtocolError);
-                }
-                c.state = State::Closing { shut_wr: false };
-                c.deadline_s = 0;
-                return;
             }
             if note_read(c, read, self.now_s()) != Read::Data || c.dead {
                 return;
@@ -393,6 +364,44 @@ impl Core {
             // Input left after this turn's reads: another turn later.
             c.wake();
         }
+    }
+
+    /// Feeds what a WebSocket client sent (`c`, slab key `key`) to its
+    /// session and acts on it: pings and the close answered, a conformance
+    /// echo, a two-way client's whole messages handed on. Returns the bytes
+    /// to send, the answers to the messages then the session's replies (a
+    /// close frame, if the client closed after them, must be last), and
+    /// whether the session ended (logged, and noted for presence).
+    pub fn websocket_input(&self, c: &mut Conn, key: u32, bytes: &mut [u8]) -> (Vec<u8>, bool) {
+        let mut out = Vec::new();
+        let mut complete: Vec<(Vec<u8>, bool)> = Vec::new();
+        let State::WebSocket { session } = &mut c.state else {
+            return (out, false);
+        };
+        let WsSession {
+            frames,
+            echo,
+            two_way,
+        } = &mut **session;
+        let end = frames.input(bytes, &mut out, &mut |part, out| {
+            if let Some(state) = echo.as_mut() {
+                echo_part(state, part, out);
+            } else if let Some(t) = two_way.as_deref_mut() {
+                collect(t, part, &mut complete);
+            }
+        });
+        let mut answers = Vec::new();
+        for (message, binary) in complete {
+            self.client_message(c, key, &message, binary, &mut answers);
+        }
+        answers.extend_from_slice(&out);
+        if let Some(end) = end {
+            log_session_end(c, end);
+            if matches!(end, Closing::Violation { .. }) {
+                c.going(Gone::ProtocolError);
+            }
+        }
+        (answers, end.is_some())
     }
 
     /// A closing connection: once its last bytes have left it half-closes
@@ -595,7 +604,7 @@ fn discard_input(core: &Core, c: &mut Conn) {
 
 /// Gathers a two-way client's message part by part (the session bounds
 /// its size); a whole one goes to `complete`.
-pub fn collect(t: &mut TwoWay, part: MessagePart<'_>, complete: &mut Vec<(Vec<u8>, bool)>) {
+fn collect(t: &mut TwoWay, part: MessagePart<'_>, complete: &mut Vec<(Vec<u8>, bool)>) {
     match part {
         MessagePart::Start(op) => {
             t.binary = op == OpCode::Binary;

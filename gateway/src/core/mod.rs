@@ -31,8 +31,8 @@ pub mod registry;
 pub mod two_way;
 
 pub use self::conn::{
-    sse_bytes, Conn, Drain, PollAnswer, State, Transport, WsSession, SSE_HEARTBEAT,
-    SSE_HEARTBEAT_CHUNK, SSE_RETRY_MS_MAX, SSE_RETRY_MS_MIN, WS_PING,
+    sse_bytes, Conn, Drain, PollAnswer, State, Transport, SSE_HEARTBEAT, SSE_HEARTBEAT_CHUNK,
+    SSE_RETRY_MS_MAX, SSE_RETRY_MS_MIN, WS_PING,
 };
 pub use self::registry::{Registry, Resume};
 

@@ -335,11 +335,6 @@ impl Core {
     /// nothing waits.
     pub fn flush_upstream(&self) {
         let Some(up) = &self.upstream else { return };
-        if !up.is_blocked() {
-            // Only the POSTs may be waiting; flush wakes them.
-            up.flush();
-            return;
-        }
         let flushed = up.flush();
         let max = self.cfg.outbound_queue_bytes_max;
         let mut conns = self.conns.borrow_mut();
