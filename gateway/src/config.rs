@@ -213,6 +213,31 @@ pub struct Config {
     /// are slow or gone, before it is answered 503.
     #[arg(long, value_name = "MS", default_value_t = 10_000)]
     pub publish_wait_ms: u64,
+    /// A listener for gRPC alone (HTTP/2 cleartext with prior knowledge),
+    /// besides the public one, which serves gRPC too (told from HTTP/1.1
+    /// by the connection preface). Empty: none.
+    #[arg(long, value_name = "ADDR", default_value = "")]
+    pub grpc_listen: String,
+    /// Calls open at once on one HTTP/2 connection
+    /// (SETTINGS_MAX_CONCURRENT_STREAMS); a client opening more has them
+    /// refused (RST_STREAM REFUSED_STREAM).
+    #[arg(long, value_name = "N", default_value_t = 100)]
+    pub grpc_streams_per_connection_max: u32,
+    /// Request headers of one call, HPACK-decoded, as HTTP/2 counts them
+    /// (SETTINGS_MAX_HEADER_LIST_SIZE); more is refused.
+    #[arg(long, value_name = "BYTES", default_value_t = 16_384)]
+    pub grpc_header_list_bytes_max: u32,
+    /// One message a client sends (`SubscribeRequest`, a `Connect` frame);
+    /// a longer one ends the call with RESOURCE_EXHAUSTED.
+    #[arg(long, value_name = "BYTES", default_value_t = 65_536)]
+    pub grpc_message_bytes_max: u32,
+    /// What a client may send on one call before the gateway has read it
+    /// (the HTTP/2 stream window it is given).
+    #[arg(long, value_name = "BYTES", default_value_t = 65_535)]
+    pub grpc_stream_window_bytes: u32,
+    /// The same for all the calls of one connection together.
+    #[arg(long, value_name = "BYTES", default_value_t = 262_144)]
+    pub grpc_connection_window_bytes: u32,
     /// `/readyz` answers 503 `no_publisher` while the ZeroMQ socket has no
     /// peer (no publisher or forwarder connected), so a load balancer sends
     /// clients only to gateways that can deliver. Off by default: with a
@@ -437,6 +462,20 @@ impl Config {
             return Err(format!(
                 "ws_subprotocols: {bad:?} is not a token (letters, digits, !#$%&'*+-.^_`|~)"
             ));
+        }
+        if !self.grpc_listen.is_empty() && self.grpc_listen.parse::<SocketAddr>().is_err() {
+            return Err("grpc_listen must be an address like 127.0.0.1:9090, or empty".into());
+        }
+        if self.grpc_streams_per_connection_max == 0 {
+            return Err("grpc_streams_per_connection_max must be at least 1".into());
+        }
+        // HTTP/2's own bounds on a window (RFC 9113 §6.9.1).
+        if !(65_535..=(1 << 31) - 1).contains(&self.grpc_connection_window_bytes)
+            || self.grpc_stream_window_bytes > (1 << 31) - 1
+        {
+            return Err("grpc_stream_window_bytes must be at most 2^31-1, \
+                 grpc_connection_window_bytes between 65535 and 2^31-1"
+                .into());
         }
         if self.upstream_hwm_messages < 1 {
             return Err("upstream_hwm_messages must be at least 1".into());

@@ -61,6 +61,9 @@ pub struct Message {
     pub sse: Bytes,
     poll_item: OnceLock<Bytes>,
     poll_response: OnceLock<Bytes>,
+    /// The message as a gRPC stream gets it (a length-prefixed
+    /// `ServerFrame`), encoded by the first core with a gRPC subscriber.
+    grpc: OnceLock<Bytes>,
     /// When ingest encoded it: the start of the publish→send latency.
     pub stamped: std::time::Instant,
 }
@@ -89,6 +92,7 @@ impl Message {
             sse: sse.into(),
             poll_item: OnceLock::new(),
             poll_response: OnceLock::new(),
+            grpc: OnceLock::new(),
             stamped: std::time::Instant::now(),
         }
     }
@@ -117,6 +121,19 @@ impl Message {
             let mut out = Vec::with_capacity(item.len() + 160);
             envelope::longpoll_response(&[item], self.id, &[], true, "", &mut out);
             out.into()
+        })
+    }
+
+    /// The message on a gRPC stream, shared by every gRPC subscriber.
+    pub fn grpc(&self) -> &Bytes {
+        self.grpc.get_or_init(|| {
+            protocol::grpc::publication_message(&Publication {
+                channel: &self.channel,
+                id: self.id,
+                event: self.event.as_deref(),
+                payload: &self.payload,
+            })
+            .into()
         })
     }
 }

@@ -11,6 +11,7 @@ mod cli;
 mod config;
 mod core;
 mod forwarder;
+mod grpc;
 mod ingest;
 mod ops;
 mod request;
@@ -76,13 +77,27 @@ fn run(cfg: &'static Config) -> Result<(), String> {
     } else {
         cfg.cores
     };
-    let listeners = listeners(cfg.listen, cores, cfg.listen_backlog, cfg.defer_accept_s)
+    let listeners = listeners_at(cfg.listen, cores, cfg.listen_backlog, cfg.defer_accept_s)
         .map_err(|e| format!("listen on {}: {e}", cfg.listen))?;
     let listen_addr = listeners[0].local_addr().map_err(|e| e.to_string())?;
+    // The gRPC-only listener, one per core like the public one.
+    let mut grpc_listeners: Vec<Option<std::net::TcpListener>> = match cfg.grpc_listen.parse() {
+        Ok(addr) => listeners_at(addr, cores, cfg.listen_backlog, cfg.defer_accept_s)
+            .map_err(|e| format!("listen on {}: {e}", cfg.grpc_listen))?
+            .into_iter()
+            .map(Some)
+            .collect(),
+        Err(_) => (0..cores).map(|_| None).collect(),
+    };
+    let grpc_addr = match grpc_listeners.first() {
+        Some(Some(l)) => Some(l.local_addr().map_err(|e| e.to_string())?),
+        _ => None,
+    };
     // Duplicates for the drain, which shuts the listeners down from its own
     // thread: valid whenever that happens, whatever a core did with its copy.
     let listener_dups = listeners
         .iter()
+        .chain(grpc_listeners.iter().flatten())
         .map(|l| l.try_clone().map(OwnedFd::from))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| format!("duplicate a listener: {e}"))?;
@@ -141,6 +156,7 @@ fn run(cfg: &'static Config) -> Result<(), String> {
         let per_ip = per_ip.clone();
         let interest = interest_tx.clone();
         let ctx = upstream_bound.as_ref().map(|_| ctx.clone());
+        let grpc_listener = grpc_listeners[index].take();
         let thread = std::thread::Builder::new()
             .name(format!("core-{index}"))
             .spawn(move || {
@@ -193,6 +209,17 @@ fn run(cfg: &'static Config) -> Result<(), String> {
                     }));
                     monoio::spawn(core::doorbell_loop(core.clone(), rx, rung, doorbell));
                     monoio::spawn(core::sweep_loop(core.clone(), alive));
+                    if let Some(grpc) = grpc_listener {
+                        match monoio::net::TcpListener::from_std(grpc) {
+                            // The same path as the public listener's: the
+                            // preface tells HTTP/2 there too.
+                            Ok(l) => drop(monoio::spawn(accept_loop(core.clone(), l))),
+                            Err(e) => {
+                                let _ = ready.send(Err(format!("core {index}: grpc listener: {e}")));
+                                return;
+                            }
+                        }
+                    }
                     let _ = ready.send(Ok(()));
                     drop(ready);
                     accept_loop(core, listener).await;
@@ -235,6 +262,7 @@ fn run(cfg: &'static Config) -> Result<(), String> {
         zmq_connect = ?cfg.zmq_connect,
         upstream_bind = ?upstream_bound,
         upstream_connect = ?cfg.upstream_connect,
+        grpc = %grpc_addr.map_or_else(|| "-".to_string(), |a| a.to_string()),
         "gateway ready"
     );
     let mut stdout = std::io::stdout();
@@ -243,9 +271,10 @@ fn run(cfg: &'static Config) -> Result<(), String> {
         Some(bound) if !bound.is_empty() => format!(" upstream={}", bound.join(",")),
         _ => String::new(),
     };
+    let grpc_field = grpc_addr.map_or_else(String::new, |a| format!(" grpc={a}"));
     let _ = writeln!(
         stdout,
-        "READY listen={listen_addr} zmq={}{upstream_field}",
+        "READY listen={listen_addr} zmq={}{upstream_field}{grpc_field}",
         bound.endpoint.as_deref().unwrap_or("-")
     );
     let _ = stdout.flush();
@@ -321,7 +350,7 @@ async fn accept_loop(core: Rc<Core>, listener: monoio::net::TcpListener) {
 /// One listener per core on the same address (SO_REUSEPORT: the kernel
 /// spreads connections over them). Port 0 is resolved by the first bind and
 /// reused by the others.
-fn listeners(
+fn listeners_at(
     addr: SocketAddr,
     count: usize,
     backlog: i32,

@@ -32,7 +32,7 @@ use protocol::ws;
 use rand::Rng;
 use tracing::{debug, info, warn};
 
-use crate::core::conn::{Identity, TwoWay};
+use crate::core::conn::TwoWay;
 use crate::core::events::{Echo, Read};
 use crate::core::{Core, Drain, PollAnswer, State, Transport, SSE_RETRY_MS_MAX, SSE_RETRY_MS_MIN};
 use crate::ops::drain::draining;
@@ -63,6 +63,11 @@ pub fn serve(core: Rc<Core>, key: u32) -> impl Future<Output = ()> {
             // it leave, then closes.
             Phase::Close(Close::Linger) => io.park_closing(),
             Phase::Close(Close::Now) => core.deregister(key),
+            // Its own task from here: the connection's HTTP/2 state is two
+            // orders larger than a request's.
+            Phase::Http2(first_bytes) => {
+                drop(monoio::spawn(crate::grpc::serve(core, key, first_bytes)));
+            }
         }
     }
 }
@@ -74,6 +79,9 @@ enum Phase {
     Parked,
     /// Waiting for the next request, with nothing of it read.
     Idle,
+    /// The client speaks HTTP/2 (gRPC): these bytes, the preface and
+    /// whatever came with it, are its first.
+    Http2(Vec<u8>),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -164,7 +172,11 @@ impl<'a> Io<'a> {
                 c.deadline_s = core.deadline_after_ms(core.cfg.head_timeout_ms);
             });
             let (request, head_len, origin) = loop {
-                if !pending.is_empty() {
+                let opening = protocol::grpc::opening(&pending);
+                if opening == protocol::grpc::Opening::Http2 {
+                    return Phase::Http2(pending);
+                }
+                if !pending.is_empty() && opening == protocol::grpc::Opening::Http1 {
                     match http::parse_request(&pending, &limits) {
                         Ok(Parsed::Complete {
                             request,
@@ -289,7 +301,7 @@ impl<'a> Io<'a> {
                     let response = ws::switching_protocols_response(&accept, protocol);
                     self.add_user_channel(&mut channels, grant.as_deref());
                     let two_way =
-                        (protocol == Some(upstream::SUBPROTOCOL)).then(|| self.two_way(grant));
+                        (protocol == Some(upstream::SUBPROTOCOL)).then(|| self.core.new_two_way(grant));
                     return match self.start_websocket(channels, response, since, leftover, two_way)
                     {
                         Ok(()) => {
@@ -690,7 +702,7 @@ impl<'a> Io<'a> {
         let address = message
             .address
             .unwrap_or_else(|| self.with_conn(|c, core| core.address_of(self.key, c)));
-        let claims = grant.as_deref().map(|g| claims_for(cfg, g));
+        let claims = grant.as_deref().map(|g| crate::core::two_way::claims_for(cfg, g));
         let mut meta = Vec::with_capacity(64);
         upstream::encode_upstream_meta(
             &upstream::UpstreamMeta {
@@ -740,38 +752,13 @@ impl<'a> Io<'a> {
     /// A token's user channel (`#` and its `sub`) joins the channels asked
     /// for: the hubs' messages for this user reach every connection of it.
     fn add_user_channel(&self, channels: &mut Vec<String>, grant: Option<&Grant>) {
-        let Some(sub) = grant
-            .and_then(|g| g.sub.as_deref())
-            .filter(|_| self.core.cfg.user_channels)
-        else {
-            return;
-        };
-        match upstream::user_channel(sub, self.core.cfg.channel_name_bytes_max) {
-            Some(name) if !channels.contains(&name) => channels.push(name),
-            Some(_) => {}
-            None => debug!(
-                peer = %self.client(),
-                "token sub cannot name a user channel (too long, or a space, quote or backslash)"
-            ),
+        if let Some(name) = self.core.user_channel(grant) {
+            if !channels.contains(&name) {
+                channels.push(name);
+            }
         }
     }
 
-    /// A two-way WebSocket's state: its send budget, and with a token what
-    /// it may read and send and what the hubs are told about it.
-    fn two_way(&self, grant: Option<Box<Grant>>) -> Box<TwoWay> {
-        let cfg = self.core.cfg;
-        let identity = grant.map(|g| {
-            let claims = claims_for(cfg, &g);
-            Identity::new(g.sub.as_deref(), g.patterns(), &g.send, claims.as_deref())
-        });
-        Box::new(TwoWay {
-            message: Vec::new(),
-            binary: false,
-            paused: false,
-            budget: upstream::SendBudget::new(&self.core.send_limits(), self.core.clock_ms()),
-            identity,
-        })
-    }
 
     /// Subscribes an SSE client and queues the head and what it missed;
     /// `chunked` (HTTP/1.1) sends the stream as a chunked body.
@@ -1035,16 +1022,6 @@ struct PostedMessage {
     keep_alive: bool,
 }
 
-/// The claims of `grant` the hubs are given (`upstream_claims`), as a JSON
-/// object's text; None when it has none of them.
-fn claims_for(cfg: &crate::config::Config, grant: &Grant) -> Option<Box<str>> {
-    let claims: serde_json::Map<String, serde_json::Value> = cfg
-        .upstream_claims
-        .iter()
-        .filter_map(|name| Some((name.clone(), grant.claims.get(name)?.clone())))
-        .collect();
-    (!claims.is_empty()).then(|| serde_json::Value::Object(claims).to_string().into())
-}
 
 /// Where a waiting task stands: what its connection needs it for, or
 /// pending with its waker registered.

@@ -182,6 +182,23 @@ impl Epoll {
         Ok(())
     }
 
+    /// Stops watching `fd` (it is handed to another owner, still open).
+    pub fn remove(&self, fd: RawFd) -> io::Result<()> {
+        // SAFETY: a null event is allowed for EPOLL_CTL_DEL since 2.6.9.
+        let rc = unsafe {
+            libc::epoll_ctl(
+                self.0.as_raw_fd(),
+                libc::EPOLL_CTL_DEL,
+                fd,
+                std::ptr::null_mut(),
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
     /// Takes up to `out.len()` ready events without waiting: how many.
     pub fn take(&self, out: &mut [libc::epoll_event]) -> usize {
         let max = out.len().min(i32::MAX as usize) as i32;

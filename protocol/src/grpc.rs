@@ -38,6 +38,52 @@ pub enum Code {
     Unauthenticated = 16,
 }
 
+impl Code {
+    /// Every code, in number order.
+    pub const ALL: [Code; 17] = [
+        Code::Ok,
+        Code::Cancelled,
+        Code::Unknown,
+        Code::InvalidArgument,
+        Code::DeadlineExceeded,
+        Code::NotFound,
+        Code::AlreadyExists,
+        Code::PermissionDenied,
+        Code::ResourceExhausted,
+        Code::FailedPrecondition,
+        Code::Aborted,
+        Code::OutOfRange,
+        Code::Unimplemented,
+        Code::Internal,
+        Code::Unavailable,
+        Code::DataLoss,
+        Code::Unauthenticated,
+    ];
+
+    /// Its name as the gRPC spec writes it (`RESOURCE_EXHAUSTED`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Code::Ok => "OK",
+            Code::Cancelled => "CANCELLED",
+            Code::Unknown => "UNKNOWN",
+            Code::InvalidArgument => "INVALID_ARGUMENT",
+            Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+            Code::NotFound => "NOT_FOUND",
+            Code::AlreadyExists => "ALREADY_EXISTS",
+            Code::PermissionDenied => "PERMISSION_DENIED",
+            Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+            Code::FailedPrecondition => "FAILED_PRECONDITION",
+            Code::Aborted => "ABORTED",
+            Code::OutOfRange => "OUT_OF_RANGE",
+            Code::Unimplemented => "UNIMPLEMENTED",
+            Code::Internal => "INTERNAL",
+            Code::Unavailable => "UNAVAILABLE",
+            Code::DataLoss => "DATA_LOSS",
+            Code::Unauthenticated => "UNAUTHENTICATED",
+        }
+    }
+}
+
 /// Why the messages of a stream cannot be read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FrameError {
@@ -349,6 +395,57 @@ pub mod client_frame {
         #[prost(message, tag = "3")]
         Unsubscribe(super::Unsubscribe),
     }
+}
+
+/// One published message, length-prefixed: what a stream is sent.
+pub fn publication_message(p: &crate::envelope::Publication) -> Vec<u8> {
+    let mut out = Vec::with_capacity(p.payload.len() + p.channel.len() + 32);
+    encode_message(&message_frame(p), &mut out);
+    out
+}
+
+/// The gap signal of `channel`, length-prefixed.
+pub fn gap_message(channel: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(channel.len() + 16);
+    encode_message(&gap_frame(channel), &mut out);
+    out
+}
+
+/// Appends `Welcome{address}`, length-prefixed.
+pub fn encode_welcome(address: &str, out: &mut Vec<u8>) {
+    let frame = ServerFrame {
+        kind: Some(server_frame::Kind::Welcome(Welcome {
+            address: address.to_string(),
+        })),
+    };
+    encode_message(&frame, out);
+}
+
+/// Appends `Ack{ref}`, length-prefixed.
+pub fn encode_ack(reference: &str, out: &mut Vec<u8>) {
+    let frame = ServerFrame {
+        kind: Some(server_frame::Kind::Ack(Ack {
+            r#ref: reference.to_string(),
+        })),
+    };
+    encode_message(&frame, out);
+}
+
+/// Appends `Error{ref, reason, channel}`, length-prefixed.
+pub fn encode_error(reference: &str, reason: &str, channel: Option<&str>, out: &mut Vec<u8>) {
+    let frame = ServerFrame {
+        kind: Some(server_frame::Kind::Error(Error {
+            r#ref: reference.to_string(),
+            reason: reason.to_string(),
+            channel: channel.unwrap_or_default().to_string(),
+        })),
+    };
+    encode_message(&frame, out);
+}
+
+/// Decodes a `Subscribe` request (a message's bytes, see [`next_message`]).
+pub fn decode_subscribe_request(bytes: &[u8]) -> Result<SubscribeRequest, prost::DecodeError> {
+    SubscribeRequest::decode(bytes)
 }
 
 /// Decodes one client frame (a message's bytes, see [`next_message`]).

@@ -49,6 +49,21 @@ impl Ref {
     pub fn json(&self) -> &str {
         &self.0
     }
+
+    /// A `ref` a gRPC client gave (a protobuf string); None for the empty
+    /// string (proto3's "not set") or one over [`REF_BYTES_MAX`].
+    pub fn of_text(text: &str) -> Option<Ref> {
+        if text.is_empty() || text.len() > REF_BYTES_MAX {
+            return None;
+        }
+        Some(Ref(serde_json::to_string(text).ok()?.into()))
+    }
+
+    /// It as text, for a gRPC answer: a string without its quotes, a
+    /// number as written.
+    pub fn text(&self) -> String {
+        serde_json::from_str::<String>(&self.0).unwrap_or_else(|_| self.0.to_string())
+    }
 }
 
 /// One message from a client, checked.

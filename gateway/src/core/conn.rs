@@ -25,6 +25,12 @@ pub enum Transport {
     /// Its last bytes (an error response, a close frame) are leaving: no
     /// message, heartbeat or deadline touches it any more.
     Closing,
+    /// An HTTP/2 connection (gRPC): its task owns the socket, its streams
+    /// are entries of their own.
+    Grpc,
+    /// One gRPC call on an HTTP/2 connection: no socket of its own; its
+    /// task moves what fan-out queues here into HTTP/2 DATA frames.
+    GrpcStream,
 }
 
 impl Transport {
@@ -36,6 +42,8 @@ impl Transport {
             Transport::Sse => 2,
             Transport::LongPoll => 3,
             Transport::Closing => 4,
+            Transport::Grpc => 5,
+            Transport::GrpcStream => 6,
         }
     }
 }
@@ -66,6 +74,10 @@ pub enum State {
     /// message, heartbeat or deadline touches it any more. Once they have
     /// left it is half-closed (`shut_wr`) and waits for the peer's end.
     Closing { shut_wr: bool },
+    /// An HTTP/2 connection, served by its task (see `crate::grpc`).
+    Http2,
+    /// A gRPC call (`Connect` sends: its two-way state).
+    GrpcStream { two_way: Option<Box<TwoWay>> },
 }
 
 /// What an open WebSocket keeps, in one heap block: the frame session
@@ -211,6 +223,8 @@ impl State {
             State::WebSocket { .. } => Transport::WebSocket,
             State::Sse { .. } => Transport::Sse,
             State::Closing { .. } => Transport::Closing,
+            State::Http2 => Transport::Grpc,
+            State::GrpcStream { .. } => Transport::GrpcStream,
         }
     }
 
@@ -367,6 +381,10 @@ pub struct Conn {
     pub gone: Gone,
 }
 
+/// `Conn::fd` of an entry without a socket of its own: a gRPC stream, or
+/// an HTTP/2 connection whose socket its task owns.
+pub const SOCKETLESS: RawFd = -1;
+
 /// `Conn::staged` when nothing of the batch is staged.
 pub const NOT_STAGED: u32 = u32::MAX;
 
@@ -511,7 +529,16 @@ impl Conn {
                     Some(Bytes::from(retry))
                 }
             }
-            Transport::Http | Transport::LongPoll | Transport::Closing => None,
+            // A gRPC stream's task ends it with UNAVAILABLE, an HTTP/2
+            // connection's sends GOAWAY (see `crate::grpc`).
+            Transport::GrpcStream => {
+                self.going(Gone::Drain);
+                None
+            }
+            Transport::Http
+            | Transport::LongPoll
+            | Transport::Closing
+            | Transport::Grpc => None,
         };
         if farewell.is_some() {
             self.going(Gone::Drain);
@@ -535,6 +562,13 @@ impl Conn {
     /// last chunk). Seen as asked to go (`Drain::Asked`); it closes once
     /// the bytes have left.
     pub fn token_expired(&mut self) -> Option<Bytes> {
+        self.going(Gone::TokenExpired);
+        if self.transport() == Transport::GrpcStream {
+            // Its task ends it with UNAUTHENTICATED.
+            self.drain = Drain::Asked;
+            self.wake();
+            return None;
+        }
         let farewell = match self.transport() {
             Transport::WebSocket => Some(Bytes::from_static(WS_CLOSE_TOKEN_EXPIRED)),
             Transport::Sse if self.sse_chunked() => {
@@ -542,7 +576,6 @@ impl Conn {
             }
             _ => None,
         };
-        self.going(Gone::TokenExpired);
         self.state = State::Closing { shut_wr: false };
         self.deadline_s = 0;
         self.drain = Drain::Asked;
@@ -580,6 +613,17 @@ impl Conn {
                 .unwrap_or_default();
         }
         self.queue.push_back(frame);
+    }
+
+    /// Takes the first queued frame, for a gRPC stream's task, which sends
+    /// it as the client's window allows: it leaves the budget here.
+    pub fn take_front(&mut self) -> Option<Bytes> {
+        let frame = self.queue.pop_front()?;
+        self.queued_bytes -= frame.len() as u32;
+        if self.queue.is_empty() {
+            self.release_queue();
+        }
+        Some(frame)
     }
 
     /// Gives the (empty) queue's buffer back to this core's pool: a

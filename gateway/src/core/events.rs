@@ -42,7 +42,7 @@ use bytes::Bytes;
 use protocol::ws::{self, Closing, MessagePart, OpCode};
 use tracing::{debug, info, warn};
 
-use crate::core::conn::{Gone, TwoWay, WsSession, NOT_STAGED};
+use crate::core::conn::{Gone, TwoWay, WsSession, NOT_STAGED, SOCKETLESS};
 use crate::core::{yield_now, Conn, Core, Drain, PollAnswer, State, Transport};
 use crate::sys;
 
@@ -462,6 +462,13 @@ pub fn send(c: &mut Conn, frame: Bytes, bytes_max: usize) {
 /// Writes as much of `c`'s queue as the socket takes now, one `sendmsg`
 /// per `sys::IOV_MAX` frames. Never blocks.
 pub fn write(c: &mut Conn) {
+    if c.fd == SOCKETLESS {
+        // A gRPC stream: its task takes the queue.
+        if !c.queue.is_empty() {
+            c.wake();
+        }
+        return;
+    }
     while !c.dead {
         if c.queue.is_empty() {
             c.wrote(0, 0);
@@ -539,6 +546,11 @@ pub fn unstage(c: &mut Conn, stage: &Stage) {
 /// Writes `c`'s staged frames (see [`stage`]): what the socket does not
 /// take goes to its queue, to be written at the next `EPOLLOUT`.
 pub fn write_staged(c: &mut Conn, stage: &Stage) {
+    if c.fd == SOCKETLESS {
+        unstage(c, stage);
+        c.wake();
+        return;
+    }
     let mut next = std::mem::replace(&mut c.staged, NOT_STAGED);
     let after = |i: u32| stage[i as usize].1;
     while next != NOT_STAGED && !c.dead {

@@ -210,7 +210,8 @@ impl Core {
     /// slab. A trusted proxy's connection is counted per address only once
     /// its PROXY header names the client (see [`Core::readdress`]).
     pub fn admit(&self, fd: RawFd, peer: SocketAddr) -> Result<u32, Refusal> {
-        let open = self.conns.borrow().len();
+        // Connections, not the entries of their gRPC streams.
+        let open = self.conn_counts[self.index].load(Ordering::Relaxed) as usize;
         let peer = SocketAddr::new(crate::admission::client_ip(peer), peer.port());
         let proxied = self.cfg.expects_proxy_header(peer.ip());
         let counted = (!proxied).then_some(peer.ip());
@@ -255,6 +256,21 @@ impl Core {
         key
     }
 
+    /// Enters a gRPC stream of a connection from `client`: an entry
+    /// without a socket (see `Transport::GrpcStream`), not counted as a
+    /// connection.
+    pub fn register_stream(&self, client: SocketAddr) -> u32 {
+        let mut conns = self.conns.borrow_mut();
+        let entry = conns.vacant_entry();
+        let key = entry.key() as u32;
+        let mut conn = Conn::new(conn::SOCKETLESS, key, client);
+        conn.serial = self.serials.get();
+        conn.state = State::GrpcStream { two_way: None };
+        self.serials.set(conn.serial.wrapping_add(1));
+        entry.insert(conn);
+        key
+    }
+
     /// Removes a connection and closes its socket (which also takes it out
     /// of the epoll set).
     pub fn deregister(&self, key: u32) {
@@ -272,7 +288,9 @@ impl Core {
             );
         }
         // The entry owned the descriptor: closed once, here.
-        drop(crate::sys::own(conn.fd));
+        if conn.fd != conn::SOCKETLESS {
+            drop(crate::sys::own(conn.fd));
+        }
         if conn.cors == PATTERN_SLOT {
             self.cors_by_conn.borrow_mut().remove(&key);
         }
@@ -283,7 +301,9 @@ impl Core {
         if conn.counted_ip {
             self.admission.release(conn.client_ip);
         }
-        self.conn_counts[self.index].fetch_sub(1, Ordering::Relaxed);
+        if conn.transport() != Transport::GrpcStream {
+            self.conn_counts[self.index].fetch_sub(1, Ordering::Relaxed);
+        }
     }
 
     /// Subscribes connection `key` to `channels` as `transport` (its state
@@ -318,6 +338,13 @@ impl Core {
             }
             // HTTP/1.1; the request marks an HTTP/1.0 stream.
             Transport::Sse => self.open_stream(c, key, State::Sse { chunked: true }),
+            Transport::GrpcStream => {
+                let two_way = match &mut c.state {
+                    State::GrpcStream { two_way } => two_way.take(),
+                    _ => None,
+                };
+                self.open_stream(c, key, State::GrpcStream { two_way });
+            }
             _ => {
                 c.state = State::LongPoll {
                     answer: PollAnswer::Waiting,
@@ -398,6 +425,11 @@ impl Core {
     /// task or the event loop holds the key until it deregisters it).
     pub fn with_conn<T>(&self, key: u32, f: impl FnOnce(&mut Conn) -> T) -> T {
         f(&mut self.conns.borrow_mut()[key as usize])
+    }
+
+    /// Like [`Core::with_conn`], for an entry that may be gone.
+    pub fn try_with_conn<T>(&self, key: u32, f: impl FnOnce(&mut Conn) -> T) -> Option<T> {
+        self.conns.borrow_mut().get_mut(key as usize).map(f)
     }
 
     /// A held long-poll is over: it leaves its channels, and the
@@ -495,7 +527,8 @@ impl Core {
                             // may miss what was published before it subscribes
                             // again, and are told so (each gap encoded once per
                             // transport, shared like a message).
-                            let (mut ws_gap, mut sse_gap) = (None, None::<Bytes>);
+                            let (mut ws_gap, mut sse_gap, mut grpc_gap) =
+                                (None, None::<Bytes>, None);
                             for &key in subscribers {
                                 let Some(conn) = conns.get_mut(key as usize) else {
                                     continue;
@@ -518,6 +551,11 @@ impl Core {
                                         }),
                                         conn.sse_chunked(),
                                     ),
+                                    Transport::GrpcStream => grpc_gap
+                                        .get_or_insert_with(|| {
+                                            Bytes::from(protocol::grpc::gap_message(&name))
+                                        })
+                                        .clone(),
                                     // A held poll is told with its next message.
                                     Transport::LongPoll => {
                                         poll_gaps.entry(key).or_default().push(name.clone());
@@ -547,7 +585,7 @@ impl Core {
                         shared.clone()
                     }
                 };
-                let (mut ws_frame, mut sse_frame) = (None, None);
+                let (mut ws_frame, mut sse_frame, mut grpc_frame) = (None, None, None);
                 for &key in &ch.subscribers {
                     let Some(conn) = conns.get_mut(key as usize) else {
                         continue;
@@ -569,6 +607,9 @@ impl Core {
                             sse_frame.get_or_insert_with(|| own(&msg.sse)),
                             conn.sse_chunked(),
                         ),
+                        Transport::GrpcStream => {
+                            grpc_frame.get_or_insert_with(|| own(msg.grpc())).clone()
+                        }
                         Transport::LongPoll
                             if matches!(
                                 conn.state,
@@ -636,7 +677,10 @@ impl Core {
                                 }
                             }
                         }
-                        Transport::LongPoll | Transport::Http | Transport::Closing => continue,
+                        Transport::LongPoll
+                        | Transport::Http
+                        | Transport::Closing
+                        | Transport::Grpc => continue,
                     };
                     deliveries += 1;
                     delivered_bytes += frame.len() as u64;
@@ -703,6 +747,7 @@ impl Core {
         match conn.transport() {
             Transport::WebSocket => Some(msg.ws.clone()),
             Transport::Sse => Some(sse_bytes(&msg.sse, conn.sse_chunked())),
+            Transport::GrpcStream => Some(msg.grpc().clone()),
             Transport::LongPoll => {
                 let State::LongPoll {
                     answer: answer @ PollAnswer::Waiting,
@@ -726,7 +771,7 @@ impl Core {
                 );
                 Some(Bytes::from(out))
             }
-            Transport::Http | Transport::Closing => None,
+            Transport::Http | Transport::Closing | Transport::Grpc => None,
         }
     }
 
@@ -741,7 +786,7 @@ impl Core {
         let silence_s_max = cfg.ws_silence_s_max();
         let mut silent = 0u64;
         let mut expired = 0u64;
-        let mut by_transport = [0u64; 5];
+        let mut by_transport = [0u64; crate::ops::metrics::TRANSPORTS.len()];
         for (_, conn) in self.conns.borrow_mut().iter_mut() {
             by_transport[conn.transport().metrics_slot()] += 1;
             if conn.dead {
@@ -749,7 +794,10 @@ impl Core {
             }
             if conn.auth_expires_s != 0
                 && conn.auth_expires_s <= now
-                && matches!(conn.transport(), Transport::WebSocket | Transport::Sse)
+                && matches!(
+                    conn.transport(),
+                    Transport::WebSocket | Transport::Sse | Transport::GrpcStream
+                )
             {
                 debug!(fd = conn.fd, transport = ?conn.transport(), "token expired, closing");
                 if let Some(farewell) = conn.token_expired() {
@@ -762,6 +810,8 @@ impl Core {
                 Transport::WebSocket => WS_PING,
                 Transport::Sse if conn.sse_chunked() => SSE_HEARTBEAT_CHUNK,
                 Transport::Sse => SSE_HEARTBEAT,
+                // Its connection's task sends HTTP/2 PINGs.
+                Transport::Grpc | Transport::GrpcStream => continue,
                 Transport::Closing => {
                     // Lingering past its deadline: closed now.
                     if conn.parked && conn.deadline_s != 0 && conn.deadline_s <= now {

@@ -1,16 +1,19 @@
 //! A core's side of two-way traffic: the messages and control messages of
-//! WebSockets on the gateway's subprotocol, what goes upstream for them
-//! (and for presence), and the acknowledgements and resumptions when the
-//! upstream socket has room again (see `crate::upstream`).
+//! WebSockets on the gateway's subprotocol and of gRPC `Connect` calls,
+//! what goes upstream for them (and for presence), and the
+//! acknowledgements and resumptions when the upstream socket has room
+//! again (see `crate::upstream`).
 
 use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
 use protocol::envelope;
+use protocol::token::Grant;
 use protocol::upstream::{self, ClientMessage, Kind, Ref, SendLimits, UpstreamMeta, USER_PREFIX};
 use tracing::debug;
 
 use crate::core::conn::{Identity, TwoWay, WsSession};
+use crate::ingest::Message;
 use crate::core::{events, Conn, Core, State, Transport};
 use crate::ops::metrics::note_upstream_refused;
 use crate::upstream::{Ack, Offered, Outgoing};
@@ -19,6 +22,55 @@ use crate::upstream::{Ack, Offered, Outgoing};
 const NOT_CONFIGURED: &str = "upstream not configured";
 const CHANNEL_NOT_ALLOWED: &str = "channel not allowed";
 const TOO_MANY_CHANNELS: &str = "too many channels";
+/// As a WebSocket's malformed message is told (`ClientRule::BadChannelName`).
+const BAD_CHANNEL: &str = "bad channel name";
+
+/// How a client's transport writes the answers to what it sent: JSON
+/// frames on a WebSocket, `ServerFrame`s on a gRPC stream. Each appends
+/// to the bytes the caller queues once.
+pub trait Answers {
+    fn ack(&mut self, reference: &Ref);
+    fn error(&mut self, reference: Option<&Ref>, reason: &str, channel: Option<&str>);
+    fn gap(&mut self, channel: &str);
+    fn message(&mut self, m: &Message);
+}
+
+/// Answers on the WebSocket subprotocol.
+pub struct WsAnswers<'a>(pub &'a mut Vec<u8>);
+
+impl Answers for WsAnswers<'_> {
+    fn ack(&mut self, reference: &Ref) {
+        upstream::encode_ack(reference, self.0);
+    }
+    fn error(&mut self, reference: Option<&Ref>, reason: &str, channel: Option<&str>) {
+        upstream::encode_error(reference, reason, channel, self.0);
+    }
+    fn gap(&mut self, channel: &str) {
+        envelope::encode_ws_gap(channel, self.0);
+    }
+    fn message(&mut self, m: &Message) {
+        self.0.extend_from_slice(&m.ws);
+    }
+}
+
+/// Answers on a gRPC `Connect` stream (length-prefixed `ServerFrame`s).
+pub struct GrpcAnswers<'a>(pub &'a mut Vec<u8>);
+
+impl Answers for GrpcAnswers<'_> {
+    fn ack(&mut self, reference: &Ref) {
+        protocol::grpc::encode_ack(&reference.text(), self.0);
+    }
+    fn error(&mut self, reference: Option<&Ref>, reason: &str, channel: Option<&str>) {
+        let reference = reference.map(Ref::text).unwrap_or_default();
+        protocol::grpc::encode_error(&reference, reason, channel, self.0);
+    }
+    fn gap(&mut self, channel: &str) {
+        self.0.extend_from_slice(&protocol::grpc::gap_message(channel));
+    }
+    fn message(&mut self, m: &Message) {
+        self.0.extend_from_slice(m.grpc());
+    }
+}
 
 impl Core {
     /// The send limits of every connection.
@@ -32,6 +84,36 @@ impl Core {
     /// Milliseconds of this core's clock, for the send budgets.
     pub fn clock_ms(&self) -> u64 {
         self.started.elapsed().as_millis() as u64
+    }
+
+    /// The user channel of a token's `sub` (`#sub`), which every
+    /// authenticated stream reads, when user channels are on.
+    pub fn user_channel(&self, grant: Option<&Grant>) -> Option<String> {
+        let sub = grant
+            .and_then(|g| g.sub.as_deref())
+            .filter(|_| self.cfg.user_channels)?;
+        let name = upstream::user_channel(sub, self.cfg.channel_name_bytes_max);
+        if name.is_none() {
+            debug!("token sub cannot name a user channel (too long, or a space, quote or backslash)");
+        }
+        name
+    }
+
+    /// The two-way state of a client that may send: its send budget, and
+    /// with a token what it may read and send and what the hubs are told
+    /// about it.
+    pub fn new_two_way(&self, grant: Option<Box<Grant>>) -> Box<TwoWay> {
+        let identity = grant.map(|g| {
+            let claims = claims_for(self.cfg, &g);
+            Identity::new(g.sub.as_deref(), g.patterns(), &g.send, claims.as_deref())
+        });
+        Box::new(TwoWay {
+            message: Vec::new(),
+            binary: false,
+            paused: false,
+            budget: upstream::SendBudget::new(&self.send_limits(), self.clock_ms()),
+            identity,
+        })
     }
 
     /// The address of connection `key`.
@@ -53,11 +135,12 @@ impl Core {
     ) {
         let cfg = self.cfg;
         let parsed = upstream::parse_client_message(message, cfg.channel_name_bytes_max);
+        let out = &mut WsAnswers(out);
         match parsed {
             Err(e) => {
                 note_upstream_refused(0);
                 debug!(peer = %c.client(), rule = e.rule.reason(), "client message refused");
-                upstream::encode_error(e.reference.as_ref(), e.rule.reason(), None, out);
+                out.error(e.reference.as_ref(), e.rule.reason(), None);
             }
             Ok(ClientMessage::Send {
                 channel,
@@ -76,6 +159,48 @@ impl Core {
         }
     }
 
+    /// Acts on one frame of a gRPC `Connect` call, as [`Core::client_message`]
+    /// does for a WebSocket's message; its answers go to `out`.
+    pub fn grpc_client_frame(
+        &self,
+        c: &mut Conn,
+        key: u32,
+        frame: protocol::grpc::ClientFrame,
+        out: &mut Vec<u8>,
+    ) {
+        use protocol::grpc::client_frame::Kind as K;
+        let out = &mut GrpcAnswers(out);
+        let max = self.cfg.channel_name_bytes_max;
+        let bad_channel = |name: &str| !protocol::channel::valid_channel_name(name.as_bytes(), max);
+        match frame.kind {
+            None => {
+                note_upstream_refused(0);
+                out.error(None, "empty frame", None);
+            }
+            Some(K::Send(send)) => {
+                let reference = Ref::of_text(&send.r#ref);
+                if bad_channel(&send.channel) {
+                    note_upstream_refused(0);
+                    return out.error(reference.as_ref(), BAD_CHANNEL, Some(&send.channel));
+                }
+                let channel = send.channel;
+                self.send_upstream(c, key, &channel, reference, &send.payload, send.binary, out)
+            }
+            Some(K::Subscribe(more)) => {
+                let reference = Ref::of_text(&more.r#ref);
+                if let Some(bad) = more.channels.iter().find(|ch| bad_channel(ch)) {
+                    note_upstream_refused(0);
+                    return out.error(reference.as_ref(), BAD_CHANNEL, Some(bad));
+                }
+                self.subscribe_more(c, key, more.channels, more.since, reference, out)
+            }
+            Some(K::Unsubscribe(less)) => {
+                let reference = Ref::of_text(&less.r#ref);
+                self.unsubscribe_some(c, key, &less.channels, reference, out)
+            }
+        }
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn send_upstream(
         &self,
@@ -85,12 +210,13 @@ impl Core {
         reference: Option<Ref>,
         payload: &[u8],
         binary: bool,
-        out: &mut Vec<u8>,
+        out: &mut impl Answers,
     ) {
-        let refuse = |index, reason: &str, channel, out: &mut Vec<u8>| {
+        let refuse = |index, reason: &str, channel, out: &mut dyn Answers| {
             note_upstream_refused(index);
-            upstream::encode_error(reference.as_ref(), reason, channel, out);
+            out.error(reference.as_ref(), reason, channel);
         };
+        let transport = transport_name(c.transport());
         let Some(up) = &self.upstream else {
             return refuse(4, NOT_CONFIGURED, None, out);
         };
@@ -117,7 +243,7 @@ impl Core {
         let mut meta = Vec::with_capacity(64);
         upstream::encode_upstream_meta(
             &UpstreamMeta {
-                transport: "websocket",
+                transport,
                 sub: identity.and_then(Identity::sub),
                 claims: identity.and_then(Identity::claims),
                 binary: Some(binary),
@@ -134,7 +260,7 @@ impl Core {
         match up.offer(message) {
             Offered::Sent => {
                 if let Some(r) = &reference {
-                    upstream::encode_ack(r, out);
+                    out.ack(r);
                 }
             }
             Offered::Waiting => {
@@ -156,7 +282,7 @@ impl Core {
         channels: Vec<String>,
         since: Option<u64>,
         reference: Option<Ref>,
-        out: &mut Vec<u8>,
+        out: &mut impl Answers,
     ) {
         let identity = two_way_of(c).and_then(|t| t.identity.as_ref());
         if let Some(refused) = channels
@@ -164,12 +290,7 @@ impl Core {
             .find(|ch| identity.is_some_and(|i| !i.may_read(ch)))
         {
             note_upstream_refused(1);
-            return upstream::encode_error(
-                reference.as_ref(),
-                CHANNEL_NOT_ALLOWED,
-                Some(refused),
-                out,
-            );
+            return out.error(reference.as_ref(), CHANNEL_NOT_ALLOWED, Some(refused));
         }
         let mut registry = self.registry.borrow_mut();
         let subscribed: Vec<&str> = c
@@ -191,7 +312,7 @@ impl Core {
             .count();
         if own + new.len() > self.cfg.channels_per_connection_max {
             note_upstream_refused(7);
-            return upstream::encode_error(reference.as_ref(), TOO_MANY_CHANNELS, None, out);
+            return out.error(reference.as_ref(), TOO_MANY_CHANNELS, None);
         }
         let published = self.published_through.load(Ordering::Acquire);
         let (ids, resume) = registry.subscribe(
@@ -207,13 +328,13 @@ impl Core {
         all.extend_from_slice(&ids);
         c.channels = all.into_boxed_slice();
         if let Some(r) = &reference {
-            upstream::encode_ack(r, out);
+            out.ack(r);
         }
         for gap in &resume.gaps {
-            envelope::encode_ws_gap(gap, out);
+            out.gap(gap);
         }
         for m in &resume.messages {
-            out.extend_from_slice(&m.ws);
+            out.message(m);
         }
         for ch in &new {
             self.presence(Kind::Subscribe, c, key, ch, None);
@@ -226,7 +347,7 @@ impl Core {
         key: u32,
         channels: &[String],
         reference: Option<Ref>,
-        out: &mut Vec<u8>,
+        out: &mut impl Answers,
     ) {
         let mut registry = self.registry.borrow_mut();
         let (leave, keep): (Vec<u32>, Vec<u32>) = c.channels.iter().partition(|&&id| {
@@ -244,7 +365,7 @@ impl Core {
         drop(registry);
         c.channels = keep.into_boxed_slice();
         if let Some(r) = &reference {
-            upstream::encode_ack(r, out);
+            out.ack(r);
         }
         for name in &left {
             self.presence(Kind::Unsubscribe, c, key, name, None);
@@ -272,6 +393,7 @@ impl Core {
         let Some(stream) = c.stream else { return };
         let two_way = match &c.state {
             State::WebSocket { session } => session.two_way.as_deref(),
+            State::GrpcStream { two_way } => two_way.as_deref(),
             _ => None,
         };
         let identity = two_way.and_then(|t| t.identity.as_ref());
@@ -342,11 +464,15 @@ impl Core {
             let Some(c) = conns.get_mut(ack.key as usize) else {
                 continue;
             };
-            if c.serial != ack.serial || c.transport() != Transport::WebSocket {
+            if c.serial != ack.serial {
                 continue;
             }
             let mut out = Vec::new();
-            upstream::encode_ack(&ack.reference, &mut out);
+            match c.transport() {
+                Transport::WebSocket => WsAnswers(&mut out).ack(&ack.reference),
+                Transport::GrpcStream => GrpcAnswers(&mut out).ack(&ack.reference),
+                _ => continue,
+            }
             events::send(c, Bytes::from(out), max);
         }
         for (key, serial) in flushed.resumed {
@@ -370,6 +496,7 @@ impl Core {
 pub fn two_way_of(c: &mut Conn) -> Option<&mut TwoWay> {
     match &mut c.state {
         State::WebSocket { session } => session.two_way.as_deref_mut(),
+        State::GrpcStream { two_way } => two_way.as_deref_mut(),
         _ => None,
     }
 }
@@ -385,6 +512,18 @@ fn transport_name(t: Transport) -> &'static str {
         Transport::Sse => "sse",
         Transport::LongPoll => "longpoll",
         Transport::Http => "http",
+        Transport::GrpcStream | Transport::Grpc => "grpc",
         _ => "websocket",
     }
+}
+
+/// The claims of `grant` the hubs are given (`upstream_claims`), as a JSON
+/// object's text; None when it has none of them.
+pub fn claims_for(cfg: &crate::config::Config, grant: &Grant) -> Option<Box<str>> {
+    let claims: serde_json::Map<String, serde_json::Value> = cfg
+        .upstream_claims
+        .iter()
+        .filter_map(|name| Some((name.clone(), grant.claims.get(name)?.clone())))
+        .collect();
+    (!claims.is_empty()).then(|| serde_json::Value::Object(claims).to_string().into())
 }

@@ -21,14 +21,25 @@ pub const LATENCY_BUCKETS_S: [f64; 14] = [
     0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
 ];
 
-/// Transports as the connections gauge labels them, in `Transport` order.
-pub const TRANSPORTS: [&str; 5] = ["http", "websocket", "sse", "longpoll", "closing"];
+/// Transports as the connections gauge labels them, in `Transport` order;
+/// the last, gRPC streams, have a gauge of their own (they are calls on
+/// the `grpc` connections, not connections).
+pub const TRANSPORTS: [&str; 7] = [
+    "http",
+    "websocket",
+    "sse",
+    "longpoll",
+    "closing",
+    "grpc",
+    "grpc_stream",
+];
+const GRPC_STREAM_SLOT: usize = 6;
 
 /// What one core has counted, as of its last sweep.
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
     /// Open connections per transport ([`TRANSPORTS`] order).
-    pub connections: [u64; 5],
+    pub connections: [u64; TRANSPORTS.len()],
     /// Handshake results: a stream opened (`ws`, `sse`, `longpoll`) or why
     /// a request or connection was refused.
     pub handshakes: Vec<(&'static str, u64)>,
@@ -57,6 +68,14 @@ thread_local! {
     /// Slow consumers dropped by this thread (a core): counted where the
     /// connection is dropped, which does not know its core.
     static SLOW_CONSUMERS: Cell<u64> = const { Cell::new(0) };
+}
+
+/// gRPC calls ended, by status code.
+static GRPC_ENDS: [AtomicU64; 17] = [const { AtomicU64::new(0) }; 17];
+
+/// Counts a gRPC call that ended with `code`.
+pub fn note_grpc_end(code: protocol::grpc::Code) {
+    GRPC_ENDS[code as usize].fetch_add(1, Ordering::Relaxed);
 }
 
 /// Counts a slow consumer dropped on the calling core.
@@ -96,7 +115,7 @@ impl CoreStats {
     }
 
     /// What this core counted so far, with its connection counts.
-    pub fn snapshot(&self, connections: [u64; 5]) -> Snapshot {
+    pub fn snapshot(&self, connections: [u64; TRANSPORTS.len()]) -> Snapshot {
         Snapshot {
             connections,
             handshakes: self.handshakes.borrow().clone(),
@@ -322,8 +341,13 @@ pub fn render() -> String {
     let mut families = Vec::new();
 
     let mut conns = Vec::new();
+    let mut streams = Vec::new();
     for (i, s) in cores.iter().enumerate() {
-        for (t, &n) in TRANSPORTS.iter().zip(&s.connections) {
+        for (slot, (t, &n)) in TRANSPORTS.iter().zip(&s.connections).enumerate() {
+            if slot == GRPC_STREAM_SLOT {
+                streams.push(gauge(vec![label("core", &i.to_string())], n as f64));
+                continue;
+            }
             let labels = vec![label("core", &i.to_string()), label("transport", t)];
             conns.push(gauge(labels, n as f64));
         }
@@ -333,6 +357,25 @@ pub fn render() -> String {
         "Open connections by transport and core (as of each core's last once-a-second sweep).",
         MetricType::GAUGE,
         conns,
+    ));
+    families.push(family(
+        "gateway_grpc_streams",
+        "Open gRPC calls (Subscribe, Connect) by core, on the grpc connections.",
+        MetricType::GAUGE,
+        streams,
+    ));
+    let ends: Vec<Metric> = protocol::grpc::Code::ALL
+        .iter()
+        .filter_map(|&code| {
+            let n = GRPC_ENDS[code as usize].load(Ordering::Relaxed);
+            (n > 0).then(|| counter(vec![label("code", code.name())], n))
+        })
+        .collect();
+    families.push(family(
+        "gateway_grpc_stream_ends_total",
+        "gRPC calls ended, by the status they ended with.",
+        MetricType::COUNTER,
+        ends,
     ));
 
     let mut handshakes: Vec<(&'static str, u64)> = Vec::new();
