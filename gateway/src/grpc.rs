@@ -170,11 +170,16 @@ pub async fn serve(core: Rc<Core>, key: u32, first_bytes: Vec<u8>) {
     core.deregister(key);
 }
 
-/// What woke a connection's task.
+/// A call h2 accepted: its request, and where its response goes.
+type Accepted = (Request<RecvStream>, SendResponse<Bytes>);
+
+/// What woke a connection's task. Lives on the stack for a moment: its
+/// size does not matter.
+#[allow(clippy::large_enum_variant)]
 enum Step {
     Dead,
     Drain,
-    Call(Option<Result<(Request<RecvStream>, SendResponse<Bytes>), h2::Error>>),
+    Call(Option<Result<Accepted, h2::Error>>),
 }
 
 /// Whether slab entry `key` still holds the connection it had (`serial`).

@@ -448,6 +448,12 @@ pub fn decode_subscribe_request(bytes: &[u8]) -> Result<SubscribeRequest, prost:
     SubscribeRequest::decode(bytes)
 }
 
+/// Decodes one server frame (a message's bytes, see [`next_message`]): the
+/// client side, for tests and the bench.
+pub fn decode_server_frame(bytes: &[u8]) -> Result<ServerFrame, prost::DecodeError> {
+    ServerFrame::decode(bytes)
+}
+
 /// Decodes one client frame (a message's bytes, see [`next_message`]).
 pub fn decode_client_frame(bytes: &[u8]) -> Result<ClientFrame, prost::DecodeError> {
     ClientFrame::decode(bytes)
@@ -457,6 +463,63 @@ pub fn decode_client_frame(bytes: &[u8]) -> Result<ClientFrame, prost::DecodeErr
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn codes_are_in_number_order_with_the_specs_names() {
+        for (i, code) in Code::ALL.iter().enumerate() {
+            assert_eq!(*code as usize, i);
+        }
+        assert_eq!(Code::ResourceExhausted.name(), "RESOURCE_EXHAUSTED");
+        assert_eq!(Code::Unauthenticated as u8, 16);
+    }
+
+    #[test]
+    fn server_frames_read_back_as_written() {
+        let p = crate::envelope::Publication {
+            channel: "a",
+            id: 9,
+            event: Some("e"),
+            payload: b"\xffx",
+        };
+        let decode = |bytes: &[u8]| {
+            let (m, used) = next_message(bytes, 1024).unwrap().unwrap();
+            assert_eq!(used, bytes.len(), "one whole message");
+            decode_server_frame(m).unwrap().kind.unwrap()
+        };
+        match decode(&publication_message(&p)) {
+            server_frame::Kind::Message(m) => {
+                assert_eq!((m.channel.as_str(), m.id, m.event.as_str()), ("a", 9, "e"));
+                assert_eq!((&m.payload[..], m.binary), (&b"\xffx"[..], true));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            decode(&gap_message("a")),
+            server_frame::Kind::Gap(Gap { channel: "a".into() })
+        );
+        let mut out = Vec::new();
+        encode_welcome("addr", &mut out);
+        encode_ack("r1", &mut out);
+        encode_error("r2", "channel not allowed", Some("x"), &mut out);
+        let (_, first) = next_message(&out, 1024).unwrap().unwrap();
+        let (_, second) = next_message(&out[first..], 1024).unwrap().unwrap();
+        assert_eq!(
+            decode(&out[..first]),
+            server_frame::Kind::Welcome(Welcome { address: "addr".into() })
+        );
+        assert_eq!(
+            decode(&out[first..first + second]),
+            server_frame::Kind::Ack(Ack { r#ref: "r1".into() })
+        );
+        assert_eq!(
+            decode(&out[first + second..]),
+            server_frame::Kind::Error(Error {
+                r#ref: "r2".into(),
+                reason: "channel not allowed".into(),
+                channel: "x".into()
+            })
+        );
+    }
 
     #[test]
     fn a_message_is_a_flag_a_length_and_its_bytes() {

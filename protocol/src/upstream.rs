@@ -575,6 +575,16 @@ mod tests {
     }
 
     #[test]
+    fn a_grpc_ref_is_kept_as_a_json_string_and_given_back_as_text() {
+        let r = Ref::of_text("a\"1").unwrap();
+        assert_eq!(r.json(), "\"a\\\"1\"");
+        assert_eq!(r.text(), "a\"1");
+        assert_eq!(Ref("7".into()).text(), "7", "a WebSocket's number, as written");
+        assert!(Ref::of_text("").is_none(), "proto3's unset string");
+        assert!(Ref::of_text(&"x".repeat(REF_BYTES_MAX + 1)).is_none());
+    }
+
+    #[test]
     fn a_message_names_its_channel_and_keeps_its_payload_untouched() {
         assert_eq!(
             parse("{\"channel\":\"room\",\"ref\":\"a1\"}\nhello\nworld").unwrap(),

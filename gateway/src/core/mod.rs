@@ -1282,6 +1282,93 @@ mod tests {
         assert!(r.messages.is_empty());
     }
 
+    /// Wakes a flag, as a call's task would be woken.
+    struct Flag(std::sync::atomic::AtomicBool);
+    impl std::task::Wake for Flag {
+        fn wake(self: Arc<Self>) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn a_grpc_call_gets_each_message_once_encoded_and_its_task_is_woken() {
+        let core = Core::lone(Box::leak(Box::default()), 7);
+        let calls: Vec<u32> = (0..2)
+            .map(|_| core.register_stream(([127, 0, 0, 1], 1).into()))
+            .collect();
+        let flags: Vec<Arc<Flag>> = calls
+            .iter()
+            .map(|&key| {
+                let resume = core.subscribe(key, &["a".into()], None, Transport::GrpcStream, 10);
+                assert!(resume.messages.is_empty() && resume.gaps.is_empty());
+                let flag = Arc::new(Flag(AtomicBool::new(false)));
+                core.with_conn(key, |c| c.waker = Some(flag.clone().into()));
+                flag
+            })
+            .collect();
+        // Calls are not connections (admission, /healthz).
+        assert_eq!(core.conn_counts[0].load(Ordering::Relaxed), 0);
+        let (tx, rx) = crossbeam_channel::unbounded();
+        tx.send(ToCore::Message(msg(8, "a"))).unwrap();
+        tx.send(ToCore::Unsubscribed("a".into())).unwrap();
+        core.dispatch(&rx);
+        let mut fronts = Vec::new();
+        for (&key, flag) in calls.iter().zip(&flags) {
+            assert!(flag.0.load(Ordering::SeqCst), "the call's task is woken");
+            let (message, gap) = core.with_conn(key, |c| {
+                let message = c.take_front().expect("the message");
+                let gap = c.take_front().expect("the gap");
+                assert!(c.take_front().is_none());
+                assert_eq!(c.queued_bytes, 0, "what the task took left the budget");
+                (message, gap)
+            });
+            let (bytes, _) = protocol::grpc::next_message(&message, 1 << 20).unwrap().unwrap();
+            let frame = protocol::grpc::decode_server_frame(bytes).unwrap();
+            let Some(protocol::grpc::server_frame::Kind::Message(m)) = frame.kind else {
+                panic!("{frame:?}");
+            };
+            assert_eq!((m.channel.as_str(), m.id, &m.payload[..]), ("a", 8, &b"x"[..]));
+            assert_eq!(&gap[..], &protocol::grpc::gap_message("a")[..]);
+            fronts.push(message);
+        }
+        // Encoded once, the same bytes for both.
+        assert_eq!(fronts[0].as_ptr(), fronts[1].as_ptr());
+        for key in calls {
+            core.deregister(key);
+        }
+        assert!(core.conns.borrow().is_empty());
+    }
+
+    #[test]
+    fn a_grpc_call_over_its_budget_is_a_slow_consumer_and_drain_and_expiry_are_told() {
+        let cfg: &'static Config = Box::leak(Box::new(Config {
+            outbound_queue_bytes_max: 1024,
+            ..Config::default()
+        }));
+        let core = Core::lone(cfg, 7);
+        let key = core.register_stream(([127, 0, 0, 1], 1).into());
+        core.with_conn(key, |c| {
+            for _ in 0..4 {
+                events::push(c, Bytes::from(vec![0u8; 300]), cfg.outbound_queue_bytes_max);
+            }
+            assert!(c.dead);
+            assert_eq!(c.gone, conn::Gone::SlowConsumer);
+            assert!(c.take_front().is_none(), "its queue is freed");
+        });
+        let key = core.register_stream(([127, 0, 0, 1], 1).into());
+        core.with_conn(key, |c| {
+            assert!(c.ask_to_go().is_none(), "the call's task says it (UNAVAILABLE)");
+            assert_eq!((c.drain, c.gone), (Drain::Asked, conn::Gone::Drain));
+            assert_eq!(c.transport(), Transport::GrpcStream, "still a call until it ends");
+        });
+        let key = core.register_stream(([127, 0, 0, 1], 1).into());
+        core.with_conn(key, |c| {
+            assert!(c.token_expired().is_none());
+            assert_eq!((c.drain, c.gone), (Drain::Asked, conn::Gone::TokenExpired));
+            assert_eq!(c.transport(), Transport::GrpcStream);
+        });
+    }
+
     #[test]
     fn subscribers_of_a_channel_let_go_upstream_are_told_of_the_gap() {
         use std::io::Read;
@@ -1352,6 +1439,8 @@ mod tests {
                 keep_alive: true,
             },
             Transport::Closing => State::Closing { shut_wr: false },
+            Transport::Grpc => State::Http2,
+            Transport::GrpcStream => State::GrpcStream { two_way: None },
         }
     }
 

@@ -565,7 +565,7 @@ mod tests {
         stats.observe_latency(Duration::from_secs(10));
         stats.handshake("ws");
         stats.handshake("ws");
-        let snap = stats.snapshot([0, 2, 0, 0, 0]);
+        let snap = stats.snapshot([0, 2, 0, 0, 0, 1, 3]);
         assert_eq!(snap.latency_buckets[0], 1);
         assert_eq!(snap.latency_buckets[5], 1);
         assert_eq!(snap.latency_buckets[14], 1);
@@ -579,5 +579,9 @@ mod tests {
         assert!(text.contains("gateway_publish_to_send_seconds_bucket{le=\"0.005\"} 2"));
         assert!(text.contains("gateway_handshakes_total{result=\"ws\"} 2"));
         assert!(text.contains("gateway_connections{core=\"0\",transport=\"websocket\"} 2"));
+        // gRPC calls are not connections: a gauge of their own.
+        assert!(text.contains("gateway_connections{core=\"0\",transport=\"grpc\"} 1"));
+        assert!(!text.contains("transport=\"grpc_stream\""), "{text}");
+        assert!(text.contains("gateway_grpc_streams{core=\"0\"} 3"), "{text}");
     }
 }
