@@ -252,6 +252,7 @@ async fn call(
         key: opened.key,
         send,
         body: opened.reads.then_some(body),
+        client_done: false,
         input: Vec::new(),
         sending: Bytes::new(),
         deadline: opened.deadline.map(|d| Box::pin(monoio::time::sleep(d))),
@@ -470,6 +471,9 @@ struct CallStream {
     send: SendStream<Bytes>,
     /// The client's frames (`Connect`), until it half-closes.
     body: Option<RecvStream>,
+    /// The client half-closed a `Connect`: the call ends (OK) once what
+    /// is queued for it has gone.
+    client_done: bool,
     /// A client frame's bytes so far.
     input: Vec<u8>,
     /// What is left of the frame being sent.
@@ -543,6 +547,9 @@ impl CallStream {
                     Poll::Pending => {}
                 }
             }
+            if self.client_done && self.sending.is_empty() {
+                return Poll::Ready(End::Status(Code::Ok, ""));
+            }
             core.with_conn(self.key, |c| c.waker = Some(cx.waker().clone()));
             return Poll::Pending;
         }
@@ -562,8 +569,13 @@ impl CallStream {
                 Poll::Pending => return None,
                 Poll::Ready(Some(Ok(data))) => data,
                 Poll::Ready(Some(Err(_))) => return Some(End::Gone),
-                // The client is done: so is the call.
-                Poll::Ready(None) => return Some(End::Status(Code::Ok, "")),
+                // The client is done: so is the call, once its answers
+                // have gone.
+                Poll::Ready(None) => {
+                    self.body = None;
+                    self.client_done = true;
+                    return None;
+                }
             };
             let _ = body.flow_control().release_capacity(data.len());
             self.input.extend_from_slice(&data);
