@@ -74,7 +74,7 @@ pub enum State {
     /// message, heartbeat or deadline touches it any more. Once they have
     /// left it is half-closed (`shut_wr`) and waits for the peer's end.
     Closing { shut_wr: bool },
-    /// An HTTP/2 connection, served by its task (see `crate::grpc`).
+    /// An HTTP/2 connection, served by its task (see `grpc.rs`).
     Http2,
     /// A gRPC call (`Connect` sends: its two-way state).
     GrpcStream { two_way: Option<Box<TwoWay>> },
@@ -530,7 +530,7 @@ impl Conn {
                 }
             }
             // A gRPC stream's task ends it with UNAVAILABLE, an HTTP/2
-            // connection's sends GOAWAY (see `crate::grpc`).
+            // connection's sends GOAWAY (see `grpc.rs`).
             Transport::GrpcStream => {
                 self.going(Gone::Drain);
                 None
