@@ -225,7 +225,7 @@ async fn call(
         Ok(opened) => opened,
         Err(refusal) => {
             refusal.log(client, head.uri.path());
-            core.stats.handshake(refusal.counted_as);
+            core.stats.handshake(refusal.reason);
             note_grpc_end(refusal.code);
             let response = match refusal.http_status {
                 Some(status) => Response::builder().status(status).body(()),
@@ -276,8 +276,6 @@ struct Refusal {
     /// Answered with an HTTP status instead of a gRPC one (what the gRPC
     /// spec asks for a request that is not gRPC at all).
     http_status: Option<u16>,
-    /// What the handshake counter calls it.
-    counted_as: &'static str,
 }
 
 impl Refusal {
@@ -286,7 +284,6 @@ impl Refusal {
             code,
             reason,
             http_status: None,
-            counted_as: reason,
         }
     }
 
