@@ -78,6 +78,8 @@ pub struct Gateway {
     pub zmq: Option<String>,
     /// The bound upstream endpoint (`upstream=` on the READY line), if any.
     pub upstream: Option<String>,
+    /// The separate gRPC listener (`grpc=` on the READY line), if any.
+    pub grpc: Option<SocketAddr>,
     /// The whole READY line, as printed.
     pub ready_line: String,
     pub log_path: PathBuf,
@@ -138,9 +140,13 @@ impl Gateway {
         let mut zmq = None;
         let mut zmq_seen = false;
         let mut upstream = None;
+        let mut grpc = None;
         for tok in ready.split_whitespace().skip(1) {
             if let Some(v) = tok.strip_prefix("upstream=") {
                 upstream = v.split(',').next().map(str::to_string);
+            }
+            if let Some(v) = tok.strip_prefix("grpc=") {
+                grpc = v.parse::<SocketAddr>().ok();
             }
             if let Some(v) = tok.strip_prefix("listen=") {
                 listen = v.parse::<SocketAddr>().ok();
@@ -164,6 +170,7 @@ impl Gateway {
             listen,
             zmq,
             upstream,
+            grpc,
             ready_line: ready,
             log_path,
         }

@@ -8,6 +8,7 @@ mod bad_input;
 mod drain;
 mod fanout;
 mod forwarder;
+mod grpc;
 mod heartbeats;
 mod logs;
 mod longpoll;
