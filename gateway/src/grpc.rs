@@ -1,5 +1,5 @@
-//! gRPC on a core: HTTP/2 connections (the `h2` crate over monoio's
-//! compatibility layer) and the calls of `proto/gateway/v1/gateway.proto`.
+//! gRPC on a core: HTTP/2 connections (the `h2` crate on monoio's poll-io
+//! sockets) and the calls of `proto/gateway/v1/gateway.proto`.
 //!
 //! A connection that opened with the HTTP/2 preface leaves the request
 //! path (see `request`) for a task of its own here, which owns its socket
@@ -39,11 +39,6 @@ use crate::core::{events, Core, Drain, State, Transport, SSE_RETRY_MS_MAX, SSE_R
 use crate::ops::drain::draining;
 use crate::ops::metrics::note_grpc_end;
 
-/// The socket buffers of one connection (monoio-compat copies between
-/// them and io_uring's reads and writes). Small: a gRPC stream's messages
-/// are mostly small, and every idle connection keeps both.
-const READ_BUFFER_BYTES: usize = 4 * 1024;
-const WRITE_BUFFER_BYTES: usize = 4 * 1024;
 /// DATA h2 may hold for one call beyond what was written: what a call's
 /// task hands over in one go (its capacity is asked for first).
 const SEND_BUFFER_BYTES: usize = 64 * 1024;
@@ -64,11 +59,7 @@ pub async fn serve(core: Rc<Core>, key: u32, first_bytes: Vec<u8>) {
     let cfg = core.cfg;
     let io = Prefixed {
         first: Bytes::from(first_bytes),
-        inner: monoio_compat::StreamWrapper::new_with_buffer_size(
-            tcp,
-            READ_BUFFER_BYTES,
-            WRITE_BUFFER_BYTES,
-        ),
+        inner: tcp,
     };
     let mut builder = h2::server::Builder::new();
     builder
@@ -190,7 +181,13 @@ fn still(core: &Core, key: u32, serial: u32) -> bool {
 /// Takes the socket of connection `key` out of the core's hands (the
 /// event loop's epoll set, the slab entry's ownership) for its HTTP/2
 /// task. Returns it and the entry's serial.
-fn take_socket(core: &Core, key: u32) -> Option<(monoio::net::TcpStream, u32)> {
+///
+/// The socket is driven by readiness (monoio's poll-io: the ring polls
+/// it), not by io_uring reads and writes: h2 reads into and writes from
+/// buffers of its own, and a completion-based socket would need a second
+/// pair, owned by the ring while an operation is in flight (a read always
+/// is), for every connection.
+fn take_socket(core: &Core, key: u32) -> Option<(monoio::net::tcp::stream_poll::TcpStreamPoll, u32)> {
     let (fd, serial) = core.with_conn(key, |c| {
         let fd = c.fd;
         c.fd = SOCKETLESS;
@@ -203,10 +200,17 @@ fn take_socket(core: &Core, key: u32) -> Option<(monoio::net::TcpStream, u32)> {
     let _ = core.epoll.remove(fd);
     // The slab entry owned `fd` and has just given it up.
     let std = std::net::TcpStream::from(crate::sys::own(fd));
-    match monoio::net::TcpStream::from_std(std) {
-        Ok(tcp) => Some((tcp, serial)),
+    let tcp = match monoio::net::TcpStream::from_std(std) {
+        Ok(tcp) => tcp,
         Err(e) => {
             debug!(key, error = %e, "socket not usable by the runtime");
+            return None;
+        }
+    };
+    match tcp.try_into_poll_io() {
+        Ok(tcp) => Some((tcp, serial)),
+        Err((e, _)) => {
+            debug!(key, error = %e, "socket not usable by readiness");
             None
         }
     }
@@ -237,6 +241,8 @@ async fn call(
             return;
         }
     };
+    // Not kept for the life of the call.
+    drop(head);
     let response = Response::builder()
         .status(200)
         .header("content-type", "application/grpc")
