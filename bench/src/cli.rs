@@ -37,6 +37,12 @@ pub enum Scenario {
     /// answered (a bounded window each), the messages/s the server carries
     /// upstream and back, and its CPU.
     Roundtrip(RoundtripArgs),
+    /// gRPC fan-out: S `gateway.v1.Gateway/Subscribe` streams over C
+    /// channels, all on one HTTP/2 connection or each on a connection of its
+    /// own (`--layout`, both by default, each against a freshly started
+    /// server), one ZeroMQ publisher at R messages/s for D seconds; report
+    /// deliveries/s, loss, publish→receive latency and the server's CPU.
+    Grpc(GrpcArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -50,6 +56,10 @@ pub enum Transport {
     /// server until the next message (idle only: open once sent).
     #[value(name = "longpoll")]
     LongPoll,
+    /// gRPC: an HTTP/2 connection (cleartext, prior knowledge) with one
+    /// `gateway.v1.Gateway/Subscribe` stream, on the server's gRPC listener
+    /// (idle only: `bench grpc` measures delivery).
+    Grpc,
 }
 
 impl Transport {
@@ -58,6 +68,7 @@ impl Transport {
             Transport::Ws => "ws",
             Transport::Sse => "sse",
             Transport::LongPoll => "longpoll",
+            Transport::Grpc => "grpc",
         }
     }
 }
@@ -141,9 +152,17 @@ impl ServerKind {
     }
 
     /// Why it cannot serve `transport`, if it cannot: the baseline and the
-    /// Bun script leave long-poll out.
+    /// Bun script leave long-poll out; nchan and the Bun script have no gRPC.
     pub fn check_transport(self, transport: Transport) -> Result<(), String> {
         match (self, transport) {
+            (ServerKind::Nchan | ServerKind::Bun, Transport::Grpc) => Err(format!(
+                "{} has no gRPC service: gRPC measures the gateway and the baseline",
+                if self == ServerKind::Bun {
+                    "the Bun script (bun)"
+                } else {
+                    "nchan"
+                }
+            )),
             (ServerKind::Baseline | ServerKind::Bun, Transport::LongPoll) => Err(format!(
                 "{} serves WebSocket and SSE, not long-poll (--transport ws|sse)",
                 if self == ServerKind::Bun {
@@ -458,7 +477,7 @@ pub struct FanoutArgs {
     pub client: ClientArgs,
     /// How the subscribers subscribe: each SSE event's data holds what a
     /// WebSocket message would.
-    #[arg(long, default_value = "ws", value_parser = fanout_transport())]
+    #[arg(long, default_value = "ws", value_parser = transports_but(&[Transport::LongPoll, Transport::Grpc]))]
     pub transport: Transport,
     /// Subscribers; subscriber i is on channel "fanout-{i % C}".
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=u32::MAX as u64))]
@@ -517,7 +536,7 @@ pub struct StormArgs {
     /// Clients.
     #[arg(long, default_value_t = 5_000, value_parser = clap::value_parser!(u64).range(1..=u32::MAX as u64))]
     pub connections: u64,
-    #[arg(long, value_enum, default_value_t = Transport::Ws)]
+    #[arg(long, default_value = "ws", value_parser = transports_but(&[Transport::Grpc]))]
     pub transport: Transport,
     /// Distinct channels; client i subscribes to "storm-{i % C}".
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
@@ -607,6 +626,77 @@ pub struct RoundtripArgs {
     pub upstream: Option<String>,
 }
 
+/// How `bench grpc` lays its streams over connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Layout {
+    /// Every stream on one HTTP/2 connection.
+    OneConnection,
+    /// Each stream on an HTTP/2 connection of its own.
+    PerConnection,
+}
+
+impl Layout {
+    pub fn name(self) -> &'static str {
+        match self {
+            Layout::OneConnection => "one-connection",
+            Layout::PerConnection => "per-connection",
+        }
+    }
+
+    /// Its key in the JSON report.
+    pub fn key(self) -> &'static str {
+        match self {
+            Layout::OneConnection => "one_connection",
+            Layout::PerConnection => "per_connection",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct GrpcArgs {
+    #[command(flatten)]
+    pub server: ServerArgs,
+    /// Client side: `--threads` are the tokio runtime's worker threads;
+    /// `--in-flight` bounds the connections being opened at once.
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Subscribe streams; stream i is on channel "grpc-{i % C}".
+    #[arg(long, default_value_t = 1_000, value_parser = clap::value_parser!(u64).range(1..=u32::MAX as u64))]
+    pub streams: u64,
+    /// How the streams are laid over connections, comma-separated; each
+    /// layout is measured against a freshly started server.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "one-connection,per-connection",
+        value_name = "LAYOUT,…"
+    )]
+    pub layout: Vec<Layout>,
+    /// Channels (1: one hot channel every stream is on).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=u32::MAX as u64))]
+    pub channels: u64,
+    /// Messages published per second, in total, round robin over the channels.
+    #[arg(long, default_value_t = 100.0, value_parser = positive)]
+    pub rate: f64,
+    /// How long the publisher publishes.
+    #[arg(long, default_value_t = 10.0, value_parser = seconds)]
+    pub duration_s: f64,
+    /// Payload size in bytes (at least 33: kind, channel, sequence number and
+    /// send time in hex; more is filler before them).
+    #[arg(long, default_value_t = crate::ws::TAIL_LEN as u64,
+          value_parser = clap::value_parser!(u64).range(crate::ws::TAIL_LEN as u64..=crate::ws::PAYLOAD_BYTES_MAX as u64))]
+    pub payload_bytes: u64,
+    /// The subscription check (probes published to every channel until every
+    /// stream has one) gives up after this long.
+    #[arg(long, default_value_t = 30.0, value_parser = seconds)]
+    pub subscribe_timeout_s: f64,
+    /// After the last publication, wait at most this long for what is still
+    /// on its way (stops early once everything expected has arrived).
+    #[arg(long, default_value_t = 5.0, value_parser = seconds)]
+    pub drain_s: f64,
+}
+
 /// CPUs, in order, each once.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CpuList(pub Vec<usize>);
@@ -647,12 +737,15 @@ fn seconds(s: &str) -> Result<f64, String> {
     }
 }
 
-/// fanout's `--transport`: the transports that push a stream of messages
-/// (a long-poll answers one message per request), with their help texts.
-fn fanout_transport() -> impl clap::builder::TypedValueParser<Value = Transport> {
+/// A `--transport` that takes every transport but `left_out`, with their
+/// help texts: fanout's leaves out long-poll (it answers one message per
+/// request) and gRPC (`bench grpc`), storm's gRPC.
+fn transports_but(
+    left_out: &'static [Transport],
+) -> impl clap::builder::TypedValueParser<Value = Transport> {
     let streams = Transport::value_variants()
         .iter()
-        .filter(|t| **t != Transport::LongPoll)
+        .filter(|t| !left_out.contains(t))
         .filter_map(|t| t.to_possible_value());
     clap::builder::TypedValueParser::map(
         clap::builder::PossibleValuesParser::new(streams),
@@ -700,6 +793,7 @@ mod tests {
             Scenario::Fanout(a) => a.server.servers()?,
             Scenario::Storm(a) => a.server.servers()?,
             Scenario::Roundtrip(a) => a.server.servers()?,
+            Scenario::Grpc(a) => a.server.servers()?,
         };
         Ok(s)
     }
@@ -981,6 +1075,66 @@ mod tests {
             .check_transport(Transport::LongPoll)
             .is_err());
         assert!(ServerKind::Bun.check_transport(Transport::Sse).is_ok());
+        // gRPC: idle's, for the gateway and the baseline.
+        let a = parse(&["--transport", "grpc", "--gateway", "gw"]).unwrap();
+        assert_eq!(a.transport, Transport::Grpc);
+        assert!(ServerKind::Baseline
+            .check_transport(Transport::Grpc)
+            .is_ok());
+        let err = ServerKind::Nchan
+            .check_transport(Transport::Grpc)
+            .unwrap_err();
+        assert!(err.starts_with("nchan has no gRPC service"), "{err}");
+        assert!(ServerKind::Bun.check_transport(Transport::Grpc).is_err());
+    }
+
+    #[test]
+    fn grpc_defaults_and_flags() {
+        let Scenario::Grpc(a) = parse_scenario(&["grpc", "--gateway", "gw"]).unwrap() else {
+            panic!()
+        };
+        assert_eq!(a.streams, 1_000);
+        assert_eq!(a.layout, [Layout::OneConnection, Layout::PerConnection]);
+        assert_eq!(a.channels, 1);
+        assert_eq!((a.rate, a.duration_s, a.drain_s), (100.0, 10.0, 5.0));
+        assert_eq!(a.payload_bytes, 33);
+        assert_eq!(a.client.threads, 1);
+        let Scenario::Grpc(a) = parse_scenario(&[
+            "grpc",
+            "--server",
+            "both",
+            "--gateway",
+            "gw",
+            "--baseline",
+            "bl",
+            "--layout",
+            "per-connection",
+            "--streams",
+            "19000",
+            "--threads",
+            "2",
+        ])
+        .unwrap() else {
+            panic!()
+        };
+        assert_eq!(a.layout, [Layout::PerConnection]);
+        assert_eq!(a.streams, 19_000);
+        assert_eq!(a.server.servers().unwrap().len(), 2);
+        assert_eq!(
+            (Layout::OneConnection.name(), Layout::PerConnection.key()),
+            ("one-connection", "per_connection")
+        );
+        for bad in [
+            &["--layout", "pipelined"][..],
+            &["--streams", "0"],
+            &["--rate", "0"],
+            &["--payload-bytes", "32"],
+            &["--transport", "grpc"],
+        ] {
+            let mut args = vec!["grpc", "--gateway", "gw"];
+            args.extend_from_slice(bad);
+            assert!(parse_scenario(&args).is_err(), "{bad:?} accepted");
+        }
     }
 
     #[test]
@@ -1023,7 +1177,7 @@ mod tests {
             &["--channels", "0"],
             &["--cores", "0"],
             &["--in-flight", "0"],
-            &["--transport", "grpc"],
+            &["--transport", "h3"],
             &["--sources", "localhost"],
             &["--hold-s", "-1"],
             &["--connect-timeout-s", "nan"],
@@ -1148,6 +1302,8 @@ mod tests {
             &["--close", "shutdown"],
             &["--max-attempts", "0"],
             &["--connections", "0"],
+            // A storm of gRPC connections is not measured.
+            &["--transport", "grpc"],
         ] {
             let mut args = vec!["storm", "--gateway", "gw"];
             args.extend_from_slice(bad);

@@ -10,8 +10,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-/// What the gateway's `READY listen=ADDR zmq=ENDPOINT [upstream=ENDPOINT,…]`
-/// line says.
+/// What the gateway's `READY listen=ADDR zmq=ENDPOINT [upstream=ENDPOINT,…]
+/// [grpc=ADDR]` line says.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Ready {
     pub listen: SocketAddr,
@@ -20,6 +20,9 @@ pub struct Ready {
     /// The first upstream endpoint bound (`--upstream-bind`, port `*`
     /// resolved), `None` when the line has no `upstream=`.
     pub upstream: Option<String>,
+    /// The separate gRPC listener (`--grpc-listen`), `None` when the line
+    /// has no `grpc=`.
+    pub grpc: Option<SocketAddr>,
 }
 
 /// Parses the READY line (trailing newline and unknown extra `key=value`
@@ -32,6 +35,7 @@ pub fn parse_ready(line: &str) -> Result<Ready, String> {
     let mut listen = None;
     let mut zmq = None;
     let mut upstream = None;
+    let mut grpc = None;
     for word in words {
         match word.split_once('=') {
             Some(("listen", v)) => {
@@ -49,6 +53,12 @@ pub fn parse_ready(line: &str) -> Result<Ready, String> {
                     .filter(|e| !e.is_empty())
                     .map(String::from)
             }
+            Some(("grpc", v)) => {
+                grpc = Some(
+                    v.parse::<SocketAddr>()
+                        .map_err(|e| format!("READY grpc={v:?}: {e}"))?,
+                )
+            }
             Some(_) => {}
             None => return Err(format!("READY line: {word:?} is not key=value")),
         }
@@ -57,6 +67,7 @@ pub fn parse_ready(line: &str) -> Result<Ready, String> {
         listen: listen.ok_or_else(|| format!("READY line without listen=: {line:?}"))?,
         zmq: zmq.unwrap_or(None),
         upstream,
+        grpc,
     })
 }
 
@@ -137,6 +148,7 @@ impl Gateway {
                 listen: ([0, 0, 0, 0], 0).into(),
                 zmq: None,
                 upstream: None,
+                grpc: None,
             },
         };
         let deadline = Instant::now() + ready_timeout;
@@ -217,6 +229,7 @@ mod tests {
                 listen: "127.0.0.1:40123".parse().unwrap(),
                 zmq: Some("tcp://127.0.0.1:35001".into()),
                 upstream: None,
+                grpc: None,
             }
         );
         assert_eq!(
@@ -225,6 +238,7 @@ mod tests {
                 listen: "[::1]:80".parse().unwrap(),
                 zmq: None,
                 upstream: None,
+                grpc: None,
             }
         );
         // Two-way: the upstream endpoints bound, the first one kept.
@@ -233,6 +247,9 @@ mod tests {
         )
         .unwrap();
         assert_eq!(r.upstream.as_deref(), Some("tcp://127.0.0.1:3"));
+        let r = parse_ready("READY listen=127.0.0.1:1 zmq=- grpc=127.0.0.1:4").unwrap();
+        assert_eq!(r.grpc, Some("127.0.0.1:4".parse().unwrap()));
+        assert!(parse_ready("READY listen=127.0.0.1:1 grpc=x").is_err());
         assert_eq!(parse_ready("READY listen=127.0.0.1:1").unwrap().zmq, None);
     }
 

@@ -33,6 +33,7 @@ pub fn subscribe_request_with(
         Transport::LongPoll => {
             format!("GET /events?channel={channel} HTTP/1.1\r\nHost: {host}\r\n\r\n")
         }
+        Transport::Grpc => unreachable!("gRPC subscribes over HTTP/2 (see grpc.rs)"),
     }
     .into_bytes()
 }
@@ -96,6 +97,7 @@ fn check_head(transport: Transport, head: &[u8]) -> Result<(), String> {
             "a long-poll answered at once ({status}): {:?}",
             first_line(head)
         )),
+        Transport::Grpc => Err("an HTTP/1.1 head where gRPC speaks HTTP/2".into()),
     }
 }
 

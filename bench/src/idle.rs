@@ -7,6 +7,8 @@
 //! connection to the machine's Slab) and is only looked at again, with a
 //! peeking `recv`, at the end of the hold. They are closed with a reset, so
 //! that back-to-back runs do not measure each other's TIME_WAIT sockets.
+//! gRPC connections (`--transport grpc`) are HTTP/2 and opened by the h2
+//! client of `grpc`, each with one Subscribe stream.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io;
@@ -15,6 +17,7 @@ use std::os::fd::RawFd;
 use std::time::{Duration, Instant};
 
 use crate::cli::{IdleArgs, Server, ServerKind, Transport};
+use crate::grpc::{self, IdleConfig, IdleGrpc};
 use crate::handshake::{advance, Handshake, Progress, Step};
 use crate::http;
 use crate::procfs;
@@ -30,9 +33,19 @@ pub fn run(args: &IdleArgs, kind: ServerKind, server: &Server) -> Result<IdleRep
     kind.check_transport(args.transport)?;
     sys::check_nofile_for(args.connections)?;
 
-    // Spawned (and stopped when dropped) or attached.
-    let mut server = Target::start(kind, server)?;
-    let (pid, target, cores) = (server.pid, server.listen, server.cores);
+    // Spawned (and stopped when dropped) or attached; with its gRPC
+    // listener for gRPC.
+    let mut server = if args.transport == Transport::Grpc {
+        Target::start(kind, &grpc::with_grpc_listener(server, kind, 1))?
+    } else {
+        Target::start(kind, server)?
+    };
+    let (pid, cores) = (server.pid, server.cores);
+    let target = if args.transport == Transport::Grpc {
+        server.grpc
+    } else {
+        server.listen
+    };
     sys::check_sources(&args.sources, target)?;
     let source = server.connections_source();
 
@@ -52,12 +65,25 @@ pub fn run(args: &IdleArgs, kind: ServerKind, server: &Server) -> Result<IdleRep
     let rss_before = server.rss_bytes()?;
     let slab_before = procfs::slab_bytes().map_err(|e| e.to_string())?;
 
-    let mut conns = Connector::new(args, target)?;
-    conns.run();
+    let mut conns = if args.transport == Transport::Grpc {
+        Held::Grpc(IdleGrpc::open(&IdleConfig {
+            target,
+            sources: &args.sources,
+            connections: args.connections,
+            channels: args.channels,
+            in_flight: args.in_flight,
+            connect_timeout: Duration::from_secs_f64(args.connect_timeout_s),
+            handshake_timeout: Duration::from_secs_f64(args.handshake_timeout_s),
+        })?)
+    } else {
+        let mut c = Connector::new(args, target)?;
+        c.run();
+        Held::Http(c)
+    };
     let connect_s = conns.connect_time().as_secs_f64();
     eprintln!(
         "bench: {} of {} open in {connect_s:.3} s; holding {} s",
-        conns.established.len(),
+        conns.open(),
         args.connections,
         args.hold_s
     );
@@ -73,7 +99,7 @@ pub fn run(args: &IdleArgs, kind: ServerKind, server: &Server) -> Result<IdleRep
     // A crashed gateway is a zombie without VmRSS: say what happened.
     server
         .alive()
-        .map_err(|e| format!("{e} with {} connections open", conns.established.len()))?;
+        .map_err(|e| format!("{e} with {} connections open", conns.open()))?;
     let rss_after = server
         .rss_bytes()
         .map_err(|e| format!("after the connections: {e}"))?;
@@ -90,9 +116,9 @@ pub fn run(args: &IdleArgs, kind: ServerKind, server: &Server) -> Result<IdleRep
         channels: args.channels,
         sources: args.sources.len(),
         requested: args.connections,
-        open: conns.established.len() as u64,
+        open: conns.open(),
         failures: conns
-            .failures
+            .failures()
             .iter()
             .map(|(k, (n, e))| (k.clone(), *n, e.clone()))
             .collect(),
@@ -108,7 +134,7 @@ pub fn run(args: &IdleArgs, kind: ServerKind, server: &Server) -> Result<IdleRep
         closed_during_hold: hold.closed,
         data_during_hold: hold.with_data,
         sse_comments_during_hold: hold.sse_comments_only,
-        bytes_after_head: conns.bytes_after_head + hold.bytes,
+        bytes_after_head: conns.bytes_after_head() + hold.bytes,
         healthz_baseline_after_close: None,
         healthz_after_close: None,
         rss_after_close: None,
@@ -158,6 +184,72 @@ pub fn only_sse_comments(bytes: &[u8]) -> bool {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
         line.is_empty() || line[0] == b':' || line.iter().all(u8::is_ascii_hexdigit)
     })
+}
+
+/// The connections of one run: opened by idle's own handshakes, or gRPC's.
+enum Held<'a> {
+    Http(Connector<'a>),
+    Grpc(IdleGrpc),
+}
+
+impl Held<'_> {
+    fn open(&self) -> u64 {
+        match self {
+            Held::Http(c) => c.established.len() as u64,
+            Held::Grpc(g) => g.open,
+        }
+    }
+
+    fn connect_time(&self) -> Duration {
+        match self {
+            Held::Http(c) => c.connect_time(),
+            Held::Grpc(g) => g.connect_time,
+        }
+    }
+
+    fn failures(&self) -> &BTreeMap<String, (u64, String)> {
+        match self {
+            Held::Http(c) => &c.failures,
+            Held::Grpc(g) => &g.failures,
+        }
+    }
+
+    fn not_attempted(&self) -> u64 {
+        match self {
+            Held::Http(c) => c.not_attempted(),
+            Held::Grpc(g) => g.not_attempted,
+        }
+    }
+
+    /// Bytes that came with the response heads (gRPC: counted by the hold).
+    fn bytes_after_head(&self) -> u64 {
+        match self {
+            Held::Http(c) => c.bytes_after_head,
+            Held::Grpc(_) => 0,
+        }
+    }
+
+    fn check_alive(&self) -> Hold {
+        match self {
+            Held::Http(c) => c.check_alive(),
+            Held::Grpc(g) => {
+                let (closed, with_data, bytes) = g.hold_counts();
+                Hold {
+                    closed,
+                    with_data,
+                    sse_comments_only: 0,
+                    bytes,
+                }
+            }
+        }
+    }
+
+    fn close_all(&mut self) {
+        match self {
+            Held::Http(c) => c.close_all(),
+            Held::Grpc(g) => g.close_all(),
+        }
+    }
 }
 
 /// Opens the connections of one run and keeps them.

@@ -10,12 +10,16 @@
 //! `bench fanout --server both --gateway target/release/gateway --baseline target/release/baseline`
 //! `bench storm --server gateway,nchan,bun --gateway target/release/gateway --bun BUN`
 //! `bench roundtrip --server both --gateway target/release/gateway --baseline target/release/baseline`
+//! `bench grpc --server both --gateway target/release/gateway --baseline target/release/baseline`
+//! `bench idle --transport grpc --server both --gateway target/release/gateway --baseline target/release/baseline`
 
 #![recursion_limit = "256"]
 
 mod cli;
 mod fanout;
 mod gateway;
+mod grpc;
+mod grpc_fanout;
 mod handshake;
 mod http;
 mod hub;
@@ -35,7 +39,7 @@ mod ws;
 use clap::{CommandFactory, Parser};
 use serde_json::{json, Value};
 
-use crate::cli::{Cli, Scenario, Server, ServerArgs, ServerKind};
+use crate::cli::{Cli, Scenario, Server, ServerArgs, ServerKind, Transport};
 
 /// What one run against one server gave: its table, its JSON, whether it is
 /// clean.
@@ -129,6 +133,7 @@ fn main() {
         Scenario::Fanout(args) => &args.server,
         Scenario::Storm(args) => &args.server,
         Scenario::Roundtrip(args) => &args.server,
+        Scenario::Grpc(args) => &args.server,
     });
     let code = match &cli.scenario {
         Scenario::Idle(args) => {
@@ -186,6 +191,19 @@ fn main() {
             roundtrip::COMPARED,
             |k, s| {
                 roundtrip::run_one(args, k, s).map(|r| Run {
+                    table: r.table(),
+                    json: r.json(),
+                    ok: r.errors().is_empty(),
+                })
+            },
+        ),
+        Scenario::Grpc(args) => run_all(
+            "grpc",
+            &args.server,
+            |k| k.check_transport(Transport::Grpc),
+            grpc_fanout::COMPARED,
+            |k, s| {
+                grpc_fanout::run_one(args, k, s).map(|r| Run {
                     table: r.table(),
                     json: r.json(),
                     ok: r.errors().is_empty(),

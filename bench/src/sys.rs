@@ -114,11 +114,17 @@ pub fn close(fd: RawFd) {
 /// Closes with a reset (SO_LINGER 0): no TIME_WAIT socket is left behind in
 /// the kernel's slab, or holding a local port, for the next run.
 pub fn close_abortive(fd: RawFd) {
+    set_linger_zero(fd);
+    close(fd);
+}
+
+/// SO_LINGER 0: the socket's close, whoever does it, is a reset.
+pub fn set_linger_zero(fd: RawFd) {
     let linger = libc::linger {
         l_onoff: 1,
         l_linger: 0,
     };
-    // SAFETY: setsockopt with a local struct of the stated size, then close.
+    // SAFETY: setsockopt with a local struct of the stated size.
     unsafe {
         libc::setsockopt(
             fd,
@@ -128,7 +134,6 @@ pub fn close_abortive(fd: RawFd) {
             std::mem::size_of_val(&linger) as libc::socklen_t,
         );
     }
-    close(fd);
 }
 
 /// Starts a nonblocking connect from `source` (any port) to `target`.

@@ -49,6 +49,10 @@ pub struct Target {
     /// Where a hub connects to take what clients send (its READY line's
     /// `upstream=`; `None`: the server binds none, or attached).
     pub upstream: Option<String>,
+    /// Where a gRPC client connects: the READY line's `grpc=` (a separate
+    /// listener), else the listener (the gateway tells HTTP/2 by its first
+    /// bytes; attached servers).
+    pub grpc: SocketAddr,
     /// Cores a spawned server was given (`None` when attached; nginx: its
     /// worker processes; Bun: 1, its one JavaScript thread).
     pub cores: Option<u32>,
@@ -57,7 +61,7 @@ pub struct Target {
 
 impl Target {
     pub fn start(kind: ServerKind, server: &Server) -> Result<Target, String> {
-        let (spawned, pid, listen, zmq, upstream, cores) = match server {
+        let (spawned, pid, listen, zmq, upstream, grpc, cores) = match server {
             Server::Spawn {
                 bin,
                 cores,
@@ -80,6 +84,7 @@ impl Target {
                     r.listen,
                     r.zmq,
                     r.upstream,
+                    r.grpc.unwrap_or(r.listen),
                     *cores,
                 )
             }
@@ -91,12 +96,20 @@ impl Target {
             } => {
                 let n = Nginx::spawn(nginx, module, *workers, *ready_timeout)?;
                 let (pid, listen) = (n.pid(), n.listen);
-                (Spawned::Nginx(n), pid, listen, None, None, *workers)
+                (Spawned::Nginx(n), pid, listen, None, None, listen, *workers)
             }
             Server::Bun { bin, ready_timeout } => {
                 let b = Bun::spawn(bin, *ready_timeout)?;
                 let (pid, ready) = (b.process.pid(), b.process.ready.clone());
-                (Spawned::Bun(b), pid, ready.listen, ready.zmq, None, 1)
+                (
+                    Spawned::Bun(b),
+                    pid,
+                    ready.listen,
+                    ready.zmq,
+                    None,
+                    ready.listen,
+                    1,
+                )
             }
             Server::Attach { pid, target, zmq } => {
                 return Ok(Target {
@@ -105,6 +118,7 @@ impl Target {
                     listen: *target,
                     zmq: zmq.clone(),
                     upstream: None,
+                    grpc: *target,
                     cores: None,
                     spawned: None,
                 })
@@ -121,6 +135,7 @@ impl Target {
             listen,
             zmq,
             upstream,
+            grpc,
             cores: Some(cores),
             spawned: Some(spawned),
         })

@@ -35,14 +35,28 @@
 //! connection whose channel is full is dropped from the map and closed as a
 //! slow consumer, like a lagging subscriber. Left out: subscribe and
 //! unsubscribe control messages, send rate limits, tokens, presence events.
+//!
+//! gRPC (`--grpc-listen`): the gateway's `gateway.v1.Gateway` service
+//! (`protocol/proto/gateway/v1/gateway.proto`), its `Subscribe` method, on
+//! tonic's own server (hyper's HTTP/2 with tonic's defaults), fed by the same
+//! broadcasts: each publication's `ServerFrame` is built once and cloned
+//! into each subscriber's stream, which tonic encodes. A subscriber that
+//! lags ends with `RESOURCE_EXHAUSTED` "slow consumer". The service is
+//! written out as tonic-build would generate it (a `Service` that routes by
+//! path to `tonic::server::Grpc::server_streaming`), over the prost structs
+//! the protocol crate derives, so no `protoc` is needed to build it. Left
+//! out: `since` (history), `Connect`, tokens. `/healthz` counts the HTTP/2
+//! connections with the others.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::hash::{BuildHasher as _, Hasher as _};
 use std::io::{IsTerminal as _, Write as _};
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::extract::ws::{close_code, CloseFrame, Message, WebSocket, WebSocketUpgrade};
@@ -54,6 +68,8 @@ use axum::routing::get;
 use axum::{Json, Router};
 use base64::Engine as _;
 use clap::Parser;
+use protocol::grpc::{server_frame, ServerFrame, SubscribeRequest};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 use tokio_stream::wrappers::BroadcastStream;
@@ -102,12 +118,17 @@ struct Args {
     /// None: a client's message is answered `upstream not configured`.
     #[arg(long = "upstream-bind", value_name = "ENDPOINT")]
     upstream_bind: Vec<String>,
+    /// Address for gRPC (HTTP/2 cleartext, prior knowledge), the READY
+    /// line's `grpc=` (port 0 picks one). None: no gRPC.
+    #[arg(long, value_name = "ADDR")]
+    grpc_listen: Option<SocketAddr>,
 }
 
 /// One publication, encoded once for every subscriber of its channel.
 struct Delivery {
     ws: Message,
     sse: Event,
+    grpc: ServerFrame,
 }
 
 /// A connection's address: 52 lowercase hex digits.
@@ -256,13 +277,17 @@ async fn run(args: Args) -> Result<(), String> {
         })
         .map_err(|e| format!("spawn ingest thread: {e}"))?;
 
+    let grpc_field = match args.grpc_listen {
+        Some(addr) => format!(" grpc={}", serve_grpc(addr, state.clone()).await?),
+        None => String::new(),
+    };
     let app = Router::new()
         .route("/ws", get(ws_handler))
         .route("/events", get(sse_handler))
         .route("/healthz", get(healthz))
         .with_state(state);
     let zmq = zmq_endpoint.as_deref().unwrap_or("-");
-    info!(%listen, zmq, zmq_connect = ?args.zmq_connect, upstream = ?upstream_bound, "baseline ready");
+    info!(%listen, zmq, zmq_connect = ?args.zmq_connect, upstream = ?upstream_bound, grpc = ?args.grpc_listen, "baseline ready");
     // The upstream endpoints bound, like the gateway's line (port `*` resolved).
     let upstream_field = if upstream_bound.is_empty() {
         String::new()
@@ -270,7 +295,10 @@ async fn run(args: Args) -> Result<(), String> {
         format!(" upstream={}", upstream_bound.join(","))
     };
     let mut stdout = std::io::stdout();
-    let _ = writeln!(stdout, "READY listen={listen} zmq={zmq}{upstream_field}");
+    let _ = writeln!(
+        stdout,
+        "READY listen={listen} zmq={zmq}{upstream_field}{grpc_field}"
+    );
     let _ = stdout.flush();
     axum::serve(listener, app)
         .await
@@ -803,9 +831,214 @@ fn encode(id: u64, channel: &str, event: Option<&str>, payload: &[u8]) -> Delive
     if let Some(event) = event {
         sse = sse.event(event);
     }
+    let grpc = ServerFrame {
+        kind: Some(server_frame::Kind::Message(protocol::grpc::Message {
+            channel: channel.to_owned(),
+            id,
+            event: event.unwrap_or_default().to_owned(),
+            payload: payload.to_vec(),
+            binary: text.is_none(),
+        })),
+    };
     Delivery {
         ws,
         sse: sse.data(data),
+        grpc,
+    }
+}
+
+/// Binds `addr` and serves the gRPC service there on a task of its own;
+/// returns the address bound.
+async fn serve_grpc(addr: SocketAddr, state: Arc<AppState>) -> Result<SocketAddr, String> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("grpc listen {addr}: {e}"))?;
+    let bound = listener.local_addr().map_err(|e| e.to_string())?;
+    let counted = state.clone();
+    // tonic's `serve(addr)` with each connection counted for /healthz
+    // while it lives; accept errors (EMFILE) end nothing, as in `serve`.
+    let incoming =
+        tokio_stream::wrappers::TcpListenerStream::new(listener).filter_map(move |accepted| {
+            match accepted {
+                Ok(io) => {
+                    let _ = io.set_nodelay(true);
+                    Some(Ok::<_, std::io::Error>(CountedIo {
+                        io,
+                        _connected: Connected::new(counted.clone()),
+                    }))
+                }
+                Err(e) => {
+                    warn!("grpc accept: {e}");
+                    None
+                }
+            }
+        });
+    let service = GatewayService { state };
+    tokio::spawn(async move {
+        if let Err(e) = tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(incoming)
+            .await
+        {
+            error!("grpc serve: {e}");
+            std::process::exit(1);
+        }
+    });
+    Ok(bound)
+}
+
+/// An accepted gRPC connection, counted while it exists.
+struct CountedIo {
+    io: tokio::net::TcpStream,
+    _connected: Connected,
+}
+
+impl tonic::transport::server::Connected for CountedIo {
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.io.connect_info()
+    }
+}
+
+impl AsyncRead for CountedIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for CountedIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// A subscriber's stream of server frames.
+type FrameStream =
+    Pin<Box<dyn tokio_stream::Stream<Item = Result<ServerFrame, tonic::Status>> + Send>>;
+
+/// The `gateway.v1.Gateway` service, as tonic-build writes a service's
+/// server: routed by path, each method a `tonic::server::Grpc` call.
+#[derive(Clone)]
+struct GatewayService {
+    state: Arc<AppState>,
+}
+
+impl tonic::server::NamedService for GatewayService {
+    const NAME: &'static str = "gateway.v1.Gateway";
+}
+
+type BoxFuture<T> = Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+
+impl<B> tonic::codegen::Service<axum::http::Request<B>> for GatewayService
+where
+    B: tonic::codegen::Body + Send + 'static,
+    B::Error: Into<tonic::codegen::StdError> + Send + 'static,
+{
+    type Response = axum::http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: axum::http::Request<B>) -> Self::Future {
+        match req.uri().path() {
+            "/gateway.v1.Gateway/Subscribe" => {
+                let method = SubscribeMethod(self.state.clone());
+                Box::pin(async move {
+                    let codec = tonic_prost::ProstCodec::<ServerFrame, SubscribeRequest>::default();
+                    Ok(tonic::server::Grpc::new(codec)
+                        .server_streaming(method, req)
+                        .await)
+                })
+            }
+            _ => Box::pin(async move {
+                Ok(tonic::Status::unimplemented("the baseline serves Subscribe only").into_http())
+            }),
+        }
+    }
+}
+
+/// `Subscribe`: the channels' broadcasts, merged, as server frames.
+struct SubscribeMethod(Arc<AppState>);
+
+impl tonic::server::ServerStreamingService<SubscribeRequest> for SubscribeMethod {
+    type Response = ServerFrame;
+    type ResponseStream = FrameStream;
+    type Future = BoxFuture<Result<tonic::Response<FrameStream>, tonic::Status>>;
+
+    fn call(&mut self, request: tonic::Request<SubscribeRequest>) -> Self::Future {
+        let state = self.0.clone();
+        Box::pin(async move {
+            let channels = check_grpc_channels(request.into_inner().channels)
+                .map_err(tonic::Status::invalid_argument)?;
+            let mut lagged = false;
+            // After a lag the stream ends with its status (tonic sends it as
+            // the trailers).
+            let frames = subscribe_all(&state, channels).map_while(move |(channel, item)| {
+                if lagged {
+                    return None;
+                }
+                Some(match item {
+                    Ok(delivery) => Ok(delivery.grpc.clone()),
+                    Err(BroadcastStreamRecvError::Lagged(missed)) => {
+                        warn!(channel, missed, "gRPC subscriber lagged; closing");
+                        lagged = true;
+                        Err(tonic::Status::resource_exhausted("slow consumer"))
+                    }
+                })
+            });
+            Ok(tonic::Response::new(Box::pin(frames) as FrameStream))
+        })
+    }
+}
+
+/// A Subscribe request's channels, deduplicated and checked like
+/// `channel=` parameters.
+fn check_grpc_channels(requested: Vec<String>) -> Result<Vec<String>, &'static str> {
+    let mut channels: Vec<String> = Vec::new();
+    for channel in requested {
+        if !valid_channel_name(channel.as_bytes()) {
+            return Err("bad channel name");
+        }
+        if !channels.contains(&channel) {
+            channels.push(channel);
+        }
+    }
+    match channels.len() {
+        0 => Err("no channel"),
+        n if n > CHANNELS_PER_CONNECTION_MAX => Err("too many channels"),
+        _ => Ok(channels),
     }
 }
 
