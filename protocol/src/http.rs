@@ -865,11 +865,24 @@ fn refusal_with_header(status: u16, extra: &str, reason: &str) -> Vec<u8> {
 }
 
 /// `503 Service Unavailable` for a connection turned away because the server
-/// is at a limit (connections, connections per address, handshake rate):
-/// `Retry-After` in seconds (the caller jitters it), `Connection: close`, and
-/// `reason` plus "\n" as the body. `reason` must be one line of ASCII.
+/// is at a limit (connections, connections per address, handshake rate) or
+/// drains: `Retry-After` in seconds (the caller jitters it), `Connection:
+/// close`, and `reason` plus "\n" as the body. `reason` must be one line of
+/// ASCII.
+///
+/// Any page may read it (`Access-Control-Allow-Origin: *`, `Retry-After`
+/// exposed), whatever the allowlist: it is written before the request is
+/// read, so before its origin is known, and a page on another origin must
+/// see when to come back rather than a network error it would retry at
+/// once. It says nothing but that.
 pub fn unavailable_response(reason: &str, retry_after_s: u32) -> Vec<u8> {
-    refusal_with_header(503, &format!("Retry-After: {retry_after_s}\r\n"), reason)
+    let extra = format!(
+        "Retry-After: {retry_after_s}\r\n\
+         Access-Control-Allow-Origin: *\r\n\
+         {}",
+        crate::origin::EXPOSE_LINE
+    );
+    refusal_with_header(503, &extra, reason)
 }
 
 /// `202 Accepted` for a `POST /publish` whose message went to the hubs:

@@ -86,6 +86,10 @@ impl std::fmt::Display for OriginsError {
 /// one-byte slot (`*` takes one more; 255 is [`PATTERN_SLOT`]).
 pub const ORIGINS_MAX: usize = 253;
 
+/// Every answer with CORS headers lets the page read `Retry-After` (a 503,
+/// a 429): without it a page on another origin cannot honour it.
+pub const EXPOSE_LINE: &str = "Access-Control-Expose-Headers: Retry-After\r\n";
+
 /// How long a browser may cache a preflight answer.
 const PREFLIGHT_MAX_AGE_S: u32 = 600;
 
@@ -142,14 +146,17 @@ impl Origins {
             .iter()
             .map(|o| {
                 // The answer differs by Origin: caches must key on it.
-                format!("Access-Control-Allow-Origin: {o}\r\nVary: Origin\r\n{credentials_line}")
-                    .into_boxed_str()
+                format!(
+                    "Access-Control-Allow-Origin: {o}\r\nVary: Origin\r\n{credentials_line}\
+                     {EXPOSE_LINE}"
+                )
+                .into_boxed_str()
             })
             .collect();
         if origins.any {
             origins
                 .lines
-                .push("Access-Control-Allow-Origin: *\r\n".into());
+                .push(format!("Access-Control-Allow-Origin: *\r\n{EXPOSE_LINE}").into());
         }
         Ok(origins)
     }
@@ -211,7 +218,7 @@ impl Origins {
     pub fn cors_lines_for<'a>(&'a self, cors: u8, origin: Option<&str>) -> Cow<'a, str> {
         match (cors, origin) {
             (PATTERN_SLOT, Some(origin)) => Cow::Owned(format!(
-                "Access-Control-Allow-Origin: {origin}\r\nVary: Origin\r\n{}",
+                "Access-Control-Allow-Origin: {origin}\r\nVary: Origin\r\n{}{EXPOSE_LINE}",
                 self.credentials_line
             )),
             _ => Cow::Borrowed(self.cors_lines(cors)),
@@ -326,7 +333,8 @@ mod tests {
         assert_eq!(
             o.cors_lines(2),
             "Access-Control-Allow-Origin: https://admin.example:8443\r\nVary: Origin\r\n\
-             Access-Control-Allow-Credentials: true\r\n"
+             Access-Control-Allow-Credentials: true\r\n\
+             Access-Control-Expose-Headers: Retry-After\r\n"
         );
         for refused in [
             "https://evil.example",
@@ -353,7 +361,10 @@ mod tests {
         let Verdict::Allowed { cors } = o.check(Some("https://else.example")) else {
             panic!("refused")
         };
-        assert_eq!(o.cors_lines(cors), "Access-Control-Allow-Origin: *\r\n");
+        assert_eq!(
+            o.cors_lines(cors),
+            "Access-Control-Allow-Origin: *\r\nAccess-Control-Expose-Headers: Retry-After\r\n"
+        );
         assert_eq!(
             Origins::new(&["*".to_string()], true).unwrap_err(),
             OriginsError::AnyWithCredentials
@@ -410,7 +421,8 @@ mod tests {
                 o.cors_lines_for(PATTERN_SLOT, Some(allowed)),
                 format!(
                     "Access-Control-Allow-Origin: {allowed}\r\nVary: Origin\r\n\
-                     Access-Control-Allow-Credentials: true\r\n"
+                     Access-Control-Allow-Credentials: true\r\n\
+                     Access-Control-Expose-Headers: Retry-After\r\n"
                 )
             );
         }

@@ -1672,7 +1672,7 @@ mod tests {
         assert_eq!(core.dispatch(&rx), 1);
         let len = envelope::LONGPOLL_STATUS_LINE.len();
         let head = "HTTP/1.1 200 OK\r\nAccess-Control-Allow-Origin: https://app.example\r\n\
-                    Vary: Origin\r\n";
+                    Vary: Origin\r\nAccess-Control-Expose-Headers: Retry-After\r\n";
         let mut got = vec![0u8; head.len() + m.poll_response().len() - len];
         b.read_exact(&mut got).unwrap();
         let mut want = head.as_bytes().to_vec();
@@ -1687,7 +1687,7 @@ mod tests {
         assert_eq!(got, m.poll_response()[..]);
         // Allowed by a pattern: its own origin echoed.
         let head = "HTTP/1.1 200 OK\r\nAccess-Control-Allow-Origin: https://x.app.example\r\n\
-                    Vary: Origin\r\n";
+                    Vary: Origin\r\nAccess-Control-Expose-Headers: Retry-After\r\n";
         let mut got = vec![0u8; head.len() + m.poll_response().len() - len];
         sub_peer.read_exact(&mut got).unwrap();
         assert!(String::from_utf8(got).unwrap().starts_with(head));
