@@ -1,0 +1,3 @@
+export { Client } from "./client.js";
+export type { Options, State, StateEvent, Transport } from "./client.js";
+export type { Message } from "./frames.js";
