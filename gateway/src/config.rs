@@ -56,6 +56,14 @@ pub struct Config {
     /// Publisher or forwarder endpoints the SUB socket connects to.
     #[arg(long, value_name = "ENDPOINT")]
     pub zmq_connect: Vec<String>,
+    /// The endpoints carry the same publications (two or more forwarders
+    /// fed by the same publishers, so that none is a single point of
+    /// failure): every publication must carry its publisher's id, the
+    /// copies after the first are dropped as duplicates, and a publication
+    /// without an id is dropped (`no_publisher_id`): its copies could not
+    /// be told apart, and each would be delivered.
+    #[arg(long)]
+    pub zmq_redundant: bool,
     /// ZeroMQ receive high-water mark (messages queued in libzmq before it drops).
     #[arg(long, value_name = "N", default_value_t = 100_000)]
     pub zmq_rcvhwm_messages: i32,

@@ -588,6 +588,25 @@ impl Ingest<'_> {
                 return true;
             }
         };
+        if self.cfg.zmq_redundant {
+            // Every copy but the first of each publication is dropped by
+            // its id: the channel's (below), or a connection's here.
+            let Some(id) = checked.id else {
+                crate::ops::metrics::note_dropped(10);
+                self.dropped += 1;
+                warn!(
+                    channel = checked.channel,
+                    dropped_total = self.dropped,
+                    "publication dropped: no publisher id, and the ZeroMQ endpoints are \
+                     redundant (zmq_redundant): its copies could not be told apart"
+                );
+                return true;
+            };
+            if checked.connection.is_some() && self.last_ids.advance(checked.channel, id).is_err() {
+                crate::ops::metrics::note_dropped(6);
+                return true;
+            }
+        }
         if let Some(to) = checked.connection {
             return self.direct(to, &checked);
         }
@@ -608,19 +627,26 @@ impl Ingest<'_> {
         // order of the ids.
         let id = match assign_id(&checked, &mut self.max_seen, &mut self.last_ids, self.tag) {
             Ok(id) => id,
-            Err(why) => {
-                crate::ops::metrics::note_dropped(match why {
-                    IdRefusal::NotAfterLast { .. } => 6,
-                    IdRefusal::Exhausted => 7,
-                });
+            // The design with redundant forwarders: each publication comes
+            // once through each, and every copy after the first is not
+            // after the channel's last id. Counted, not an error.
+            Err(IdRefusal::NotAfterLast { last }) => {
+                crate::ops::metrics::note_dropped(6);
+                debug!(
+                    channel = checked.channel,
+                    id = ?checked.id,
+                    last,
+                    "publication dropped: a duplicate (its id is not after the channel's last)"
+                );
+                return true;
+            }
+            Err(IdRefusal::Exhausted) => {
+                crate::ops::metrics::note_dropped(7);
                 self.dropped += 1;
                 warn!(
                     channel = checked.channel,
-                    id = ?checked.id,
-                    error = ?why,
                     dropped_total = self.dropped,
-                    "publication dropped: its id does not follow the channel's last one \
-                     (a duplicate or a reordered publication)"
+                    "publication dropped: no id is left after 2^64 - 1"
                 );
                 return true;
             }

@@ -925,6 +925,25 @@ impl WsClient {
         }
     }
 
+    /// The next data frame if one comes within `wait`, else None: for a
+    /// test that publishes until something arrives (the safety net is set
+    /// back after).
+    pub fn try_next_delivery(&mut self, wait: Duration) -> Option<Delivery> {
+        self.ws.get_ref().set_read_timeout(Some(wait)).unwrap();
+        let got = loop {
+            match self.ws.read() {
+                Ok(Message::Text(t)) => break Some((t.into_bytes(), false)),
+                Ok(Message::Binary(b)) => break Some((b, true)),
+                Ok(Message::Ping(_) | Message::Pong(_)) => continue,
+                Ok(other) => panic!("ws {}: {other:?}", self.path),
+                Err(tungstenite::Error::Io(e)) if is_read_timeout(&e) => break None,
+                Err(e) => panic!("ws {}: read failed: {e:?}", self.path),
+            }
+        };
+        self.ws.get_ref().set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        got.map(|(bytes, binary)| parse_ws_payload(&bytes, binary, &self.path))
+    }
+
     /// Reads `n` data frames.
     pub fn deliveries(&mut self, n: usize) -> Vec<Delivery> {
         (0..n).map(|_| self.next_delivery()).collect()

@@ -167,19 +167,24 @@ pub fn set_zmq_subscriptions(n: u64) {
 static MESSAGES_IN: AtomicU64 = AtomicU64::new(0);
 
 /// Why ingest dropped a publication, as the `reason` label says it.
-pub const DROP_REASONS: [&str; 10] = [
+pub const DROP_REASONS: [&str; 11] = [
     "wrong_frame_count",
     "bad_channel_name",
     "payload_too_large",
     "bad_meta",
     "bad_event_name",
     "bad_id",
-    "not_after_last",
+    // Not after the channel's last id: the second copy of a publication
+    // (redundant forwarders), or one that came out of order.
+    "duplicate",
     "ids_exhausted",
     "not_subscribed",
     "not_here",
+    // Without a publisher id where the endpoints are redundant
+    // (`zmq_redundant`): its copies could not be told apart.
+    "no_publisher_id",
 ];
-static DROPPED: [AtomicU64; 10] = [const { AtomicU64::new(0) }; 10];
+static DROPPED: [AtomicU64; DROP_REASONS.len()] = [const { AtomicU64::new(0) }; DROP_REASONS.len()];
 
 /// Upstream message kinds, as the `kind` label says them
 /// (`protocol::upstream::Kind` order).

@@ -20,6 +20,7 @@ mod proxy_protocol;
 mod publisher_ids;
 mod publisher_restart;
 mod readyz_ingest;
+mod redundancy;
 mod resume;
 mod systemd_notify;
 mod two_gateways;
