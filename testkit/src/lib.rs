@@ -571,6 +571,8 @@ pub struct Forwarder {
     pub publishers: String,
     /// Where gateways connect (its XPUB side).
     pub gateways: String,
+    /// Its admin listener (`/metrics`, `/readyz`), on a free port.
+    pub admin: SocketAddr,
     pub log_path: PathBuf,
 }
 
@@ -582,6 +584,8 @@ impl Forwarder {
             "tcp://127.0.0.1:*",
             "--gateways",
             "tcp://127.0.0.1:*",
+            "--admin-listen",
+            "127.0.0.1:0",
         ]
         .iter()
         .map(|s| s.to_string())
@@ -593,13 +597,17 @@ impl Forwarder {
                 .find_map(|t| t.strip_prefix(name))
                 .map(str::to_string)
         };
-        let (Some(publishers), Some(gateways)) = (field("publishers="), field("gateways=")) else {
+        let admin = field("admin=").and_then(|a| a.parse().ok());
+        let (Some(publishers), Some(gateways), Some(admin)) =
+            (field("publishers="), field("gateways="), admin)
+        else {
             partial.fail(&format!("READY line of the forwarder: {ready:?}"))
         };
         Forwarder {
             child: partial.child.take().unwrap(),
             publishers,
             gateways,
+            admin,
             log_path: partial.log_path.clone(),
         }
     }

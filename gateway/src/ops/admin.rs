@@ -30,11 +30,22 @@ pub fn spawn(
     cfg: &'static Config,
     conn_counts: Arc<[AtomicU64]>,
 ) -> Result<Option<SocketAddr>, String> {
-    if cfg.admin_listen.is_empty() {
+    serve_on(&cfg.admin_listen, move |path| {
+        gateway_get(cfg, &conn_counts, path)
+    })
+}
+
+/// Binds `listen` (none when empty) and answers each `GET`/`HEAD` with what
+/// `get` says for its path, on a thread of its own.
+pub fn serve_on(
+    listen: &str,
+    get: impl Fn(&str) -> Vec<u8> + Send + 'static,
+) -> Result<Option<SocketAddr>, String> {
+    if listen.is_empty() {
         return Ok(None);
     }
-    let listener = TcpListener::bind(&cfg.admin_listen)
-        .map_err(|e| format!("admin listener on {}: {e}", cfg.admin_listen))?;
+    let listener =
+        TcpListener::bind(listen).map_err(|e| format!("admin listener on {listen}: {e}"))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     std::thread::Builder::new()
         .name("admin".into())
@@ -42,7 +53,7 @@ pub fn spawn(
             for stream in listener.incoming() {
                 match stream {
                     Ok(stream) => {
-                        if let Err(e) = serve(cfg, &conn_counts, stream) {
+                        if let Err(e) = serve(&get, stream) {
                             debug!(error = %e, "admin request failed");
                         }
                     }
@@ -58,7 +69,7 @@ pub fn spawn(
     Ok(Some(addr))
 }
 
-fn serve(cfg: &Config, conn_counts: &[AtomicU64], mut stream: TcpStream) -> std::io::Result<()> {
+fn serve(get: &impl Fn(&str) -> Vec<u8>, mut stream: TcpStream) -> std::io::Result<()> {
     stream.set_read_timeout(Some(IO_TIMEOUT))?;
     stream.set_write_timeout(Some(IO_TIMEOUT))?;
     let mut buf = Vec::with_capacity(1024);
@@ -73,7 +84,7 @@ fn serve(cfg: &Config, conn_counts: &[AtomicU64], mut stream: TcpStream) -> std:
         let mut req = httparse::Request::new(&mut headers);
         match req.parse(&buf) {
             Ok(httparse::Status::Complete(_)) => {
-                break respond(cfg, conn_counts, req.method, req.path);
+                break respond(get, req.method, req.path);
             }
             Ok(httparse::Status::Partial) if buf.len() < HEAD_BYTES_MAX => {}
             _ => break plain(400, "Bad Request", "bad request\n"),
@@ -85,37 +96,34 @@ fn serve(cfg: &Config, conn_counts: &[AtomicU64], mut stream: TcpStream) -> std:
     Ok(())
 }
 
-fn respond(
-    cfg: &Config,
-    conn_counts: &[AtomicU64],
-    method: Option<&str>,
-    path: Option<&str>,
-) -> Vec<u8> {
+fn respond(get: &impl Fn(&str) -> Vec<u8>, method: Option<&str>, path: Option<&str>) -> Vec<u8> {
     let path = path.unwrap_or("").split('?').next().unwrap_or("");
     // HEAD answers like GET without the body (balancers check with it).
     match method {
-        Some("GET") => respond_get(cfg, conn_counts, path),
-        Some("HEAD") => protocol::http::without_body(respond_get(cfg, conn_counts, path)),
+        Some("GET") => get(path),
+        Some("HEAD") => protocol::http::without_body(get(path)),
         _ => plain(405, "Method Not Allowed", "GET or HEAD only\n"),
     }
 }
 
-fn respond_get(cfg: &Config, conn_counts: &[AtomicU64], path: &str) -> Vec<u8> {
+/// A `/metrics` answer with `body` (Prometheus text format 0.0.4).
+pub fn metrics_response(body: &str) -> Vec<u8> {
+    let mut out = format!(
+        "HTTP/1.1 200 OK\r\n\
+         Content-Type: text/plain; version=0.0.4; charset=utf-8\r\n\
+         Cache-Control: no-store\r\n\
+         Content-Length: {}\r\n\
+         Connection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    out.extend_from_slice(body.as_bytes());
+    out
+}
+
+fn gateway_get(cfg: &Config, conn_counts: &[AtomicU64], path: &str) -> Vec<u8> {
     match path {
-        "/metrics" => {
-            let body = super::metrics::render();
-            let mut out = format!(
-                "HTTP/1.1 200 OK\r\n\
-                 Content-Type: text/plain; version=0.0.4; charset=utf-8\r\n\
-                 Cache-Control: no-store\r\n\
-                 Content-Length: {}\r\n\
-                 Connection: close\r\n\r\n",
-                body.len()
-            )
-            .into_bytes();
-            out.extend_from_slice(body.as_bytes());
-            out
-        }
+        "/metrics" => metrics_response(&super::metrics::render()),
         "/healthz" => {
             let counts: Vec<u64> = conn_counts
                 .iter()
@@ -131,7 +139,7 @@ fn respond_get(cfg: &Config, conn_counts: &[AtomicU64], path: &str) -> Vec<u8> {
     }
 }
 
-fn plain(code: u16, reason: &str, body: &str) -> Vec<u8> {
+pub fn plain(code: u16, reason: &str, body: &str) -> Vec<u8> {
     format!(
         "HTTP/1.1 {code} {reason}\r\n\
          Content-Type: text/plain; charset=utf-8\r\n\

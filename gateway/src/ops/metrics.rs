@@ -550,12 +550,71 @@ pub fn render() -> String {
         vec![m],
     ));
 
+    encode(families)
+}
+
+fn encode(mut families: Vec<MetricFamily>) -> String {
     families.retain(|f| !f.get_metric().is_empty());
     let mut out = String::new();
     if let Err(e) = prometheus::TextEncoder::new().encode_utf8(&families, &mut out) {
         tracing::warn!(error = %e, "metrics encoding failed");
     }
     out
+}
+
+/// What `gateway forwarder` reports: its peers on each side, and what its
+/// proxy moved (libzmq's counts, None when the proxy did not answer).
+pub struct ForwarderStats {
+    pub publishers: i64,
+    pub gateways: i64,
+    /// libzmq's `STATISTICS`: messages and bytes received and sent on the
+    /// publishers' side, then on the gateways' side.
+    pub proxy: Option<[u64; 8]>,
+}
+
+/// The forwarder's `/metrics` body.
+pub fn render_forwarder(stats: &ForwarderStats) -> String {
+    let mut families = vec![family(
+        "gateway_forwarder_peers",
+        "Peers connected, by side: publishers (and hubs) on the XSUB side, gateways on the XPUB side.",
+        MetricType::GAUGE,
+        vec![
+            gauge(vec![label("side", "publishers")], stats.publishers as f64),
+            gauge(vec![label("side", "gateways")], stats.gateways as f64),
+        ],
+    )];
+    // The publishers' side: in, bytes in, out, bytes out; then the
+    // gateways' side the same (subscriptions carry no bytes worth counting).
+    if let Some([pub_in, pub_in_bytes, pub_out, _, gw_in, _, gw_out, gw_out_bytes]) = stats.proxy {
+        families.push(family(
+            "gateway_forwarder_publications_total",
+            "Publications received from publishers, and sent on to the gateways (each once: the XPUB socket sends it to every gateway subscribed).",
+            MetricType::COUNTER,
+            vec![
+                counter(vec![label("direction", "in")], pub_in),
+                counter(vec![label("direction", "out")], gw_out),
+            ],
+        ));
+        families.push(family(
+            "gateway_forwarder_publication_bytes_total",
+            "Bytes of those publications.",
+            MetricType::COUNTER,
+            vec![
+                counter(vec![label("direction", "in")], pub_in_bytes),
+                counter(vec![label("direction", "out")], gw_out_bytes),
+            ],
+        ));
+        families.push(family(
+            "gateway_forwarder_subscriptions_total",
+            "Subscription messages from the gateways, and passed on to the publishers.",
+            MetricType::COUNTER,
+            vec![
+                counter(vec![label("direction", "in")], gw_in),
+                counter(vec![label("direction", "out")], pub_out),
+            ],
+        ));
+    }
+    encode(families)
 }
 
 #[cfg(test)]

@@ -214,6 +214,21 @@ fn two_gateways_and_two_publishers_through_one_forwarder_each_get_only_their_cha
         // Its clients' channels and its sync channel.
         assert_eq!(metric(admin, "gateway_zmq_subscriptions"), 3.0);
     }
+    // The forwarder's own view: both sides' peers, and every publication
+    // that reached a gateway passed through it once (the XPUB side sends
+    // each to every gateway subscribed, counted once).
+    assert_eq!(metric(fwd.admin, "gateway_forwarder_peers{side=\"publishers\"}"), 2.0);
+    assert_eq!(metric(fwd.admin, "gateway_forwarder_peers{side=\"gateways\"}"), 2.0);
+    let through = metric(
+        fwd.admin,
+        "gateway_forwarder_publications_total{direction=\"out\"}",
+    );
+    assert!(
+        through >= per_gateway,
+        "{through} publications forwarded, {per_gateway} received by each gateway"
+    );
+    let ready = HttpConn::connect(fwd.admin).get("/readyz", &[]);
+    assert_eq!(ready.status, 200, "{}", ready.describe());
 
     // A's clients leave: with no linger, A lets its channels go, and the
     // publishers hear of the one nobody else wants.
