@@ -488,6 +488,7 @@ pub fn run(
         // The process's first id carries its tag.
         tag: published_through.load(Ordering::Relaxed) & ID_TAG_MASK,
         last_ids: LastIds::new(cfg.channels_max),
+        direct_ids: LastIds::new(cfg.channels_max),
         published_through,
         cores,
         demand: interest
@@ -565,6 +566,10 @@ struct Ingest<'a> {
     max_seen: u64,
     tag: u64,
     last_ids: LastIds,
+    /// The last id of each connection messages went to (`zmq_redundant`),
+    /// apart from the channels', so that many connections answered do not
+    /// push the channels' ids out.
+    direct_ids: LastIds,
     published_through: Arc<AtomicU64>,
     cores: Vec<CoreInbox>,
     demand: Option<Demand>,
@@ -602,7 +607,8 @@ impl Ingest<'_> {
                 );
                 return true;
             };
-            if checked.connection.is_some() && self.last_ids.advance(checked.channel, id).is_err() {
+            if checked.connection.is_some() && self.direct_ids.advance(checked.channel, id).is_err()
+            {
                 crate::ops::metrics::note_dropped(6);
                 return true;
             }
