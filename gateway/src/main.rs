@@ -69,6 +69,16 @@ fn main() {
 
 fn run(cfg: &'static Config) -> Result<(), String> {
     raise_open_files_limit();
+    if cfg.zmq_connect.len() > 1 && !cfg.zmq_redundant {
+        // Allowed (publishers of their own on each endpoint), but two
+        // forwarders fed by the same publishers would deliver twice.
+        warn!(
+            endpoints = ?cfg.zmq_connect,
+            "several zmq_connect endpoints without zmq_redundant: if they carry the same \
+             publications (redundant forwarders), set zmq_redundant = true, or each \
+             publication is delivered once per endpoint"
+        );
+    }
     // Keys in place (and the SIGHUP reload thread started) before any
     // core serves a request.
     auth::start(cfg)?;
