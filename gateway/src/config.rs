@@ -165,6 +165,14 @@ pub struct Config {
     /// rounded up; 0 closes them all at once.
     #[arg(long, value_name = "MS", default_value_t = 10_000)]
     pub drain_window_ms: u64,
+    /// Before the drain: how long after SIGTERM the gateway goes on
+    /// serving and accepting as usual while `/readyz` already answers 503,
+    /// so that the balancer's health checks take it out (their interval
+    /// times the failures they need, plus a margin) before its listener
+    /// closes and its connections are asked to go. 0: the drain starts at
+    /// once.
+    #[arg(long, value_name = "MS", default_value_t = 0)]
+    pub drain_delay_ms: u64,
     /// Path of a WebSocket endpoint that echoes every message, for
     /// conformance testing (the Autobahn cases); empty (the default) means
     /// none. It runs the same connection code as `/ws`.

@@ -261,6 +261,7 @@ fn run(cfg: &'static Config) -> Result<(), String> {
         listener_dups,
         conn_counts,
         std::time::Duration::from_millis(cfg.drain_window_ms),
+        std::time::Duration::from_millis(cfg.drain_delay_ms),
     )?;
 
     let admin_addr = admin::spawn(cfg, conn_counts_for_watchdog.clone())?;

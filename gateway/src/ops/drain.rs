@@ -5,7 +5,11 @@
 //!
 //! Who does what:
 //!
-//! - this module's signal thread sets [`draining`], then shuts down every
+//! - with `drain_delay_ms`, `/readyz` answers 503 `draining` at once
+//!   ([`leaving`]) while everything else goes on as usual for that long,
+//!   so that the balancer stops sending clients here before they would be
+//!   refused;
+//! - this module's drain thread then sets [`draining`], shuts down every
 //!   core's listener (`shutdown(SHUT_RD)` on a duplicate of its descriptor):
 //!   the kernel stops routing new connections to it (the other listeners of
 //!   the `SO_REUSEPORT` group, another gateway process on the same port,
@@ -38,6 +42,9 @@ pub const DRAIN_MARGIN: Duration = Duration::from_secs(5);
 const CHECK_EVERY: Duration = Duration::from_millis(20);
 
 static DRAINING: AtomicBool = AtomicBool::new(false);
+/// SIGTERM came: not ready any more, though (during `drain_delay_ms`) not
+/// draining yet.
+static LEAVING: AtomicBool = AtomicBool::new(false);
 /// Connections the cores have asked to go so far, all cores together (for
 /// the timeline).
 static ASKED: AtomicU64 = AtomicU64::new(0);
@@ -46,6 +53,12 @@ static ASKED: AtomicU64 = AtomicU64::new(0);
 /// its connection, `/readyz` says `draining`.
 pub fn draining() -> bool {
     DRAINING.load(Ordering::Acquire)
+}
+
+/// Whether a signal asked the process to go: `/readyz` answers 503 from
+/// then on, before the drain itself starts.
+pub fn leaving() -> bool {
+    LEAVING.load(Ordering::Acquire)
 }
 
 /// Counts connections a core has just asked to go.
@@ -90,6 +103,7 @@ pub fn spawn(
     listeners: Vec<OwnedFd>,
     conn_counts: Arc<[AtomicU64]>,
     window: Duration,
+    delay: Duration,
 ) -> Result<(), String> {
     let mut signals =
         Signals::new([SIGTERM, SIGINT]).map_err(|e| format!("signal handlers: {e}"))?;
@@ -99,7 +113,7 @@ pub fn spawn(
             set_mask(libc::SIG_UNBLOCK);
             let mut signals = signals.forever();
             let Some(first) = signals.next() else { return };
-            start(first, &listeners, conn_counts.clone(), window);
+            start(first, listeners, conn_counts.clone(), window, delay);
             if let Some(sig) = signals.next() {
                 warn!(
                     signal = name(sig),
@@ -113,28 +127,55 @@ pub fn spawn(
     Ok(())
 }
 
-fn start(sig: libc::c_int, listeners: &[OwnedFd], counts: Arc<[AtomicU64]>, window: Duration) {
-    let open = total(&counts);
+/// Starts the drain on its own thread (the signal thread goes on waiting
+/// for a second signal, which exits at once, during the delay too).
+fn start(
+    sig: libc::c_int,
+    listeners: Vec<OwnedFd>,
+    counts: Arc<[AtomicU64]>,
+    window: Duration,
+    delay: Duration,
+) {
+    super::service::stopping("draining");
+    if delay.is_zero() {
+        // Draining before /readyz says so: whoever sees the 503 sees a
+        // draining gateway (its answers close their connections).
+        drain(sig, &listeners, &counts, window);
+    } else {
+        info!(
+            signal = name(sig),
+            drain_delay_ms = delay.as_millis() as u64,
+            "leaving: /readyz answers 503; serving as usual until the drain starts"
+        );
+    }
+    LEAVING.store(true, Ordering::Release);
+    let spawned = std::thread::Builder::new().name("drain".into()).spawn(move || {
+        if !delay.is_zero() {
+            std::thread::sleep(delay);
+            drain(sig, &listeners, &counts, window);
+        }
+        timeline(&counts, window);
+    });
+    if let Err(e) = spawned {
+        warn!(error = %e, "no drain timeline thread; exiting now");
+        exit_now();
+    }
+}
+
+/// No new connections; the open ones are asked to go over the window.
+fn drain(sig: libc::c_int, listeners: &[OwnedFd], counts: &[AtomicU64], window: Duration) {
     info!(
         signal = name(sig),
-        connections = open,
+        connections = total(counts),
         drain_window_ms = window.as_millis() as u64,
         "draining: no new connections; open ones are closed over the drain window"
     );
     DRAINING.store(true, Ordering::Release);
-    super::service::stopping("draining");
     for fd in listeners {
         // A duplicate of a core's listener, which this thread owns.
         if let Err(e) = crate::sys::shutdown(fd.as_raw_fd(), std::net::Shutdown::Read) {
             warn!(error = %e, "shutting down a listener failed");
         }
-    }
-    let spawned = std::thread::Builder::new()
-        .name("drain".into())
-        .spawn(move || timeline(&counts, window));
-    if let Err(e) = spawned {
-        warn!(error = %e, "no drain timeline thread; exiting now");
-        exit_now();
     }
 }
 

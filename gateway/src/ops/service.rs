@@ -20,7 +20,7 @@ fn notify(states: &[NotifyState]) {
 /// not ready while draining, nor (when configured) while no ZeroMQ
 /// publisher is connected.
 pub fn readiness(cfg: &crate::config::Config) -> (bool, &'static str) {
-    if super::drain::draining() {
+    if super::drain::leaving() {
         (false, "draining")
     } else if cfg.ready_requires_publisher && super::metrics::zmq_peers() <= 0 {
         (false, "no_publisher")

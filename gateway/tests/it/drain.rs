@@ -579,3 +579,45 @@ fn a_second_signal_during_the_drain_exits_at_once() {
     assert!(log.contains("second signal during the drain"), "{log}");
     drop(streams);
 }
+
+#[test]
+fn with_a_drain_delay_readyz_says_draining_first_while_new_clients_are_still_served() {
+    // The delay is the balancer's time to see /readyz fail; the test's
+    // steps between the 503 and the new client take far less.
+    let mut gw = Gateway::start(&[
+        "--cores",
+        "1",
+        "--drain-window-ms",
+        "1000",
+        "--drain-delay-ms",
+        "3000",
+    ]);
+    let publisher = Publisher::connect(gw.zmq_endpoint());
+    wait_for_subscription(&publisher, &[&gw]);
+    let mut ready_conn = gw.http();
+    gw.signal(libc::SIGTERM);
+    let resp = readyz_until_draining(&mut ready_conn);
+    assert_eq!(
+        String::from_utf8_lossy(&resp.body),
+        "{\"status\":\"draining\"}\n"
+    );
+    // Not draining yet: a client the balancer still sends here is served.
+    let mut ws = gw.ws("/ws?channel=late");
+    publisher.publish("late", b"still served");
+    assert_eq!(ws.next_delivery().text(), "still served");
+    // Then the drain itself: asked to go, and the process exits 0.
+    let code = loop {
+        match ws.next_message() {
+            Message::Close(frame) => break frame.map(|f| u16::from(f.code)),
+            Message::Ping(_) | Message::Pong(_) => {}
+            other => panic!("WebSocket: {other:?} instead of a close frame"),
+        }
+    };
+    assert_eq!(code, Some(1012), "WebSocket close code");
+    let status = gw
+        .wait_exit(Duration::from_secs(3) + DRAIN_WINDOW + DRAIN_MARGIN + EXIT_SLACK)
+        .expect("gateway still running after its delay, drain window and margin");
+    assert!(status.success(), "exit status {status}");
+    let log = gw.log();
+    assert!(log.contains("leaving: /readyz answers 503"), "{log}");
+}

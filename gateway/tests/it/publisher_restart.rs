@@ -9,7 +9,16 @@ use crate::common::*;
 fn clients_stay_connected_while_the_publisher_is_gone_and_delivery_resumes_when_it_is_back() {
     let first = Publisher::bind();
     let endpoint = first.endpoint.clone();
-    let mut gw = Gateway::start(&["--zmq-bind", "", "--zmq-connect", endpoint.as_str()]);
+    let admin = free_addr();
+    let admin_s = admin.to_string();
+    let mut gw = Gateway::start(&[
+        "--zmq-bind",
+        "",
+        "--zmq-connect",
+        endpoint.as_str(),
+        "--admin-listen",
+        &admin_s,
+    ]);
     drop(wait_for_subscription(&first, &[&gw]));
 
     let mut ws = gw.ws("/ws?channel=news");
@@ -42,9 +51,13 @@ fn clients_stay_connected_while_the_publisher_is_gone_and_delivery_resumes_when_
     }
     // Nobody was disconnected: these are the clients of before the
     // restart (a closed one fails its read above instead).
-    assert!(
-        gw.log().contains("NotAfterLast"),
-        "the replayed id is logged as dropped"
+    assert_eq!(
+        metric(
+            admin,
+            "gateway_messages_dropped_total{reason=\"duplicate\"}"
+        ),
+        1.0,
+        "the replayed id is counted as a duplicate"
     );
     drop(probe);
     assert!(
