@@ -201,6 +201,16 @@ pub struct Config {
     /// reading from the clients that send (its ZeroMQ send high-water mark).
     #[arg(long, value_name = "N", default_value_t = 10_000)]
     pub upstream_hwm_messages: i32,
+    /// Hubs confirm what they receive, and what a hub has not confirmed
+    /// within this long is sent again (to whichever hub is there: after a
+    /// hub dies, another). The upstream socket is then a DEALER: hubs
+    /// read on a ROUTER `[identity, seq, kind, address, channel, meta,
+    /// payload]`, `seq` 8 bytes big-endian, and answer `[identity, seq]`.
+    /// At least once: a hub may see a message twice (a late confirmation),
+    /// and tells them apart by the address's instance and `seq`. 0: off
+    /// (a PUSH socket, no confirmations; see the README).
+    #[arg(long, value_name = "MS", default_value_t = 0)]
+    pub upstream_confirm_ms: u64,
     /// Send connect, disconnect (with the reason), subscribe and
     /// unsubscribe events of WebSocket and SSE streams upstream, so a hub
     /// can keep presence and membership.

@@ -31,8 +31,12 @@
 //! **Accepted** means handed to the core's ZeroMQ socket: that is when a
 //! client's `ref` is acknowledged and a `POST /publish` answered 202. What
 //! ZeroMQ holds for a hub that then dies is lost with it (ZeroMQ has no
-//! acknowledgements); hubs that must not lose a message should be
-//! restarted, not killed.
+//! acknowledgements) — unless hubs confirm (`upstream_confirm_ms`): the
+//! relay then speaks DEALER to the hubs' ROUTER, numbers each message,
+//! keeps it until a hub confirms its number, and sends it again when none
+//! has within the time: an accepted message reaches a hub as long as one
+//! is there and the gateway lives (at least once; hubs drop a second copy
+//! by its number).
 
 use std::cell::{Cell, RefCell};
 use std::collections::hash_map::RandomState;
@@ -110,8 +114,15 @@ pub fn start(ctx: &zmq::Context, cfg: &Config) -> Result<Option<Vec<String>>, St
     if cfg.upstream_bind.is_empty() && cfg.upstream_connect.is_empty() {
         return Ok(None);
     }
+    let confirm = (cfg.upstream_confirm_ms > 0)
+        .then(|| std::time::Duration::from_millis(cfg.upstream_confirm_ms));
+    let kind = if confirm.is_some() {
+        zmq::DEALER
+    } else {
+        zmq::PUSH
+    };
     let push = ctx
-        .socket(zmq::PUSH)
+        .socket(kind)
         .map_err(|e| format!("upstream socket: {e}"))?;
     push.set_sndhwm(cfg.upstream_hwm_messages)
         .map_err(|e| format!("upstream sndhwm: {e}"))?;
@@ -149,9 +160,15 @@ pub fn start(ctx: &zmq::Context, cfg: &Config) -> Result<Option<Vec<String>>, St
         .map_err(|e| format!("upstream relay rcvhwm: {e}"))?;
     pull.bind(RELAY_ENDPOINT)
         .map_err(|e| format!("upstream relay bind: {e}"))?;
+    // Confirm mode keeps at most this many messages unconfirmed, then
+    // stops taking the cores' (which then push back on their clients).
+    let window = cfg.upstream_hwm_messages as usize;
     std::thread::Builder::new()
         .name("upstream".into())
-        .spawn(move || relay(&pull, &push))
+        .spawn(move || match confirm {
+            Some(after) => relay_confirmed(&pull, &push, after, window),
+            None => relay(&pull, &push),
+        })
         .map_err(|e| format!("spawn upstream thread: {e}"))?;
     Ok(Some(bound))
 }
@@ -220,6 +237,124 @@ fn relay(pull: &zmq::Socket, push: &zmq::Socket) {
             crate::ops::metrics::note_upstream_blocked(t.elapsed());
         }
         crate::ops::metrics::note_upstream(kind, payload_bytes);
+    }
+}
+
+/// A message handed to the hubs and not confirmed yet.
+struct Unconfirmed {
+    /// `[seq, kind, address, channel, meta, payload]`.
+    frames: Vec<Vec<u8>>,
+    /// When it was last sent; None: no hub had room yet.
+    sent_at: Option<Instant>,
+}
+
+/// The relay of confirm mode: numbers each message, sends it, keeps it
+/// until a hub confirms its number, and sends it again when no hub has
+/// within `after`. Takes the cores' messages only while fewer than
+/// `window` wait for a confirmation.
+fn relay_confirmed(pull: &zmq::Socket, dealer: &zmq::Socket, after: std::time::Duration, window: usize) {
+    use std::collections::BTreeMap;
+    let mut next_seq: u64 = 1;
+    let mut waiting: BTreeMap<u64, Unconfirmed> = BTreeMap::new();
+    // Since when no hub has had room (for the blocked-time metric).
+    let mut blocked_since: Option<Instant> = None;
+    loop {
+        let now = Instant::now();
+        // Wake for the next resend, or at least every second.
+        let next_due = waiting
+            .values()
+            .filter_map(|u| u.sent_at)
+            .map(|t| (t + after).saturating_duration_since(now))
+            .min();
+        let unsent = waiting.values().any(|u| u.sent_at.is_none());
+        let timeout_ms = match (unsent, next_due) {
+            (true, _) => 10,
+            (false, Some(d)) => d.as_millis().clamp(1, 1000) as i64,
+            (false, None) => 1000,
+        };
+        let take = waiting.len() < window;
+        let mut items = [
+            dealer.as_poll_item(zmq::POLLIN),
+            pull.as_poll_item(if take { zmq::POLLIN } else { zmq::PollEvents::empty() }),
+        ];
+        if let Err(e) = zmq::poll(&mut items, timeout_ms) {
+            if e != zmq::Error::EINTR {
+                warn!(error = %e, "upstream relay poll failed; clients can no longer send");
+                return;
+            }
+        }
+        // Confirmations: a sequence number each.
+        while let Ok(frames) = dealer.recv_multipart(zmq::DONTWAIT) {
+            if let Some(seq) = frames.first().and_then(|f| <[u8; 8]>::try_from(&f[..]).ok()) {
+                waiting.remove(&u64::from_be_bytes(seq));
+            }
+        }
+        if take && items[1].is_readable() {
+            while waiting.len() < window {
+                let Ok(mut frames) = pull.recv_multipart(zmq::DONTWAIT) else {
+                    break;
+                };
+                let kind = match frames.first().map(|f| &f[..]) {
+                    Some(b"message") => 0,
+                    Some(b"connect") => 1,
+                    Some(b"disconnect") => 2,
+                    Some(b"subscribe") => 3,
+                    _ => 4,
+                };
+                crate::ops::metrics::note_upstream(kind, frames.last().map_or(0, Vec::len));
+                frames.insert(0, next_seq.to_be_bytes().to_vec());
+                waiting.insert(
+                    next_seq,
+                    Unconfirmed {
+                        frames,
+                        sent_at: None,
+                    },
+                );
+                next_seq += 1;
+            }
+        }
+        // Send what was never sent, then what is due again, oldest first,
+        // while a hub has room.
+        let now = Instant::now();
+        let mut resent = 0;
+        let mut full = false;
+        for u in waiting.values_mut() {
+            let due = match u.sent_at {
+                None => true,
+                Some(t) => now.duration_since(t) >= after,
+            };
+            if !due {
+                continue;
+            }
+            match send_frames(dealer, &u.frames, zmq::DONTWAIT) {
+                Ok(()) => {
+                    if u.sent_at.is_some() {
+                        resent += 1;
+                    }
+                    u.sent_at = Some(now);
+                }
+                Err(zmq::Error::EAGAIN) => {
+                    full = true;
+                    break;
+                }
+                Err(e) => {
+                    warn!(error = %e, "upstream send failed; clients can no longer send");
+                    return;
+                }
+            }
+        }
+        match (full, blocked_since) {
+            (true, None) => blocked_since = Some(now),
+            (false, Some(t)) => {
+                crate::ops::metrics::note_upstream_blocked(t.elapsed());
+                blocked_since = None;
+            }
+            _ => {}
+        }
+        if resent > 0 {
+            crate::ops::metrics::note_upstream_resent(resent);
+        }
+        crate::ops::metrics::set_upstream_unconfirmed(waiting.len());
     }
 }
 

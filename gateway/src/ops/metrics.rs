@@ -199,6 +199,20 @@ static UPSTREAM_MESSAGES: [AtomicU64; 5] = [const { AtomicU64::new(0) }; 5];
 static UPSTREAM_BYTES: AtomicU64 = AtomicU64::new(0);
 static UPSTREAM_BLOCKED_NS: AtomicU64 = AtomicU64::new(0);
 static UPSTREAM_PEERS: AtomicI64 = AtomicI64::new(0);
+/// Confirm mode (`upstream_confirm_ms`): messages a hub has not confirmed
+/// yet, and those sent again.
+static UPSTREAM_UNCONFIRMED: AtomicI64 = AtomicI64::new(0);
+static UPSTREAM_RESENT: AtomicU64 = AtomicU64::new(0);
+
+/// The relay's count of messages no hub has confirmed yet.
+pub fn set_upstream_unconfirmed(n: usize) {
+    UPSTREAM_UNCONFIRMED.store(n as i64, Ordering::Relaxed);
+}
+
+/// Counts messages sent again for want of a confirmation.
+pub fn note_upstream_resent(n: u64) {
+    UPSTREAM_RESENT.fetch_add(n, Ordering::Relaxed);
+}
 /// Why a client's message (or a presence event) did not go upstream, as
 /// the `reason` label says it.
 pub const UPSTREAM_REFUSALS: [&str; 8] = [
@@ -504,6 +518,18 @@ pub fn render() -> String {
         "Hub workers connected to the upstream socket.",
         MetricType::GAUGE,
         vec![gauge(vec![], UPSTREAM_PEERS.load(Ordering::Relaxed) as f64)],
+    ));
+    families.push(family(
+        "gateway_upstream_unconfirmed",
+        "Messages handed to the hubs that no hub has confirmed yet (upstream_confirm_ms).",
+        MetricType::GAUGE,
+        vec![gauge(vec![], UPSTREAM_UNCONFIRMED.load(Ordering::Relaxed) as f64)],
+    ));
+    families.push(family(
+        "gateway_upstream_resent_total",
+        "Messages sent to the hubs again, unconfirmed past upstream_confirm_ms.",
+        MetricType::COUNTER,
+        vec![counter(vec![], UPSTREAM_RESENT.load(Ordering::Relaxed))],
     ));
     families.push(family(
         "gateway_direct_undelivered_total",

@@ -4,7 +4,7 @@
 //! (`#sub`); presence events; who may send and how fast; backpressure
 //! when the hubs stop reading.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -812,4 +812,95 @@ fn presence_names_a_dead_peer_and_a_slow_consumer() {
     let gone = disconnect_of(&hub, &address);
     assert_eq!(gone.meta["reason"], "slow consumer", "{:?}", gone.meta);
     drop(probe);
+}
+
+/// A hub on a ROUTER socket (confirm mode): its upstream messages as
+/// `(identity, seq, payload)`.
+fn router_next(sock: &zmq::Socket, limit: Duration) -> Option<(Vec<u8>, [u8; 8], Vec<u8>)> {
+    let mut items = [sock.as_poll_item(zmq::POLLIN)];
+    if zmq::poll(&mut items, limit.as_millis() as i64).ok()? == 0 {
+        return None;
+    }
+    let frames = sock.recv_multipart(0).ok()?;
+    assert_eq!(frames.len(), 7, "[identity, seq, kind, address, channel, meta, payload]");
+    let seq: [u8; 8] = frames[1][..].try_into().expect("an 8-byte seq");
+    Some((frames[0].clone(), seq, frames[6].clone()))
+}
+
+#[test]
+fn with_confirmations_what_a_killed_hub_had_not_confirmed_reaches_the_other() {
+    let admin = free_addr();
+    let admin_s = admin.to_string();
+    let gw = Gateway::start(&[
+        "--cores",
+        "1",
+        "--upstream-bind",
+        "tcp://127.0.0.1:*",
+        "--upstream-confirm-ms",
+        "300",
+        "--admin-listen",
+        &admin_s,
+    ]);
+    let endpoint = gw.upstream.clone().expect("an upstream endpoint");
+    let ctx = zmq::Context::new();
+    let hub = |name: &str| {
+        let s = ctx.socket(zmq::ROUTER).unwrap();
+        s.set_linger(0).unwrap();
+        s.connect(&endpoint)
+            .unwrap_or_else(|e| panic!("hub {name}: {e}"));
+        s
+    };
+    // A takes messages and never confirms them, then dies; B confirms.
+    let a = hub("a");
+    let b = hub("b");
+    let deadline = Instant::now() + IO_TIMEOUT;
+    while metric(admin, "gateway_upstream_peers") < 2.0 {
+        assert!(Instant::now() < deadline, "the hubs did not connect");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut client = gw.two_way("/ws?channel=room", None);
+    const N: usize = 40;
+    for k in 0..N {
+        client.send("room", Some(&format!("r{k}")), &format!("m{k}"));
+    }
+    // Every one accepted: acknowledged by the gateway.
+    let mut acked = 0;
+    while acked < N {
+        let (control, _) = client.next_control();
+        if control["type"] == "ack" {
+            acked += 1;
+        }
+    }
+    let mut taken_by_a = 0;
+    while router_next(&a, Duration::from_millis(200)).is_some() {
+        taken_by_a += 1;
+    }
+    assert!(taken_by_a > 0, "round robin gave hub A its share");
+    drop(a);
+    let mut at_b: HashSet<Vec<u8>> = HashSet::new();
+    let mut copies = 0;
+    while at_b.len() < N {
+        let (identity, seq, payload) = router_next(&b, IO_TIMEOUT).unwrap_or_else(|| {
+            panic!(
+                "hub B has {} of {N} after A died holding {taken_by_a} unconfirmed",
+                at_b.len()
+            )
+        });
+        b.send_multipart([identity, seq.to_vec()], 0).unwrap();
+        copies += 1;
+        at_b.insert(payload);
+    }
+    let want: HashSet<Vec<u8>> = (0..N).map(|k| format!("m{k}").into_bytes()).collect();
+    assert_eq!(at_b, want, "every accepted message reached the hub left");
+    assert!(copies >= N);
+    assert!(
+        metric(admin, "gateway_upstream_resent_total") >= taken_by_a as f64,
+        "what A held was sent again"
+    );
+    // Confirmed: nothing left waiting (the gauge follows the relay's loop).
+    let deadline = Instant::now() + IO_TIMEOUT;
+    while metric(admin, "gateway_upstream_unconfirmed") > 0.0 {
+        assert!(Instant::now() < deadline, "confirmed messages still waiting");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
