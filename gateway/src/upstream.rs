@@ -9,7 +9,8 @@
 //! Each core owns a PUSH socket on an in-process endpoint, written from
 //! its own thread without blocking; one relay thread moves messages to the
 //! PUSH socket the hubs connect to (`upstream_bind`) or that connects to
-//! them (`upstream_connect`). Why PUSH: ZeroMQ spreads the messages over
+//! them (`upstream_connect`) — a DEALER to the hubs' ROUTERs when they
+//! confirm (see **Accepted** below). Why PUSH: ZeroMQ spreads the messages over
 //! the hubs connected at the time, round-robin, and a hub that stops
 //! reading fills its own pipe and is skipped; the gateway needs no reply
 //! on the same socket (hubs answer by publishing, which reaches whichever
