@@ -327,6 +327,12 @@ impl Core {
         let mut all = c.channels.to_vec();
         all.extend_from_slice(&ids);
         c.channels = all.into_boxed_slice();
+        // The connection's skip is its first cursor (for messages still in
+        // flight when it subscribed); it must not hold back the channels
+        // added now, whose cursor is their own (or none): a publisher may
+        // number them far below the first.
+        let from = if resume.reset { 0 } else { since.unwrap_or(0) };
+        c.skip_through = c.skip_through.min(from);
         if let Some(r) = &reference {
             out.ack(r);
         }

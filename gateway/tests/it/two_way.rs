@@ -904,3 +904,33 @@ fn with_confirmations_what_a_killed_hub_had_not_confirmed_reaches_the_other() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+#[test]
+fn a_channel_added_with_its_own_cursor_is_not_held_back_by_the_connections_first_one() {
+    let gw = gateway(&[]);
+    let publisher = Publisher::connect(gw.zmq_endpoint());
+    let t = token("gina", &["a", "c", "p"], &[], json!({}), 3600);
+    let mut witness = gw.two_way("/ws?channel=p", Some(&t));
+    join(&publisher, "p", &mut witness);
+    // Channel a is numbered by its publisher far above channel c: the
+    // connection's cursor (1000, for a) is not a position on c.
+    let mut c = gw.two_way("/ws?channel=a&since=1000", Some(&t));
+    c.control(&json!({"type": "subscribe", "channels": ["c"], "since": "5", "ref": "s"}));
+    assert_eq!(c.next_control().0, json!({"type": "ack", "ref": "s"}));
+    publisher.publish_with_id("c", b"c6", 6);
+    publisher.publish_with_id("a", b"a1001", 1001);
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        let f = next_real(&mut c);
+        // The gaps of both cursors (this gateway never saw either channel).
+        if matches!(&f, Frame::Message { meta, .. } if meta["gap"] == true) {
+            continue;
+        }
+        got.push(f.message());
+    }
+    assert_eq!(
+        got,
+        [("c".into(), "c6".into()), ("a".into(), "a1001".into())],
+        "c's 6 is after c's cursor, whatever the URL's cursor was"
+    );
+}
