@@ -29,6 +29,7 @@
 #![forbid(unsafe_code)]
 
 pub mod channel;
+pub mod deflate;
 pub mod envelope;
 pub mod grpc;
 pub mod http;
