@@ -864,6 +864,10 @@ fn refusal_with_header(status: u16, extra: &str, reason: &str) -> Vec<u8> {
     .into_bytes()
 }
 
+/// Every answer with CORS headers lets the page read `Retry-After` (a 503,
+/// a 429): without it a page on another origin cannot honour it.
+pub const EXPOSE_LINE: &str = "Access-Control-Expose-Headers: Retry-After\r\n";
+
 /// `503 Service Unavailable` for a connection turned away because the server
 /// is at a limit (connections, connections per address, handshake rate) or
 /// drains: `Retry-After` in seconds (the caller jitters it), `Connection:
@@ -880,7 +884,7 @@ pub fn unavailable_response(reason: &str, retry_after_s: u32) -> Vec<u8> {
         "Retry-After: {retry_after_s}\r\n\
          Access-Control-Allow-Origin: *\r\n\
          {}",
-        crate::origin::EXPOSE_LINE
+        EXPOSE_LINE
     );
     refusal_with_header(503, &extra, reason)
 }

@@ -19,6 +19,8 @@
 
 use std::borrow::Cow;
 
+use crate::http::EXPOSE_LINE;
+
 /// The allowlist, with the CORS header lines of each entry written once.
 #[derive(Debug, Clone, Default)]
 pub struct Origins {
@@ -86,9 +88,6 @@ impl std::fmt::Display for OriginsError {
 /// one-byte slot (`*` takes one more; 255 is [`PATTERN_SLOT`]).
 pub const ORIGINS_MAX: usize = 253;
 
-/// Every answer with CORS headers lets the page read `Retry-After` (a 503,
-/// a 429): without it a page on another origin cannot honour it.
-pub const EXPOSE_LINE: &str = "Access-Control-Expose-Headers: Retry-After\r\n";
 
 /// How long a browser may cache a preflight answer.
 const PREFLIGHT_MAX_AGE_S: u32 = 600;
