@@ -197,13 +197,7 @@ fn relay(pull: &zmq::Socket, push: &zmq::Socket) {
                 }
             }
         }
-        let kind = match frames.first().map(|f| &f[..]) {
-            Some(b"message") => 0,
-            Some(b"connect") => 1,
-            Some(b"disconnect") => 2,
-            Some(b"subscribe") => 3,
-            _ => 4,
-        };
+        let kind = kind_slot(frames.first().map(|f| &f[..]));
         let payload_bytes = frames.last().map_or(0, |f| f.len());
         let last = frames.len() - 1;
         let more = |i| if i < last { zmq::SNDMORE } else { 0 };
@@ -238,6 +232,17 @@ fn relay(pull: &zmq::Socket, push: &zmq::Socket) {
             crate::ops::metrics::note_upstream_blocked(t.elapsed());
         }
         crate::ops::metrics::note_upstream(kind, payload_bytes);
+    }
+}
+
+/// A message's place in the metrics' kinds, by its first frame.
+fn kind_slot(first: Option<&[u8]>) -> usize {
+    match first {
+        Some(b"message") => 0,
+        Some(b"connect") => 1,
+        Some(b"disconnect") => 2,
+        Some(b"subscribe") => 3,
+        _ => 4,
     }
 }
 
@@ -295,13 +300,7 @@ fn relay_confirmed(pull: &zmq::Socket, dealer: &zmq::Socket, after: std::time::D
                 let Ok(mut frames) = pull.recv_multipart(zmq::DONTWAIT) else {
                     break;
                 };
-                let kind = match frames.first().map(|f| &f[..]) {
-                    Some(b"message") => 0,
-                    Some(b"connect") => 1,
-                    Some(b"disconnect") => 2,
-                    Some(b"subscribe") => 3,
-                    _ => 4,
-                };
+                let kind = kind_slot(frames.first().map(Vec::as_slice));
                 crate::ops::metrics::note_upstream(kind, frames.last().map_or(0, Vec::len));
                 frames.insert(0, next_seq.to_be_bytes().to_vec());
                 waiting.insert(
