@@ -20,7 +20,10 @@ fn notify(states: &[NotifyState]) {
 /// not ready while draining, nor (when configured) while no ZeroMQ
 /// publisher is connected.
 pub fn readiness(cfg: &crate::config::Config) -> (bool, &'static str) {
-    if super::drain::leaving() {
+    // Draining implies leaving; both are read because the drain without a
+    // delay sets `draining` a moment before `leaving`, and an answer in
+    // between must not say "ready" while it closes its connection.
+    if super::drain::leaving() || super::drain::draining() {
         (false, "draining")
     } else if cfg.ready_requires_publisher && super::metrics::zmq_peers() <= 0 {
         (false, "no_publisher")
