@@ -99,7 +99,9 @@ pub fn run(args: &ForwarderArgs) -> Result<(), String> {
         .bind(CONTROL_ENDPOINT)
         .map_err(|e| zmq_err("control bind", e))?;
     let requester = || -> Result<zmq::Socket, String> {
-        let req = ctx.socket(zmq::REQ).map_err(|e| zmq_err("control socket", e))?;
+        let req = ctx
+            .socket(zmq::REQ)
+            .map_err(|e| zmq_err("control socket", e))?;
         // A request the proxy never answers (it stopped) must not leave the
         // socket unable to ask again.
         req.set_req_relaxed(true)

@@ -71,20 +71,23 @@ pub async fn serve(core: Rc<Core>, key: u32, first_bytes: Vec<u8>) {
         .max_pending_accept_reset_streams(PENDING_RESET_STREAMS_MAX)
         .max_local_error_reset_streams(Some(LOCAL_ERROR_RESETS_MAX));
     let head_timeout = Duration::from_millis(cfg.head_timeout_ms);
-    let mut conn = match monoio::time::timeout(head_timeout, builder.handshake::<_, Bytes>(io)).await
-    {
-        Ok(Ok(conn)) => conn,
-        Ok(Err(e)) => {
-            debug!(key, error = %e, "http/2 handshake failed");
-            core.deregister(key);
-            return;
-        }
-        Err(_) => {
-            debug!(key, "http/2 handshake not done within the head timeout, closing");
-            core.deregister(key);
-            return;
-        }
-    };
+    let mut conn =
+        match monoio::time::timeout(head_timeout, builder.handshake::<_, Bytes>(io)).await {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(e)) => {
+                debug!(key, error = %e, "http/2 handshake failed");
+                core.deregister(key);
+                return;
+            }
+            Err(_) => {
+                debug!(
+                    key,
+                    "http/2 handshake not done within the head timeout, closing"
+                );
+                core.deregister(key);
+                return;
+            }
+        };
     if let (Some(interval_s), Some(mut pings)) = (cfg.heartbeat_interval_s(), conn.ping_pong()) {
         let core = core.clone();
         let pong_timeout = Duration::from_millis(cfg.pong_timeout_ms);
@@ -117,7 +120,10 @@ pub async fn serve(core: Rc<Core>, key: u32, first_bytes: Vec<u8>) {
         let step = poll_fn(|cx| {
             let (dead, asked) = core.with_conn(key, |c| {
                 c.waker = Some(cx.waker().clone());
-                (c.dead, c.drain == Drain::Asked || (draining() && c.drain == Drain::No))
+                (
+                    c.dead,
+                    c.drain == Drain::Asked || (draining() && c.drain == Drain::No),
+                )
             });
             if dead {
                 return Poll::Ready(Step::Dead);
@@ -175,7 +181,8 @@ enum Step {
 
 /// Whether slab entry `key` still holds the connection it had (`serial`).
 fn still(core: &Core, key: u32, serial: u32) -> bool {
-    core.try_with_conn(key, |c| c.serial == serial).unwrap_or(false)
+    core.try_with_conn(key, |c| c.serial == serial)
+        .unwrap_or(false)
 }
 
 /// Takes the socket of connection `key` out of the core's hands (the
@@ -187,7 +194,10 @@ fn still(core: &Core, key: u32, serial: u32) -> bool {
 /// buffers of its own, and a completion-based socket would need a second
 /// pair, owned by the ring while an operation is in flight (a read always
 /// is), for every connection.
-fn take_socket(core: &Core, key: u32) -> Option<(monoio::net::tcp::stream_poll::TcpStreamPoll, u32)> {
+fn take_socket(
+    core: &Core,
+    key: u32,
+) -> Option<(monoio::net::tcp::stream_poll::TcpStreamPoll, u32)> {
     let (fd, serial) = core.with_conn(key, |c| {
         let fd = c.fd;
         c.fd = SOCKETLESS;
@@ -247,7 +257,9 @@ async fn call(
         .status(200)
         .header("content-type", "application/grpc")
         .body(());
-    let Ok(send) = response.map_err(drop).and_then(|r| respond.send_response(r, false).map_err(drop))
+    let Ok(send) = response
+        .map_err(drop)
+        .and_then(|r| respond.send_response(r, false).map_err(drop))
     else {
         core.deregister(opened.key);
         note_grpc_end(Code::Cancelled);
@@ -329,7 +341,10 @@ async fn open(
         .get("grpc-encoding")
         .is_some_and(|e| e.as_bytes() != b"identity")
     {
-        return Err(Refusal::new(Code::Unimplemented, "compression not supported"));
+        return Err(Refusal::new(
+            Code::Unimplemented,
+            "compression not supported",
+        ));
     }
     if draining() {
         return Err(Refusal::new(Code::Unavailable, "draining"));
@@ -459,12 +474,14 @@ async fn read_message(
         }
     };
     let limit = Duration::from_millis(cfg.head_timeout_ms);
-    monoio::time::timeout(limit, read).await.unwrap_or_else(|_| {
-        Err(Refusal::new(
-            Code::DeadlineExceeded,
-            "request message not sent within the head timeout",
-        ))
-    })
+    monoio::time::timeout(limit, read)
+        .await
+        .unwrap_or_else(|_| {
+            Err(Refusal::new(
+                Code::DeadlineExceeded,
+                "request message not sent within the head timeout",
+            ))
+        })
 }
 
 /// An open call's task state.
@@ -530,7 +547,9 @@ impl CallStream {
                 return Poll::Ready(end);
             }
             if self.sending.is_empty() {
-                self.sending = core.with_conn(self.key, |c| c.take_front()).unwrap_or_default();
+                self.sending = core
+                    .with_conn(self.key, |c| c.take_front())
+                    .unwrap_or_default();
             }
             if !self.sending.is_empty() {
                 self.send.reserve_capacity(self.sending.len());
@@ -606,7 +625,9 @@ impl CallStream {
             }
             if !answers.is_empty() {
                 let bytes_max = core.cfg.outbound_queue_bytes_max;
-                core.with_conn(self.key, |c| events::push(c, Bytes::from(answers), bytes_max));
+                core.with_conn(self.key, |c| {
+                    events::push(c, Bytes::from(answers), bytes_max)
+                });
             }
             if ended.is_some() {
                 return ended;

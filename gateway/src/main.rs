@@ -225,7 +225,8 @@ fn run(cfg: &'static Config) -> Result<(), String> {
                             // preface tells HTTP/2 there too.
                             Ok(l) => drop(monoio::spawn(accept_loop(core.clone(), l))),
                             Err(e) => {
-                                let _ = ready.send(Err(format!("core {index}: grpc listener: {e}")));
+                                let _ =
+                                    ready.send(Err(format!("core {index}: grpc listener: {e}")));
                                 return;
                             }
                         }

@@ -300,8 +300,8 @@ impl<'a> Io<'a> {
                 } => {
                     let response = ws::switching_protocols_response(&accept, protocol);
                     self.add_user_channel(&mut channels, grant.as_deref());
-                    let two_way =
-                        (protocol == Some(upstream::SUBPROTOCOL)).then(|| self.core.new_two_way(grant));
+                    let two_way = (protocol == Some(upstream::SUBPROTOCOL))
+                        .then(|| self.core.new_two_way(grant));
                     return match self.start_websocket(channels, response, since, leftover, two_way)
                     {
                         Ok(()) => {
@@ -702,7 +702,9 @@ impl<'a> Io<'a> {
         let address = message
             .address
             .unwrap_or_else(|| self.with_conn(|c, core| core.address_of(self.key, c)));
-        let claims = grant.as_deref().map(|g| crate::core::two_way::claims_for(cfg, g));
+        let claims = grant
+            .as_deref()
+            .map(|g| crate::core::two_way::claims_for(cfg, g));
         let mut meta = Vec::with_capacity(64);
         upstream::encode_upstream_meta(
             &upstream::UpstreamMeta {
@@ -758,7 +760,6 @@ impl<'a> Io<'a> {
             }
         }
     }
-
 
     /// Subscribes an SSE client and queues the head and what it missed;
     /// `chunked` (HTTP/1.1) sends the stream as a chunked body.
@@ -1021,7 +1022,6 @@ struct PostedMessage {
     body_bytes: usize,
     keep_alive: bool,
 }
-
 
 /// Where a waiting task stands: what its connection needs it for, or
 /// pending with its waker registered.

@@ -258,7 +258,12 @@ struct Unconfirmed {
 /// until a hub confirms its number, and sends it again when no hub has
 /// within `after`. Takes the cores' messages only while fewer than
 /// `window` wait for a confirmation.
-fn relay_confirmed(pull: &zmq::Socket, dealer: &zmq::Socket, after: std::time::Duration, window: usize) {
+fn relay_confirmed(
+    pull: &zmq::Socket,
+    dealer: &zmq::Socket,
+    after: std::time::Duration,
+    window: usize,
+) {
     use std::collections::BTreeMap;
     let mut next_seq: u64 = 1;
     let mut waiting: BTreeMap<u64, Unconfirmed> = BTreeMap::new();
@@ -281,7 +286,11 @@ fn relay_confirmed(pull: &zmq::Socket, dealer: &zmq::Socket, after: std::time::D
         let take = waiting.len() < window;
         let mut items = [
             dealer.as_poll_item(zmq::POLLIN),
-            pull.as_poll_item(if take { zmq::POLLIN } else { zmq::PollEvents::empty() }),
+            pull.as_poll_item(if take {
+                zmq::POLLIN
+            } else {
+                zmq::PollEvents::empty()
+            }),
         ];
         if let Err(e) = zmq::poll(&mut items, timeout_ms) {
             if e != zmq::Error::EINTR {
@@ -291,7 +300,10 @@ fn relay_confirmed(pull: &zmq::Socket, dealer: &zmq::Socket, after: std::time::D
         }
         // Confirmations: a sequence number each.
         while let Ok(frames) = dealer.recv_multipart(zmq::DONTWAIT) {
-            if let Some(seq) = frames.first().and_then(|f| <[u8; 8]>::try_from(&f[..]).ok()) {
+            if let Some(seq) = frames
+                .first()
+                .and_then(|f| <[u8; 8]>::try_from(&f[..]).ok())
+            {
                 waiting.remove(&u64::from_be_bytes(seq));
             }
         }

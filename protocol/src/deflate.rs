@@ -207,7 +207,10 @@ mod tests {
             Some(plain)
         );
         assert_eq!(
-            negotiate(["x-webkit-deflate-frame", "permessage-deflate; SERVER_MAX_WINDOW_BITS=\"15\""]),
+            negotiate([
+                "x-webkit-deflate-frame",
+                "permessage-deflate; SERVER_MAX_WINDOW_BITS=\"15\""
+            ]),
             Some(plain),
             "names are case-insensitive, values may be quoted, headers are joined"
         );
@@ -255,7 +258,10 @@ mod tests {
         assert!(small.len() < 4096, "{}", small.len());
         assert_eq!(decompress(&small, 64 * 1024), Err(InflateError::TooLarge));
         assert_eq!(decompress(&small, 1 << 20), Ok(big));
-        assert_eq!(decompress(&[0xff, 0xff, 0xff], 1024), Err(InflateError::Corrupt));
+        assert_eq!(
+            decompress(&[0xff, 0xff, 0xff], 1024),
+            Err(InflateError::Corrupt)
+        );
     }
 
     proptest! {

@@ -495,7 +495,9 @@ mod tests {
         }
         assert_eq!(
             decode(&gap_message("a")),
-            server_frame::Kind::Gap(Gap { channel: "a".into() })
+            server_frame::Kind::Gap(Gap {
+                channel: "a".into()
+            })
         );
         let mut out = Vec::new();
         encode_welcome("addr", &mut out);
@@ -505,7 +507,9 @@ mod tests {
         let (_, second) = next_message(&out[first..], 1024).unwrap().unwrap();
         assert_eq!(
             decode(&out[..first]),
-            server_frame::Kind::Welcome(Welcome { address: "addr".into() })
+            server_frame::Kind::Welcome(Welcome {
+                address: "addr".into()
+            })
         );
         assert_eq!(
             decode(&out[first..first + second]),

@@ -88,7 +88,6 @@ impl std::fmt::Display for OriginsError {
 /// one-byte slot (`*` takes one more; 255 is [`PATTERN_SLOT`]).
 pub const ORIGINS_MAX: usize = 253;
 
-
 /// How long a browser may cache a preflight answer.
 const PREFLIGHT_MAX_AGE_S: u32 = 600;
 

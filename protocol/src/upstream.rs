@@ -579,7 +579,11 @@ mod tests {
         let r = Ref::of_text("a\"1").unwrap();
         assert_eq!(r.json(), "\"a\\\"1\"");
         assert_eq!(r.text(), "a\"1");
-        assert_eq!(Ref("7".into()).text(), "7", "a WebSocket's number, as written");
+        assert_eq!(
+            Ref("7".into()).text(),
+            "7",
+            "a WebSocket's number, as written"
+        );
         assert!(Ref::of_text("").is_none(), "proto3's unset string");
         assert!(Ref::of_text(&"x".repeat(REF_BYTES_MAX + 1)).is_none());
     }

@@ -948,7 +948,10 @@ impl WsClient {
                 Err(e) => panic!("ws {}: read failed: {e:?}", self.path),
             }
         };
-        self.ws.get_ref().set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        self.ws
+            .get_ref()
+            .set_read_timeout(Some(IO_TIMEOUT))
+            .unwrap();
         got.map(|(bytes, binary)| parse_ws_payload(&bytes, binary, &self.path))
     }
 

@@ -535,10 +535,7 @@ impl Conn {
                 self.going(Gone::Drain);
                 None
             }
-            Transport::Http
-            | Transport::LongPoll
-            | Transport::Closing
-            | Transport::Grpc => None,
+            Transport::Http | Transport::LongPoll | Transport::Closing | Transport::Grpc => None,
         };
         if farewell.is_some() {
             self.going(Gone::Drain);

@@ -1322,12 +1322,17 @@ mod tests {
                 assert_eq!(c.queued_bytes, 0, "what the task took left the budget");
                 (message, gap)
             });
-            let (bytes, _) = protocol::grpc::next_message(&message, 1 << 20).unwrap().unwrap();
+            let (bytes, _) = protocol::grpc::next_message(&message, 1 << 20)
+                .unwrap()
+                .unwrap();
             let frame = protocol::grpc::decode_server_frame(bytes).unwrap();
             let Some(protocol::grpc::server_frame::Kind::Message(m)) = frame.kind else {
                 panic!("{frame:?}");
             };
-            assert_eq!((m.channel.as_str(), m.id, &m.payload[..]), ("a", 8, &b"x"[..]));
+            assert_eq!(
+                (m.channel.as_str(), m.id, &m.payload[..]),
+                ("a", 8, &b"x"[..])
+            );
             assert_eq!(&gap[..], &protocol::grpc::gap_message("a")[..]);
             fronts.push(message);
         }
@@ -1357,9 +1362,16 @@ mod tests {
         });
         let key = core.register_stream(([127, 0, 0, 1], 1).into());
         core.with_conn(key, |c| {
-            assert!(c.ask_to_go().is_none(), "the call's task says it (UNAVAILABLE)");
+            assert!(
+                c.ask_to_go().is_none(),
+                "the call's task says it (UNAVAILABLE)"
+            );
             assert_eq!((c.drain, c.gone), (Drain::Asked, conn::Gone::Drain));
-            assert_eq!(c.transport(), Transport::GrpcStream, "still a call until it ends");
+            assert_eq!(
+                c.transport(),
+                Transport::GrpcStream,
+                "still a call until it ends"
+            );
         });
         let key = core.register_stream(([127, 0, 0, 1], 1).into());
         core.with_conn(key, |c| {

@@ -13,8 +13,8 @@ use protocol::upstream::{self, ClientMessage, Kind, Ref, SendLimits, UpstreamMet
 use tracing::debug;
 
 use crate::core::conn::{Identity, TwoWay, WsSession};
-use crate::ingest::Message;
 use crate::core::{events, Conn, Core, State, Transport};
+use crate::ingest::Message;
 use crate::ops::metrics::note_upstream_refused;
 use crate::upstream::{Ack, Offered, Outgoing};
 
@@ -65,7 +65,8 @@ impl Answers for GrpcAnswers<'_> {
         protocol::grpc::encode_error(&reference, reason, channel, self.0);
     }
     fn gap(&mut self, channel: &str) {
-        self.0.extend_from_slice(&protocol::grpc::gap_message(channel));
+        self.0
+            .extend_from_slice(&protocol::grpc::gap_message(channel));
     }
     fn message(&mut self, m: &Message) {
         self.0.extend_from_slice(m.grpc());
@@ -94,7 +95,9 @@ impl Core {
             .filter(|_| self.cfg.user_channels)?;
         let name = upstream::user_channel(sub, self.cfg.channel_name_bytes_max);
         if name.is_none() {
-            debug!("token sub cannot name a user channel (too long, or a space, quote or backslash)");
+            debug!(
+                "token sub cannot name a user channel (too long, or a space, quote or backslash)"
+            );
         }
         name
     }

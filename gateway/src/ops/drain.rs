@@ -149,13 +149,15 @@ fn start(
         );
     }
     LEAVING.store(true, Ordering::Release);
-    let spawned = std::thread::Builder::new().name("drain".into()).spawn(move || {
-        if !delay.is_zero() {
-            std::thread::sleep(delay);
-            drain(sig, &listeners, &counts, window);
-        }
-        timeline(&counts, window);
-    });
+    let spawned = std::thread::Builder::new()
+        .name("drain".into())
+        .spawn(move || {
+            if !delay.is_zero() {
+                std::thread::sleep(delay);
+                drain(sig, &listeners, &counts, window);
+            }
+            timeline(&counts, window);
+        });
     if let Err(e) = spawned {
         warn!(error = %e, "no drain timeline thread; exiting now");
         exit_now();

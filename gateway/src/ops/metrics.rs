@@ -523,7 +523,10 @@ pub fn render() -> String {
         "gateway_upstream_unconfirmed",
         "Messages handed to the hubs that no hub has confirmed yet (upstream_confirm_ms).",
         MetricType::GAUGE,
-        vec![gauge(vec![], UPSTREAM_UNCONFIRMED.load(Ordering::Relaxed) as f64)],
+        vec![gauge(
+            vec![],
+            UPSTREAM_UNCONFIRMED.load(Ordering::Relaxed) as f64,
+        )],
     ));
     families.push(family(
         "gateway_upstream_resent_total",
@@ -672,6 +675,9 @@ mod tests {
         // gRPC calls are not connections: a gauge of their own.
         assert!(text.contains("gateway_connections{core=\"0\",transport=\"grpc\"} 1"));
         assert!(!text.contains("transport=\"grpc_stream\""), "{text}");
-        assert!(text.contains("gateway_grpc_streams{core=\"0\"} 3"), "{text}");
+        assert!(
+            text.contains("gateway_grpc_streams{core=\"0\"} 3"),
+            "{text}"
+        );
     }
 }

@@ -217,8 +217,14 @@ fn two_gateways_and_two_publishers_through_one_forwarder_each_get_only_their_cha
     // The forwarder's own view: both sides' peers, and every publication
     // that reached a gateway passed through it once (the XPUB side sends
     // each to every gateway subscribed, counted once).
-    assert_eq!(metric(fwd.admin, "gateway_forwarder_peers{side=\"publishers\"}"), 2.0);
-    assert_eq!(metric(fwd.admin, "gateway_forwarder_peers{side=\"gateways\"}"), 2.0);
+    assert_eq!(
+        metric(fwd.admin, "gateway_forwarder_peers{side=\"publishers\"}"),
+        2.0
+    );
+    assert_eq!(
+        metric(fwd.admin, "gateway_forwarder_peers{side=\"gateways\"}"),
+        2.0
+    );
     let through = metric(
         fwd.admin,
         "gateway_forwarder_publications_total{direction=\"out\"}",

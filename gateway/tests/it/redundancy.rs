@@ -48,7 +48,11 @@ fn two_paths_deliver_each_publication_once_and_either_may_go() {
     while *seen.last().unwrap() < id {
         seen.push(ws.next_delivery().id.expect("an id"));
     }
-    assert_eq!(seen, (first_id..=id).collect::<Vec<_>>(), "each probe once, in order");
+    assert_eq!(
+        seen,
+        (first_id..=id).collect::<Vec<_>>(),
+        "each probe once, in order"
+    );
 
     for k in 1..=5 {
         both(&a, &b, "orders", &format!("m{k}"), id + k);

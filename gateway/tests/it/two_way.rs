@@ -822,7 +822,11 @@ fn router_next(sock: &zmq::Socket, limit: Duration) -> Option<(Vec<u8>, [u8; 8],
         return None;
     }
     let frames = sock.recv_multipart(0).ok()?;
-    assert_eq!(frames.len(), 7, "[identity, seq, kind, address, channel, meta, payload]");
+    assert_eq!(
+        frames.len(),
+        7,
+        "[identity, seq, kind, address, channel, meta, payload]"
+    );
     let seq: [u8; 8] = frames[1][..].try_into().expect("an 8-byte seq");
     Some((frames[0].clone(), seq, frames[6].clone()))
 }
@@ -900,7 +904,10 @@ fn with_confirmations_what_a_killed_hub_had_not_confirmed_reaches_the_other() {
     // Confirmed: nothing left waiting (the gauge follows the relay's loop).
     let deadline = Instant::now() + IO_TIMEOUT;
     while metric(admin, "gateway_upstream_unconfirmed") > 0.0 {
-        assert!(Instant::now() < deadline, "confirmed messages still waiting");
+        assert!(
+            Instant::now() < deadline,
+            "confirmed messages still waiting"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
