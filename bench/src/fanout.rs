@@ -696,21 +696,7 @@ impl FanoutReport {
             ));
         }
         let l = &self.loss;
-        if l.missing > 0 {
-            e.push(format!(
-                "{} of {} expected deliveries missing on {} connections ({} in gaps, {} at the end)",
-                l.missing, l.expected, l.connections_with_loss, l.missing_in_gaps, l.missing_at_end
-            ));
-        }
-        if l.out_of_order > 0 {
-            e.push(format!(
-                "{} deliveries out of order on {} connections",
-                l.out_of_order, l.connections_reordered
-            ));
-        }
-        if l.duplicates > 0 {
-            e.push(format!("{} duplicate deliveries", l.duplicates));
-        }
+        e.extend(l.errors("connections"));
         if l.beyond_published > 0 {
             e.push(format!(
                 "{} sequence numbers past what was published",

@@ -187,22 +187,12 @@ impl LayoutReport {
                 self.unprobed
             ));
         }
-        let l = &self.loss;
-        if l.missing > 0 {
-            e.push(format!(
-                "{layout}: {} of {} expected deliveries missing on {} streams ({} in gaps, {} at the end)",
-                l.missing, l.expected, l.connections_with_loss, l.missing_in_gaps, l.missing_at_end
-            ));
-        }
-        if l.out_of_order > 0 {
-            e.push(format!(
-                "{layout}: {} deliveries out of order on {} streams",
-                l.out_of_order, l.connections_reordered
-            ));
-        }
-        if l.duplicates > 0 {
-            e.push(format!("{layout}: {} duplicate deliveries", l.duplicates));
-        }
+        e.extend(
+            self.loss
+                .errors("streams")
+                .into_iter()
+                .map(|line| format!("{layout}: {line}")),
+        );
         let c = &self.counts;
         for (n, what) in [
             (

@@ -374,6 +374,34 @@ pub struct LossSummary {
     pub connections_reordered: u64,
 }
 
+impl LossSummary {
+    /// What went wrong: missing, reordered and duplicated deliveries,
+    /// counted over `per` (connections, streams).
+    pub fn errors(&self, per: &str) -> Vec<String> {
+        let mut e = Vec::new();
+        if self.missing > 0 {
+            e.push(format!(
+                "{} of {} expected deliveries missing on {} {per} ({} in gaps, {} at the end)",
+                self.missing,
+                self.expected,
+                self.connections_with_loss,
+                self.missing_in_gaps,
+                self.missing_at_end
+            ));
+        }
+        if self.out_of_order > 0 {
+            e.push(format!(
+                "{} deliveries out of order on {} {per}",
+                self.out_of_order, self.connections_reordered
+            ));
+        }
+        if self.duplicates > 0 {
+            e.push(format!("{} duplicate deliveries", self.duplicates));
+        }
+        e
+    }
+}
+
 /// Sums [`SeqTally`]s (each with its channel) against what was published
 /// on each channel.
 pub fn summarize<'a>(
