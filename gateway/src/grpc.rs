@@ -395,11 +395,7 @@ async fn open(
     } else {
         (None, None)
     };
-    if let Some(user) = core.user_channel(grant.as_ref()) {
-        if !channels.contains(&user) {
-            channels.push(user);
-        }
-    }
+    core.add_user_channel(&mut channels, grant.as_ref());
     let two_way = (method == Method::Connect).then(|| core.new_two_way(grant.map(Box::new)));
     let key = core.register_stream(client);
     core.with_conn(key, |c| {

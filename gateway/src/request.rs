@@ -264,7 +264,7 @@ impl<'a> Io<'a> {
                     keep_alive,
                     ..
                 } => {
-                    self.add_user_channel(&mut channels, grant.as_deref());
+                    self.core.add_user_channel(&mut channels, grant.as_deref());
                     pending = leftover;
                     match Box::pin(self.long_poll(&channels, since, keep_alive, &mut pending)).await
                     {
@@ -286,7 +286,7 @@ impl<'a> Io<'a> {
                     ..
                 } => {
                     drop(leftover);
-                    self.add_user_channel(&mut channels, grant.as_deref());
+                    self.core.add_user_channel(&mut channels, grant.as_deref());
                     self.start_sse(channels, last_event_id, chunked);
                     self.park();
                     return Phase::Parked;
@@ -299,7 +299,7 @@ impl<'a> Io<'a> {
                     ..
                 } => {
                     let response = ws::switching_protocols_response(&accept, protocol);
-                    self.add_user_channel(&mut channels, grant.as_deref());
+                    self.core.add_user_channel(&mut channels, grant.as_deref());
                     let two_way = (protocol == Some(upstream::SUBPROTOCOL))
                         .then(|| self.core.new_two_way(grant));
                     return match self.start_websocket(channels, response, since, leftover, two_way)
@@ -749,16 +749,6 @@ impl<'a> Io<'a> {
             return Err(Close::Now);
         }
         Ok((rest, message.keep_alive))
-    }
-
-    /// A token's user channel (`#` and its `sub`) joins the channels asked
-    /// for: the hubs' messages for this user reach every connection of it.
-    fn add_user_channel(&self, channels: &mut Vec<String>, grant: Option<&Grant>) {
-        if let Some(name) = self.core.user_channel(grant) {
-            if !channels.contains(&name) {
-                channels.push(name);
-            }
-        }
     }
 
     /// Subscribes an SSE client and queues the head and what it missed;

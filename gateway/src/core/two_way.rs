@@ -87,19 +87,23 @@ impl Core {
         self.started.elapsed().as_millis() as u64
     }
 
-    /// The user channel of a token's `sub` (`#sub`), which every
-    /// authenticated stream reads, when user channels are on.
-    pub fn user_channel(&self, grant: Option<&Grant>) -> Option<String> {
-        let sub = grant
+    /// Adds a token's user channel (`#` and its `sub`) to the channels
+    /// asked for, when user channels are on: the hubs' messages for this
+    /// user reach every stream of it, whatever its transport.
+    pub fn add_user_channel(&self, channels: &mut Vec<String>, grant: Option<&Grant>) {
+        let Some(sub) = grant
             .and_then(|g| g.sub.as_deref())
-            .filter(|_| self.cfg.user_channels)?;
-        let name = upstream::user_channel(sub, self.cfg.channel_name_bytes_max);
-        if name.is_none() {
-            debug!(
+            .filter(|_| self.cfg.user_channels)
+        else {
+            return;
+        };
+        match upstream::user_channel(sub, self.cfg.channel_name_bytes_max) {
+            Some(name) if !channels.contains(&name) => channels.push(name),
+            Some(_) => {}
+            None => debug!(
                 "token sub cannot name a user channel (too long, or a space, quote or backslash)"
-            );
+            ),
         }
-        name
     }
 
     /// The two-way state of a client that may send: its send budget, and
