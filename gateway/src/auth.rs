@@ -2,8 +2,8 @@
 //!
 //! The keys live in one process-wide `RwLock<Arc<KeySet>>`: a handshake
 //! clones the `Arc` (a read lock held for an increment) and verifies with
-//! it; a SIGHUP builds a new set from the re-read configuration file and
-//! swaps the `Arc`. Connections already open are untouched (their grant was
+//! it; a SIGHUP (the reload thread, see `main`) builds a new set from the
+//! re-read configuration file and swaps the `Arc`. Connections already open are untouched (their grant was
 //! checked at the handshake; their expiry is in their slab entry). A file
 //! that no longer parses, or a key that does not load, keeps the old keys
 //! and is logged as an error.
@@ -12,8 +12,6 @@ use std::sync::{Arc, OnceLock, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use protocol::token::{self, Grant, KeySet, TokenError};
-use signal_hook::consts::SIGHUP;
-use signal_hook::iterator::Signals;
 use tracing::{error, info};
 
 use crate::config::Config;
@@ -28,8 +26,8 @@ pub enum Denied {
     Channel(String),
 }
 
-/// Installs the configuration's keys and, when auth is on, starts the
-/// SIGHUP thread that reloads them. Call once, before the cores serve.
+/// Installs the configuration's keys (auth on). Call once, before the
+/// cores serve; a SIGHUP then calls [`reload`].
 pub fn start(cfg: &'static Config) -> Result<(), String> {
     if !cfg.auth {
         return Ok(());
@@ -37,29 +35,19 @@ pub fn start(cfg: &'static Config) -> Result<(), String> {
     let keys = cfg.key_set()?;
     info!(keys = ?keys, "token authentication on");
     let _ = KEYS.set(RwLock::new(Arc::new(keys)));
-    let mut signals = Signals::new([SIGHUP]).map_err(|e| format!("SIGHUP handler: {e}"))?;
-    std::thread::Builder::new()
-        .name("auth-reload".into())
-        .spawn(move || {
-            crate::ops::drain::unblock_sighup();
-            for _ in signals.forever() {
-                reload(cfg);
-            }
-        })
-        .map_err(|e| format!("spawn auth reload thread: {e}"))?;
     Ok(())
 }
 
 /// Re-reads the keys of the configuration file and swaps them in; on any
-/// error the old keys stay.
-fn reload(cfg: &Config) {
+/// error the old keys stay. Nothing when auth is off.
+pub fn reload(cfg: &Config) {
+    let Some(lock) = KEYS.get() else { return };
     match cfg.reload_key_set() {
         Ok(keys) if keys.is_empty() => {
             error!("SIGHUP: the configuration has no auth key; keeping the old keys");
         }
         Ok(keys) => {
             info!(keys = ?keys, "SIGHUP: auth keys reloaded");
-            let lock = KEYS.get().expect("keys installed before the SIGHUP thread");
             *lock.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(keys);
         }
         Err(e) => error!(error = %e, "SIGHUP: auth keys not reloaded; keeping the old keys"),

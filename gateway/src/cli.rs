@@ -83,6 +83,7 @@ impl Cli {
             cfg = serde_json::from_value(merged).map_err(|e| e.to_string())?;
         }
         cfg.auth_audience_from_cli = given.contains(&"auth_audience");
+        cfg.tls_from_cli = given.contains(&"tls_cert");
         for arg in &self.auth_hs256_secret {
             let (kid, secret) = arg
                 .split_once('=')

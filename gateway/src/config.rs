@@ -264,6 +264,22 @@ pub struct Config {
     /// The same for all the calls of one connection together.
     #[arg(long, value_name = "BYTES", default_value_t = 262_144)]
     pub grpc_connection_window_bytes: u32,
+    /// Certificate chains (PEM, the server's certificate first) the public
+    /// listener serves TLS with, each paired with the key at the same place
+    /// in `tls_key`. Several: the one whose names match the client's SNI
+    /// is chosen; the first serves clients naming no host it has. Empty
+    /// (the default): cleartext. Re-read on SIGHUP.
+    #[arg(long, value_name = "FILE")]
+    pub tls_cert: Vec<PathBuf>,
+    /// The private keys (PEM: PKCS#8, PKCS#1 or SEC1) of `tls_cert`, in
+    /// the same order.
+    #[arg(long, value_name = "FILE")]
+    pub tls_key: Vec<PathBuf>,
+    /// `tls_cert` and `tls_key` came from the command line (a SIGHUP
+    /// re-reads those files rather than the configuration file's).
+    #[serde(skip)]
+    #[arg(skip)]
+    pub tls_from_cli: bool,
     /// `/readyz` answers 503 `no_publisher` while the ZeroMQ socket has no
     /// peer (no publisher or forwarder connected), so a load balancer sends
     /// clients only to gateways that can deliver. Off by default: with a
@@ -479,7 +495,36 @@ impl Config {
         fresh.key_set()
     }
 
+    /// Does the public listener speak TLS?
+    pub fn tls_enabled(&self) -> bool {
+        !self.tls_cert.is_empty()
+    }
+
+    /// The configuration whose `tls_cert` and `tls_key` a SIGHUP loads:
+    /// the file as it is now, or this one when they came from the command
+    /// line (the same files, re-read).
+    pub fn reload_tls_files(&self) -> Result<Config, String> {
+        if self.tls_from_cli {
+            return Ok(self.clone());
+        }
+        let fresh = Config::from_file(self.config_path.as_deref())?;
+        fresh.check_tls_pairs()?;
+        Ok(fresh)
+    }
+
+    fn check_tls_pairs(&self) -> Result<(), String> {
+        if self.tls_cert.len() != self.tls_key.len() {
+            return Err(format!(
+                "tls_cert names {} files and tls_key {}: each certificate needs its key",
+                self.tls_cert.len(),
+                self.tls_key.len()
+            ));
+        }
+        Ok(())
+    }
+
     pub(crate) fn validate(&self) -> Result<(), String> {
+        self.check_tls_pairs()?;
         if let Some(bad) = self
             .ws_subprotocols
             .iter()

@@ -17,6 +17,7 @@ mod ops;
 mod request;
 #[allow(unsafe_code)]
 mod sys;
+mod tls;
 mod upstream;
 
 use std::io::Write;
@@ -82,6 +83,8 @@ fn run(cfg: &'static Config) -> Result<(), String> {
     // Keys in place (and the SIGHUP reload thread started) before any
     // core serves a request.
     auth::start(cfg)?;
+    tls::start(cfg)?;
+    spawn_reload(cfg)?;
     let cores = if cfg.cores == 0 {
         std::thread::available_parallelism().map_or(1, |n| n.get())
     } else {
@@ -223,7 +226,7 @@ fn run(cfg: &'static Config) -> Result<(), String> {
                         match monoio::net::TcpListener::from_std(grpc) {
                             // The same path as the public listener's: the
                             // preface tells HTTP/2 there too.
-                            Ok(l) => drop(monoio::spawn(accept_loop(core.clone(), l))),
+                            Ok(l) => drop(monoio::spawn(accept_loop(core.clone(), l, false))),
                             Err(e) => {
                                 let _ =
                                     ready.send(Err(format!("core {index}: grpc listener: {e}")));
@@ -233,7 +236,7 @@ fn run(cfg: &'static Config) -> Result<(), String> {
                     }
                     let _ = ready.send(Ok(()));
                     drop(ready);
-                    accept_loop(core, listener).await;
+                    accept_loop(core, listener, cfg.tls_enabled()).await;
                     // Draining: the connections, the doorbell and the sweep
                     // go on until the process exits.
                     std::future::pending::<()>().await;
@@ -300,13 +303,36 @@ fn run(cfg: &'static Config) -> Result<(), String> {
     Err("a core or the ingest thread stopped".into())
 }
 
+/// Starts the thread that a SIGHUP wakes to re-read the auth keys and the
+/// TLS certificates (when either is in use; otherwise SIGHUP stays blocked
+/// and is ignored).
+fn spawn_reload(cfg: &'static config::Config) -> Result<(), String> {
+    use signal_hook::consts::SIGHUP;
+    if !cfg.auth && !cfg.tls_enabled() {
+        return Ok(());
+    }
+    let mut signals = signal_hook::iterator::Signals::new([SIGHUP])
+        .map_err(|e| format!("SIGHUP handler: {e}"))?;
+    std::thread::Builder::new()
+        .name("reload".into())
+        .spawn(move || {
+            drain::unblock_sighup();
+            for _ in signals.forever() {
+                auth::reload(cfg);
+                tls::reload(cfg);
+            }
+        })
+        .map_err(|e| format!("spawn the reload thread: {e}"))?;
+    Ok(())
+}
+
 /// Accepts until the drain shuts the listener down, admitting each
 /// connection or answering it 503. The one `accept()` future is always
 /// awaited to completion: dropping a pending accept loses the connection the
 /// kernel has already handed to it. The drain ends it from outside with
 /// `shutdown(SHUT_RD)` on the listener, which completes the pending accept
 /// with an error.
-async fn accept_loop(core: Rc<Core>, listener: monoio::net::TcpListener) {
+async fn accept_loop(core: Rc<Core>, listener: monoio::net::TcpListener, tls: bool) {
     use std::os::fd::{AsRawFd, IntoRawFd};
     loop {
         match listener.accept().await {
@@ -326,12 +352,24 @@ async fn accept_loop(core: Rc<Core>, listener: monoio::net::TcpListener) {
                             core.deregister(key);
                             continue;
                         }
+                        if tls {
+                            if let Some(session) = tls::Session::new() {
+                                core.with_conn(key, |c| c.put_tls(session));
+                            }
+                        }
                         monoio::spawn(request::serve(core.clone(), key));
                     }
                     Err(refusal) => {
                         core.stats.handshake(refusal.reason());
                         // Counted here, logged by the sweep once a second.
                         debug!(core = core.index, %peer, reason = refusal.reason(), "connection refused");
+                        if tls {
+                            // A cleartext 503 means nothing to a TLS
+                            // client; the handshake is what admission
+                            // spares the core. Closed unanswered.
+                            drop(stream);
+                            continue;
+                        }
                         monoio::spawn(request::refuse(
                             stream,
                             admission::refusal_response(refusal),

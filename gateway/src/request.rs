@@ -597,7 +597,7 @@ impl<'a> Io<'a> {
             self.with_conn(|c, _| {
                 if c.dead {
                     Poll::Ready(false)
-                } else if c.queue.is_empty() {
+                } else if c.all_sent() {
                     Poll::Ready(true)
                 } else {
                     register(c, cx);
@@ -616,9 +616,11 @@ impl<'a> Io<'a> {
     /// One non-blocking read of at most `max` bytes into the core's scratch
     /// buffer; `f` sees the bytes read, and the connection what the read
     /// tells (`events::note_read`).
-    fn read_into(&self, f: impl FnOnce(&mut [u8]), max: usize) -> Read {
-        let read = crate::core::events::read_into(self.core, self.fd(), f, max);
-        self.with_conn(|c, core| crate::core::events::note_read(c, read, core.now_s()))
+    fn read_into(&self, mut f: impl FnMut(&mut [u8]), max: usize) -> Read {
+        self.with_conn(|c, core| {
+            let read = crate::core::events::read_conn(core, c, max, |_, bytes| f(bytes));
+            crate::core::events::note_read(c, read, core.now_s())
+        })
     }
 
     /// Subscribes and returns what the client missed after `since`.
@@ -1027,7 +1029,7 @@ fn poll_wake(c: &mut crate::core::Conn, cx: &mut Context<'_>) -> Poll<Wake> {
         State::LongPoll {
             answer: PollAnswer::Queued,
             ..
-        } if c.queue.is_empty() => return Poll::Ready(Wake::PollAnswered),
+        } if c.all_sent() => return Poll::Ready(Wake::PollAnswered),
         _ => {}
     }
     if c.drain == Drain::Asked {

@@ -379,6 +379,10 @@ pub struct Conn {
     pub stream: Option<Transport>,
     /// Why the stream ended (the first reason found).
     pub gone: Gone,
+    /// It came through a TLS listener: its session (see `crate::tls`) is
+    /// in this core's side table ([`Conn::take_tls`]), not in the entry,
+    /// so a cleartext connection pays nothing for it.
+    pub tls: bool,
 }
 
 /// `Conn::fd` of an entry without a socket of its own: a gRPC stream, or
@@ -397,6 +401,10 @@ const POOLED_QUEUES_MAX: usize = 1024;
 const POOLED_QUEUE_FRAMES_MAX: usize = 16;
 
 thread_local! {
+    /// The TLS sessions of this core's connections, by slab key (see
+    /// [`Conn::take_tls`]): 8 bytes per slab entry of a TLS listener's
+    /// core, none in a cleartext gateway's entries.
+    static TLS_SESSIONS: RefCell<Vec<Option<Box<crate::tls::Session>>>> = const { RefCell::new(Vec::new()) };
     static QUEUE_POOL: RefCell<Vec<VecDeque<Bytes>>> = const { RefCell::new(Vec::new()) };
 }
 
@@ -471,6 +479,7 @@ impl Conn {
             serial: 0,
             stream: None,
             gone: Gone::ClientClosed,
+            tls: false,
         }
     }
 
@@ -546,6 +555,57 @@ impl Conn {
         self.drain = Drain::Asked;
         self.wake();
         farewell
+    }
+
+    /// Gives the connection its TLS session (see [`Conn::take_tls`]).
+    pub fn put_tls(&mut self, session: Box<crate::tls::Session>) {
+        self.tls = true;
+        TLS_SESSIONS.with(|t| {
+            let mut t = t.borrow_mut();
+            let key = self.key as usize;
+            if t.len() <= key {
+                t.resize_with(key + 1, || None);
+            }
+            t[key] = Some(session);
+        });
+    }
+
+    /// Takes its TLS session out of the core's side table, to work on it
+    /// together with the entry; [`Conn::put_tls`] puts it back. None for
+    /// a cleartext connection.
+    pub fn take_tls(&mut self) -> Option<Box<crate::tls::Session>> {
+        if !self.tls {
+            return None;
+        }
+        TLS_SESSIONS.with(|t| t.borrow_mut().get_mut(self.key as usize)?.take())
+    }
+
+    /// `f` on its TLS session, if it has one.
+    pub fn with_tls<T>(&self, f: impl FnOnce(&mut crate::tls::Session) -> T) -> Option<T> {
+        if !self.tls {
+            return None;
+        }
+        TLS_SESSIONS.with(|t| {
+            t.borrow_mut()
+                .get_mut(self.key as usize)?
+                .as_deref_mut()
+                .map(f)
+        })
+    }
+
+    /// Frees its TLS session (the entry is being removed).
+    pub(super) fn drop_tls(&mut self) {
+        if self.tls {
+            self.tls = false;
+            let session = TLS_SESSIONS.with(|t| t.borrow_mut().get_mut(self.key as usize)?.take());
+            drop(session);
+        }
+    }
+
+    /// Everything queued has reached the kernel (on a TLS connection, the
+    /// records sealed from it too: a blocked connection has bytes left).
+    pub fn all_sent(&self) -> bool {
+        self.queue.is_empty() && !self.blocked
     }
 
     /// Whether this is an SSE stream sent as a chunked body.

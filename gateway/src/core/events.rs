@@ -111,6 +111,75 @@ pub fn read_into(core: &Core, fd: RawFd, f: impl FnOnce(&mut [u8]), max: usize) 
     }
 }
 
+/// One non-blocking read of connection `c` (at most `max` bytes of the
+/// socket): `f` sees what the client sent, decrypted on a TLS connection
+/// (each record's data in turn; a read may bring none, only handshake
+/// bytes or part of a record). The handshake's answers are sent from
+/// here. A TLS failure is the connection's end (`Eof`), counted and
+/// logged.
+pub fn read_conn(
+    core: &Core,
+    c: &mut Conn,
+    max: usize,
+    mut f: impl FnMut(&mut Conn, &mut [u8]),
+) -> Read {
+    let fd = c.fd;
+    if c.expects_proxy_header || !c.tls {
+        // A PROXY header comes before the TLS handshake, in clear.
+        return read_into(core, fd, |bytes| f(c, bytes), max);
+    }
+    let mut result = Ok(());
+    let read = read_into(core, fd, |raw| result = receive_tls(c, raw, &mut f), max);
+    if read == Read::Eof && c.with_tls(|t| t.is_handshaking()) == Some(true) {
+        crate::tls::Handshake::Closed.count();
+    }
+    match result {
+        Ok(()) => {
+            // The handshake's answers, and anything queued while the
+            // session was out of the side table.
+            if !c.blocked
+                && (!c.queue.is_empty() || c.with_tls(|t| !t.pending().is_empty()) == Some(true))
+            {
+                write(c);
+            }
+            read
+        }
+        Err(()) => Read::Eof,
+    }
+}
+
+/// Feeds ciphertext read from `c` (or left after its PROXY header) to its
+/// TLS session: `f` gets the plaintext. Err when the session failed (or
+/// the client closed it): the connection ends; a failed handshake is
+/// counted and logged, and its alert sent if the socket takes it.
+pub fn receive_tls(
+    c: &mut Conn,
+    raw: &mut [u8],
+    f: &mut dyn FnMut(&mut Conn, &mut [u8]),
+) -> Result<(), ()> {
+    let Some(mut tls) = c.take_tls() else {
+        f(c, raw);
+        return Ok(());
+    };
+    let result = tls.receive(raw, &mut |plain| f(c, plain));
+    c.put_tls(tls);
+    match result {
+        Ok(crate::tls::Received::Open) => Ok(()),
+        Ok(crate::tls::Received::Closed) => Err(()),
+        Err(failure) => {
+            if failure.during_handshake {
+                failure.kind.count();
+                debug!(peer = %c.client(), reason = failure.kind.name(), error = %failure.error, "TLS handshake failed");
+            } else {
+                info!(peer = %c.client(), error = %failure.error, "TLS session broken by the client, closing");
+            }
+            c.with_tls(|tls| tls.alert_after_failure());
+            write(c);
+            Err(())
+        }
+    }
+}
+
 /// What one read of `c` tells about it, applied to it: bytes are a sign of
 /// life (the pong check), finding none clears `readable` until the next
 /// epoll event, the end makes it dead. Returns the read.
@@ -306,7 +375,7 @@ impl Core {
         }
         let keep_alive = keep_alive && !crate::ops::drain::draining();
         match answer {
-            PollAnswer::Queued if c.queue.is_empty() => self.end_poll(c, key, keep_alive),
+            PollAnswer::Queued if c.all_sent() => self.end_poll(c, key, keep_alive),
             PollAnswer::Queued => {}
             PollAnswer::TimedOut => {
                 self.answer_poll_empty(c, key, cursor, keep_alive);
@@ -338,14 +407,17 @@ impl Core {
                 State::WebSocket { session } if !crate::core::two_way::paused(session) => {}
                 _ => return,
             }
-            let fd = c.fd;
-            let mut fed = None;
-            let read = read_into(
-                self,
-                fd,
-                |bytes| fed = Some(self.websocket_input(c, key, bytes)),
-                usize::MAX,
-            );
+            let mut fed: Option<(Vec<u8>, bool)> = None;
+            let read = read_conn(self, c, usize::MAX, |c, bytes| match &mut fed {
+                // Records after the close: nothing more is read.
+                Some((_, true)) => {}
+                Some((answers, ended)) => {
+                    let (more, end) = self.websocket_input(c, key, bytes);
+                    answers.extend_from_slice(&more);
+                    *ended = end;
+                }
+                None => fed = Some(self.websocket_input(c, key, bytes)),
+            });
             if let Some((answers, ended)) = fed {
                 if !answers.is_empty() {
                     send(c, Bytes::from(answers), max);
@@ -416,6 +488,12 @@ impl Core {
         if matches!(c.state, State::Closing { shut_wr: true }) || c.blocked || !c.queue.is_empty() {
             return;
         }
+        if c.with_tls(|t| t.close_notify()) == Some(true) {
+            write(c);
+            if c.blocked {
+                return;
+            }
+        }
         let _ = sys::shutdown(c.fd, std::net::Shutdown::Write);
         c.state = State::Closing { shut_wr: true };
         if c.readable {
@@ -469,6 +547,10 @@ pub fn write(c: &mut Conn) {
         }
         return;
     }
+    if c.tls {
+        write_tls(c);
+        return;
+    }
     while !c.dead {
         if c.queue.is_empty() {
             c.wrote(0, 0);
@@ -493,6 +575,87 @@ pub fn write(c: &mut Conn) {
             }
         }
     }
+}
+
+thread_local! {
+    /// A TLS connection's next record: its plaintext, gathered from the
+    /// queued frames, and the record as sealed. Per thread (one core), so
+    /// no connection keeps a buffer for them.
+    static SEALING: RefCell<(Vec<u8>, Vec<u8>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// [`write`] for a TLS connection: what the session holds goes first (a
+/// handshake flight, the rest of a record), then the queue, sealed a
+/// record at a time; what the socket does not take of a record stays in
+/// the session, and the connection is `blocked` until it has left.
+fn write_tls(c: &mut Conn) {
+    let Some(mut tls) = c.take_tls() else { return };
+    SEALING.with(|sealing| {
+        let (plain, sealed) = &mut *sealing.borrow_mut();
+        while !c.dead {
+            if !tls.pending().is_empty() {
+                match sys::sendmsg(c.fd, [tls.pending()]) {
+                    Ok(sent) => tls.sent(sent),
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        let would_block = e.kind() == io::ErrorKind::WouldBlock;
+                        if !would_block {
+                            debug!(fd = c.fd, error = %e, "send failed");
+                        }
+                        c.write_refused(would_block);
+                        break;
+                    }
+                }
+                if !tls.pending().is_empty() {
+                    c.write_refused(true);
+                    break;
+                }
+            }
+            if c.queue.is_empty() || tls.is_handshaking() {
+                c.wrote(0, 0);
+                break;
+            }
+            plain.clear();
+            for frame in c.unsent() {
+                let room = crate::tls::RECORD_PLAINTEXT_BYTES - plain.len();
+                plain.extend_from_slice(&frame[..frame.len().min(room)]);
+                if frame.len() >= room {
+                    break;
+                }
+            }
+            sealed.clear();
+            if let Err(e) = tls.seal(plain, sealed) {
+                warn!(peer = %c.client(), error = %e, "TLS: could not seal a record, closing");
+                c.write_refused(false);
+                break;
+            }
+            c.advance(plain.len());
+            match sys::sendmsg(c.fd, [&sealed[..]]) {
+                Ok(sent) => tls.unsent(&sealed[sent..]),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock
+                    ) =>
+                {
+                    tls.unsent(sealed)
+                }
+                Err(e) => {
+                    debug!(fd = c.fd, error = %e, "send failed");
+                    c.write_refused(false);
+                    break;
+                }
+            }
+        }
+        // A large burst's buffers are not kept.
+        if plain.capacity() > crate::tls::RECORD_PLAINTEXT_BYTES {
+            *plain = Vec::new();
+        }
+        if sealed.capacity() > 2 * crate::tls::RECORD_PLAINTEXT_BYTES {
+            *sealed = Vec::new();
+        }
+    });
+    c.put_tls(tls);
 }
 
 /// One delivery batch's frames, staged per core: each entry is a frame and
@@ -549,6 +712,12 @@ pub fn write_staged(c: &mut Conn, stage: &Stage) {
     if c.fd == SOCKETLESS {
         unstage(c, stage);
         c.wake();
+        return;
+    }
+    if c.tls {
+        // Sealed from the queue, a record at a time.
+        unstage(c, stage);
+        write(c);
         return;
     }
     let mut next = std::mem::replace(&mut c.staged, NOT_STAGED);

@@ -274,7 +274,8 @@ impl Core {
     /// Removes a connection and closes its socket (which also takes it out
     /// of the epoll set).
     pub fn deregister(&self, key: u32) {
-        let conn = self.conns.borrow_mut().remove(key as usize);
+        let mut conn = self.conns.borrow_mut().remove(key as usize);
+        conn.drop_tls();
         if conn.stream.is_some() {
             // Presence: what the hubs are told, before it leaves its
             // channels (its user channel says who it was).

@@ -69,8 +69,9 @@ pub fn note_asked(n: u64) {
 /// Blocks SIGTERM and SIGINT in the calling thread and in every thread it
 /// starts afterwards, so that they reach only the signal thread (which
 /// unblocks them): a core's `io_uring_enter` or the ingest's `recv` is
-/// never interrupted. SIGHUP too: it reaches only the auth key reload thread
-/// (`auth`), and is ignored (left pending) when that thread does not run.
+/// never interrupted. SIGHUP too: it reaches only the reload thread (auth
+/// keys and TLS certificates), and is ignored (left pending) when that
+/// thread does not run.
 /// Call first thing in `main`, before any thread exists.
 pub fn block_signals() {
     set_mask(libc::SIG_BLOCK);
@@ -82,7 +83,7 @@ pub fn unblock_terminate_signals() {
     set_mask(libc::SIG_UNBLOCK);
 }
 
-/// Lets SIGHUP reach the calling thread (the auth key reload thread).
+/// Lets SIGHUP reach the calling thread (the reload thread).
 pub fn unblock_sighup() {
     sighup_mask(libc::SIG_UNBLOCK);
 }
