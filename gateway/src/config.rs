@@ -275,6 +275,12 @@ pub struct Config {
     /// the same order.
     #[arg(long, value_name = "FILE")]
     pub tls_key: Vec<PathBuf>,
+    /// The gRPC listener (`grpc_listen`) speaks TLS too, with the same
+    /// certificates. Off: it stays cleartext (HTTP/2 with prior knowledge,
+    /// for services on a private network), while the public listener
+    /// serves gRPC over TLS to clients that offer ALPN `h2` alone.
+    #[arg(long)]
+    pub grpc_listen_tls: bool,
     /// `tls_cert` and `tls_key` came from the command line (a SIGHUP
     /// re-reads those files rather than the configuration file's).
     #[serde(skip)]
@@ -525,6 +531,9 @@ impl Config {
 
     pub(crate) fn validate(&self) -> Result<(), String> {
         self.check_tls_pairs()?;
+        if self.grpc_listen_tls && (!self.tls_enabled() || self.grpc_listen.is_empty()) {
+            return Err("grpc_listen_tls needs grpc_listen and tls_cert".into());
+        }
         if let Some(bad) = self
             .ws_subprotocols
             .iter()

@@ -51,6 +51,11 @@ const LOCAL_ERROR_RESETS_MAX: usize = 1024;
 /// Serves connection `key` of `core` as HTTP/2: `first_bytes` were read
 /// from it already (the preface, and what came with it).
 pub async fn serve(core: Rc<Core>, key: u32, first_bytes: Vec<u8>) {
+    let tls = core.with_conn(key, |c| {
+        let session = c.take_tls();
+        c.tls = false;
+        session
+    });
     let Some((tcp, serial)) = take_socket(&core, key) else {
         core.deregister(key);
         return;
@@ -60,6 +65,7 @@ pub async fn serve(core: Rc<Core>, key: u32, first_bytes: Vec<u8>) {
     let io = Prefixed {
         first: Bytes::from(first_bytes),
         inner: tcp,
+        tls,
     };
     let mut builder = h2::server::Builder::new();
     builder
@@ -688,28 +694,90 @@ fn trailers_only(code: Code, reason: &str) -> http::Result<Response<()>> {
 }
 
 /// The socket, with the bytes the request path read before it knew the
-/// client speaks HTTP/2 served first.
+/// client speaks HTTP/2 served first; through the connection's TLS
+/// session when it came over TLS (h2 reads and writes plaintext).
 struct Prefixed<T> {
     first: Bytes,
     inner: T,
+    tls: Option<Box<crate::tls::Session>>,
 }
 
-impl<T: AsyncRead + Unpin> AsyncRead for Prefixed<T> {
+/// Ciphertext read from the socket at a time, on a TLS connection.
+const TLS_READ_BYTES: usize = 16 * 1024;
+
+impl<T: AsyncWrite + Unpin> Prefixed<T> {
+    /// Sends what the TLS session holds (a record, a handshake answer).
+    fn flush_sealed(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let Some(tls) = self.tls.as_mut() else {
+            return Poll::Ready(Ok(()));
+        };
+        while !tls.pending().is_empty() {
+            match Pin::new(&mut self.inner).poll_write(cx, tls.pending()) {
+                Poll::Ready(Ok(0)) => {
+                    return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()))
+                }
+                Poll::Ready(Ok(n)) => tls.sent(n),
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for Prefixed<T> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        if !self.first.is_empty() {
-            let n = self.first.len().min(buf.remaining());
-            let chunk = self.first.split_to(n);
+        let this = &mut *self;
+        if !this.first.is_empty() {
+            let n = this.first.len().min(buf.remaining());
+            let chunk = this.first.split_to(n);
             buf.put_slice(&chunk);
-            if self.first.is_empty() {
-                self.first = Bytes::new();
+            if this.first.is_empty() {
+                this.first = Bytes::new();
             }
             return Poll::Ready(Ok(()));
         }
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        if this.tls.is_none() {
+            return Pin::new(&mut this.inner).poll_read(cx, buf);
+        }
+        loop {
+            let mut raw = vec![0u8; TLS_READ_BYTES];
+            let mut read = ReadBuf::new(&mut raw);
+            match Pin::new(&mut this.inner).poll_read(cx, &mut read) {
+                Poll::Ready(Ok(())) => {}
+                other => return other,
+            }
+            let n = read.filled().len();
+            if n == 0 {
+                return Poll::Ready(Ok(()));
+            }
+            let mut plain = Vec::new();
+            let tls = this.tls.as_mut().expect("checked above");
+            match tls.receive(&mut raw[..n], &mut |p| plain.extend_from_slice(p)) {
+                Ok(crate::tls::Received::Open) => {}
+                // close_notify: the end of the stream.
+                Ok(crate::tls::Received::Closed) => return Poll::Ready(Ok(())),
+                Err(failure) => {
+                    return Poll::Ready(Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        failure.error,
+                    )))
+                }
+            }
+            // A handshake message after the handshake (a key update) may
+            // want an answer; it goes with the next write at the latest.
+            let _ = this.flush_sealed(cx);
+            if !plain.is_empty() {
+                let k = plain.len().min(buf.remaining());
+                buf.put_slice(&plain[..k]);
+                this.first = Bytes::from(plain).slice(k..);
+                return Poll::Ready(Ok(()));
+            }
+        }
     }
 }
 
@@ -719,14 +787,46 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Prefixed<T> {
         cx: &mut Context<'_>,
         bytes: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, bytes)
+        let this = &mut *self;
+        if this.tls.is_none() {
+            return Pin::new(&mut this.inner).poll_write(cx, bytes);
+        }
+        // At most one record waits in the session: the next is sealed
+        // once it has left.
+        match this.flush_sealed(cx) {
+            Poll::Ready(Ok(())) => {}
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Pending => return Poll::Pending,
+        }
+        let n = bytes.len().min(crate::tls::RECORD_PLAINTEXT_BYTES);
+        let mut sealed = Vec::new();
+        let tls = this.tls.as_mut().expect("checked above");
+        if let Err(e) = tls.seal(&bytes[..n], &mut sealed) {
+            return Poll::Ready(Err(std::io::Error::other(e)));
+        }
+        tls.unsent(&sealed);
+        // Sent now if the socket takes it; otherwise by the next write or
+        // the flush.
+        let _ = this.flush_sealed(cx);
+        Poll::Ready(Ok(n))
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        let this = &mut *self;
+        match this.flush_sealed(cx) {
+            Poll::Ready(Ok(())) => Pin::new(&mut this.inner).poll_flush(cx),
+            other => other,
+        }
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+        let this = &mut *self;
+        if let Some(tls) = this.tls.as_mut() {
+            tls.close_notify();
+        }
+        match this.flush_sealed(cx) {
+            Poll::Ready(Ok(())) => Pin::new(&mut this.inner).poll_shutdown(cx),
+            other => other,
+        }
     }
 }

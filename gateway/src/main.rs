@@ -226,7 +226,11 @@ fn run(cfg: &'static Config) -> Result<(), String> {
                         match monoio::net::TcpListener::from_std(grpc) {
                             // The same path as the public listener's: the
                             // preface tells HTTP/2 there too.
-                            Ok(l) => drop(monoio::spawn(accept_loop(core.clone(), l, false))),
+                            Ok(l) => drop(monoio::spawn(accept_loop(
+                                core.clone(),
+                                l,
+                                cfg.grpc_listen_tls,
+                            ))),
                             Err(e) => {
                                 let _ =
                                     ready.send(Err(format!("core {index}: grpc listener: {e}")));

@@ -165,6 +165,19 @@ impl<'a> Io<'a> {
             // Read once: a task started again for the next request does not
             // look for it.
             self.with_conn(|c, _| c.expects_proxy_header = false);
+            // On a TLS listener what came after the header is the start of
+            // the handshake.
+            if !pending.is_empty() && self.with_conn(|c, _| c.tls) {
+                let mut raw = std::mem::take(&mut pending);
+                let received = self.with_conn(|c, _| {
+                    crate::core::events::receive_tls(c, &mut raw, &mut |_, plain| {
+                        pending.extend_from_slice(plain)
+                    })
+                });
+                if received.is_err() {
+                    return Phase::Close(Close::Now);
+                }
+            }
         }
         loop {
             self.with_conn(|c, core| {

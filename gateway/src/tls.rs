@@ -121,7 +121,11 @@ pub fn start(cfg: &Config) -> Result<(), String> {
             .map_err(|e| format!("TLS: {e}"))?
             .with_no_client_auth()
             .with_cert_resolver(Arc::new(BySni));
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // The server's order decides (RFC 7301 §3.2): a client offering both
+    // (a browser, curl) gets HTTP/1.1, where WebSocket, SSE and long-poll
+    // are served; a client offering only `h2` (a gRPC client) gets HTTP/2.
+    // A client offering no ALPN speaks whatever its first bytes say.
+    config.alpn_protocols = vec![b"http/1.1".to_vec(), b"h2".to_vec()];
     config.max_early_data_size = 0;
     let _ = SERVER_CONFIG.set(Arc::new(config));
     Ok(())
@@ -357,11 +361,6 @@ impl Session {
 
     pub fn is_handshaking(&self) -> bool {
         self.handshaking
-    }
-
-    /// The handshake chose HTTP/2 (ALPN `h2`).
-    pub fn alpn_h2(&self) -> bool {
-        self.conn.alpn_protocol() == Some(b"h2")
     }
 
     /// Takes ciphertext just read (`raw`, decrypted in place): `plain` gets

@@ -162,9 +162,16 @@ pub fn receive_tls(
         return Ok(());
     };
     let result = tls.receive(raw, &mut |plain| f(c, plain));
+    let answer = !tls.pending().is_empty();
     c.put_tls(tls);
     match result {
-        Ok(crate::tls::Received::Open) => Ok(()),
+        Ok(crate::tls::Received::Open) => {
+            if answer && !c.blocked {
+                // The handshake's next flight.
+                write(c);
+            }
+            Ok(())
+        }
         Ok(crate::tls::Received::Closed) => Err(()),
         Err(failure) => {
             if failure.during_handshake {

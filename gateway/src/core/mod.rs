@@ -828,7 +828,15 @@ impl Core {
                     conn.deadline_s = 0;
                     match conn.state {
                         State::Request => {
-                            debug!(fd = conn.fd, "request head deadline passed, closing");
+                            if conn.with_tls(|t| t.is_handshaking()) == Some(true) {
+                                crate::tls::Handshake::Timeout.count();
+                                debug!(
+                                    fd = conn.fd,
+                                    "TLS handshake not done within the head timeout, closing"
+                                );
+                            } else {
+                                debug!(fd = conn.fd, "request head deadline passed, closing");
+                            }
                             conn.dead = true;
                         }
                         State::LongPoll { ref mut answer, .. }

@@ -417,6 +417,27 @@ pub fn render() -> String {
             .collect(),
     ));
 
+    if crate::tls::enabled() {
+        families.push(family(
+            "gateway_tls_handshakes_total",
+            "TLS handshakes on the public listener, by result: ok, or why it failed.",
+            MetricType::COUNTER,
+            crate::tls::handshake_counts()
+                .into_iter()
+                .map(|(r, n)| counter(vec![label("result", r)], n))
+                .collect(),
+        ));
+        families.push(family(
+            "gateway_tls_certificate_not_after_seconds",
+            "When each TLS certificate in use expires (notAfter, Unix seconds).",
+            MetricType::GAUGE,
+            crate::tls::expiries()
+                .into_iter()
+                .map(|(file, at)| gauge(vec![label("file", &file)], at as f64))
+                .collect(),
+        ));
+    }
+
     families.push(family(
         "gateway_messages_in_total",
         "Publications received from ZeroMQ, accepted or dropped.",

@@ -100,18 +100,23 @@ def read_frames(call_no, call):
     status(call_no, call)
 
 
-def channel_for(target):
-    return grpc.insecure_channel(
-        target,
-        options=[
-            # The tests resume by hand, from the last id: no transparent
-            # retry may hide an end of stream.
-            ("grpc.enable_retries", 0),
-            ("grpc.enable_http_proxy", 0),
-            ("grpc.max_receive_message_length", -1),
-            ("grpc.max_send_message_length", -1),
-        ],
-    )
+def channel_for(target, args=None):
+    options = [
+        # The tests resume by hand, from the last id: no transparent
+        # retry may hide an end of stream.
+        ("grpc.enable_retries", 0),
+        ("grpc.enable_http_proxy", 0),
+        ("grpc.max_receive_message_length", -1),
+        ("grpc.max_send_message_length", -1),
+    ]
+    if args is not None and args.tls_ca:
+        # TLS, trusting the test CA; ALPN h2 as every gRPC client offers.
+        with open(args.tls_ca, "rb") as f:
+            creds = grpc.ssl_channel_credentials(root_certificates=f.read())
+        if args.tls_name:
+            options.append(("grpc.ssl_target_name_override", args.tls_name))
+        return grpc.secure_channel(target, creds, options=options)
+    return grpc.insecure_channel(target, options=options)
 
 
 def call_metadata(args):
@@ -129,7 +134,7 @@ def compression(args):
 
 
 def subscribe(args):
-    channel = channel_for(args.target)
+    channel = channel_for(args.target, args)
     call_channels = [c.split(",") for c in args.call] or [args.channel]
     calls = []
     threads = []
@@ -200,7 +205,7 @@ def client_frame(cmd):
 
 
 def connect(args):
-    channel = channel_for(args.target)
+    channel = channel_for(args.target, args)
     holder = {}
 
     def requests():
@@ -231,6 +236,8 @@ def main():
         s.add_argument("--token")
         s.add_argument("--metadata", action="append", default=[])
         s.add_argument("--gzip", action="store_true")
+        s.add_argument("--tls-ca", help="connect over TLS, trusting this CA (PEM)")
+        s.add_argument("--tls-name", help="the name the certificate is checked against")
         if name == "subscribe":
             s.add_argument("--channel", action="append", default=[])
             s.add_argument("--call", action="append", default=[])
