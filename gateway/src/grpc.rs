@@ -239,6 +239,12 @@ async fn call(
     request: Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
 ) {
+    let content_type = request.headers().get("content-type");
+    if !content_type.is_some_and(|t| grpc::is_grpc_content_type(t.as_bytes())) {
+        // SSE, long-poll, publish, health: HTTP on HTTP/2.
+        crate::http2::serve(core, conn_key, request, respond).await;
+        return;
+    }
     let client = core.with_conn(conn_key, |c| c.client());
     let (head, mut body) = request.into_parts();
     let opened = match open(&core, client, &head, &mut body).await {
@@ -330,13 +336,6 @@ async fn open(
         return Err(Refusal {
             http_status: Some(405),
             ..Refusal::new(Code::Unimplemented, "method not allowed")
-        });
-    }
-    let content_type = head.headers.get("content-type").map(HeaderValue::as_bytes);
-    if !content_type.is_some_and(grpc::is_grpc_content_type) {
-        return Err(Refusal {
-            http_status: Some(415),
-            ..Refusal::new(Code::Unknown, "not a grpc content-type")
         });
     }
     let Some(method) = Method::from_path(head.uri.path()) else {

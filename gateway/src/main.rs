@@ -12,6 +12,7 @@ mod config;
 mod core;
 mod forwarder;
 mod grpc;
+mod http2;
 mod ingest;
 mod ops;
 mod request;

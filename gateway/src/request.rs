@@ -53,7 +53,7 @@ const LINGER: Duration = Duration::from_secs(crate::core::events::LINGER_S as u6
 pub fn serve(core: Rc<Core>, key: u32) -> impl Future<Output = ()> {
     async move {
         let mut io = Io { core: &core, key };
-        match io.http().await {
+        match io.http(Vec::new()).await {
             Phase::Parked => {}
             // Between requests, nothing read yet: the event loop starts a
             // task again when the next one arrives.
@@ -73,7 +73,7 @@ pub fn serve(core: Rc<Core>, key: u32) -> impl Future<Output = ()> {
 }
 
 /// What the request phase of a connection turned into.
-enum Phase {
+pub(crate) enum Phase {
     Close(Close),
     /// A stream is open, or a long-poll held, and the event loop serves it.
     Parked,
@@ -85,7 +85,7 @@ enum Phase {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Close {
+pub(crate) enum Close {
     /// Drop the socket now (peer gone, socket failed).
     Now,
     /// Let queued bytes (an error response, a close frame) reach the peer first.
@@ -116,12 +116,18 @@ enum Wake {
     Drain,
 }
 
-struct Io<'a> {
+/// The request path of one connection: a socket's, or an HTTP/2
+/// stream's (see `http2`), which has no socket and is never parked.
+pub(crate) struct Io<'a> {
     core: &'a Core,
     key: u32,
 }
 
 impl<'a> Io<'a> {
+    pub(crate) fn new(core: &'a Core, key: u32) -> Io<'a> {
+        Io { core, key }
+    }
+
     fn fd(&self) -> RawFd {
         self.with_conn(|c, _| c.fd)
     }
@@ -131,6 +137,10 @@ impl<'a> Io<'a> {
     /// upgrade, a write the socket refused, a drain.
     fn park(&mut self) {
         self.with_conn(|c, _| {
+            if c.fd == crate::core::conn::SOCKETLESS {
+                // An HTTP/2 stream: its task serves it from here too.
+                return;
+            }
             c.waker = None;
             c.parked = true;
             c.wake();
@@ -148,12 +158,13 @@ impl<'a> Io<'a> {
     }
 
     /// Reads and answers requests (keep-alive) until one opens a stream or
-    /// the connection must close.
-    async fn http(&mut self) -> Phase {
+    /// the connection must close. `pending`: what was read already (an
+    /// HTTP/2 stream's whole request, written as HTTP/1.0).
+    pub(crate) async fn http(&mut self, pending: Vec<u8>) -> Phase {
         // Bytes of an incomplete request head, or of a request that arrived
         // before the previous one was answered. Empty — unallocated — for
         // nearly every connection, whose head arrives in one read.
-        let mut pending: Vec<u8> = Vec::new();
+        let mut pending = pending;
         let limits = self.core.cfg.head_limits();
         if self.with_conn(|c, _| c.expects_proxy_header) {
             self.with_conn(|c, core| {

@@ -121,11 +121,12 @@ pub fn start(cfg: &Config) -> Result<(), String> {
             .map_err(|e| format!("TLS: {e}"))?
             .with_no_client_auth()
             .with_cert_resolver(Arc::new(BySni));
-    // The server's order decides (RFC 7301 §3.2): a client offering both
-    // (a browser, curl) gets HTTP/1.1, where WebSocket, SSE and long-poll
-    // are served; a client offering only `h2` (a gRPC client) gets HTTP/2.
-    // A client offering no ALPN speaks whatever its first bytes say.
-    config.alpn_protocols = vec![b"http/1.1".to_vec(), b"h2".to_vec()];
+    // HTTP/2 first: a browser's SSE streams and long-polls share one
+    // connection (see `http2`), gRPC clients get theirs. A WebSocket opens
+    // its own connection offering `http/1.1` alone (the gateway does not
+    // offer RFC 8441's extended CONNECT). A client offering no ALPN speaks
+    // whatever its first bytes say.
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     config.max_early_data_size = 0;
     let _ = SERVER_CONFIG.set(Arc::new(config));
     Ok(())

@@ -124,6 +124,10 @@ pub fn read_conn(
     mut f: impl FnMut(&mut Conn, &mut [u8]),
 ) -> Read {
     let fd = c.fd;
+    if fd == SOCKETLESS {
+        // An HTTP/2 stream's request path: its bytes were all given.
+        return Read::WouldBlock;
+    }
     if c.expects_proxy_header || !c.tls {
         // A PROXY header comes before the TLS handshake, in clear.
         return read_into(core, fd, |bytes| f(c, bytes), max);
@@ -360,7 +364,7 @@ impl Core {
     /// next request it pipelined is left in the socket until the answer
     /// has gone); once answered, timed out or asked to go by the drain, it
     /// leaves its channels and waits for the next request, or closes.
-    fn serve_held_poll(&self, c: &mut Conn, key: u32) {
+    pub(crate) fn serve_held_poll(&self, c: &mut Conn, key: u32) {
         let State::LongPoll {
             answer,
             cursor,

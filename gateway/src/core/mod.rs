@@ -302,7 +302,9 @@ impl Core {
         if conn.counted_ip {
             self.admission.release(conn.client_ip);
         }
-        if conn.transport() != Transport::GrpcStream {
+        // A stream's entry (a gRPC call, an HTTP/2 request) is not a
+        // connection; an HTTP/2 connection's entry is, without its socket.
+        if conn.fd != conn::SOCKETLESS || matches!(conn.state, State::Http2) {
             self.conn_counts[self.index].fetch_sub(1, Ordering::Relaxed);
         }
     }
