@@ -158,9 +158,21 @@ pub async fn serve(core: Rc<Core>, key: u32, first_bytes: Vec<u8>) {
             }
             Step::Call(Some(Err(e))) => {
                 let peer = core.with_conn(key, |c| c.client());
-                // Flood defences (rapid reset, CONTINUATION, SETTINGS) and
-                // protocol errors end up here, after h2 sent GOAWAY.
-                info!(%peer, error = %e, "http/2 connection ended by an error");
+                let closed_by_peer = e.get_io().is_some_and(|io| {
+                    use std::io::ErrorKind::*;
+                    matches!(
+                        io.kind(),
+                        NotConnected | BrokenPipe | ConnectionReset | UnexpectedEof
+                    )
+                });
+                if closed_by_peer {
+                    // A browser or client going away without GOAWAY.
+                    debug!(%peer, error = %e, "http/2 connection closed by the peer");
+                } else {
+                    // Flood defences (rapid reset, CONTINUATION, SETTINGS)
+                    // and protocol errors end up here, after h2 sent GOAWAY.
+                    info!(%peer, error = %e, "http/2 connection ended by an error");
+                }
                 break;
             }
             Step::Call(None) => {

@@ -115,12 +115,19 @@ pub fn start(cfg: &Config) -> Result<(), String> {
     let set = load(cfg)?;
     info!(certificates = ?set, "TLS on the public listener");
     let _ = CERTIFICATES.set(RwLock::new(Arc::new(set)));
+    let _ = SERVER_CONFIG.set(Arc::new(server_config(Arc::new(BySni))?));
+    Ok(())
+}
+
+/// The configuration every TLS connection shares, its certificates from
+/// `certificates`.
+fn server_config(certificates: Arc<dyn ResolvesServerCert>) -> Result<ServerConfig, String> {
     let mut config =
         ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
             .map_err(|e| format!("TLS: {e}"))?
             .with_no_client_auth()
-            .with_cert_resolver(Arc::new(BySni));
+            .with_cert_resolver(certificates);
     // HTTP/2 first: a browser's SSE streams and long-polls share one
     // connection (see `http2`), gRPC clients get theirs. A WebSocket opens
     // its own connection offering `http/1.1` alone (the gateway does not
@@ -128,8 +135,7 @@ pub fn start(cfg: &Config) -> Result<(), String> {
     // whatever its first bytes say.
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     config.max_early_data_size = 0;
-    let _ = SERVER_CONFIG.set(Arc::new(config));
-    Ok(())
+    Ok(config)
 }
 
 /// Re-reads the certificate files (of the configuration file as it is
@@ -349,8 +355,11 @@ pub fn enabled() -> bool {
 impl Session {
     /// A session for a just-accepted connection. None when TLS is off.
     pub fn new() -> Option<Box<Session>> {
-        let config = SERVER_CONFIG.get()?;
-        let conn = UnbufferedServerConnection::new(config.clone()).ok()?;
+        Session::with_config(SERVER_CONFIG.get()?.clone())
+    }
+
+    fn with_config(config: Arc<ServerConfig>) -> Option<Box<Session>> {
+        let conn = UnbufferedServerConnection::new(config).ok()?;
         Some(Box::new(Session {
             conn,
             incoming: Vec::new(),
@@ -607,6 +616,124 @@ fn grow_into(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rustls::pki_types::ServerName;
+    use std::io::{Read, Write};
+
+    /// A server configuration with one self-signed certificate for
+    /// `localhost`, and a client configuration trusting it.
+    fn configs() -> (Arc<ServerConfig>, Arc<rustls::ClientConfig>) {
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let der = CertificateDer::from(cert.cert.der().to_vec());
+        let key = PrivateKeyDer::try_from(cert.signing_key.serialize_der()).unwrap();
+        let provider = rustls::crypto::ring::default_provider();
+        let certified =
+            Arc::new(CertifiedKey::from_der(vec![der.clone()], key, &provider).unwrap());
+        #[derive(Debug)]
+        struct One(Arc<CertifiedKey>);
+        impl ResolvesServerCert for One {
+            fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+                Some(self.0.clone())
+            }
+        }
+        let server = server_config(Arc::new(One(certified))).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(der).unwrap();
+        let client = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        (Arc::new(server), Arc::new(client))
+    }
+
+    /// Moves the client's bytes to the session (`step` bytes at a time)
+    /// and the session's answers back until neither has more to say;
+    /// returns the plaintext the session handed on.
+    fn exchange(
+        client: &mut rustls::ClientConnection,
+        session: &mut Session,
+        step: usize,
+    ) -> Result<Vec<u8>, Failure> {
+        let mut plain = Vec::new();
+        loop {
+            let mut wire = Vec::new();
+            while client.wants_write() {
+                client.write_tls(&mut wire).unwrap();
+            }
+            let answer = session.pending().to_vec();
+            session.sent(answer.len());
+            if wire.is_empty() && answer.is_empty() {
+                return Ok(plain);
+            }
+            for piece in wire.chunks_mut(step) {
+                session.receive(piece, &mut |p| plain.extend_from_slice(p))?;
+            }
+            if !answer.is_empty() {
+                client.read_tls(&mut &answer[..]).unwrap();
+                client.process_new_packets().unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn a_handshake_and_data_both_ways_leave_the_session_without_buffers() {
+        let request = b"GET /events?channel=a HTTP/1.1\r\n\r\n";
+        for step in [1, 7, 100_000] {
+            let (server, client_config) = configs();
+            let mut session = Session::with_config(server).unwrap();
+            let name = ServerName::try_from("localhost").unwrap();
+            let mut client = rustls::ClientConnection::new(client_config, name).unwrap();
+            client.writer().write_all(request).unwrap();
+            let plain = exchange(&mut client, &mut session, step).unwrap();
+            assert!(!session.is_handshaking() && !client.is_handshaking());
+            assert_eq!(plain, request, "step {step}");
+            // Idle: no partial record kept, nothing waiting to be sent.
+            assert_eq!(session.incoming.capacity(), 0);
+            assert_eq!(session.outgoing.capacity(), 0);
+
+            // Two frames sealed as one record, read back whole.
+            let mut sealed = Vec::new();
+            let frames = [&b"data: one\n\n"[..], &b"data: two\n\n"[..]].concat();
+            session.seal(&frames, &mut sealed).unwrap();
+            assert_eq!(sealed.len(), frames.len() + 22, "one TLS 1.3 record");
+            client.read_tls(&mut &sealed[..]).unwrap();
+            client.process_new_packets().unwrap();
+            let mut got = vec![0; frames.len()];
+            client.reader().read_exact(&mut got).unwrap();
+            assert_eq!(got, frames);
+
+            // The client's close_notify ends the stream.
+            client.send_close_notify();
+            let mut wire = Vec::new();
+            client.write_tls(&mut wire).unwrap();
+            let received = session.receive(&mut wire, &mut |_| {}).unwrap();
+            assert_eq!(received, Received::Closed);
+        }
+    }
+
+    #[test]
+    fn cleartext_on_the_tls_port_is_a_failed_handshake_named_not_tls() {
+        let (server, _) = configs();
+        let mut session = Session::with_config(server).unwrap();
+        let mut request = b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n".to_vec();
+        let failure = session.receive(&mut request, &mut |_| {}).unwrap_err();
+        assert!(failure.during_handshake);
+        assert_eq!(failure.kind, Handshake::NotTls);
+        // The alert that says why is there to send.
+        session.alert_after_failure();
+        assert!(!session.pending().is_empty());
+    }
+
+    #[test]
+    fn a_record_longer_than_a_record_may_be_is_refused_before_it_is_buffered() {
+        let (server, _) = configs();
+        let mut session = Session::with_config(server).unwrap();
+        // A handshake record header promising 64 KiB - 1.
+        let mut header = vec![0x16, 0x03, 0x01, 0xff, 0xff];
+        let failure = session.receive(&mut header, &mut |_| {}).unwrap_err();
+        assert!(failure.during_handshake);
+        assert!(session.incoming.len() <= header.len());
+    }
 
     #[test]
     fn sni_names_match_exactly_or_one_wildcard_label() {
