@@ -5,6 +5,7 @@
 
 import { createReadStream, existsSync } from "node:fs";
 import { createServer } from "node:http";
+import { createServer as createHttpsServer } from "node:https";
 import { extname, join, normalize, sep } from "node:path";
 import { fileURLToPath } from "node:url";
 import { chromium } from "playwright-core";
@@ -26,19 +27,20 @@ const TYPES = { ".html": "text/html", ".js": "text/javascript", ".map": "applica
 /**
  * The static page server: `/` is the test page, `/report.js` its helper,
  * `/sdk/...` the files of sdk/js/dist. `origin` is what the gateway must
- * allow (`--allowed-origin`).
+ * allow (`--allowed-origin`). With `tls` (`{ cert, key }`, PEM) it serves
+ * https.
  */
 export class PageServer {
-  static async start() {
+  static async start({ tls } = {}) {
     sdkEntry();
-    const ps = new PageServer();
+    const ps = new PageServer(tls);
     await new Promise((resolve) => ps.server.listen(0, "127.0.0.2", resolve));
-    ps.origin = `http://127.0.0.2:${ps.server.address().port}`;
+    ps.origin = `${tls ? "https" : "http"}://127.0.0.2:${ps.server.address().port}`;
     return ps;
   }
 
-  constructor() {
-    this.server = createServer((req, res) => {
+  constructor(tls) {
+    const serve = (req, res) => {
       const path = decodeURIComponent(new URL(req.url, "http://x").pathname);
       let file;
       if (path === "/favicon.ico") {
@@ -54,7 +56,8 @@ export class PageServer {
       }
       res.writeHead(200, { "Content-Type": TYPES[extname(file)] ?? "application/octet-stream" });
       createReadStream(file).pipe(res);
-    });
+    };
+    this.server = tls ? createHttpsServer(tls, serve) : createServer(serve);
   }
 
   async close() {
@@ -63,11 +66,14 @@ export class PageServer {
   }
 }
 
-/** Chromium: the system's (CI installs Debian's `chromium`), or CHROMIUM. */
-export async function launchBrowser() {
+/**
+ * Chromium: the system's (CI installs Debian's `chromium`), or CHROMIUM.
+ * `args`: more command-line switches.
+ */
+export async function launchBrowser({ args = [] } = {}) {
   return chromium.launch({
     executablePath: process.env.CHROMIUM ?? "/usr/bin/chromium",
-    args: ["--no-sandbox"],
+    args: ["--no-sandbox", ...args],
   });
 }
 
@@ -94,6 +100,8 @@ export async function openPage(browser, pages, recorder, tokens) {
     throw new Error(`the test page did not load the SDK:\n${problems.join("\n")}`);
   }
   return {
+    /** The Playwright page, for what a test does in it besides SDK clients. */
+    page,
     recorder,
     problems,
     /** Opens an SDK client named `name` with `options` (JSON), connected. */

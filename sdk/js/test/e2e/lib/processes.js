@@ -114,7 +114,8 @@ function gatewayBin() {
 /**
  * A running gateway. `args` are its flags; unless they set them, it listens
  * on a free loopback port, binds a free ZeroMQ port and has no admin
- * listener, so that tests never share a port by accident.
+ * listener, so that tests never share a port by accident. Its `url` is
+ * https when `args` give it a certificate (`--tls-cert`).
  */
 export class Gateway extends Child {
   static async start(args = []) {
@@ -134,7 +135,7 @@ export class Gateway extends Child {
         }),
     );
     gw.listen = fields.listen;
-    gw.url = `http://${fields.listen}`;
+    gw.url = `${argv.includes("--tls-cert") ? "https" : "http"}://${fields.listen}`;
     gw.zmq = fields.zmq === "-" ? null : fields.zmq;
     gw.upstream = fields.upstream?.split(",")[0] ?? null;
     gw.name = `gateway ${fields.listen}`;

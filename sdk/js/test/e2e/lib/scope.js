@@ -77,13 +77,13 @@ class Scope {
     );
   }
 
-  async pageServer() {
-    const pages = await PageServer.start();
+  async pageServer(options) {
+    const pages = await PageServer.start(options);
     return this.#own(pages, () => pages.close());
   }
 
-  async browser() {
-    const browser = await launchBrowser();
+  async browser(options) {
+    const browser = await launchBrowser(options);
     return this.#own(browser, () => browser.close());
   }
 
