@@ -23,6 +23,7 @@ mod readyz_ingest;
 mod redundancy;
 mod resume;
 mod systemd_notify;
+mod tls;
 mod two_gateways;
 mod two_way;
 mod ws_control;
