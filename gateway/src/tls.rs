@@ -324,7 +324,16 @@ pub enum Received {
     Closed,
 }
 
-/// One connection's TLS state (boxed in its slab entry).
+/// A TLS connection's session block: rustls' connection (the record
+/// keys, the handshake's state machine, empty queues) and two empty
+/// buffers. What rustls allocates besides (the traffic keys' schedules,
+/// about 1.5 KiB with *ring*'s AES-GCM) is measured by `bench idle --tls`
+/// (see the README).
+const SESSION_BYTES_MAX: usize = 1152;
+const _: () = assert!(std::mem::size_of::<Session>() <= SESSION_BYTES_MAX);
+
+/// One connection's TLS state (in its core's side table, see
+/// `Conn::take_tls`).
 pub struct Session {
     conn: UnbufferedServerConnection,
     /// Ciphertext of a record not yet complete (unallocated without one).
