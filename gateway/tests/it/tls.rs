@@ -1120,3 +1120,134 @@ fn a_connection_refused_at_accept_is_closed_without_an_answer() {
         thread::sleep(PROBE_INTERVAL);
     }
 }
+
+/// The gRPC test client (`tests/grpc/client.py`, grpcio).
+fn grpc_client(args: &[&str]) -> Proc {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join("grpc")
+        .join("client.py");
+    let mut argv = vec![script.display().to_string()];
+    argv.extend(args.iter().map(|s| s.to_string()));
+    Proc::spawn("python3", &argv)
+}
+
+#[test]
+fn curl_gets_sse_and_long_poll_over_http2_and_grpcio_the_service_on_the_same_port() {
+    let pki = Pki::new("h2");
+    let local = pki.leaf("localhost", &["localhost", "127.0.0.1"], 1, (2099, 1, 1));
+    let (gw, admin) = gateway_with_admin(&[&local], &[]);
+    let publisher = Publisher::connect(gw.zmq_endpoint());
+
+    // curl offers h2 and http/1.1 by ALPN: the gateway picks h2. The head
+    // (`--include`) says so before the stream's events.
+    let mut proc = curl(
+        &gw,
+        &pki,
+        &[
+            "--http2",
+            "--include",
+            "--no-buffer",
+            "-H",
+            "Accept: text/event-stream",
+            &url(&gw, "/events?channel=news"),
+        ],
+    );
+    let status = proc.line();
+    assert_eq!(
+        status.trim_end(),
+        "HTTP/2 200",
+        "the SSE response's status line"
+    );
+    let mut head = Vec::new();
+    loop {
+        let line = proc.line();
+        if line.trim_end().is_empty() {
+            break;
+        }
+        head.push(line.trim_end().to_ascii_lowercase());
+    }
+    assert!(
+        head.contains(&"content-type: text/event-stream".to_string()),
+        "{head:?}"
+    );
+    assert!(
+        !head
+            .iter()
+            .any(|h| h.starts_with("connection:") || h.starts_with("transfer-encoding:")),
+        "no connection-specific header on HTTP/2: {head:?}"
+    );
+    let mut sse = CurlSse {
+        curl: proc,
+        event: SseEvent {
+            id: None,
+            event: None,
+            data: Vec::new(),
+        },
+    };
+    sse.join(&publisher, "news");
+
+    // gRPC over TLS on the same port: grpcio offers h2 alone.
+    let addr = format!("localhost:{}", gw.listen.port());
+    let mut grpc = grpc_client(&[
+        "subscribe",
+        &addr,
+        "--channel",
+        "news",
+        "--tls-ca",
+        pki.ca_path(),
+        "--tls-name",
+        "localhost",
+    ]);
+    let deadline = Instant::now() + PROBE_BUDGET;
+    loop {
+        if Instant::now() > deadline {
+            grpc.fail("no probe over gRPC within the budget");
+        }
+        publisher.publish("news", b"probe");
+        match grpc.line_within(PROBE_INTERVAL) {
+            Ok(Some(line)) => {
+                let v = grpc.json(&line);
+                assert_eq!(v["type"], "message", "{v}");
+                break;
+            }
+            Ok(None) => {}
+            Err(()) => grpc.fail("exited while waiting for a probe"),
+        }
+    }
+    publisher.publish("news", b"both");
+    assert_eq!(sse.next_real().text(), "both");
+    let got = loop {
+        let v = grpc.next();
+        assert_eq!(v["type"], "message", "{v}");
+        let payload = v["payload"].as_str().unwrap_or_default().to_string();
+        if payload != "cHJvYmU=" {
+            break payload;
+        }
+    };
+    assert_eq!(got, "Ym90aA==", "base64 of \"both\"");
+
+    // A held long-poll over HTTP/2, answered by the next publication.
+    let mut held = curl(
+        &gw,
+        &pki,
+        &[
+            "--http2",
+            "--write-out",
+            "\n%{http_version} %{http_code}\n",
+            &url(&gw, "/events?channel=news"),
+        ],
+    );
+    wait_for_held_polls(admin, 1);
+    publisher.publish("news", b"later");
+    let lines = held.lines_to_exit();
+    assert_eq!(lines.last().map(String::as_str), Some("2 200"), "{lines:?}");
+    let body: Value = serde_json::from_str(&lines[0]).unwrap();
+    let answer = parse_longpoll_body(&body, "held over h2");
+    assert_eq!(
+        content(&answer.messages),
+        [("news".into(), b"later".to_vec())]
+    );
+    assert_eq!(sse.next_real().text(), "later");
+    assert!(tls_handshakes(admin, "ok") >= 3.0);
+}
