@@ -158,6 +158,9 @@ impl Translation {
     fn poll_done(&mut self, cx: &mut Context<'_>, phase: Option<&Phase>) -> Poll<()> {
         let core = self.core.clone();
         let key = self.key;
+        // Bytes taken off the queue: the request path may be waiting for
+        // them to have left (`respond`), and nothing else would wake it.
+        let mut took = false;
         loop {
             let dead = core.with_conn(key, |c| {
                 if !c.dead && phase.is_some() && c.transport() == Transport::LongPoll {
@@ -180,7 +183,9 @@ impl Translation {
                 }
             }
             if self.sending.is_empty() {
-                match core.with_conn(key, |c| c.take_front()) {
+                let front = core.with_conn(key, |c| c.take_front());
+                took |= front.is_some();
+                match front {
                     Some(bytes) if self.send.is_none() => {
                         if !self.take_head(bytes) {
                             return Poll::Ready(());
@@ -225,6 +230,9 @@ impl Translation {
                 return Poll::Ready(());
             }
             core.with_conn(key, |c| c.waker = Some(cx.waker().clone()));
+            if took && phase.is_none() {
+                cx.waker().wake_by_ref();
+            }
             return Poll::Pending;
         }
     }

@@ -10,6 +10,7 @@ mod fanout;
 mod forwarder;
 mod grpc;
 mod heartbeats;
+mod http2;
 mod logs;
 mod longpoll;
 mod metrics;
