@@ -71,7 +71,7 @@ pub async fn serve(
         c.deadline_s = 0;
     });
     let mut io = Io::new(&core, key);
-    let mut http = std::pin::pin!(io.http(bytes));
+    let mut http = std::pin::pin!(io.http(move |pending| *pending = bytes));
     let mut stream = Translation {
         core: core.clone(),
         key,

@@ -53,7 +53,7 @@ const LINGER: Duration = Duration::from_secs(crate::core::events::LINGER_S as u6
 pub fn serve(core: Rc<Core>, key: u32) -> impl Future<Output = ()> {
     async move {
         let mut io = Io { core: &core, key };
-        match io.http(Vec::new()).await {
+        match io.http(|_| {}).await {
             Phase::Parked => {}
             // Between requests, nothing read yet: the event loop starts a
             // task again when the next one arrives.
@@ -158,13 +158,17 @@ impl<'a> Io<'a> {
     }
 
     /// Reads and answers requests (keep-alive) until one opens a stream or
-    /// the connection must close. `pending`: what was read already (an
-    /// HTTP/2 stream's whole request, written as HTTP/1.0).
-    pub(crate) async fn http(&mut self, pending: Vec<u8>) -> Phase {
+    /// the connection must close.
+    ///
+    /// `given` fills in what was read already: nothing for a socket (a
+    /// closure of no size, so a connection's task does not grow), an
+    /// HTTP/2 stream's whole request.
+    pub(crate) async fn http(&mut self, given: impl FnOnce(&mut Vec<u8>)) -> Phase {
         // Bytes of an incomplete request head, or of a request that arrived
         // before the previous one was answered. Empty — unallocated — for
         // nearly every connection, whose head arrives in one read.
-        let mut pending = pending;
+        let mut pending: Vec<u8> = Vec::new();
+        given(&mut pending);
         let limits = self.core.cfg.head_limits();
         if self.with_conn(|c, _| c.expects_proxy_header) {
             self.with_conn(|c, core| {
