@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::tls::TlsFiles;
+
 /// Load generator for the gateway and the baseline server it is compared with.
 #[derive(Debug, Parser)]
 #[command(name = "bench", version)]
@@ -151,6 +153,22 @@ impl ServerKind {
         }
     }
 
+    /// Why it cannot be measured over TLS (`--tls`), if it cannot: the
+    /// bench gives a certificate to the gateway and to nginx only.
+    pub fn check_tls(self) -> Result<(), String> {
+        match self {
+            ServerKind::Gateway | ServerKind::Nchan => Ok(()),
+            ServerKind::Baseline | ServerKind::Bun => Err(format!(
+                "--tls: the bench runs {} without TLS: --tls measures the gateway and nchan",
+                if self == ServerKind::Bun {
+                    "the Bun script (bun)"
+                } else {
+                    "the baseline"
+                }
+            )),
+        }
+    }
+
     /// Why it cannot serve `transport`, if it cannot: the baseline and the
     /// Bun script leave long-poll out; nchan and the Bun script have no gRPC.
     pub fn check_transport(self, transport: Transport) -> Result<(), String> {
@@ -274,11 +292,13 @@ pub enum Server {
         stderr: Option<PathBuf>,
         ready_timeout: Duration,
     },
-    /// nginx + nchan with `workers` worker processes.
+    /// nginx + nchan with `workers` worker processes; `listen … ssl` with
+    /// `tls`'s certificate when given.
     Nchan {
         nginx: PathBuf,
         module: PathBuf,
         workers: u32,
+        tls: Option<TlsFiles>,
         ready_timeout: Duration,
     },
     /// Bun running the bench's script.
@@ -291,6 +311,32 @@ pub enum Server {
         target: SocketAddr,
         zmq: Option<String>,
     },
+}
+
+impl Server {
+    /// The same server, spawned with TLS on its listener with `files`: the
+    /// gateway's `--tls-cert FILE --tls-key FILE`, nginx's `listen … ssl`.
+    /// An attached server or Bun cannot be given one.
+    pub fn with_tls(&self, files: &TlsFiles) -> Result<Server, String> {
+        let mut server = self.clone();
+        match &mut server {
+            Server::Spawn { extra_args, .. } => {
+                for (flag, path) in [("--tls-cert", &files.cert), ("--tls-key", &files.key)] {
+                    extra_args.push(flag.into());
+                    extra_args.push(path.display().to_string());
+                }
+            }
+            Server::Nchan { tls, .. } => *tls = Some(files.clone()),
+            Server::Bun { .. } => {
+                return Err("--tls: the Bun script is run without TLS".into());
+            }
+            Server::Attach { .. } => return Err(
+                "--tls gives the servers the bench spawns a certificate it makes: not with --pid"
+                    .into(),
+            ),
+        }
+        Ok(server)
+    }
 }
 
 impl ServerArgs {
@@ -345,6 +391,7 @@ impl ServerArgs {
                                 .clone()
                                 .unwrap_or_else(|| NCHAN_MODULE_DEBIAN.into()),
                             workers: self.cores,
+                            tls: None,
                             ready_timeout,
                         };
                         return Ok((kind, server));
@@ -438,6 +485,14 @@ pub struct IdleArgs {
     /// on `idle-*`, so each has a user channel of its own.
     #[arg(long, value_name = "SECRET")]
     pub token_hs256: Option<String>,
+    /// Over TLS: the bench makes a certificate (ECDSA P-256, self-signed,
+    /// for localhost), starts the gateway with it (`--tls-cert`,
+    /// `--tls-key`) and nginx with `listen … ssl` on it, and the clients
+    /// connect with TLS 1.3, trusting it, each a full handshake (no
+    /// session resumption). The gateway and nchan only; WebSocket, SSE and
+    /// long-poll.
+    #[arg(long, conflicts_with = "pid")]
+    pub tls: bool,
 }
 
 /// What the client side of fanout and storm share: how many sockets, from
@@ -560,6 +615,10 @@ pub struct StormArgs {
     /// /proc/net/tcp) before reconnecting.
     #[arg(long, default_value_t = 10.0, value_parser = seconds)]
     pub settle_s: f64,
+    /// Over TLS (see `bench idle --tls`): every handshake a full TLS 1.3
+    /// one (no session resumption) before the HTTP one.
+    #[arg(long, conflicts_with = "pid")]
+    pub tls: bool,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -967,6 +1026,7 @@ mod tests {
                 nginx: "nginx".into(),
                 module: NCHAN_MODULE_DEBIAN.into(),
                 workers: 2,
+                tls: None,
                 ready_timeout: Duration::from_secs(30),
             }
         );
@@ -1004,6 +1064,7 @@ mod tests {
                 nginx: "/opt/nginx".into(),
                 module: "/opt/nchan.so".into(),
                 workers: 3,
+                tls: None,
                 ready_timeout: Duration::from_secs(30),
             }
         );
@@ -1135,6 +1196,72 @@ mod tests {
             args.extend_from_slice(bad);
             assert!(parse_scenario(&args).is_err(), "{bad:?} accepted");
         }
+    }
+
+    #[test]
+    fn tls_flags_and_servers() {
+        let Scenario::Idle(a) = parse_scenario(&[
+            "idle",
+            "--gateway",
+            "gw",
+            "--tls",
+            "--server",
+            "gateway,nchan",
+        ])
+        .unwrap() else {
+            panic!()
+        };
+        assert!(a.tls);
+        let Scenario::Storm(s) = parse_scenario(&["storm", "--gateway", "gw", "--tls"]).unwrap()
+        else {
+            panic!()
+        };
+        assert!(s.tls);
+        let Scenario::Storm(s) = parse_scenario(&["storm", "--gateway", "gw"]).unwrap() else {
+            panic!()
+        };
+        assert!(!s.tls);
+        // The certificate is the bench's: not for a running server.
+        for scenario in ["idle", "storm"] {
+            assert!(
+                parse_scenario(&[scenario, "--tls", "--pid", "7", "--target", "127.0.0.1:80"])
+                    .is_err()
+            );
+        }
+        // Servers given the files: the gateway by its flags, nginx by its
+        // configuration; not Bun, not an attached one.
+        let files = TlsFiles {
+            cert: "/d/cert.pem".into(),
+            key: "/d/key.pem".into(),
+        };
+        let servers = a.server.servers().unwrap();
+        let Server::Spawn { extra_args, .. } = servers[0].1.with_tls(&files).unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            extra_args,
+            ["--tls-cert", "/d/cert.pem", "--tls-key", "/d/key.pem"]
+        );
+        let Server::Nchan { tls, .. } = servers[1].1.with_tls(&files).unwrap() else {
+            panic!()
+        };
+        assert_eq!(tls, Some(files.clone()));
+        let bun = Server::Bun {
+            bin: "bun".into(),
+            ready_timeout: Duration::from_secs(1),
+        };
+        assert!(bun.with_tls(&files).is_err());
+        let attached = Server::Attach {
+            pid: 1,
+            target: "127.0.0.1:1".parse().unwrap(),
+            zmq: None,
+        };
+        assert!(attached.with_tls(&files).is_err());
+        assert!(ServerKind::Gateway.check_tls().is_ok());
+        assert!(ServerKind::Nchan.check_tls().is_ok());
+        let err = ServerKind::Baseline.check_tls().unwrap_err();
+        assert!(err.contains("measures the gateway and nchan"), "{err}");
+        assert!(ServerKind::Bun.check_tls().is_err());
     }
 
     #[test]

@@ -1009,6 +1009,7 @@ pub fn run_one(
             backoff_max: Duration::from_secs(1),
             keep_in_epoll: true,
             subprotocol: None,
+            tls: None,
         };
         let worker = Worker::new(t as usize, base, count, channels, cfg, shared.clone())?;
         let tx = result_tx.clone();

@@ -1,11 +1,13 @@
 //! The client side of a subscription handshake (connect, send the request,
-//! read and check the response head) as a nonblocking state machine driven by
-//! epoll, and [`Dialer`], which runs many of them with a bound on how many
-//! are in flight, start times, per-attempt timeouts and retries with backoff.
+//! read and check the response head; over TLS, the TLS handshake first, the
+//! request going out with the client's Finished) as a nonblocking state
+//! machine driven by epoll, and [`Dialer`], which runs many of them with a
+//! bound on how many are in flight, start times, per-attempt timeouts and
+//! retries with backoff.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
-use std::io;
+use std::io::{self, Write as _};
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::RawFd;
 use std::time::{Duration, Instant};
@@ -13,6 +15,7 @@ use std::time::{Duration, Instant};
 use crate::cli::Transport;
 use crate::http;
 use crate::sys::{self, Epoll};
+use crate::tls::{self, ClientTls, FdIo};
 use crate::util::Rng;
 
 /// A response head larger than this is a failure, not something to buffer.
@@ -21,6 +24,8 @@ pub const HEAD_BYTES_MAX: usize = 16 * 1024;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
     Connecting,
+    /// TLS: the handshake (the request is queued behind it).
+    Tls,
     Sending,
     Reading,
 }
@@ -29,6 +34,7 @@ impl Step {
     pub fn name(self) -> &'static str {
         match self {
             Step::Connecting => "connecting",
+            Step::Tls => "TLS handshake",
             Step::Sending => "sending the request",
             Step::Reading => "waiting for the response head",
         }
@@ -39,9 +45,45 @@ impl Step {
 pub struct Handshake {
     pub fd: RawFd,
     pub step: Step,
-    /// The request while sending, then the response head as it arrives.
+    /// The request while sending, then the response head as it arrives
+    /// (over TLS: the plaintext).
     pub buf: Vec<u8>,
     pub sent: usize,
+    /// Over TLS: the client, then (once connected) its connection.
+    pub tls: Option<Tls>,
+}
+
+/// A handshake's TLS side.
+pub enum Tls {
+    /// Not connected yet: the client its connection is made from.
+    Client(ClientTls),
+    /// Connected: rustls' connection and the events epoll watches for it.
+    Conn {
+        conn: Box<rustls::ClientConnection>,
+        events: u32,
+    },
+}
+
+impl Handshake {
+    /// A connection whose connect was just started, with its request;
+    /// TLS when `tls` is given.
+    pub fn new(fd: RawFd, request: Vec<u8>, tls: Option<&ClientTls>) -> Handshake {
+        Handshake {
+            fd,
+            step: Step::Connecting,
+            buf: request,
+            sent: 0,
+            tls: tls.map(|c| Tls::Client(c.clone())),
+        }
+    }
+
+    /// Its TLS connection, once connected (taken: the handshake is done).
+    pub fn take_tls(&mut self) -> Option<Box<rustls::ClientConnection>> {
+        match self.tls.take() {
+            Some(Tls::Conn { conn, .. }) => Some(conn),
+            _ => None,
+        }
+    }
 }
 
 pub enum Progress {
@@ -73,7 +115,27 @@ pub fn advance(
                 format!("events {flags:#x}"),
             );
         }
-        h.step = Step::Sending;
+        if let Some(Tls::Client(client)) = &h.tls {
+            let mut conn = match client.connect() {
+                Ok(c) => c,
+                Err(e) => return Progress::Failed(e, String::new()),
+            };
+            // Queued: rustls sends it right after the client's Finished.
+            if let Err(e) = conn.writer().write_all(&h.buf) {
+                return Progress::Failed(format!("TLS: queueing the request: {e}"), String::new());
+            }
+            h.tls = Some(Tls::Conn {
+                conn: Box::new(conn),
+                events: (libc::EPOLLOUT | libc::EPOLLRDHUP) as u32,
+            });
+            h.buf = Vec::with_capacity(512);
+            h.step = Step::Tls;
+        } else {
+            h.step = Step::Sending;
+        }
+    }
+    if matches!(h.tls, Some(Tls::Conn { .. })) {
+        return advance_tls(h, ep, token, transport, subprotocol);
     }
     if h.step == Step::Sending {
         while h.sent < h.buf.len() {
@@ -112,21 +174,127 @@ pub fn advance(
             }
             Ok(n) => {
                 h.buf.extend_from_slice(&chunk[..n]);
-                if let Some(len) = http::head_len(&h.buf) {
-                    let head = &h.buf[..len];
-                    return match http::check_subscribe_response(transport, head, subprotocol) {
-                        Ok(()) => Progress::Done(h.buf.len() - len),
-                        Err(e) => Progress::Failed(e, head_excerpt(&h.buf[..len])),
-                    };
-                }
-                if h.buf.len() > HEAD_BYTES_MAX {
-                    return Progress::Failed(
-                        format!("response head over {HEAD_BYTES_MAX} bytes"),
-                        http::first_line(&h.buf),
-                    );
+                if let Some(done) = head_progress(&h.buf, transport, subprotocol) {
+                    return done;
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Progress::Pending,
+            Err(e) => {
+                return Progress::Failed(
+                    format!("recv: {e}"),
+                    format!(
+                        "{} bytes received: {:?}",
+                        h.buf.len(),
+                        http::first_line(&h.buf)
+                    ),
+                )
+            }
+        }
+    }
+}
+
+/// What the response so far in `buf` decides: done (the head accepts the
+/// subscription), failed (it refuses, or is too long), or `None`: not all
+/// of the head is there yet.
+fn head_progress(buf: &[u8], transport: Transport, subprotocol: Option<&str>) -> Option<Progress> {
+    if let Some(len) = http::head_len(buf) {
+        let head = &buf[..len];
+        return Some(
+            match http::check_subscribe_response(transport, head, subprotocol) {
+                Ok(()) => Progress::Done(buf.len() - len),
+                Err(e) => Progress::Failed(e, head_excerpt(head)),
+            },
+        );
+    }
+    if buf.len() > HEAD_BYTES_MAX {
+        return Some(Progress::Failed(
+            format!("response head over {HEAD_BYTES_MAX} bytes"),
+            http::first_line(buf),
+        ));
+    }
+    None
+}
+
+/// [`advance`] over TLS, once connected: writes what rustls has to send,
+/// reads and decrypts what came, and checks the plaintext's response head;
+/// epoll watches for readability, and writability while rustls has
+/// something the socket refused.
+fn advance_tls(
+    h: &mut Handshake,
+    ep: &Epoll,
+    token: u64,
+    transport: Transport,
+    subprotocol: Option<&str>,
+) -> Progress {
+    let Some(Tls::Conn { conn, events }) = h.tls.as_mut() else {
+        unreachable!("called for a connected TLS handshake");
+    };
+    let mut sock = FdIo(h.fd);
+    loop {
+        while conn.wants_write() {
+            match conn.write_tls(&mut sock) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Progress::Failed(format!("send: {e}"), String::new()),
+            }
+        }
+        if h.step == Step::Tls && !conn.is_handshaking() {
+            h.step = Step::Reading;
+        }
+        if transport == Transport::LongPoll && h.step == Step::Reading && !conn.wants_write() {
+            // Held by the server (see `advance`): the request sent is the
+            // handshake.
+            return Progress::Done(0);
+        }
+        match conn.read_tls(&mut sock) {
+            Ok(0) => {
+                return Progress::Failed(
+                    if h.step == Step::Tls {
+                        "closed during the TLS handshake".into()
+                    } else {
+                        "closed before a complete response head".into()
+                    },
+                    format!(
+                        "{} bytes received: {:?}",
+                        h.buf.len(),
+                        http::first_line(&h.buf)
+                    ),
+                )
+            }
+            Ok(_) => {
+                if let Err(e) = conn.process_new_packets() {
+                    // The alert that says why, as any client would send it.
+                    let _ = conn.write_tls(&mut sock);
+                    return Progress::Failed(format!("TLS: {e}"), String::new());
+                }
+                let closed = tls::read_plaintext(conn, &mut h.buf, usize::MAX);
+                if let Some(done) = head_progress(&h.buf, transport, subprotocol) {
+                    return done;
+                }
+                if closed {
+                    return Progress::Failed(
+                        "closed (close_notify) before a complete response head".into(),
+                        format!("{} bytes received", h.buf.len()),
+                    );
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                let want = (libc::EPOLLIN | libc::EPOLLRDHUP) as u32
+                    | if conn.wants_write() {
+                        libc::EPOLLOUT as u32
+                    } else {
+                        0
+                    };
+                if want != *events {
+                    if let Err(e) = ep.modify(h.fd, want, token) {
+                        return Progress::Failed(format!("epoll_ctl: {e}"), String::new());
+                    }
+                    *events = want;
+                }
+                return Progress::Pending;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => {
                 return Progress::Failed(
                     format!("recv: {e}"),
@@ -178,6 +346,10 @@ pub struct DialConfig {
     /// A WebSocket subprotocol to offer, which the 101 must then choose
     /// (the two-way `gateway.v1`); `None`: the plain subscription.
     pub subprotocol: Option<&'static str>,
+    /// Connect with TLS (the handshake's plaintext only: an open
+    /// connection's TLS state is dropped, so this is for clients that then
+    /// read nothing, the storm's).
+    pub tls: Option<ClientTls>,
 }
 
 /// A connection whose handshake succeeded.
@@ -229,6 +401,8 @@ pub struct Dialer {
     /// Out of descriptors: nothing more is started.
     out_of_fds: bool,
     rng: Rng,
+    /// Over TLS: what the first completed handshake negotiated.
+    pub negotiated: Option<String>,
 }
 
 impl Dialer {
@@ -247,6 +421,7 @@ impl Dialer {
             max_in_flight_seen: 0,
             out_of_fds: false,
             rng: Rng::new(seed),
+            negotiated: None,
         }
     }
 
@@ -400,12 +575,7 @@ impl Dialer {
         self.inflight.insert(
             local,
             Attempt {
-                hs: Handshake {
-                    fd,
-                    step: Step::Connecting,
-                    buf,
-                    sent: 0,
-                },
+                hs: Handshake::new(fd, buf, self.cfg.tls.as_ref()),
                 started: now,
                 attempt,
             },
@@ -437,7 +607,12 @@ impl Dialer {
         ) {
             Progress::Pending => {}
             Progress::Done(extra) => {
-                let a = self.inflight.remove(&local).expect("present");
+                let mut a = self.inflight.remove(&local).expect("present");
+                if let Some(conn) = a.hs.take_tls() {
+                    if self.negotiated.is_none() {
+                        self.negotiated = Some(tls::negotiated(&conn));
+                    }
+                }
                 if !self.cfg.keep_in_epoll {
                     let _ = ep.delete(a.hs.fd);
                 }
@@ -560,6 +735,7 @@ mod tests {
             backoff_max: Duration::from_millis(40),
             keep_in_epoll: false,
             subprotocol: None,
+            tls: None,
         }
     }
 
@@ -710,6 +886,88 @@ mod tests {
         }
         assert_eq!(d.failed_attempts, 1);
         assert!(d.failures.keys().next().unwrap().starts_with("status 503"));
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn over_tls_the_request_follows_the_handshake() {
+        let setup = crate::tls::TlsSetup::generate().unwrap();
+        let (addr, done, server) = setup.serve(6, |_, _| {
+            // The response head and a first frame in one record.
+            let mut answer = WS_101.as_bytes().to_vec();
+            answer.extend_from_slice(&[0x81, 2, b'h', b'i']);
+            Some(answer)
+        });
+        let ep = Epoll::new().unwrap();
+        let mut cfg = config(addr, 1);
+        cfg.tls = Some(setup.client.clone());
+        let mut d = Dialer::new(cfg, 10, 1);
+        let now = Instant::now();
+        for local in 0..6 {
+            d.schedule(local, now);
+        }
+        let out = drive(&mut d, &ep);
+        assert!(d.failures.is_empty(), "{:?}", d.failures);
+        assert_eq!(out.len(), 6);
+        for o in &out {
+            match o {
+                Outcome::Opened(o) => {
+                    assert_eq!(o.extra, b"\x81\x02hi");
+                    sys::close(o.fd);
+                }
+                Outcome::GaveUp => panic!("gave up"),
+            }
+        }
+        let negotiated = d.negotiated.clone().unwrap();
+        assert!(negotiated.starts_with("TLS 1.3 "), "{negotiated}");
+        done.send(()).unwrap();
+        let heads = server.join().unwrap();
+        for ch in ["t-0", "t-1", "t-2"] {
+            let line = format!("GET /ws?channel={ch} HTTP/1.1\r\n");
+            assert_eq!(heads.iter().filter(|h| h.starts_with(&line)).count(), 2);
+        }
+    }
+
+    #[test]
+    fn over_tls_an_untrusted_certificate_and_a_refusal_fail() {
+        let setup = crate::tls::TlsSetup::generate().unwrap();
+        let other = crate::tls::TlsSetup::generate().unwrap();
+        // A server with another certificate: refused by the client (whose
+        // alert, or the reset that follows it, fails the server's read).
+        let server_config = other.server_config();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = std::thread::spawn(move || {
+            let (tcp, _) = listener.accept().unwrap();
+            let conn = rustls::ServerConnection::new(server_config).unwrap();
+            let mut s = rustls::StreamOwned::new(conn, tcp);
+            let mut b = [0u8; 16];
+            s.read(&mut b).is_err()
+        });
+        let ep = Epoll::new().unwrap();
+        let mut cfg = config(addr, 1);
+        cfg.tls = Some(setup.client.clone());
+        let mut d = Dialer::new(cfg.clone(), 0, 1);
+        d.schedule(0, Instant::now());
+        assert!(matches!(drive(&mut d, &ep)[..], [Outcome::GaveUp]));
+        let (reason, _) = d.failures.iter().next().unwrap();
+        assert!(
+            reason.starts_with("TLS: invalid peer certificate"),
+            "{reason}"
+        );
+        assert!(server.join().unwrap());
+
+        // The right certificate, a 503: the head is checked as in cleartext.
+        let (addr, done, server) = setup.serve(1, |_, _| {
+            Some(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n".to_vec())
+        });
+        cfg.target = addr;
+        let mut d = Dialer::new(cfg, 0, 1);
+        d.schedule(0, Instant::now());
+        assert!(matches!(drive(&mut d, &ep)[..], [Outcome::GaveUp]));
+        let (reason, _) = d.failures.iter().next().unwrap();
+        assert!(reason.starts_with("status 503"), "{reason}");
+        done.send(()).unwrap();
         server.join().unwrap();
     }
 

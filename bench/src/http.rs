@@ -133,14 +133,37 @@ pub fn parse_health(buf: &[u8]) -> Result<Option<Vec<u64>>, String> {
 /// Asks a server's `/healthz` for its connections per core.
 pub fn healthz(addr: SocketAddr, timeout: Duration) -> Result<Vec<u64>, String> {
     let deadline = Instant::now() + timeout;
-    let mut s = TcpStream::connect_timeout(&addr, timeout)
+    let s = TcpStream::connect_timeout(&addr, timeout)
         .map_err(|e| format!("/healthz connect {addr}: {e}"))?;
     s.set_read_timeout(Some(timeout))
         .map_err(|e| e.to_string())?;
+    healthz_on(s, addr, deadline, timeout)
+}
+
+/// [`healthz`] over TLS, trusting what `tls` trusts.
+pub fn healthz_tls(
+    addr: SocketAddr,
+    tls: &crate::tls::ClientTls,
+    timeout: Duration,
+) -> Result<Vec<u64>, String> {
+    let deadline = Instant::now() + timeout;
+    let s =
+        crate::tls::connect_blocking(tls, addr, timeout).map_err(|e| format!("/healthz {e}"))?;
+    healthz_on(s, addr, deadline, timeout)
+}
+
+/// The `/healthz` request and its answer on a connected stream.
+fn healthz_on(
+    mut s: impl Read + Write,
+    addr: SocketAddr,
+    deadline: Instant,
+    timeout: Duration,
+) -> Result<Vec<u64>, String> {
     s.write_all(
         format!("GET /healthz HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
     )
     .map_err(|e| format!("/healthz send: {e}"))?;
+    s.flush().map_err(|e| format!("/healthz send: {e}"))?;
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     loop {

@@ -8,7 +8,10 @@
 //! peeking `recv`, at the end of the hold. They are closed with a reset, so
 //! that back-to-back runs do not measure each other's TIME_WAIT sockets.
 //! gRPC connections (`--transport grpc`) are HTTP/2 and opened by the h2
-//! client of `grpc`, each with one Subscribe stream.
+//! client of `grpc`, each with one Subscribe stream. Over TLS (`--tls`) a
+//! connection keeps its client TLS state (the bench's memory, not the
+//! server's), so that what waits on it at the end of the hold is
+//! decrypted and judged like cleartext.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io;
@@ -24,13 +27,24 @@ use crate::procfs;
 use crate::report::{Health, IdleReport};
 use crate::sys::{self, Epoll};
 use crate::target::Target;
+use crate::tls::{self, ClientTls, TlsSetup};
 
 const HEALTHZ_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the server may take to count the closed connections out.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
-pub fn run(args: &IdleArgs, kind: ServerKind, server: &Server) -> Result<IdleReport, String> {
+pub fn run(
+    args: &IdleArgs,
+    kind: ServerKind,
+    server: &Server,
+    tls: Option<&TlsSetup>,
+) -> Result<IdleReport, String> {
     kind.check_transport(args.transport)?;
+    if tls.is_some() && args.transport == Transport::Grpc {
+        return Err(
+            "--tls measures WebSocket, SSE and long-poll (--transport ws|sse|longpoll)".into(),
+        );
+    }
     sys::check_nofile_for(args.connections)?;
 
     // Spawned (and stopped when dropped) or attached; with its gRPC
@@ -38,7 +52,7 @@ pub fn run(args: &IdleArgs, kind: ServerKind, server: &Server) -> Result<IdleRep
     let mut server = if args.transport == Transport::Grpc {
         Target::start(kind, &grpc::with_grpc_listener(server, kind, 1))?
     } else {
-        Target::start(kind, server)?
+        Target::start_with_tls(kind, server, tls)?
     };
     let (pid, cores) = (server.pid, server.cores);
     let target = if args.transport == Transport::Grpc {
@@ -76,9 +90,9 @@ pub fn run(args: &IdleArgs, kind: ServerKind, server: &Server) -> Result<IdleRep
             handshake_timeout: Duration::from_secs_f64(args.handshake_timeout_s),
         })?)
     } else {
-        let mut c = Connector::new(args, target)?;
+        let mut c = Connector::new(args, target, server.tls.clone())?;
         c.run();
-        Held::Http(c)
+        Held::Http(Box::new(c))
     };
     let connect_s = conns.connect_time().as_secs_f64();
     eprintln!(
@@ -90,6 +104,14 @@ pub fn run(args: &IdleArgs, kind: ServerKind, server: &Server) -> Result<IdleRep
 
     std::thread::sleep(Duration::from_secs_f64(args.hold_s));
     let hold = conns.check_alive();
+    let tls_negotiated = match (&conns, &server.tls) {
+        (Held::Http(c), Some(client)) => Some(format!(
+            "{} (clients: {})",
+            c.negotiated.as_deref().unwrap_or("no handshake completed"),
+            client.describe()
+        )),
+        _ => None,
+    };
 
     let health = match baseline {
         Some(baseline) => Health::checked(baseline, server.connections(HEALTHZ_TIMEOUT)),
@@ -138,6 +160,7 @@ pub fn run(args: &IdleArgs, kind: ServerKind, server: &Server) -> Result<IdleRep
         healthz_baseline_after_close: None,
         healthz_after_close: None,
         rss_after_close: None,
+        tls: tls_negotiated,
     };
     conns.close_all();
     // The server should let go of every connection: wait for its count to
@@ -188,7 +211,7 @@ pub fn only_sse_comments(bytes: &[u8]) -> bool {
 
 /// The connections of one run: opened by idle's own handshakes, or gRPC's.
 enum Held<'a> {
-    Http(Connector<'a>),
+    Http(Box<Connector<'a>>),
     Grpc(IdleGrpc),
 }
 
@@ -229,7 +252,7 @@ impl Held<'_> {
         }
     }
 
-    fn check_alive(&self) -> Hold {
+    fn check_alive(&mut self) -> Hold {
         match self {
             Held::Http(c) => c.check_alive(),
             Held::Grpc(g) => {
@@ -264,6 +287,12 @@ struct Connector<'a> {
     started: VecDeque<(Instant, u64)>,
     next: u64,
     pub established: Vec<RawFd>,
+    /// Over TLS: the client side of each established connection, in the
+    /// same order.
+    established_tls: Vec<rustls::ClientConnection>,
+    tls: Option<ClientTls>,
+    /// Over TLS: what the first completed handshake negotiated.
+    pub negotiated: Option<String>,
     /// Per established connection: bytes of the two-way welcome already
     /// read with the response head.
     welcome_read: Vec<u8>,
@@ -277,7 +306,7 @@ struct Connector<'a> {
 }
 
 impl<'a> Connector<'a> {
-    fn new(args: &'a IdleArgs, target: SocketAddr) -> Result<Self, String> {
+    fn new(args: &'a IdleArgs, target: SocketAddr, tls: Option<ClientTls>) -> Result<Self, String> {
         Ok(Connector {
             args,
             target,
@@ -287,6 +316,9 @@ impl<'a> Connector<'a> {
             started: VecDeque::new(),
             next: 0,
             established: Vec::with_capacity(args.connections as usize),
+            established_tls: Vec::new(),
+            tls,
+            negotiated: None,
             welcome_read: Vec::with_capacity(args.connections as usize),
             failures: BTreeMap::new(),
             bytes_after_head: 0,
@@ -361,15 +393,8 @@ impl<'a> Connector<'a> {
             &channel,
             self.args.subprotocol.as_deref(),
         );
-        self.inflight.insert(
-            i,
-            Handshake {
-                fd,
-                step: Step::Connecting,
-                buf,
-                sent: 0,
-            },
-        );
+        self.inflight
+            .insert(i, Handshake::new(fd, buf, self.tls.as_ref()));
         self.started.push_back((now, i));
     }
 
@@ -448,7 +473,13 @@ impl<'a> Connector<'a> {
                 match progress {
                     Progress::Pending => {}
                     Progress::Done(extra) => {
-                        let h = self.inflight.remove(&token).expect("present");
+                        let mut h = self.inflight.remove(&token).expect("present");
+                        if let Some(conn) = h.take_tls() {
+                            if self.negotiated.is_none() {
+                                self.negotiated = Some(tls::negotiated(&conn));
+                            }
+                            self.established_tls.push(*conn);
+                        }
                         // Out of the epoll set: an idle connection costs the
                         // client nothing but its socket.
                         let _ = self.ep.delete(h.fd);
@@ -504,7 +535,10 @@ impl<'a> Connector<'a> {
     /// reset, how many have bytes waiting (and how many bytes, peeked, up to
     /// 4 KiB each). Over SSE, bytes that are only comments (a greeting like
     /// nchan's `: hi`, a keep-alive) are counted apart: they are no message.
-    fn check_alive(&self) -> Hold {
+    fn check_alive(&mut self) -> Hold {
+        if self.tls.is_some() {
+            return self.check_alive_tls();
+        }
         let mut hold = Hold::default();
         let mut buf = [0u8; 4096];
         for (k, &fd) in self.established.iter().enumerate() {
@@ -533,11 +567,40 @@ impl<'a> Connector<'a> {
         hold
     }
 
+    /// [`Connector::check_alive`] over TLS: what waits is read (up to 4
+    /// KiB of plaintext each, past a two-way client's welcome) and
+    /// decrypted; TLS' own messages (session tickets) are no data.
+    fn check_alive_tls(&mut self) -> Hold {
+        let mut hold = Hold::default();
+        for (k, conn) in self.established_tls.iter_mut().enumerate() {
+            let fd = self.established[k];
+            let welcome = if self.args.subprotocol.is_some() {
+                WELCOME_BYTES - usize::from(self.welcome_read[k])
+            } else {
+                0
+            };
+            let (plain, closed) = tls::drain(conn, fd, welcome + 4096);
+            let rest = &plain[welcome.min(plain.len())..];
+            if closed {
+                hold.closed += 1;
+            } else if !rest.is_empty() {
+                if self.args.transport == Transport::Sse && only_sse_comments(rest) {
+                    hold.sse_comments_only += 1;
+                } else {
+                    hold.with_data += 1;
+                }
+            }
+            hold.bytes += rest.len() as u64;
+        }
+        hold
+    }
+
     /// Resets every open connection (see `sys::close_abortive`).
     fn close_all(&mut self) {
         for fd in self.established.drain(..) {
             sys::close_abortive(fd);
         }
+        self.established_tls.clear();
     }
 }
 
@@ -648,7 +711,7 @@ mod tests {
     fn opens_every_connection_and_subscribes_round_robin() {
         let (addr, done, server) = fake_server(50, |_, _| Some(WS_101.to_string()));
         let a = args(addr, &["--connections", "50", "--channels", "7"]);
-        let mut c = Connector::new(&a, addr).unwrap();
+        let mut c = Connector::new(&a, addr, None).unwrap();
         c.run();
         assert_eq!(c.established.len(), 50);
         assert!(c.failures.is_empty(), "{:?}", c.failures);
@@ -677,7 +740,7 @@ mod tests {
             _ => None,
         });
         let a = args(addr, &["--connections", "30"]);
-        let mut c = Connector::new(&a, addr).unwrap();
+        let mut c = Connector::new(&a, addr, None).unwrap();
         c.run();
         assert_eq!(c.established.len(), 10);
         let failures: Vec<(&str, u64)> = c
@@ -710,7 +773,7 @@ mod tests {
             Some("HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\n: hi\n\n".into())
         });
         let a = args(addr, &["--connections", "5", "--transport", "sse"]);
-        let mut c = Connector::new(&a, addr).unwrap();
+        let mut c = Connector::new(&a, addr, None).unwrap();
         c.run();
         assert_eq!(c.established.len(), 5);
         // The comment arrives with the head (counted then) or after it
@@ -728,7 +791,7 @@ mod tests {
             .local_addr()
             .unwrap();
         let a = args(closed, &["--connections", "3"]);
-        let mut c = Connector::new(&a, closed).unwrap();
+        let mut c = Connector::new(&a, closed, None).unwrap();
         c.run();
         assert!(c.established.is_empty());
         let (reason, (n, _)) = c.failures.iter().next().unwrap();
@@ -737,6 +800,32 @@ mod tests {
             "{reason}"
         );
         assert_eq!(*n, 3);
+    }
+
+    #[test]
+    fn over_tls_what_waits_is_decrypted_and_judged() {
+        let setup = crate::tls::TlsSetup::generate().unwrap();
+        let (addr, done, server) = setup.serve(5, |_, head| {
+            assert!(head.starts_with("GET /events?channel=idle-"), "{head}");
+            Some(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\n: hi\n\n".to_vec())
+        });
+        let a = args(addr, &["--connections", "5", "--transport", "sse"]);
+        let mut c = Connector::new(&a, addr, Some(setup.client.clone())).unwrap();
+        c.run();
+        assert!(c.failures.is_empty(), "{:?}", c.failures);
+        assert_eq!(c.established.len(), 5);
+        assert!(c.negotiated.as_deref().unwrap().starts_with("TLS 1.3 "));
+        std::thread::sleep(Duration::from_millis(50));
+        // The session tickets that follow the handshake are no data; the
+        // greeting is a comment, whether it came with the head or after.
+        let hold = c.check_alive();
+        assert_eq!((hold.closed, hold.with_data), (0, 0));
+        assert_eq!(c.bytes_after_head + hold.bytes, 5 * 6);
+        done.send(()).unwrap();
+        server.join().unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(c.check_alive().closed, 5);
+        c.close_all();
     }
 
     #[test]

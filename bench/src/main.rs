@@ -12,6 +12,8 @@
 //! `bench roundtrip --server both --gateway target/release/gateway --baseline target/release/baseline`
 //! `bench grpc --server both --gateway target/release/gateway --baseline target/release/baseline`
 //! `bench idle --transport grpc --server both --gateway target/release/gateway --baseline target/release/baseline`
+//! `bench idle --tls --server gateway,nchan --gateway target/release/gateway`
+//! `bench storm --tls --server gateway,nchan --gateway target/release/gateway`
 
 #![recursion_limit = "256"]
 
@@ -33,6 +35,7 @@ mod sse;
 mod storm;
 mod sys;
 mod target;
+mod tls;
 mod util;
 mod ws;
 
@@ -106,6 +109,31 @@ fn run_all(
     code
 }
 
+/// The certificate and client of a `--tls` run (`None` without `--tls`);
+/// a certificate that cannot be made ends the bench (exit 2).
+fn tls_setup(scenario: &str, tls: bool) -> Option<tls::TlsSetup> {
+    if !tls {
+        return None;
+    }
+    match tls::TlsSetup::generate() {
+        Ok(setup) => Some(setup),
+        Err(e) => {
+            eprintln!("bench: {scenario}: {e}");
+            std::process::exit(2);
+        }
+    }
+}
+
+/// Whether `kind` can be measured as asked: over `transport`, and over
+/// TLS when `tls`.
+fn can_serve(kind: ServerKind, transport: Transport, tls: bool) -> Result<(), String> {
+    kind.check_transport(transport)?;
+    if tls {
+        kind.check_tls()?;
+    }
+    Ok(())
+}
+
 /// Where the servers and the bench run (`--server-cpus`, `--client-cpus`),
 /// set before anything starts.
 fn place(args: &ServerArgs) {
@@ -138,13 +166,14 @@ fn main() {
     let code = match &cli.scenario {
         Scenario::Idle(args) => {
             let transport = args.transport;
+            let tls = tls_setup("idle", args.tls);
             run_all(
                 "idle",
                 &args.server,
-                |k| k.check_transport(transport),
+                |k| can_serve(k, transport, args.tls),
                 report::IDLE_COMPARED,
                 |k, s| {
-                    idle::run(args, k, s).map(|r| Run {
+                    idle::run(args, k, s, tls.as_ref()).map(|r| Run {
                         table: r.table(),
                         json: r.json(),
                         ok: r.errors().is_empty(),
@@ -170,13 +199,14 @@ fn main() {
         }
         Scenario::Storm(args) => {
             let transport = args.transport;
+            let tls = tls_setup("storm", args.tls);
             run_all(
                 "storm",
                 &args.server,
-                |k| k.check_transport(transport),
+                |k| can_serve(k, transport, args.tls),
                 storm::COMPARED,
                 |k, s| {
-                    storm::run_one(args, k, s).map(|r| Run {
+                    storm::run_one(args, k, s, tls.as_ref()).map(|r| Run {
                         table: r.table(),
                         json: r.json(),
                         ok: r.errors().is_empty(),

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use crate::gateway::Gateway;
 use crate::procfs;
+use crate::tls::TlsFiles;
 
 /// A directory of its own under the system's temporary directory, removed
 /// with everything in it when dropped.
@@ -88,9 +89,28 @@ pub const NGINX_CONNECTIONS_PER_WORKER: u32 = 20_000;
 /// the bench's clients send (`http::subscribe_request`): `/ws` upgrades to
 /// WebSocket, `/events` is EventSource when the request accepts
 /// `text/event-stream` and a long-poll otherwise, and `POST /pub`
-/// publishes; `?channel=` names the channel everywhere.
-pub fn nginx_conf(module: &Path, workers: u32, dir: &Path, listen: SocketAddr) -> String {
+/// publishes; `?channel=` names the channel everywhere. With `tls` the
+/// listener is `ssl` with that certificate and TLS 1.2 and 1.3, what the
+/// gateway speaks (nginx before 1.23.4, Debian 12's 1.22 among them,
+/// leaves 1.3 out by default); everything else at nginx's defaults (its
+/// ciphers and curves, session tickets on, no session cache).
+pub fn nginx_conf(
+    module: &Path,
+    workers: u32,
+    dir: &Path,
+    listen: SocketAddr,
+    tls: Option<&TlsFiles>,
+) -> String {
     let d = |name: &str| quoted(&dir.join(name));
+    let listen = match tls {
+        None => listen.to_string(),
+        Some(files) => format!(
+            "{listen} ssl;\n        ssl_certificate {};\n        ssl_certificate_key {};\n        \
+             ssl_protocols TLSv1.2 TLSv1.3",
+            quoted(&files.cert),
+            quoted(&files.key)
+        ),
+    };
     format!(
         "load_module {module};
 daemon off;
@@ -161,6 +181,7 @@ impl Nginx {
         nginx: &Path,
         module: &Path,
         workers: u32,
+        tls: Option<&TlsFiles>,
         ready_timeout: Duration,
     ) -> Result<Nginx, String> {
         if !module.exists() {
@@ -175,7 +196,7 @@ impl Nginx {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            match Nginx::spawn_once(nginx, module, workers, deadline) {
+            match Nginx::spawn_once(nginx, module, workers, tls, deadline) {
                 Err(e) if attempt < 3 && e.contains("Address already in use") => continue,
                 other => return other,
             }
@@ -186,12 +207,13 @@ impl Nginx {
         nginx: &Path,
         module: &Path,
         workers: u32,
+        tls: Option<&TlsFiles>,
         deadline: Instant,
     ) -> Result<Nginx, String> {
         let dir = TempDir::new("nchan")?;
         let listen = SocketAddr::from(([127, 0, 0, 1], free_port()?));
         let conf = dir.path().join("nginx.conf");
-        fs::write(&conf, nginx_conf(module, workers, dir.path(), listen))
+        fs::write(&conf, nginx_conf(module, workers, dir.path(), listen, tls))
             .map_err(|e| format!("write {}: {e}", conf.display()))?;
         let stderr_path = dir.path().join("stderr.log");
         let stderr =
@@ -434,6 +456,7 @@ mod tests {
             3,
             dir,
             "127.0.0.1:4321".parse().unwrap(),
+            None,
         );
         for want in [
             "load_module \"/m/ngx_nchan_module.so\";\n",
@@ -464,6 +487,29 @@ mod tests {
                 "{line}"
             );
         }
+        assert!(!conf.contains("ssl"), "{conf}");
+        // With TLS: the same listener, `ssl`, with the certificate.
+        let files = TlsFiles {
+            cert: "/tmp/bench-tls-1-0/cert.pem".into(),
+            key: "/tmp/bench-tls-1-0/key.pem".into(),
+        };
+        let tls = nginx_conf(
+            Path::new("/m/ngx_nchan_module.so"),
+            3,
+            dir,
+            "127.0.0.1:4321".parse().unwrap(),
+            Some(&files),
+        );
+        for want in [
+            "listen 127.0.0.1:4321 ssl;\n",
+            "ssl_certificate \"/tmp/bench-tls-1-0/cert.pem\";\n",
+            "ssl_certificate_key \"/tmp/bench-tls-1-0/key.pem\";\n",
+            "ssl_protocols TLSv1.2 TLSv1.3;\n",
+            "location = /ws {\n            nchan_subscriber websocket;",
+        ] {
+            assert!(tls.contains(want), "no {want:?} in\n{tls}");
+        }
+        assert_eq!(tls.matches('{').count(), tls.matches('}').count());
     }
 
     #[test]
@@ -491,6 +537,7 @@ mod tests {
             Path::new("/nonexistent/nginx"),
             Path::new("/nonexistent/ngx_nchan_module.so"),
             1,
+            None,
             Duration::from_secs(1),
         )
         .err()
@@ -503,6 +550,7 @@ mod tests {
             Path::new("/nonexistent/nginx"),
             module.path(),
             1,
+            None,
             Duration::from_secs(1),
         )
         .err()

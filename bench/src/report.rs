@@ -131,6 +131,9 @@ pub struct IdleReport {
     pub healthz_after_close: Option<u64>,
     /// Server RSS after the connections were closed.
     pub rss_after_close: Option<u64>,
+    /// Over TLS: what the handshakes negotiated and what the clients
+    /// offered (`None`: cleartext).
+    pub tls: Option<String>,
 }
 
 impl IdleReport {
@@ -232,6 +235,9 @@ impl IdleReport {
             self.channels,
             self.sources
         );
+        if let Some(tls) = &self.tls {
+            let _ = writeln!(t, "  {:<26} {tls}", "TLS");
+        }
         let _ = writeln!(t, "  {:<26} {:.3} s", "connect time", self.connect_s);
         let _ = writeln!(
             t,
@@ -325,6 +331,7 @@ impl IdleReport {
         json!({
             "scenario": "idle",
             "transport": self.transport.name(),
+            "tls": self.tls,
             "server": self.kind.name(),
             "process": self.server,
             "pid": self.pid,
@@ -592,6 +599,7 @@ mod tests {
             healthz_baseline_after_close: Some(1),
             healthz_after_close: Some(1),
             rss_after_close: Some(9_000_000),
+            tls: None,
         }
     }
 

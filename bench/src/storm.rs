@@ -10,7 +10,9 @@
 //! fin`); between a drop and the next reconnect the bench waits for the
 //! server's connection count to return to where it was before the run: its
 //! /healthz, or for servers without one (nchan, Bun) its sockets in
-//! /proc/net/tcp. The server's CPU time is taken over every phase.
+//! /proc/net/tcp. The server's CPU time is taken over every phase. Over
+//! TLS (`--tls`) every attempt is a full TLS 1.3 handshake (the clients
+//! keep no sessions) before the HTTP one.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -29,6 +31,7 @@ use crate::procfs;
 use crate::report::{bytes, failures_json, server_line, Latency};
 use crate::sys::{self, Epoll};
 use crate::target::Target;
+use crate::tls::TlsSetup;
 use crate::util::{opt, thousands, Rng};
 
 const HEALTHZ_TIMEOUT: Duration = Duration::from_secs(5);
@@ -61,6 +64,8 @@ struct PhaseResult {
     failures: BTreeMap<String, (u64, String)>,
     last_done: Option<Instant>,
     max_in_flight: usize,
+    /// Over TLS: what the first completed handshake negotiated.
+    negotiated: Option<String>,
 }
 
 #[derive(Default)]
@@ -154,6 +159,7 @@ impl Worker {
             failures: std::mem::take(&mut dialer.failures),
             last_done,
             max_in_flight: dialer.max_in_flight_seen,
+            negotiated: dialer.negotiated.take(),
         }
     }
 
@@ -218,6 +224,12 @@ pub struct PhaseReport {
     /// the last of them reported) and the server's CPU seconds over it.
     pub wall_s: f64,
     pub server_cpu_s: Option<f64>,
+    /// The bench's own CPU seconds over the phase (all its threads): the
+    /// clients' side of the handshakes, which bounds the rate when it
+    /// nears the CPUs it has.
+    pub client_cpu_s: f64,
+    /// Over TLS: what the phase's first completed handshake negotiated.
+    pub negotiated: Option<String>,
 }
 
 impl PhaseReport {
@@ -240,6 +252,13 @@ impl PhaseReport {
         cpu_pct(self.server_cpu_s, self.wall_s)
     }
 
+    /// The server's CPU time over the phase per client back, in µs.
+    pub fn server_cpu_us_per_handshake(&self) -> Option<f64> {
+        self.server_cpu_s
+            .filter(|_| self.opened > 0)
+            .map(|s| s * 1e6 / self.opened as f64)
+    }
+
     fn json(&self) -> Value {
         json!({
             "jitter_ms": self.jitter_ms,
@@ -258,6 +277,8 @@ impl PhaseReport {
             "wall_s": round3(self.wall_s),
             "server_cpu_s": self.server_cpu_s.map(round3),
             "server_cpu_pct": self.server_cpu_pct().map(|p| p.round()),
+            "server_cpu_us_per_handshake": self.server_cpu_us_per_handshake().map(|u| u.round()),
+            "client_cpu_s": round3(self.client_cpu_s),
             "tcp": self.tcp.iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
         })
     }
@@ -317,6 +338,18 @@ impl PhaseReport {
             "server CPU",
             cpu_row(self.server_cpu_s, self.wall_s)
         );
+        let _ = writeln!(
+            t,
+            "    {:<30} {} µs",
+            "server CPU / handshake",
+            opt(self.server_cpu_us_per_handshake(), 0)
+        );
+        let _ = writeln!(
+            t,
+            "    {:<30} {}",
+            "client CPU (the bench)",
+            cpu_row(Some(self.client_cpu_s), self.wall_s)
+        );
         let tcp: Vec<String> = self.tcp.iter().map(|(k, v)| format!("{k} +{v}")).collect();
         let _ = writeln!(
             t,
@@ -371,6 +404,9 @@ pub struct StormReport {
     pub target: String,
     pub cores: Option<u32>,
     pub transport: &'static str,
+    /// Over TLS: what the handshakes negotiated and what the clients
+    /// offered (`None`: cleartext).
+    pub tls: Option<String>,
     pub clients: u64,
     pub threads: u32,
     pub in_flight: u64,
@@ -416,6 +452,9 @@ impl StormReport {
         let mut t = String::new();
         let server = server_line(self.kind, self.pid, &self.target, self.cores);
         let _ = writeln!(t, "storm {}: {server}", self.transport);
+        if let Some(tls) = &self.tls {
+            let _ = writeln!(t, "  TLS: {tls}");
+        }
         let _ = writeln!(
             t,
             "  {} clients, {} client thread(s), {} handshakes in flight at most, dropped with {}",
@@ -467,6 +506,7 @@ impl StormReport {
         json!({
             "scenario": "storm",
             "transport": self.transport,
+            "tls": self.tls,
             "server": self.kind.name(),
             "process": self.process,
             "pid": self.pid,
@@ -507,13 +547,18 @@ fn cpu_row(cpu_s: Option<f64>, wall_s: f64) -> String {
 }
 
 /// Runs storm against one server.
-pub fn run_one(args: &StormArgs, kind: ServerKind, server: &Server) -> Result<StormReport, String> {
+pub fn run_one(
+    args: &StormArgs,
+    kind: ServerKind,
+    server: &Server,
+    tls: Option<&TlsSetup>,
+) -> Result<StormReport, String> {
     if args.transport == Transport::LongPoll {
         return Err("storm measures WebSocket and SSE handshakes (--transport ws|sse)".into());
     }
     kind.check_transport(args.transport)?;
     sys::check_nofile_for(args.connections)?;
-    let mut target = Target::start(kind, server)?;
+    let mut target = Target::start_with_tls(kind, server, tls)?;
     let name = kind.name();
     let listen = target.listen;
     sys::check_sources(&args.client.sources, listen)?;
@@ -557,6 +602,7 @@ pub fn run_one(args: &StormArgs, kind: ServerKind, server: &Server) -> Result<St
                 backoff_max: Duration::from_secs(1).max(Duration::from_millis(args.backoff_ms)),
                 keep_in_epoll: false,
                 subprotocol: None,
+                tls: target.tls.clone(),
             },
             progress: progress.clone(),
         };
@@ -589,6 +635,7 @@ pub fn run_one(args: &StormArgs, kind: ServerKind, server: &Server) -> Result<St
         let jitter = Duration::from_millis(jitter_ms);
         let tcp_before = procfs::tcp_ext_counters(procfs::TCP_COUNTERS).ok();
         let cpu_before = target.cpu_seconds().ok();
+        let client_cpu_before = procfs::self_cpu_seconds();
         let phase_start = Instant::now();
         let t0 = Instant::now() + START_DELAY;
         let deadline = t0 + jitter + Duration::from_secs_f64(args.client.connect_timeout_s);
@@ -649,6 +696,8 @@ pub fn run_one(args: &StormArgs, kind: ServerKind, server: &Server) -> Result<St
                 (Some(a), Some(b)) => Some(b - a),
                 _ => None,
             },
+            client_cpu_s: procfs::self_cpu_seconds() - client_cpu_before,
+            negotiated: None,
         };
         if let (Some(a), Ok(b)) = (tcp_before, procfs::tcp_ext_counters(procfs::TCP_COUNTERS)) {
             p.tcp = procfs::TCP_COUNTERS
@@ -670,6 +719,9 @@ pub fn run_one(args: &StormArgs, kind: ServerKind, server: &Server) -> Result<St
                 failures.entry(k).or_insert((0, ex)).0 += n;
             }
             last_done = last_done.max(r.last_done);
+            if p.negotiated.is_none() {
+                p.negotiated = r.negotiated;
+            }
         }
         p.last_done_s = last_done.map(|d| d.saturating_duration_since(t0).as_secs_f64());
         p.failures = failures.into_iter().map(|(k, (n, e))| (k, n, e)).collect();
@@ -747,6 +799,13 @@ pub fn run_one(args: &StormArgs, kind: ServerKind, server: &Server) -> Result<St
         let jitter = run_phase("reconnect with jitter", args.jitter_ms, &mut target)?;
         std::thread::sleep(Duration::from_millis(100));
         let rss_after = target.rss_bytes()?;
+        let tls = target.tls.as_ref().map(|client| {
+            let negotiated = [&initial, &burst, &jitter]
+                .iter()
+                .find_map(|p| p.negotiated.clone())
+                .unwrap_or_else(|| "no handshake completed".into());
+            format!("{negotiated} (clients: {})", client.describe())
+        });
         Ok(StormReport {
             kind,
             process: target.how(),
@@ -754,6 +813,7 @@ pub fn run_one(args: &StormArgs, kind: ServerKind, server: &Server) -> Result<St
             target: listen.to_string(),
             cores: target.cores,
             transport: args.transport.name(),
+            tls,
             clients: args.connections,
             threads: args.client.threads,
             in_flight: args.client.in_flight,
@@ -788,7 +848,12 @@ pub const COMPARED: &[(&str, &str)] = &[
     ("jitter: failed attempts", "jitter.failed_attempts"),
     ("burst: server CPU (s)", "burst.server_cpu_s"),
     ("burst: server CPU (% of a core)", "burst.server_cpu_pct"),
+    (
+        "burst: server CPU / handshake (µs)",
+        "burst.server_cpu_us_per_handshake",
+    ),
     ("jitter: server CPU (s)", "jitter.server_cpu_s"),
+    ("burst: client CPU (s)", "burst.client_cpu_s"),
     ("burst: listen drops (machine)", "burst.tcp.ListenDrops"),
     (
         "drop: server settled after (s)",
@@ -827,6 +892,8 @@ mod tests {
             tcp: vec![("ListenOverflows", 0), ("ListenDrops", 2)],
             wall_s: 0.6,
             server_cpu_s: Some(0.3),
+            client_cpu_s: 0.45,
+            negotiated: None,
         }
     }
 
@@ -845,6 +912,7 @@ mod tests {
         assert_eq!(j["tcp"]["ListenDrops"], 2);
         assert_eq!(j["server_cpu_s"], 0.3);
         assert_eq!(j["server_cpu_pct"], 50.0);
+        assert_eq!(j["server_cpu_us_per_handshake"], 60.0);
         assert_eq!(p.server_cpu_pct(), Some(50.0));
         assert!(cpu_row(None, 1.0).starts_with("- s in 1.000 s wall (- %"));
         assert_eq!(phase(0, None).handshakes_per_s(), None);
@@ -869,6 +937,7 @@ mod tests {
             target: "127.0.0.1:1".into(),
             cores: Some(2),
             transport: "ws",
+            tls: None,
             clients: 5000,
             threads: 1,
             in_flight: 256,

@@ -11,6 +11,7 @@ use crate::gateway::Gateway;
 use crate::http;
 use crate::peers::{Bun, Nginx};
 use crate::procfs;
+use crate::tls::{ClientTls, TlsSetup};
 
 /// A server this run started; dropping it stops it.
 enum Spawned {
@@ -56,10 +57,29 @@ pub struct Target {
     /// Cores a spawned server was given (`None` when attached; nginx: its
     /// worker processes; Bun: 1, its one JavaScript thread).
     pub cores: Option<u32>,
+    /// Its listener speaks TLS, with a certificate this client trusts
+    /// (`/healthz` is asked over it too).
+    pub tls: Option<ClientTls>,
     spawned: Option<Spawned>,
 }
 
 impl Target {
+    /// [`Target::start`], with TLS on the server's listener when `tls` is
+    /// given (see [`Server::with_tls`]).
+    pub fn start_with_tls(
+        kind: ServerKind,
+        server: &Server,
+        tls: Option<&TlsSetup>,
+    ) -> Result<Target, String> {
+        let Some(tls) = tls else {
+            return Target::start(kind, server);
+        };
+        kind.check_tls()?;
+        let mut target = Target::start(kind, &server.with_tls(&tls.files)?)?;
+        target.tls = Some(tls.client.clone());
+        Ok(target)
+    }
+
     pub fn start(kind: ServerKind, server: &Server) -> Result<Target, String> {
         let (spawned, pid, listen, zmq, upstream, grpc, cores) = match server {
             Server::Spawn {
@@ -92,9 +112,10 @@ impl Target {
                 nginx,
                 module,
                 workers,
+                tls,
                 ready_timeout,
             } => {
-                let n = Nginx::spawn(nginx, module, *workers, *ready_timeout)?;
+                let n = Nginx::spawn(nginx, module, *workers, tls.as_ref(), *ready_timeout)?;
                 let (pid, listen) = (n.pid(), n.listen);
                 (Spawned::Nginx(n), pid, listen, None, None, listen, *workers)
             }
@@ -120,6 +141,7 @@ impl Target {
                     upstream: None,
                     grpc: *target,
                     cores: None,
+                    tls: None,
                     spawned: None,
                 })
             }
@@ -137,6 +159,7 @@ impl Target {
             upstream,
             grpc,
             cores: Some(cores),
+            tls: None,
             spawned: Some(spawned),
         })
     }
@@ -223,7 +246,10 @@ impl Target {
     /// sockets on its listening address (one total).
     pub fn connections(&self, timeout: Duration) -> Result<Vec<u64>, String> {
         if self.kind.has_healthz() {
-            http::healthz(self.listen, timeout)
+            match &self.tls {
+                Some(tls) => http::healthz_tls(self.listen, tls, timeout),
+                None => http::healthz(self.listen, timeout),
+            }
         } else {
             procfs::server_connections(self.listen)
                 .map(|n| vec![n])
