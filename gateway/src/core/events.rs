@@ -39,6 +39,7 @@ use std::rc::Rc;
 use std::task::{Poll, Waker};
 
 use bytes::Bytes;
+use protocol::deflate::{Deflater, Window};
 use protocol::ws::{self, Closing, MessagePart, OpCode};
 use tracing::{debug, info, warn};
 
@@ -335,7 +336,7 @@ impl Core {
         let max = self.cfg.outbound_queue_bytes_max;
         for _ in 0..WS_READS_PER_TURN {
             match &c.state {
-                State::WebSocket { session } if !crate::core::two_way::paused(session) => {}
+                State::WebSocket { session, .. } if !crate::core::two_way::paused(session) => {}
                 _ => return,
             }
             let fd = c.fd;
@@ -375,7 +376,8 @@ impl Core {
     pub fn websocket_input(&self, c: &mut Conn, key: u32, bytes: &mut [u8]) -> (Vec<u8>, bool) {
         let mut out = Vec::new();
         let mut complete: Vec<(Vec<u8>, bool)> = Vec::new();
-        let State::WebSocket { session } = &mut c.state else {
+        let deflate = c.state.ws_deflate();
+        let State::WebSocket { session, .. } = &mut c.state else {
             return (out, false);
         };
         let WsSession {
@@ -383,13 +385,20 @@ impl Core {
             echo,
             two_way,
         } = &mut **session;
-        let end = frames.input(bytes, &mut out, &mut |part, out| {
+        let mut inflater = self.inflater.borrow_mut();
+        let end = frames.input(bytes, &mut out, &mut inflater, &mut |part, out| {
             if let Some(state) = echo.as_mut() {
-                echo_part(state, part, out);
+                let deflate = deflate.map(|window| EchoDeflate {
+                    window,
+                    deflater: &self.deflater,
+                    threshold_bytes: self.cfg.ws_deflate_threshold_bytes,
+                });
+                echo_part(state, part, out, deflate);
             } else if let Some(t) = two_way.as_deref_mut() {
                 collect(t, part, &mut complete);
             }
         });
+        drop(inflater);
         let mut answers = Vec::new();
         for (message, binary) in complete {
             self.client_message(c, key, &message, binary, &mut answers);
@@ -618,8 +627,8 @@ fn discard_input(core: &Core, c: &mut Conn) {
 /// its size); a whole one goes to `complete`.
 fn collect(t: &mut TwoWay, part: MessagePart<'_>, complete: &mut Vec<(Vec<u8>, bool)>) {
     match part {
-        MessagePart::Start(op) => {
-            t.binary = op == OpCode::Binary;
+        MessagePart::Start { opcode, .. } => {
+            t.binary = opcode == OpCode::Binary;
             t.message.clear();
         }
         MessagePart::Chunk(bytes) => t.message.extend_from_slice(bytes),
@@ -633,6 +642,8 @@ fn collect(t: &mut TwoWay, part: MessagePart<'_>, complete: &mut Vec<(Vec<u8>, b
 pub struct Echo {
     opcode: OpCode,
     first: bool,
+    /// The message came compressed: it is echoed whole, in one frame.
+    compressed: bool,
 }
 
 impl Echo {
@@ -640,16 +651,47 @@ impl Echo {
         Echo {
             opcode: OpCode::Binary,
             first: true,
+            compressed: false,
         }
     }
 }
 
-/// Echoes a message part as it arrives, fragment by fragment.
-pub fn echo_part(state: &mut Echo, part: MessagePart<'_>, out: &mut Vec<u8>) {
+/// How an echo compresses, on a connection that negotiated
+/// permessage-deflate: the core's compressor, the connection's window,
+/// and the size from which a message is worth it.
+pub struct EchoDeflate<'a> {
+    pub window: Window,
+    pub deflater: &'a RefCell<Deflater>,
+    pub threshold_bytes: usize,
+}
+
+/// Echoes a message part as it arrives: a plain message fragment by
+/// fragment, as it came; a compressed one (it arrives whole) in one frame,
+/// compressed again from the threshold on.
+pub fn echo_part(
+    state: &mut Echo,
+    part: MessagePart<'_>,
+    out: &mut Vec<u8>,
+    deflate: Option<EchoDeflate<'_>>,
+) {
     match part {
-        MessagePart::Start(op) => {
-            state.opcode = op;
+        MessagePart::Start { opcode, compressed } => {
+            state.opcode = opcode;
             state.first = true;
+            state.compressed = compressed;
+        }
+        MessagePart::Chunk(bytes) if state.compressed => {
+            match deflate.filter(|d| bytes.len() >= d.threshold_bytes) {
+                Some(d) => ws::encode_message_deflated(
+                    state.opcode,
+                    bytes,
+                    &mut d.deflater.borrow_mut(),
+                    d.window,
+                    out,
+                ),
+                None => ws::encode_frame(state.opcode, bytes, out),
+            }
+            state.first = false;
         }
         MessagePart::Chunk(bytes) => {
             if !bytes.is_empty() {
@@ -657,6 +699,8 @@ pub fn echo_part(state: &mut Echo, part: MessagePart<'_>, out: &mut Vec<u8>) {
                 state.first = false;
             }
         }
+        // A compressed message went out whole with its chunk.
+        MessagePart::End if state.compressed && !state.first => {}
         MessagePart::End => ws::encode_fragment(state.first, state.opcode, true, &[], out),
     }
 }
@@ -734,6 +778,46 @@ mod tests {
         assert!(
             core.conns.borrow().get(key as usize).is_none(),
             "closed at the peer's end"
+        );
+    }
+
+    #[test]
+    fn the_echo_sends_a_compressed_message_back_compressed_from_the_threshold_on() {
+        let core = core();
+        let (key, mut client) = parked(&core, Transport::WebSocket);
+        {
+            let mut conns = core.conns.borrow_mut();
+            let c = &mut conns[key as usize];
+            c.state = State::websocket(1024, Some(Echo::new()));
+            c.state.negotiated_deflate(Window::Full);
+        }
+        let compress = |payload: &[u8]| {
+            let mut out = Vec::new();
+            Deflater::default().compress(payload, Window::Full, &mut out);
+            out
+        };
+        let text = "ab".repeat(300);
+        client
+            .write_all(&masked(0xC1, &compress(text.as_bytes())))
+            .unwrap();
+        client.write_all(&masked(0xC1, &compress(b"hi"))).unwrap();
+        client.write_all(&masked(0x81, b"plain")).unwrap();
+        readable(&core, key);
+        // The long one compressed again, whole; the short one as it is.
+        let mut head = [0u8; 2];
+        client.read_exact(&mut head).unwrap();
+        assert_eq!(head[0], 0xC1, "FIN, RSV1, text");
+        let mut echoed = vec![0u8; usize::from(head[1])];
+        client.read_exact(&mut echoed).unwrap();
+        let mut inflater = protocol::deflate::Inflater::default();
+        assert_eq!(inflater.inflate(&echoed, 1024), Ok(text.as_bytes()));
+        let mut rest = [0u8; 4 + 7 + 2];
+        client.read_exact(&mut rest).unwrap();
+        assert_eq!(&rest[..4], &[0x81, 2, b'h', b'i']);
+        // A plain message is echoed as it arrives, fragment by fragment.
+        assert_eq!(
+            &rest[4..],
+            &[0x01, 5, b'p', b'l', b'a', b'i', b'n', 0x80, 0]
         );
     }
 
