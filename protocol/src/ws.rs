@@ -508,10 +508,10 @@ pub fn encode_frame(opcode: OpCode, payload: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(payload);
 }
 
-/// Appends a whole message as one frame, compressed on its own with
-/// `window` (RSV1 set) when that makes it smaller, as it is otherwise: a
-/// connection that negotiated permessage-deflate may get either.
-pub fn encode_message_deflated(
+/// Appends a whole message as one frame compressed on its own with
+/// `window` (RFC 7692: RSV1 set), even where that does not make it
+/// smaller.
+pub fn encode_compressed(
     opcode: OpCode,
     payload: &[u8],
     deflater: &mut Deflater,
@@ -520,10 +520,11 @@ pub fn encode_message_deflated(
 ) {
     let mut compressed = Vec::new();
     deflater.compress(payload, window, &mut compressed);
-    if compressed.len() >= payload.len() {
-        encode_frame(opcode, payload, out);
-        return;
-    }
+    encode_compressed_frame(opcode, &compressed, out);
+}
+
+/// Appends a frame of an already compressed message: RSV1 set.
+fn encode_compressed_frame(opcode: OpCode, compressed: &[u8], out: &mut Vec<u8>) {
     let mut head = [0; WS_SERVER_HEAD_BYTES_MAX];
     let head_len = encode_frame_head(true, opcode, compressed.len() as u64, &mut head);
     head[0] |= RSV1;
@@ -564,9 +565,14 @@ pub fn compress_frame(
     if payload.len() < payload_bytes_min || !matches!(opcode, OpCode::Text | OpCode::Binary) {
         return None;
     }
-    let mut out = Vec::with_capacity(payload.len() / 2 + WS_SERVER_HEAD_BYTES_MAX);
-    encode_message_deflated(opcode, payload, deflater, window, &mut out);
-    (out[0] & RSV1 != 0).then_some(out)
+    let mut compressed = Vec::with_capacity(payload.len() / 2 + 64);
+    deflater.compress(payload, window, &mut compressed);
+    if compressed.len() >= payload.len() {
+        return None;
+    }
+    let mut out = Vec::with_capacity(compressed.len() + WS_SERVER_HEAD_BYTES_MAX);
+    encode_compressed_frame(opcode, &compressed, &mut out);
+    Some(out)
 }
 
 /// Appends a close frame with `code` and `reason` (reason truncated on a
@@ -2025,15 +2031,17 @@ mod tests {
         let mut frame = Vec::new();
         encode_frame(OpCode::Binary, &noise, &mut frame);
         assert_eq!(compress_frame(&frame, &mut deflater, Window::Full, 0), None);
+        // Unless compression is asked for whatever it gives.
         let mut out = Vec::new();
-        encode_message_deflated(
+        encode_compressed(
             OpCode::Binary,
             &noise,
             &mut deflater,
             Window::Full,
             &mut out,
         );
-        assert_eq!(out, frame);
+        assert_eq!(out[0], 0x80 | RSV1 | 0x2);
+        assert!(out.len() > frame.len());
         // Control frames are never compressed.
         let mut ping = Vec::new();
         encode_frame(OpCode::Ping, &json[..100], &mut ping);

@@ -388,12 +388,7 @@ impl Core {
         let mut inflater = self.inflater.borrow_mut();
         let end = frames.input(bytes, &mut out, &mut inflater, &mut |part, out| {
             if let Some(state) = echo.as_mut() {
-                let deflate = deflate.map(|window| EchoDeflate {
-                    window,
-                    deflater: &self.deflater,
-                    threshold_bytes: self.cfg.ws_deflate_threshold_bytes,
-                });
-                echo_part(state, part, out, deflate);
+                echo_part(state, part, out, deflate.map(|w| (w, &self.deflater)));
             } else if let Some(t) = two_way.as_deref_mut() {
                 collect(t, part, &mut complete);
             }
@@ -656,23 +651,17 @@ impl Echo {
     }
 }
 
-/// How an echo compresses, on a connection that negotiated
-/// permessage-deflate: the core's compressor, the connection's window,
-/// and the size from which a message is worth it.
-pub struct EchoDeflate<'a> {
-    pub window: Window,
-    pub deflater: &'a RefCell<Deflater>,
-    pub threshold_bytes: usize,
-}
-
 /// Echoes a message part as it arrives: a plain message fragment by
 /// fragment, as it came; a compressed one (it arrives whole) in one frame,
-/// compressed again from the threshold on.
+/// compressed again with the connection's window and the core's
+/// compressor (`deflate`), whatever its size: an echo mirrors. (The
+/// conformance suite's client reads an uncompressed echo of a compressed
+/// message as a message of another type.)
 pub fn echo_part(
     state: &mut Echo,
     part: MessagePart<'_>,
     out: &mut Vec<u8>,
-    deflate: Option<EchoDeflate<'_>>,
+    deflate: Option<(Window, &RefCell<Deflater>)>,
 ) {
     match part {
         MessagePart::Start { opcode, compressed } => {
@@ -681,12 +670,12 @@ pub fn echo_part(
             state.compressed = compressed;
         }
         MessagePart::Chunk(bytes) if state.compressed => {
-            match deflate.filter(|d| bytes.len() >= d.threshold_bytes) {
-                Some(d) => ws::encode_message_deflated(
+            match deflate {
+                Some((window, deflater)) => ws::encode_compressed(
                     state.opcode,
                     bytes,
-                    &mut d.deflater.borrow_mut(),
-                    d.window,
+                    &mut deflater.borrow_mut(),
+                    window,
                     out,
                 ),
                 None => ws::encode_frame(state.opcode, bytes, out),
@@ -701,6 +690,10 @@ pub fn echo_part(
         }
         // A compressed message went out whole with its chunk.
         MessagePart::End if state.compressed && !state.first => {}
+        // An empty one: no chunk came.
+        MessagePart::End if state.compressed => {
+            echo_part(state, MessagePart::Chunk(&[]), out, deflate)
+        }
         MessagePart::End => ws::encode_fragment(state.first, state.opcode, true, &[], out),
     }
 }
@@ -782,7 +775,7 @@ mod tests {
     }
 
     #[test]
-    fn the_echo_sends_a_compressed_message_back_compressed_from_the_threshold_on() {
+    fn the_echo_sends_a_compressed_message_back_compressed_and_a_plain_one_plain() {
         let core = core();
         let (key, mut client) = parked(&core, Transport::WebSocket);
         {
@@ -797,28 +790,28 @@ mod tests {
             out
         };
         let text = "ab".repeat(300);
-        client
-            .write_all(&masked(0xC1, &compress(text.as_bytes())))
-            .unwrap();
-        client.write_all(&masked(0xC1, &compress(b"hi"))).unwrap();
+        for message in [text.as_bytes(), b"hi", b""] {
+            client.write_all(&masked(0xC1, &compress(message))).unwrap();
+        }
         client.write_all(&masked(0x81, b"plain")).unwrap();
         readable(&core, key);
-        // The long one compressed again, whole; the short one as it is.
-        let mut head = [0u8; 2];
-        client.read_exact(&mut head).unwrap();
-        assert_eq!(head[0], 0xC1, "FIN, RSV1, text");
-        let mut echoed = vec![0u8; usize::from(head[1])];
-        client.read_exact(&mut echoed).unwrap();
+        let mut frame = || {
+            let mut head = [0u8; 2];
+            client.read_exact(&mut head).unwrap();
+            let mut payload = vec![0u8; usize::from(head[1])];
+            client.read_exact(&mut payload).unwrap();
+            (head[0], payload)
+        };
+        // Each compressed one back compressed, whole, whatever its size.
         let mut inflater = protocol::deflate::Inflater::default();
-        assert_eq!(inflater.inflate(&echoed, 1024), Ok(text.as_bytes()));
-        let mut rest = [0u8; 4 + 7 + 2];
-        client.read_exact(&mut rest).unwrap();
-        assert_eq!(&rest[..4], &[0x81, 2, b'h', b'i']);
+        for message in [text.as_bytes(), b"hi", b""] {
+            let (b0, payload) = frame();
+            assert_eq!(b0, 0xC1, "FIN, RSV1, text");
+            assert_eq!(inflater.inflate(&payload, 1024), Ok(message));
+        }
         // A plain message is echoed as it arrives, fragment by fragment.
-        assert_eq!(
-            &rest[4..],
-            &[0x01, 5, b'p', b'l', b'a', b'i', b'n', 0x80, 0]
-        );
+        assert_eq!(frame(), (0x01, b"plain".to_vec()));
+        assert_eq!(frame(), (0x80, Vec::new()));
     }
 
     #[test]
