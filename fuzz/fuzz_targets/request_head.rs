@@ -6,7 +6,8 @@ use libfuzzer_sys::fuzz_target;
 use protocol::channel::valid_channel_name;
 use protocol::http::{parse_request, reject_response, HeadLimits, Parsed, Request};
 
-/// Small limits, the echo path and two subprotocols.
+/// Small limits, the echo path, two subprotocols and permessage-deflate
+/// off (the default limits have it on).
 fn small() -> HeadLimits {
     static SUBPROTOCOLS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
     HeadLimits {
@@ -17,6 +18,8 @@ fn small() -> HeadLimits {
         channels_per_connection_max: 2,
         echo_path: Some("/echo"),
         ws_subprotocols: SUBPROTOCOLS.get_or_init(|| vec!["chat".into(), "gateway.v1".into()]),
+        ws_deflate: false,
+        publish_body_bytes_max: 64,
     }
 }
 
@@ -58,19 +61,26 @@ fn check(data: &[u8], limits: &HeadLimits) {
                     channels,
                     accept,
                     protocol,
+                    deflate,
                     ..
                 } => {
                     assert_eq!(accept.len(), 28);
+                    assert!(limits.ws_deflate || deflate.is_none());
                     // A subprotocol is answered only from the configured list.
                     if let Some(p) = protocol {
                         assert!(limits.ws_subprotocols.iter().any(|o| o == p));
                     }
                     channels.as_slice()
                 }
-                Request::Echo { accept, .. } => {
+                Request::Echo {
+                    accept, deflate, ..
+                } => {
                     assert_eq!(accept.len(), 28);
+                    assert!(limits.ws_deflate || deflate.is_none());
                     &[]
                 }
+                Request::Publish { channel, .. } => std::slice::from_ref(channel),
+                Request::PublishPreflight { .. } => &[],
                 Request::Sse { channels, .. } | Request::LongPoll { channels, .. } => channels,
                 Request::Health { .. } | Request::Ready { .. } | Request::Preflight { .. } => &[],
             };
@@ -80,6 +90,7 @@ fn check(data: &[u8], limits: &HeadLimits) {
                     | Request::Ready { .. }
                     | Request::Echo { .. }
                     | Request::Preflight { .. }
+                    | Request::PublishPreflight { .. }
             ) {
                 assert!(
                     !channels.is_empty() && channels.len() <= limits.channels_per_connection_max

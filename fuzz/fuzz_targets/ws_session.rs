@@ -1,5 +1,7 @@
 //! `ws::ServerSession::input` on any bytes: the first byte picks a split
-//! point, the second the message size limit, the rest is the client stream.
+//! point, the second the message size limit and whether permessage-deflate
+//! was negotiated (compressed messages then decompressed with a shared
+//! inflater), the rest is the client stream.
 //! The stream fed whole, in two pieces split there, and one byte at a time
 //! must give the same replies, the same messages and the same `Closing`; the
 //! replies must be pongs then at most one close frame (present exactly when the
@@ -8,6 +10,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use protocol::deflate::Inflater;
 use protocol::ws::{parse_close_payload, Closing, MessagePart, OpCode, ServerSession};
 
 const LIMITS: [u64; 4] = [0, 10, 1000, 65_536];
@@ -26,13 +29,17 @@ struct Run {
     closing: Option<Closing>,
 }
 
-fn run(max: u64, pieces: &[&[u8]]) -> Run {
+fn run(max: u64, deflate: bool, pieces: &[&[u8]]) -> Run {
     let mut session = ServerSession::new(max);
+    if deflate {
+        session.accept_compressed();
+    }
+    let mut inflater = Inflater::default();
     let mut parts = Vec::new();
     let mut out = Vec::new();
     let mut closing = None;
     let mut on_message = |part: MessagePart<'_>, _: &mut Vec<u8>| match part {
-        MessagePart::Start(op) => parts.push(Part::Start(op)),
+        MessagePart::Start { opcode, .. } => parts.push(Part::Start(opcode)),
         MessagePart::Chunk(b) => match parts.last_mut() {
             Some(Part::Data(d)) => d.extend_from_slice(b),
             _ => parts.push(Part::Data(b.to_vec())),
@@ -40,7 +47,12 @@ fn run(max: u64, pieces: &[&[u8]]) -> Run {
         MessagePart::End => parts.push(Part::End),
     };
     for piece in pieces {
-        let end = session.input(&mut piece.to_vec(), &mut out, &mut on_message);
+        let end = session.input(
+            &mut piece.to_vec(),
+            &mut out,
+            &mut inflater,
+            &mut on_message,
+        );
         assert_eq!(end, session.closing());
         if closing.is_some() {
             assert_eq!(end, closing, "closing changed");
@@ -51,7 +63,7 @@ fn run(max: u64, pieces: &[&[u8]]) -> Run {
         // Ended: more input changes nothing.
         let before = out.len();
         let mut late = vec![0x89, 0x80, 0, 0, 0, 0];
-        let end = session.input(&mut late, &mut out, &mut |_, _| {
+        let end = session.input(&mut late, &mut out, &mut inflater, &mut |_, _| {
             panic!("message after the end")
         });
         assert_eq!((end, out.len()), (closing, before));
@@ -160,11 +172,12 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let max = LIMITS[usize::from(b1 & 3)];
+    let deflate = b1 & 4 != 0;
     let k = usize::from(*b0) % (stream.len() + 1);
-    let whole = run(max, &[stream]);
+    let whole = run(max, deflate, &[stream]);
     check_replies(&whole);
     check_messages(&whole, max);
-    same(&whole, &run(max, &[&stream[..k], &stream[k..]]));
+    same(&whole, &run(max, deflate, &[&stream[..k], &stream[k..]]));
     let bytes: Vec<&[u8]> = stream.chunks(1).collect();
-    same(&whole, &run(max, &bytes));
+    same(&whole, &run(max, deflate, &bytes));
 });

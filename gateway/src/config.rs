@@ -186,6 +186,22 @@ pub struct Config {
     /// frames. Empty (the default): the header is never answered.
     #[arg(long = "ws-subprotocol", value_name = "NAME")]
     pub ws_subprotocols: Vec<String>,
+    /// permessage-deflate (RFC 7692) for WebSocket clients that offer it
+    /// (browsers do): a message is compressed once, by the first core that
+    /// has such a subscriber, and the same bytes go to all of them; the
+    /// gateway asks for no context on either side, so an idle connection
+    /// keeps no compression state. Costs the compression of each message
+    /// (once) and its compressed frame (kept as long as the message is).
+    #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
+    pub ws_deflate: bool,
+    /// Messages (the frame's payload: meta line and payload) under this
+    /// size go uncompressed even where permessage-deflate was negotiated:
+    /// a few hundred bytes of JSON shrink by a few dozen at best, and the
+    /// client still pays for a decompression. Acks and errors of the
+    /// gateway's subprotocol, gap signals and control frames are never
+    /// compressed.
+    #[arg(long, value_name = "BYTES", default_value_t = 256)]
+    pub ws_deflate_threshold_bytes: usize,
     /// ZeroMQ endpoints the upstream socket (PUSH) binds, where hub workers
     /// connect a PULL socket to receive what clients send (repeatable).
     /// With neither this nor `upstream_connect`, clients cannot send: a
@@ -669,6 +685,7 @@ impl Config {
             channels_per_connection_max: self.channels_per_connection_max,
             echo_path: (!self.ws_echo_path.is_empty()).then_some(self.ws_echo_path.as_str()),
             ws_subprotocols: &self.ws_subprotocols_spoken,
+            ws_deflate: self.ws_deflate,
             // A POSTed message is bounded like a WebSocket one.
             publish_body_bytes_max: self.ws_message_bytes_max as usize,
         }

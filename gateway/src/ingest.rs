@@ -22,6 +22,7 @@
 //! clients want. When a channel is unsubscribed the cores are told
 //! ([`ToCore::Unsubscribed`]): its history here stops being complete.
 
+use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::rc::Rc;
@@ -31,6 +32,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender};
+use protocol::deflate::{Deflater, Window};
 use protocol::envelope::{self, Publication};
 use tracing::{debug, info, warn};
 
@@ -41,8 +43,9 @@ use protocol::publication::{check_frames, Checked, PublicationError, Publication
 /// One published message, encoded once for each transport. Cores and
 /// connections share it by reference count; no subscriber gets a copy.
 /// The WebSocket frame and the SSE event are made by ingest; the long-poll
-/// encodings only when a long-poll first needs them (most messages never
-/// meet one), by whichever core does.
+/// encodings, the gRPC message and the compressed WebSocket frames only
+/// when a subscriber first needs them (most messages never meet one), by
+/// whichever core does.
 #[derive(Debug)]
 pub struct Message {
     pub id: u64,
@@ -56,6 +59,10 @@ pub struct Message {
     payload: Bytes,
     /// A whole WebSocket frame.
     pub ws: Bytes,
+    /// The frame for connections that negotiated permessage-deflate, per
+    /// window ([`Message::ws_deflated`]), made by the first core with such
+    /// a subscriber.
+    ws_deflated: [OnceLock<Bytes>; 2],
     /// A whole SSE event as one chunk of a chunked body (see
     /// `core::sse_bytes` for an HTTP/1.0 stream's share of it).
     pub sse: Bytes,
@@ -89,6 +96,7 @@ impl Message {
             event: event.map(Into::into),
             payload: Bytes::copy_from_slice(payload),
             ws: ws.into(),
+            ws_deflated: [OnceLock::new(), OnceLock::new()],
             sse: sse.into(),
             poll_item: OnceLock::new(),
             poll_response: OnceLock::new(),
@@ -121,6 +129,30 @@ impl Message {
             let mut out = Vec::with_capacity(item.len() + 160);
             envelope::longpoll_response(&[item], self.id, &[], true, "", &mut out);
             out.into()
+        })
+    }
+
+    /// The WebSocket frame for a connection that negotiated
+    /// permessage-deflate with `window`: compressed once per message and
+    /// window, by the first core that needs it (with that core's
+    /// compressor), and the same bytes for every such connection; the
+    /// plain frame when the message is under `threshold_bytes` or would
+    /// not shrink.
+    pub fn ws_deflated(
+        &self,
+        window: Window,
+        threshold_bytes: usize,
+        deflater: &RefCell<Deflater>,
+    ) -> &Bytes {
+        self.ws_deflated[window as usize].get_or_init(|| {
+            let mut deflater = deflater.borrow_mut();
+            match protocol::ws::compress_frame(&self.ws, &mut deflater, window, threshold_bytes) {
+                Some(frame) => {
+                    crate::ops::metrics::note_ws_deflated();
+                    frame.into()
+                }
+                None => self.ws.clone(),
+            }
         })
     }
 

@@ -20,6 +20,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use monoio::io::AsyncWriteRentExt;
 use monoio::net::TcpStream;
+use protocol::deflate::Window;
 use protocol::envelope;
 use protocol::http::{self, Parsed, Request};
 use protocol::id::Cursor;
@@ -323,14 +324,17 @@ impl<'a> Io<'a> {
                     mut channels,
                     accept,
                     protocol,
+                    deflate,
                     since,
                     ..
                 } => {
-                    let response = ws::switching_protocols_response(&accept, protocol);
+                    let response = ws::switching_protocols_response(&accept, protocol, deflate);
                     self.core.add_user_channel(&mut channels, grant.as_deref());
                     let two_way = (protocol == Some(upstream::SUBPROTOCOL))
                         .then(|| self.core.new_two_way(grant));
-                    return match self.start_websocket(channels, response, since, leftover, two_way)
+                    let deflate = deflate.map(|a| a.window);
+                    return match self
+                        .start_websocket(channels, response, since, leftover, two_way, deflate)
                     {
                         Ok(()) => {
                             self.park();
@@ -339,9 +343,13 @@ impl<'a> Io<'a> {
                         Err(close) => Phase::Close(close),
                     };
                 }
-                Request::Echo { accept, protocol } => {
-                    let response = ws::switching_protocols_response(&accept, protocol);
-                    return self.echo(response, leftover);
+                Request::Echo {
+                    accept,
+                    protocol,
+                    deflate,
+                } => {
+                    let response = ws::switching_protocols_response(&accept, protocol, deflate);
+                    return self.echo(response, leftover, deflate.map(|a| a.window));
                 }
                 Request::Publish {
                     channel,
@@ -955,8 +963,9 @@ impl<'a> Io<'a> {
     }
 
     /// Answers the upgrade (`response`, the 101), subscribes, queues what
-    /// the client missed and handles bytes that came with the head. Err:
-    /// close right away.
+    /// the client missed (compressed with `deflate`'s window if it
+    /// negotiated permessage-deflate) and handles bytes that came with the
+    /// head. Err: close right away.
     fn start_websocket(
         &mut self,
         channels: Vec<String>,
@@ -964,14 +973,18 @@ impl<'a> Io<'a> {
         since: Option<Cursor>,
         leftover: Vec<u8>,
         two_way: Option<Box<TwoWay>>,
+        deflate: Option<Window>,
     ) -> Result<(), Close> {
         self.core.stats.handshake("ws");
         self.queue(response.into());
         let resume = self.subscribe(&channels, since, Transport::WebSocket, self.replay_all());
+        if let Some(window) = deflate {
+            self.with_conn(|c, _| c.state.negotiated_deflate(window));
+        }
         if let Some(two_way) = two_way {
             // The subprotocol: the client learns its address first.
             let address = self.with_conn(|c, core| {
-                if let State::WebSocket { session } = &mut c.state {
+                if let State::WebSocket { session, .. } = &mut c.state {
                     session.two_way = Some(two_way);
                 }
                 core.address_of(self.key, c).encode()
@@ -989,7 +1002,7 @@ impl<'a> Io<'a> {
             self.queue(out.into());
         }
         for m in &resume.messages {
-            self.queue(m.ws.clone());
+            self.queue(self.core.ws_frame(m, deflate).clone());
         }
         self.start_session(leftover)
     }
@@ -1018,12 +1031,15 @@ impl<'a> Io<'a> {
     /// whole message before it reads): the echoes queue up to
     /// `outbound_queue_bytes_max`, past which it is a slow consumer like
     /// any other.
-    fn echo(&mut self, response: Vec<u8>, leftover: Vec<u8>) -> Phase {
+    fn echo(&mut self, response: Vec<u8>, leftover: Vec<u8>, deflate: Option<Window>) -> Phase {
         self.queue(response.into());
         let key = self.key;
         self.with_conn(|c, core| {
             let state = State::websocket(core.cfg.ws_message_bytes_max, Some(Echo::new()));
-            core.open_stream(c, key, state)
+            core.open_stream(c, key, state);
+            if let Some(window) = deflate {
+                c.state.negotiated_deflate(window);
+            }
         });
         match self.start_session(leftover) {
             Ok(()) => {

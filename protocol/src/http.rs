@@ -26,6 +26,9 @@ pub struct HeadLimits {
     /// The WebSocket subprotocols the server speaks
     /// (`Sec-WebSocket-Protocol`), each a token; see [`crate::ws::choose_subprotocol`].
     pub ws_subprotocols: &'static [String],
+    /// permessage-deflate is offered back to WebSocket clients that ask
+    /// for it (see [`crate::deflate::negotiate`]).
+    pub ws_deflate: bool,
     /// The largest body of a `POST /publish` (a client's message).
     pub publish_body_bytes_max: usize,
 }
@@ -40,6 +43,7 @@ impl Default for HeadLimits {
             channels_per_connection_max: limits::CHANNELS_PER_CONNECTION_MAX,
             echo_path: None,
             ws_subprotocols: &[],
+            ws_deflate: true,
             publish_body_bytes_max: limits::WS_MESSAGE_BYTES_MAX as usize,
         }
     }
@@ -56,16 +60,18 @@ pub enum Request {
         /// The subprotocol the server answers with: the first the client
         /// offered that [`HeadLimits::ws_subprotocols`] holds, if any.
         protocol: Option<&'static str>,
+        /// What permessage-deflate offer was accepted, if any.
+        deflate: Option<crate::deflate::Agreement>,
         since: Option<Cursor>,
         /// The presented token (see [`Request::token`]).
-        token: Option<String>,
+        token: Option<Box<str>>,
     },
     /// `GET /events?channel=A` with `Accept: text/event-stream`; the resume
     /// point is the `Last-Event-ID` header, or a `since` query parameter.
     Sse {
         channels: Vec<String>,
         last_event_id: Option<Cursor>,
-        token: Option<String>,
+        token: Option<Box<str>>,
         /// An HTTP/1.1 request: the stream is a chunked body (HTTP/1.0 has
         /// no chunked coding; its stream ends with the connection).
         chunked: bool,
@@ -75,7 +81,7 @@ pub enum Request {
         channels: Vec<String>,
         since: Option<Cursor>,
         keep_alive: bool,
-        token: Option<String>,
+        token: Option<Box<str>>,
     },
     /// `GET /healthz`: the process is alive. `head`: it was a `HEAD`
     /// (balancers check health with it), answered without the body
@@ -96,7 +102,7 @@ pub enum Request {
         address: Option<crate::upstream::Address>,
         body_bytes: usize,
         keep_alive: bool,
-        token: Option<String>,
+        token: Option<Box<str>>,
     },
     /// `OPTIONS /publish`: the CORS preflight of a cross-origin `POST`
     /// (`Origins::publish_preflight_response`).
@@ -107,6 +113,7 @@ pub enum Request {
     Echo {
         accept: String,
         protocol: Option<&'static str>,
+        deflate: Option<crate::deflate::Agreement>,
     },
 }
 
@@ -369,6 +376,7 @@ pub fn parse_request(buf: &[u8], limits: &HeadLimits) -> Result<Parsed, Reject> 
                 channels: query.channels,
                 accept,
                 protocol: head.subprotocol(limits.ws_subprotocols),
+                deflate: head.deflate(limits),
                 since: query.since,
                 token: head.bearer().or(query.token),
             }
@@ -376,6 +384,7 @@ pub fn parse_request(buf: &[u8], limits: &HeadLimits) -> Result<Parsed, Reject> 
         Endpoint::Echo => Request::Echo {
             accept: websocket_accept(&head, version)?,
             protocol: head.subprotocol(limits.ws_subprotocols),
+            deflate: head.deflate(limits),
         },
         Endpoint::Events => {
             let query = parse_query(query, limits)?;
@@ -482,7 +491,7 @@ fn publish(
             address,
             body_bytes,
             keep_alive,
-            token: head.bearer().or(token),
+            token: head.bearer().or(token.map(String::into_boxed_str)),
         },
         head_len,
         origin,
@@ -633,6 +642,18 @@ impl<'b> Head<'_, 'b> {
         crate::ws::choose_subprotocol(self.values("sec-websocket-protocol"), ours)
     }
 
+    /// The permessage-deflate offer accepted, if the server offers it at
+    /// all (a value that is not UTF-8 is no offer).
+    fn deflate(&self, limits: &HeadLimits) -> Option<crate::deflate::Agreement> {
+        if !limits.ws_deflate {
+            return None;
+        }
+        crate::deflate::negotiate(
+            self.values("sec-websocket-extensions")
+                .filter_map(|v| std::str::from_utf8(v).ok()),
+        )
+    }
+
     /// Every value of header `name` (lowercase), in order.
     fn values<'s>(&'s self, name: &'s str) -> impl Iterator<Item = &'b [u8]> + 's {
         self.headers
@@ -662,10 +683,10 @@ impl<'b> Head<'_, 'b> {
     }
 
     /// The token of the first `Authorization: Bearer <token>` header, if any.
-    fn bearer(&self) -> Option<String> {
+    fn bearer(&self) -> Option<Box<str>> {
         self.values("authorization")
             .find_map(crate::token::bearer)
-            .map(str::to_owned)
+            .map(Box::from)
     }
 
     /// A body is announced by any Transfer-Encoding, or a Content-Length other
@@ -719,7 +740,7 @@ fn valid_websocket_key(key: &[u8]) -> bool {
 struct Query {
     channels: Vec<String>,
     since: Option<Cursor>,
-    token: Option<String>,
+    token: Option<Box<str>>,
 }
 
 /// Reads `channel` (repeated, at least one) and `since` (at most once) from a
@@ -727,7 +748,7 @@ struct Query {
 fn parse_query(query: &str, limits: &HeadLimits) -> Result<Query, Reject> {
     let mut channels: Vec<String> = Vec::new();
     let mut since = None;
-    let mut token: Option<String> = None;
+    let mut token: Option<Box<str>> = None;
     for pair in query.split('&') {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
         match key {
@@ -758,11 +779,7 @@ fn parse_query(query: &str, limits: &HeadLimits) -> Result<Query, Reject> {
                 if token.is_some() {
                     return Err(Reject::BadQuery);
                 }
-                token = Some(
-                    percent_decode_strict(value)
-                        .ok_or(Reject::BadQuery)?
-                        .into_owned(),
-                );
+                token = Some(percent_decode_strict(value).ok_or(Reject::BadQuery)?.into());
             }
             _ => {}
         }
@@ -1020,6 +1037,41 @@ mod tests {
     }
 
     #[test]
+    fn permessage_deflate_is_agreed_when_offered_and_the_server_offers_it() {
+        let offer = "Sec-WebSocket-Extensions: x-custom, permessage-deflate; \
+                     client_max_window_bits\r\n";
+        let agreed = crate::deflate::negotiate(["permessage-deflate"]);
+        assert!(agreed.is_some());
+        for (target, echo_path) in [("/ws?channel=a", None), ("/echo", Some("/echo"))] {
+            let limits = |ws_deflate| HeadLimits {
+                echo_path,
+                ws_deflate,
+                ..HeadLimits::default()
+            };
+            let deflate_of = |head: &str, ws_deflate| match parse_request(
+                with_host(head).as_bytes(),
+                &limits(ws_deflate),
+            ) {
+                Ok(Parsed::Complete {
+                    request: Request::WebSocket { deflate, .. } | Request::Echo { deflate, .. },
+                    ..
+                }) => deflate,
+                other => panic!("{other:?}"),
+            };
+            assert_eq!(deflate_of(&ws_head(target, offer), true), agreed);
+            assert_eq!(
+                deflate_of(&ws_head(target, offer), false),
+                None,
+                "turned off"
+            );
+            assert_eq!(deflate_of(&ws_head(target, ""), true), None, "not offered");
+            let unkeepable = "Sec-WebSocket-Extensions: permessage-deflate; \
+                              server_max_window_bits=8\r\n";
+            assert_eq!(deflate_of(&ws_head(target, unkeepable), true), None);
+        }
+    }
+
+    #[test]
     fn websocket_upgrade() {
         let head = ws_head("/ws?channel=news&channel=sport&channel=news&since=41", "");
         assert_eq!(
@@ -1028,6 +1080,7 @@ mod tests {
                 channels: channels(&["news", "sport"]),
                 accept: ACCEPT.to_string(),
                 protocol: None,
+                deflate: None,
                 token: None,
                 since: Some(41),
             })
@@ -1194,6 +1247,7 @@ mod tests {
                     channels: channels(&["news"]),
                     accept: ACCEPT.to_string(),
                     protocol: None,
+                    deflate: None,
                     token: None,
                     since: None,
                 },
@@ -1909,7 +1963,7 @@ mod tests {
         );
         assert!(matches!(
             request("POST /publish?channel=room HTTP/1.1\r\nContent-Length: 0\r\nAuthorization: Bearer x\r\nConnection: close\r\n\r\n"),
-            Ok(Request::Publish { address: None, body_bytes: 0, keep_alive: false, token: Some(t), .. }) if t == "x"
+            Ok(Request::Publish { address: None, body_bytes: 0, keep_alive: false, token: Some(t), .. }) if &*t == "x"
         ));
         assert_eq!(
             request("OPTIONS /publish HTTP/1.1\r\n\r\n"),

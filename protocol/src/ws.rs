@@ -1,10 +1,17 @@
 //! RFC 6455 on the server side: the opening handshake, a streaming frame
-//! decoder and a frame encoder that writes into the caller's buffer.
+//! decoder and a frame encoder that writes into the caller's buffer; with
+//! permessage-deflate (RFC 7692, see [`crate::deflate`]) negotiated, the
+//! compressed messages of either direction.
 
 use base64::Engine as _;
 use sha1::{Digest, Sha1};
 
+use crate::deflate::{Agreement, Deflater, InflateError, Inflater, Window};
 use crate::limits::{WS_CONTROL_PAYLOAD_BYTES_MAX, WS_SERVER_HEAD_BYTES_MAX};
+
+/// RSV1 of a frame's first byte: with permessage-deflate, set on the first
+/// frame of a compressed message (RFC 7692 §6).
+const RSV1: u8 = 0x40;
 
 /// Opcodes (RFC 6455 §5.2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,19 +78,25 @@ pub fn accept_key(key: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(sha1.finalize())
 }
 
-/// The `101 Switching Protocols` response head for an accept value and the
-/// chosen subprotocol, if any.
-pub fn switching_protocols_response(accept: &str, protocol: Option<&str>) -> Vec<u8> {
+/// The `101 Switching Protocols` response head for an accept value, the
+/// chosen subprotocol, if any, and the permessage-deflate agreement, if
+/// one was reached.
+pub fn switching_protocols_response(
+    accept: &str,
+    protocol: Option<&str>,
+    deflate: Option<Agreement>,
+) -> Vec<u8> {
     let protocol = match protocol {
         Some(p) => format!("Sec-WebSocket-Protocol: {p}\r\n"),
         None => String::new(),
     };
+    let extension = deflate.map_or("", |a| a.response_line());
     format!(
         "HTTP/1.1 101 Switching Protocols\r\n\
          Upgrade: websocket\r\n\
          Connection: Upgrade\r\n\
          Sec-WebSocket-Accept: {accept}\r\n\
-         {protocol}\r\n"
+         {protocol}{extension}\r\n"
     )
     .into_bytes()
 }
@@ -121,6 +134,9 @@ pub fn valid_subprotocol(name: &str) -> bool {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FrameHeader {
     pub fin: bool,
+    /// RSV1: the first frame of a compressed message (only ever set when
+    /// permessage-deflate was negotiated; refused otherwise).
+    pub compressed: bool,
     pub opcode: OpCode,
     pub payload_len: u64,
 }
@@ -142,6 +158,10 @@ pub enum FrameEvent {
 pub enum FrameError {
     /// RSV1–3 set without an extension that defines them. 1002
     ReservedBitsSet,
+    /// RSV1 (compressed) on a control frame or a continuation: with
+    /// permessage-deflate it marks a data message's first frame only
+    /// (RFC 7692 §6.1). 1002
+    CompressedControlOrContinuation,
     /// Opcode 3–7 or 0xB–0xF. 1002
     ReservedOpcode,
     /// Client frames must be masked (§5.1). 1002
@@ -166,6 +186,7 @@ impl FrameError {
         match self {
             FrameError::MessageTooBig { .. } => close_code::MESSAGE_TOO_BIG,
             FrameError::ReservedBitsSet
+            | FrameError::CompressedControlOrContinuation
             | FrameError::ReservedOpcode
             | FrameError::UnmaskedFrameFromClient
             | FrameError::ControlFrameTooLong
@@ -215,6 +236,8 @@ pub struct FrameDecoder {
     /// A Text/Binary frame without FIN was received and its final
     /// continuation has not been yet.
     in_message: bool,
+    /// permessage-deflate was negotiated: RSV1 may start a message.
+    deflate: bool,
 }
 
 const _: () = assert!(core::mem::size_of::<FrameDecoder>() <= 48);
@@ -231,7 +254,14 @@ impl FrameDecoder {
             mask_pos: 0,
             state: State::Head,
             in_message: false,
+            deflate: false,
         }
+    }
+
+    /// permessage-deflate was negotiated: a data message's first frame may
+    /// have RSV1 set.
+    pub fn accept_compressed(&mut self) {
+        self.deflate = true;
     }
 
     /// Decodes from the start of `input`. Returns how many bytes were consumed
@@ -316,10 +346,14 @@ impl FrameDecoder {
             return Ok(());
         }
         let fin = b0 & 0x80 != 0;
-        if b0 & 0x70 != 0 {
+        let rsv1 = b0 & RSV1 != 0;
+        if b0 & 0x30 != 0 || (rsv1 && !self.deflate) {
             return Err(FrameError::ReservedBitsSet);
         }
         let opcode = OpCode::from_bits(b0 & 0x0F).ok_or(FrameError::ReservedOpcode)?;
+        if rsv1 && !matches!(opcode, OpCode::Text | OpCode::Binary) {
+            return Err(FrameError::CompressedControlOrContinuation);
+        }
         if b1 & 0x80 == 0 {
             return Err(FrameError::UnmaskedFrameFromClient);
         }
@@ -368,6 +402,7 @@ impl FrameDecoder {
     /// header buffer.
     fn complete_head(&mut self) -> FrameHeader {
         let fin = self.head[0] & 0x80 != 0;
+        let compressed = self.head[0] & RSV1 != 0;
         // Both were validated in `validate_head`; the fallbacks are unreachable.
         let opcode = OpCode::from_bits(self.head[0] & 0x0F).unwrap_or(OpCode::Binary);
         let payload_len = self.payload_len().unwrap_or(0);
@@ -405,6 +440,7 @@ impl FrameDecoder {
         };
         FrameHeader {
             fin,
+            compressed,
             opcode,
             payload_len,
         }
@@ -470,6 +506,73 @@ pub fn encode_frame(opcode: OpCode, payload: &[u8], out: &mut Vec<u8>) {
     out.reserve(head_len + payload.len());
     out.extend_from_slice(&head[..head_len]);
     out.extend_from_slice(payload);
+}
+
+/// Appends a whole message as one frame compressed on its own with
+/// `window` (RFC 7692: RSV1 set), even where that does not make it
+/// smaller.
+pub fn encode_compressed(
+    opcode: OpCode,
+    payload: &[u8],
+    deflater: &mut Deflater,
+    window: Window,
+    out: &mut Vec<u8>,
+) {
+    let mut compressed = Vec::new();
+    deflater.compress(payload, window, &mut compressed);
+    encode_compressed_frame(opcode, &compressed, out);
+}
+
+/// Appends a frame of an already compressed message: RSV1 set.
+fn encode_compressed_frame(opcode: OpCode, compressed: &[u8], out: &mut Vec<u8>) {
+    let mut head = [0; WS_SERVER_HEAD_BYTES_MAX];
+    let head_len = encode_frame_head(true, opcode, compressed.len() as u64, &mut head);
+    head[0] |= RSV1;
+    out.reserve(head_len + compressed.len());
+    out.extend_from_slice(&head[..head_len]);
+    out.extend_from_slice(&compressed);
+}
+
+/// The opcode and payload of a whole unfragmented server frame as
+/// [`encode_frame`] writes it; None for anything else.
+fn server_frame(frame: &[u8]) -> Option<(OpCode, &[u8])> {
+    let (&b0, &b1) = (frame.first()?, frame.get(1)?);
+    if b0 & 0xF0 != 0x80 || b1 & 0x80 != 0 {
+        return None;
+    }
+    let opcode = OpCode::from_bits(b0 & 0x0F)?;
+    let head_len = match b1 {
+        126 => 4,
+        127 => 10,
+        _ => 2,
+    };
+    Some((opcode, frame.get(head_len..)?))
+}
+
+/// The message of `frame` (a whole unfragmented data frame, as
+/// [`encode_frame`] writes it) as a connection that negotiated
+/// permessage-deflate with `window` gets it: compressed on its own, RSV1
+/// set. None when its payload is under `payload_bytes_min` (not worth the
+/// work), when compressing would not make it smaller, or for a frame that
+/// is not a whole data frame: the plain frame is the one to send then.
+pub fn compress_frame(
+    frame: &[u8],
+    deflater: &mut Deflater,
+    window: Window,
+    payload_bytes_min: usize,
+) -> Option<Vec<u8>> {
+    let (opcode, payload) = server_frame(frame)?;
+    if payload.len() < payload_bytes_min || !matches!(opcode, OpCode::Text | OpCode::Binary) {
+        return None;
+    }
+    let mut compressed = Vec::with_capacity(payload.len() / 2 + 64);
+    deflater.compress(payload, window, &mut compressed);
+    if compressed.len() >= payload.len() {
+        return None;
+    }
+    let mut out = Vec::with_capacity(compressed.len() + WS_SERVER_HEAD_BYTES_MAX);
+    encode_compressed_frame(opcode, &compressed, &mut out);
+    Some(out)
 }
 
 /// Appends a close frame with `code` and `reason` (reason truncated on a
@@ -593,8 +696,10 @@ fn utf8_sequence_width(lead: u8) -> usize {
 /// A client's data message as the session hands it to the application.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MessagePart<'a> {
-    /// A Text or Binary message begins.
-    Start(OpCode),
+    /// A Text or Binary message begins; `compressed`: it came compressed
+    /// (permessage-deflate), and its payload follows as one `Chunk`, whole
+    /// and decompressed, once its last frame is in.
+    Start { opcode: OpCode, compressed: bool },
     /// Payload bytes, in order (for Text, valid UTF-8 so far).
     Chunk(&'a [u8]),
     /// The message is complete (and, for Text, valid UTF-8 as a whole).
@@ -616,6 +721,10 @@ pub enum Closing {
 ///
 /// It enforces what the frame decoder cannot see: UTF-8 of text messages,
 /// incrementally across fragments, and the rules of the close handshake.
+/// With permessage-deflate negotiated it gathers a compressed message and
+/// decompresses it once whole, with the caller's [`Inflater`] (no context
+/// is kept between messages: the client was told
+/// `client_no_context_takeover`), bounded by the message limit.
 #[derive(Debug, Clone)]
 pub struct ServerSession {
     decoder: FrameDecoder,
@@ -624,11 +733,13 @@ pub struct ServerSession {
     fin: bool,
     /// The data message in progress is Text (its UTF-8 is being checked).
     text: bool,
+    /// The data message in progress came compressed.
+    compressed: bool,
     utf8: Utf8Stream,
-    /// Payload of the control frame being received (≤ 125 bytes). Allocated
-    /// only while a control frame is in flight, and one pointer otherwise
-    /// (a `Vec` would be three words on every connection).
-    control: Option<Box<Control>>,
+    /// What a frame or message in flight keeps across reads (a control
+    /// frame's payload, a compressed message's bytes). Allocated only
+    /// while one is in flight, and one pointer otherwise.
+    side: Option<Box<Side>>,
     closing: Option<Closing>,
 }
 
@@ -643,10 +754,17 @@ impl ServerSession {
             opcode: OpCode::Binary,
             fin: true,
             text: false,
+            compressed: false,
             utf8: Utf8Stream::default(),
-            control: None,
+            side: None,
             closing: None,
         }
+    }
+
+    /// permessage-deflate was negotiated: the client may send compressed
+    /// messages.
+    pub fn accept_compressed(&mut self) {
+        self.decoder.accept_compressed();
     }
 
     /// Set once the session ends; further input is ignored.
@@ -655,12 +773,14 @@ impl ServerSession {
     }
 
     /// Consumes bytes from the client (unmasking them in place). Replies
-    /// are appended to `out`; message parts go to `on_message`. Returns
-    /// `Some` when the session has ended with this input.
+    /// are appended to `out`; message parts go to `on_message`; compressed
+    /// messages are decompressed with `inflater` (only touched for one).
+    /// Returns `Some` when the session has ended with this input.
     pub fn input(
         &mut self,
         buf: &mut [u8],
         out: &mut Vec<u8>,
+        inflater: &mut Inflater,
         on_message: &mut impl FnMut(MessagePart<'_>, &mut Vec<u8>),
     ) -> Option<Closing> {
         let mut pos = 0;
@@ -670,6 +790,9 @@ impl ServerSession {
                 Err(e) => {
                     let rule = match e {
                         FrameError::ReservedBitsSet => "reserved bits set",
+                        FrameError::CompressedControlOrContinuation => {
+                            "compressed control frame or continuation"
+                        }
                         FrameError::ReservedOpcode => "reserved opcode",
                         FrameError::UnmaskedFrameFromClient => "unmasked frame from client",
                         FrameError::ControlFrameTooLong => "control frame too long",
@@ -694,11 +817,20 @@ impl ServerSession {
                     match h.opcode {
                         OpCode::Text | OpCode::Binary => {
                             self.text = h.opcode == OpCode::Text;
+                            self.compressed = h.compressed;
                             self.utf8 = Utf8Stream::default();
-                            on_message(MessagePart::Start(h.opcode), out);
+                            on_message(
+                                MessagePart::Start {
+                                    opcode: h.opcode,
+                                    compressed: h.compressed,
+                                },
+                                out,
+                            );
                         }
                         OpCode::Continuation => {}
-                        OpCode::Close | OpCode::Ping | OpCode::Pong => self.control = None,
+                        OpCode::Close | OpCode::Ping | OpCode::Pong => {
+                            self.take_control();
+                        }
                     }
                 }
                 Some(FrameEvent::Payload(r)) => {
@@ -706,8 +838,11 @@ impl ServerSession {
                     if is_control(self.opcode) {
                         // The decoder bounds a control payload to 125 bytes.
                         if !bytes.is_empty() {
-                            self.control.get_or_insert_with(Box::default).push(bytes);
+                            self.side_mut().control.push(bytes);
                         }
+                    } else if self.compressed {
+                        // The decoder bounds the message's bytes.
+                        self.side_mut().compressed.extend_from_slice(bytes);
                     } else if self.text && self.utf8.feed(bytes).is_err() {
                         self.violation(
                             close_code::INVALID_PAYLOAD,
@@ -718,7 +853,7 @@ impl ServerSession {
                         on_message(MessagePart::Chunk(bytes), out);
                     }
                 }
-                Some(FrameEvent::FrameEnd) => self.frame_end(out, on_message),
+                Some(FrameEvent::FrameEnd) => self.frame_end(out, inflater, on_message),
             }
         }
         self.closing
@@ -727,18 +862,21 @@ impl ServerSession {
     fn frame_end(
         &mut self,
         out: &mut Vec<u8>,
+        inflater: &mut Inflater,
         on_message: &mut impl FnMut(MessagePart<'_>, &mut Vec<u8>),
     ) {
         match self.opcode {
             OpCode::Ping => {
-                let payload = self.control.take();
-                encode_frame(OpCode::Pong, control_bytes(&payload), out);
+                let payload = self.take_control();
+                encode_frame(OpCode::Pong, payload.bytes(), out);
             }
             // Unsolicited pongs are allowed and mean nothing (§5.5.3).
-            OpCode::Pong => self.control = None,
+            OpCode::Pong => {
+                self.take_control();
+            }
             OpCode::Close => {
-                let payload = self.control.take();
-                match parse_close_payload(control_bytes(&payload)) {
+                let payload = self.take_control();
+                match parse_close_payload(payload.bytes()) {
                     Ok(None) => {
                         // No code received: reply with an empty close.
                         encode_frame(OpCode::Close, &[], out);
@@ -762,6 +900,10 @@ impl ServerSession {
                 if !self.fin {
                     return;
                 }
+                if self.compressed {
+                    self.inflate_message(out, inflater, on_message);
+                    return;
+                }
                 if self.text && self.utf8.finish().is_err() {
                     self.violation(
                         close_code::INVALID_PAYLOAD,
@@ -775,6 +917,50 @@ impl ServerSession {
         }
     }
 
+    /// A compressed message is whole: decompressed (RFC 7692 §7.2.2, no
+    /// context from the messages before), checked as its type says, and
+    /// handed over as one chunk. Past the message limit once decompressed
+    /// it is closed with 1009, like a message too big on the wire; data
+    /// that does not decompress with 1007 (the payload is not what the
+    /// frame says it is).
+    fn inflate_message(
+        &mut self,
+        out: &mut Vec<u8>,
+        inflater: &mut Inflater,
+        on_message: &mut impl FnMut(MessagePart<'_>, &mut Vec<u8>),
+    ) {
+        let compressed = self
+            .side
+            .as_mut()
+            .map(|s| std::mem::take(&mut s.compressed))
+            .unwrap_or_default();
+        self.tidy_side();
+        let max = usize::try_from(self.decoder.message_bytes_max).unwrap_or(usize::MAX);
+        match inflater.inflate(&compressed, max) {
+            Err(InflateError::TooLarge) => self.violation(
+                close_code::MESSAGE_TOO_BIG,
+                "message too big once decompressed",
+                out,
+            ),
+            Err(InflateError::Corrupt) => self.violation(
+                close_code::INVALID_PAYLOAD,
+                "compressed message does not decompress",
+                out,
+            ),
+            Ok(message) if self.text && core::str::from_utf8(message).is_err() => self.violation(
+                close_code::INVALID_PAYLOAD,
+                "text message is not UTF-8",
+                out,
+            ),
+            Ok(message) => {
+                if !message.is_empty() {
+                    on_message(MessagePart::Chunk(message), out);
+                }
+                on_message(MessagePart::End, out);
+            }
+        }
+    }
+
     /// Ends the session from the server side: a close frame with `code`.
     pub fn violation(&mut self, code: u16, rule: &'static str, out: &mut Vec<u8>) {
         if self.closing.is_none() {
@@ -782,6 +968,42 @@ impl ServerSession {
             self.closing = Some(Closing::Violation { code, rule });
         }
     }
+
+    fn side_mut(&mut self) -> &mut Side {
+        self.side.get_or_insert_with(Box::default)
+    }
+
+    /// The control frame's payload received so far, taken (empty if none).
+    fn take_control(&mut self) -> Control {
+        let control = self
+            .side
+            .as_mut()
+            .map(|s| std::mem::take(&mut s.control))
+            .unwrap_or_default();
+        self.tidy_side();
+        control
+    }
+
+    /// Frees the side block once nothing is in flight.
+    fn tidy_side(&mut self) {
+        if self
+            .side
+            .as_ref()
+            .is_some_and(|s| s.control.len == 0 && s.compressed.is_empty())
+        {
+            self.side = None;
+        }
+    }
+}
+
+/// What a session keeps across reads while a frame or message is in
+/// flight.
+#[derive(Debug, Clone, Default)]
+struct Side {
+    control: Control,
+    /// A compressed message's bytes so far (at most the message limit:
+    /// the decoder counts them).
+    compressed: Vec<u8>,
 }
 
 /// A control frame's payload while it arrives.
@@ -812,11 +1034,6 @@ impl Control {
     fn bytes(&self) -> &[u8] {
         &self.buf[..usize::from(self.len)]
     }
-}
-
-/// A control frame's payload, empty if none arrived.
-fn control_bytes(control: &Option<Box<Control>>) -> &[u8] {
-    control.as_deref().map_or(&[], Control::bytes)
 }
 
 fn is_control(op: OpCode) -> bool {
@@ -852,7 +1069,8 @@ mod tests {
         assert_eq!(choose(&[]), None);
         assert_eq!(choose(&[",,"]), None);
         assert_eq!(choose_subprotocol([&b"chat"[..]].into_iter(), &[]), None);
-        let head = String::from_utf8(switching_protocols_response("x", Some("chat"))).unwrap();
+        let head =
+            String::from_utf8(switching_protocols_response("x", Some("chat"), None)).unwrap();
         assert!(head.ends_with("Sec-WebSocket-Accept: x\r\nSec-WebSocket-Protocol: chat\r\n\r\n"));
         assert!(valid_subprotocol("gateway.v1") && valid_subprotocol("mqtt"));
         assert!(!valid_subprotocol("") && !valid_subprotocol("a b") && !valid_subprotocol("a,b"));
@@ -953,6 +1171,7 @@ mod tests {
     fn header(fin: bool, opcode: OpCode, payload_len: u64) -> FrameHeader {
         FrameHeader {
             fin,
+            compressed: false,
             opcode,
             payload_len,
         }
@@ -974,7 +1193,7 @@ mod tests {
             "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
         );
         assert_eq!(
-            switching_protocols_response("s3pPLMBiTxaQ9kYGzzhZRbK+xOo=", None),
+            switching_protocols_response("s3pPLMBiTxaQ9kYGzzhZRbK+xOo=", None, None),
             b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
               Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n"
         );
@@ -1450,17 +1669,27 @@ mod tests {
 
     /// Like [`run_session`], with the input cut at `cuts`.
     fn run_session_split(input: &[u8], cuts: &[usize]) -> SessionRun {
-        let mut session = ServerSession::new(WS_MESSAGE_BYTES_MAX);
+        run_session_with(ServerSession::new(WS_MESSAGE_BYTES_MAX), input, cuts)
+    }
+
+    /// Like [`run_session_split`], with `session` as it was set up.
+    fn run_session_with(mut session: ServerSession, input: &[u8], cuts: &[usize]) -> SessionRun {
+        let mut inflater = Inflater::default();
         let mut messages: Vec<(OpCode, Vec<u8>)> = Vec::new();
         let mut out = Vec::new();
         let mut current: Option<(OpCode, Vec<u8>)> = None;
         let mut end = None;
         for mut piece in pieces(input, cuts) {
-            end = session.input(&mut piece, &mut out, &mut |part, _| match part {
-                MessagePart::Start(op) => current = Some((op, Vec::new())),
-                MessagePart::Chunk(b) => current.as_mut().unwrap().1.extend_from_slice(b),
-                MessagePart::End => messages.push(current.take().unwrap()),
-            });
+            end = session.input(
+                &mut piece,
+                &mut out,
+                &mut inflater,
+                &mut |part, _| match part {
+                    MessagePart::Start { opcode, .. } => current = Some((opcode, Vec::new())),
+                    MessagePart::Chunk(b) => current.as_mut().unwrap().1.extend_from_slice(b),
+                    MessagePart::End => messages.push(current.take().unwrap()),
+                },
+            );
             if end.is_some() {
                 break;
             }
@@ -1526,7 +1755,12 @@ mod tests {
         input.extend(masked(0x80, b"never read"));
         let mut session = ServerSession::new(WS_MESSAGE_BYTES_MAX);
         let mut out = Vec::new();
-        let end = session.input(&mut input[..third].to_vec(), &mut out, &mut |_, _| {});
+        let end = session.input(
+            &mut input[..third].to_vec(),
+            &mut out,
+            &mut Inflater::default(),
+            &mut |_, _| {},
+        );
         assert_eq!(
             end,
             Some(Closing::Violation {
@@ -1622,6 +1856,198 @@ mod tests {
         }
     }
 
+    /// A session of a connection that negotiated permessage-deflate.
+    fn deflate_session(message_bytes_max: u64) -> ServerSession {
+        let mut session = ServerSession::new(message_bytes_max);
+        session.accept_compressed();
+        session
+    }
+
+    fn deflated(payload: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        Deflater::default().compress(payload, Window::Full, &mut out);
+        out
+    }
+
+    #[test]
+    fn rsv1_starts_a_compressed_message_only_where_deflate_was_negotiated() {
+        // RFC 7692 §7.2.3.1's "Hello", compressed, in one text frame.
+        let hello = masked(0xC1, &[0xf2, 0x48, 0xcd, 0xc9, 0xc9, 0x07, 0x00]);
+        let (messages, _, end) = run_session(&hello, 100);
+        assert_eq!(messages, []);
+        assert_eq!(
+            end,
+            Some(Closing::Violation {
+                code: 1002,
+                rule: "reserved bits set"
+            }),
+            "not negotiated: RSV1 means nothing"
+        );
+        for chunk in [1, 3, 100] {
+            let cuts: Vec<usize> = (chunk..hello.len()).step_by(chunk).collect();
+            let (messages, out, end) = run_session_with(deflate_session(100), &hello, &cuts);
+            assert_eq!(messages, [(OpCode::Text, b"Hello".to_vec())]);
+            assert_eq!((out, end), (Vec::new(), None));
+        }
+        let mut decoder = FrameDecoder::new(100);
+        decoder.accept_compressed();
+        let frames = decode_chunked(&mut decoder, &hello, 2).unwrap();
+        assert!(frames[0].header.compressed && frames[0].header.fin);
+
+        // Refused even when negotiated: RSV1 on a continuation or a control
+        // frame, RSV2 and RSV3.
+        for (input, rule) in [
+            (
+                [masked(0x41, b"x"), masked(0xC0, b"y")].concat(),
+                "compressed control frame or continuation",
+            ),
+            (
+                masked(0xC9, b""),
+                "compressed control frame or continuation",
+            ),
+            (masked(0xE1, b"x"), "reserved bits set"),
+            (masked(0x91, b"x"), "reserved bits set"),
+        ] {
+            let (_, out, end) = run_session_with(deflate_session(100), &input, &[]);
+            assert_eq!(end, Some(Closing::Violation { code: 1002, rule }));
+            assert_eq!(&out[2..4], &1002u16.to_be_bytes());
+        }
+    }
+
+    #[test]
+    fn a_fragmented_compressed_message_with_a_ping_between_is_decompressed_once_whole() {
+        let text = "permessage-deflate, permessage-deflate, permessage-deflate é".repeat(20);
+        let compressed = deflated(text.as_bytes());
+        let third = compressed.len() / 3;
+        let mut input = masked(0x41, &compressed[..third]);
+        input.extend(masked(0x89, b"ping"));
+        input.extend(masked(0x00, &compressed[third..2 * third]));
+        input.extend(masked(0x80, &compressed[2 * third..]));
+        // A plain message after it: allowed on the same connection.
+        input.extend(masked(0x82, b"plain"));
+        for chunk in [1, 7, input.len()] {
+            let cuts: Vec<usize> = (chunk..input.len()).step_by(chunk).collect();
+            // A compressed message comes as one chunk, whatever the
+            // reads; a plain one as its bytes arrive (counted together).
+            let mut parts: Vec<String> = Vec::new();
+            let mut plain = 0;
+            let mut session = deflate_session(WS_MESSAGE_BYTES_MAX);
+            let mut inflater = Inflater::default();
+            let mut out = Vec::new();
+            for mut piece in pieces(&input, &cuts) {
+                let end =
+                    session.input(
+                        &mut piece,
+                        &mut out,
+                        &mut inflater,
+                        &mut |part, _| match part {
+                            MessagePart::Chunk(b) if parts.len() > 3 => plain += b.len(),
+                            MessagePart::Chunk(b) => parts.push(format!("chunk {}", b.len())),
+                            other => parts.push(format!("{other:?}")),
+                        },
+                    );
+                assert_eq!(end, None);
+            }
+            assert_eq!(out, [0x8a, 4, b'p', b'i', b'n', b'g'], "the ping answered");
+            assert_eq!(
+                parts,
+                [
+                    "Start { opcode: Text, compressed: true }".to_string(),
+                    format!("chunk {}", text.len()),
+                    "End".into(),
+                    "Start { opcode: Binary, compressed: false }".into(),
+                    "End".into(),
+                ]
+            );
+            assert_eq!(plain, 5);
+            assert!(session.side.is_none(), "nothing kept between messages");
+        }
+        let (messages, _, _) = run_session_with(deflate_session(WS_MESSAGE_BYTES_MAX), &input, &[]);
+        assert_eq!(messages[0], (OpCode::Text, text.into_bytes()));
+    }
+
+    #[test]
+    fn a_compressed_message_that_is_too_big_corrupt_or_not_utf8_closes() {
+        let bomb = deflated(&vec![b'a'; 1 << 20]);
+        assert!(bomb.len() < 2048);
+        let bad_utf8 = deflated(&[b'a', 0xff, b'b']);
+        for (input, code, rule) in [
+            (
+                masked(0xC2, &bomb),
+                1009,
+                "message too big once decompressed",
+            ),
+            (
+                masked(0xC2, &[0xff, 0xff, 0xff]),
+                1007,
+                "compressed message does not decompress",
+            ),
+            (masked(0xC1, &bad_utf8), 1007, "text message is not UTF-8"),
+        ] {
+            let (messages, out, end) = run_session_with(deflate_session(64 * 1024), &input, &[]);
+            assert_eq!(messages, []);
+            assert_eq!(end, Some(Closing::Violation { code, rule }));
+            assert_eq!(&out[2..4], &code.to_be_bytes());
+        }
+        // The same bytes as binary are fine.
+        let (messages, _, end) =
+            run_session_with(deflate_session(64), &masked(0xC2, &bad_utf8), &[]);
+        assert_eq!(
+            (messages, end),
+            (vec![(OpCode::Binary, vec![b'a', 0xff, b'b'])], None)
+        );
+    }
+
+    #[test]
+    fn a_frame_is_compressed_from_the_threshold_on_when_it_shrinks() {
+        let json = br#"{"channel":"prices","id":"1"}"#.repeat(40);
+        let mut frame = Vec::new();
+        encode_frame(OpCode::Text, &json, &mut frame);
+        let mut deflater = Deflater::default();
+        assert_eq!(
+            compress_frame(&frame, &mut deflater, Window::Full, json.len() + 1),
+            None,
+            "under the threshold"
+        );
+        for window in [Window::Full, Window::Small] {
+            let compressed = compress_frame(&frame, &mut deflater, window, json.len()).unwrap();
+            assert!(compressed.len() * 3 < frame.len(), "{}", compressed.len());
+            assert_eq!(compressed[0], 0x80 | RSV1 | 0x1, "FIN, RSV1, text");
+            // As a client reads it.
+            assert_eq!(usize::from(compressed[1]), compressed.len() - 2);
+            assert_eq!(
+                Inflater::default().inflate(&compressed[2..], 1 << 20),
+                Ok(&json[..])
+            );
+        }
+        // What does not shrink is sent as it is.
+        let mut x = 7u32;
+        let noise: Vec<u8> = (0..600)
+            .map(|_| {
+                x = x.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+                (x >> 16) as u8
+            })
+            .collect();
+        let mut frame = Vec::new();
+        encode_frame(OpCode::Binary, &noise, &mut frame);
+        assert_eq!(compress_frame(&frame, &mut deflater, Window::Full, 0), None);
+        // Unless compression is asked for whatever it gives.
+        let mut out = Vec::new();
+        encode_compressed(
+            OpCode::Binary,
+            &noise,
+            &mut deflater,
+            Window::Full,
+            &mut out,
+        );
+        assert_eq!(out[0], 0x80 | RSV1 | 0x2);
+        assert!(out.len() > frame.len());
+        // Control frames are never compressed.
+        let mut ping = Vec::new();
+        encode_frame(OpCode::Ping, &json[..100], &mut ping);
+        assert_eq!(compress_frame(&ping, &mut deflater, Window::Full, 0), None);
+    }
+
     #[test]
     fn echo_fragments_reassemble_to_the_message() {
         let mut out = Vec::new();
@@ -1682,8 +2108,11 @@ mod tests {
         struct Message {
             opcode: OpCode,
             payload: Vec<u8>,
-            /// Fragment boundaries, sorted; repeats give empty fragments.
-            cuts: Vec<usize>,
+            /// Sent compressed (permessage-deflate): the fragments are cut
+            /// from the compressed bytes, the first has RSV1.
+            compressed: bool,
+            /// Fragment boundaries in what is sent.
+            indices: Vec<Index>,
             /// After fragment i (when there is an entry i): a control frame.
             controls: Vec<Option<(bool, Vec<u8>)>>,
         }
@@ -1698,14 +2127,18 @@ mod tests {
             );
             (
                 prop_oneof![text, binary],
+                any::<bool>(),
                 prop::collection::vec(any::<Index>(), 0..5),
                 prop::collection::vec(control, 0..6),
             )
-                .prop_map(|((opcode, payload), indices, controls)| Message {
-                    cuts: cuts(&indices, payload.len()),
-                    opcode,
-                    payload,
-                    controls,
+                .prop_map(|((opcode, payload), compressed, indices, controls)| {
+                    Message {
+                        opcode,
+                        payload,
+                        compressed,
+                        indices,
+                        controls,
+                    }
                 })
         }
 
@@ -1726,17 +2159,26 @@ mod tests {
                 messages: Vec::new(),
                 pongs: Vec::new(),
             };
-            let mut push = |e: &mut Expected, fin: bool, opcode: OpCode, payload: &[u8]| {
-                let key = (rng.next() as u32).to_be_bytes();
-                let b0 = u8::from(fin) << 7 | opcode.bits();
-                e.stream.extend(client_frame(b0, payload, key));
-                e.frames.push(Frame {
-                    header: header(fin, opcode, payload.len() as u64),
-                    payload: payload.to_vec(),
-                });
-            };
+            let mut push =
+                |e: &mut Expected, fin: bool, compressed: bool, opcode: OpCode, payload: &[u8]| {
+                    let key = (rng.next() as u32).to_be_bytes();
+                    let b0 = u8::from(fin) << 7 | u8::from(compressed) << 6 | opcode.bits();
+                    e.stream.extend(client_frame(b0, payload, key));
+                    e.frames.push(Frame {
+                        header: FrameHeader {
+                            compressed,
+                            ..header(fin, opcode, payload.len() as u64)
+                        },
+                        payload: payload.to_vec(),
+                    });
+                };
             for m in messages {
-                let fragments = pieces(&m.payload, &m.cuts);
+                let sent = if m.compressed {
+                    deflated(&m.payload)
+                } else {
+                    m.payload.clone()
+                };
+                let fragments = pieces(&sent, &cuts(&m.indices, sent.len()));
                 let last = fragments.len() - 1;
                 for (i, fragment) in fragments.iter().enumerate() {
                     let opcode = if i == 0 {
@@ -1744,10 +2186,10 @@ mod tests {
                     } else {
                         OpCode::Continuation
                     };
-                    push(&mut e, i == last, opcode, fragment);
+                    push(&mut e, i == last, m.compressed && i == 0, opcode, fragment);
                     if let Some(Some((ping, payload))) = m.controls.get(i) {
                         let opcode = if *ping { OpCode::Ping } else { OpCode::Pong };
-                        push(&mut e, true, opcode, payload);
+                        push(&mut e, true, false, opcode, payload);
                         if *ping {
                             encode_frame(OpCode::Pong, payload, &mut e.pongs);
                         }
@@ -1760,7 +2202,8 @@ mod tests {
 
         proptest! {
             /// (a) A valid client stream (text/binary messages, fragmented,
-            /// pings and pongs between fragments, a random key per frame)
+            /// some compressed, pings and pongs between fragments, a random
+            /// key per frame)
             /// decodes to the same frames, and the session to the same
             /// messages and pongs, wherever the stream is cut.
             #[test]
@@ -1772,8 +2215,10 @@ mod tests {
                 let e = build(&messages, mask_seed);
                 let cuts = cuts(&split, e.stream.len());
                 let mut dec = FrameDecoder::new(WS_MESSAGE_BYTES_MAX);
+                dec.accept_compressed();
                 prop_assert_eq!(decode_split(&mut dec, &e.stream, &cuts), Ok(e.frames));
-                let (got, out, end) = run_session_split(&e.stream, &cuts);
+                let session = || deflate_session(WS_MESSAGE_BYTES_MAX);
+                let (got, out, end) = run_session_with(session(), &e.stream, &cuts);
                 prop_assert_eq!(end, None);
                 prop_assert_eq!(got, e.messages);
                 prop_assert_eq!(out, e.pongs);
@@ -1781,7 +2226,7 @@ mod tests {
                 // A close frame after it all ends the session, echoing the code.
                 let mut stream = e.stream.clone();
                 stream.extend(masked(0x88, &[0x03, 0xE8]));
-                let (_, out, end) = run_session_split(&stream, &cuts);
+                let (_, out, end) = run_session_with(session(), &stream, &cuts);
                 prop_assert_eq!(end, Some(Closing::PeerClosed { code: Some(1000) }));
                 prop_assert!(out.ends_with(&[0x88, 0x02, 0x03, 0xE8]));
             }

@@ -9,6 +9,7 @@ use std::os::fd::RawFd;
 use std::task::Waker;
 
 use bytes::Bytes;
+use protocol::deflate::Window;
 use protocol::token::ChannelPattern;
 use protocol::ws;
 use rand::Rng;
@@ -65,8 +66,13 @@ pub enum State {
         keep_alive: bool,
     },
     /// An open WebSocket (parked): its session, boxed as no other state
-    /// has one.
-    WebSocket { session: Box<WsSession> },
+    /// has one, and the window its messages are compressed with when it
+    /// negotiated permessage-deflate (here, not in the session: fan-out
+    /// reads it for every delivery, and the slab entry is in hand).
+    WebSocket {
+        session: Box<WsSession>,
+        deflate: Option<Window>,
+    },
     /// An open SSE stream (parked); `chunked` for an HTTP/1.1 request (see
     /// [`sse_bytes`]).
     Sse { chunked: bool },
@@ -236,6 +242,25 @@ impl State {
                 echo,
                 two_way: None,
             }),
+            deflate: None,
+        }
+    }
+
+    /// The window an open WebSocket's messages are compressed with, when
+    /// it negotiated permessage-deflate.
+    pub fn ws_deflate(&self) -> Option<Window> {
+        match self {
+            State::WebSocket { deflate, .. } => *deflate,
+            _ => None,
+        }
+    }
+
+    /// An open WebSocket negotiated permessage-deflate: compressed
+    /// messages are sent to it with `window`, and it may send some.
+    pub fn negotiated_deflate(&mut self, window: Window) {
+        if let State::WebSocket { session, deflate } = self {
+            session.frames.accept_compressed();
+            *deflate = Some(window);
         }
     }
 }

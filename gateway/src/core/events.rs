@@ -39,6 +39,7 @@ use std::rc::Rc;
 use std::task::{Poll, Waker};
 
 use bytes::Bytes;
+use protocol::deflate::{Deflater, Window};
 use protocol::ws::{self, Closing, MessagePart, OpCode};
 use tracing::{debug, info, warn};
 
@@ -415,7 +416,7 @@ impl Core {
         let max = self.cfg.outbound_queue_bytes_max;
         for _ in 0..WS_READS_PER_TURN {
             match &c.state {
-                State::WebSocket { session } if !crate::core::two_way::paused(session) => {}
+                State::WebSocket { session, .. } if !crate::core::two_way::paused(session) => {}
                 _ => return,
             }
             let mut fed: Option<(Vec<u8>, bool)> = None;
@@ -458,7 +459,8 @@ impl Core {
     pub fn websocket_input(&self, c: &mut Conn, key: u32, bytes: &mut [u8]) -> (Vec<u8>, bool) {
         let mut out = Vec::new();
         let mut complete: Vec<(Vec<u8>, bool)> = Vec::new();
-        let State::WebSocket { session } = &mut c.state else {
+        let deflate = c.state.ws_deflate();
+        let State::WebSocket { session, .. } = &mut c.state else {
             return (out, false);
         };
         let WsSession {
@@ -466,13 +468,15 @@ impl Core {
             echo,
             two_way,
         } = &mut **session;
-        let end = frames.input(bytes, &mut out, &mut |part, out| {
+        let mut inflater = self.inflater.borrow_mut();
+        let end = frames.input(bytes, &mut out, &mut inflater, &mut |part, out| {
             if let Some(state) = echo.as_mut() {
-                echo_part(state, part, out);
+                echo_part(state, part, out, deflate.map(|w| (w, &self.deflater)));
             } else if let Some(t) = two_way.as_deref_mut() {
                 collect(t, part, &mut complete);
             }
         });
+        drop(inflater);
         let mut answers = Vec::new();
         for (message, binary) in complete {
             self.client_message(c, key, &message, binary, &mut answers);
@@ -798,8 +802,8 @@ fn discard_input(core: &Core, c: &mut Conn) {
 /// its size); a whole one goes to `complete`.
 fn collect(t: &mut TwoWay, part: MessagePart<'_>, complete: &mut Vec<(Vec<u8>, bool)>) {
     match part {
-        MessagePart::Start(op) => {
-            t.binary = op == OpCode::Binary;
+        MessagePart::Start { opcode, .. } => {
+            t.binary = opcode == OpCode::Binary;
             t.message.clear();
         }
         MessagePart::Chunk(bytes) => t.message.extend_from_slice(bytes),
@@ -813,6 +817,8 @@ fn collect(t: &mut TwoWay, part: MessagePart<'_>, complete: &mut Vec<(Vec<u8>, b
 pub struct Echo {
     opcode: OpCode,
     first: bool,
+    /// The message came compressed: it is echoed whole, in one frame.
+    compressed: bool,
 }
 
 impl Echo {
@@ -820,22 +826,53 @@ impl Echo {
         Echo {
             opcode: OpCode::Binary,
             first: true,
+            compressed: false,
         }
     }
 }
 
-/// Echoes a message part as it arrives, fragment by fragment.
-pub fn echo_part(state: &mut Echo, part: MessagePart<'_>, out: &mut Vec<u8>) {
+/// Echoes a message part as it arrives: a plain message fragment by
+/// fragment, as it came; a compressed one (it arrives whole) in one frame,
+/// compressed again with the connection's window and the core's
+/// compressor (`deflate`), whatever its size: an echo mirrors. (The
+/// conformance suite's client reads an uncompressed echo of a compressed
+/// message as a message of another type.)
+pub fn echo_part(
+    state: &mut Echo,
+    part: MessagePart<'_>,
+    out: &mut Vec<u8>,
+    deflate: Option<(Window, &RefCell<Deflater>)>,
+) {
     match part {
-        MessagePart::Start(op) => {
-            state.opcode = op;
+        MessagePart::Start { opcode, compressed } => {
+            state.opcode = opcode;
             state.first = true;
+            state.compressed = compressed;
+        }
+        MessagePart::Chunk(bytes) if state.compressed => {
+            match deflate {
+                Some((window, deflater)) => ws::encode_compressed(
+                    state.opcode,
+                    bytes,
+                    &mut deflater.borrow_mut(),
+                    window,
+                    out,
+                ),
+                None => ws::encode_frame(state.opcode, bytes, out),
+            }
+            state.first = false;
         }
         MessagePart::Chunk(bytes) => {
             if !bytes.is_empty() {
                 ws::encode_fragment(state.first, state.opcode, false, bytes, out);
                 state.first = false;
             }
+        }
+        // A compressed message went out whole with its chunk.
+        MessagePart::End if state.compressed && !state.first => {}
+        // An empty one: no chunk came.
+        MessagePart::End if state.compressed => {
+            echo_part(state, MessagePart::Chunk(&[]), out, deflate)
         }
         MessagePart::End => ws::encode_fragment(state.first, state.opcode, true, &[], out),
     }
@@ -915,6 +952,46 @@ mod tests {
             core.conns.borrow().get(key as usize).is_none(),
             "closed at the peer's end"
         );
+    }
+
+    #[test]
+    fn the_echo_sends_a_compressed_message_back_compressed_and_a_plain_one_plain() {
+        let core = core();
+        let (key, mut client) = parked(&core, Transport::WebSocket);
+        {
+            let mut conns = core.conns.borrow_mut();
+            let c = &mut conns[key as usize];
+            c.state = State::websocket(1024, Some(Echo::new()));
+            c.state.negotiated_deflate(Window::Full);
+        }
+        let compress = |payload: &[u8]| {
+            let mut out = Vec::new();
+            Deflater::default().compress(payload, Window::Full, &mut out);
+            out
+        };
+        let text = "ab".repeat(300);
+        for message in [text.as_bytes(), b"hi", b""] {
+            client.write_all(&masked(0xC1, &compress(message))).unwrap();
+        }
+        client.write_all(&masked(0x81, b"plain")).unwrap();
+        readable(&core, key);
+        let mut frame = || {
+            let mut head = [0u8; 2];
+            client.read_exact(&mut head).unwrap();
+            let mut payload = vec![0u8; usize::from(head[1])];
+            client.read_exact(&mut payload).unwrap();
+            (head[0], payload)
+        };
+        // Each compressed one back compressed, whole, whatever its size.
+        let mut inflater = protocol::deflate::Inflater::default();
+        for message in [text.as_bytes(), b"hi", b""] {
+            let (b0, payload) = frame();
+            assert_eq!(b0, 0xC1, "FIN, RSV1, text");
+            assert_eq!(inflater.inflate(&payload, 1024), Ok(message));
+        }
+        // A plain message is echoed as it arrives, fragment by fragment.
+        assert_eq!(frame(), (0x01, b"plain".to_vec()));
+        assert_eq!(frame(), (0x80, Vec::new()));
     }
 
     #[test]

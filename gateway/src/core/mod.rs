@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use crossbeam_channel::Receiver;
+use protocol::deflate::Window;
 use protocol::envelope;
 use protocol::id::{Cursor, GATEWAY_ID_FLOOR};
 use protocol::origin::PATTERN_SLOT;
@@ -45,6 +46,11 @@ pub struct Core {
     /// The receive buffer every connection of this core reads into, right
     /// after readiness: idle connections hold no read buffer of their own.
     pub scratch: RefCell<Box<[u8]>>,
+    /// permessage-deflate's contexts, made on first use and reused for
+    /// every message this core compresses (a message's shared frame, an
+    /// echo) or decompresses (a client's message): connections keep none.
+    pub deflater: RefCell<protocol::deflate::Deflater>,
+    pub inflater: RefCell<protocol::deflate::Inflater>,
     /// Highest id ingest has assigned (all cores).
     pub published_through: Arc<AtomicU64>,
     pub conn_counts: Arc<[AtomicU64]>,
@@ -146,6 +152,8 @@ impl Core {
             conns: RefCell::new(Slab::new()),
             registry: RefCell::new(Registry::new(first_id, interest)),
             scratch: RefCell::new(vec![0u8; SCRATCH_BYTES].into_boxed_slice()),
+            deflater: RefCell::default(),
+            inflater: RefCell::default(),
             published_through,
             conn_counts,
             admission,
@@ -185,6 +193,18 @@ impl Core {
                 .map(|b| String::from_utf8_lossy(b).into_owned().into())
                 .unwrap_or_default(),
             cors => self.cfg.origins.cors_lines(cors).into(),
+        }
+    }
+
+    /// The frame of message `m` for a WebSocket that negotiated `deflate`
+    /// (None: plain): the message's shared compressed frame, or its plain
+    /// one under the threshold.
+    pub fn ws_frame<'m>(&self, m: &'m Message, deflate: Option<Window>) -> &'m Bytes {
+        match deflate {
+            Some(window) => {
+                m.ws_deflated(window, self.cfg.ws_deflate_threshold_bytes, &self.deflater)
+            }
+            None => &m.ws,
         }
     }
 
@@ -491,7 +511,7 @@ impl Core {
         let cors_by_conn = self.cors_by_conn.borrow();
         let mut poll_gaps = self.poll_gaps.borrow_mut();
         let mut stage = self.stage.borrow_mut();
-        let (mut deliveries, mut delivered_bytes) = (0u64, 0u64);
+        let (mut deliveries, mut delivered_bytes, mut deflate_saved) = (0u64, 0u64, 0u64);
         // How far the pass has got in `dirty`; it may have begun in an
         // earlier call.
         let mut written = self.pass_at.get();
@@ -518,6 +538,9 @@ impl Core {
                             crate::ops::metrics::note_direct_undelivered();
                             continue;
                         };
+                        if conn.state.ws_deflate().is_some() {
+                            deflate_saved += (msg.ws.len() - frame.len()) as u64;
+                        }
                         deliveries += 1;
                         delivered_bytes += frame.len() as u64;
                         stage_for_pass(conn, key, frame, &mut stage, &mut dirty, cfg);
@@ -589,6 +612,9 @@ impl Core {
                     }
                 };
                 let (mut ws_frame, mut sse_frame, mut grpc_frame) = (None, None, None);
+                // For connections that negotiated permessage-deflate, per
+                // window: compressed once per message (shared by the cores).
+                let mut ws_deflated: [Option<Bytes>; 2] = [None, None];
                 for &key in &ch.subscribers {
                     let Some(conn) = conns.get_mut(key as usize) else {
                         continue;
@@ -603,9 +629,16 @@ impl Core {
                         continue;
                     }
                     let frame = match conn.transport() {
-                        Transport::WebSocket => {
-                            ws_frame.get_or_insert_with(|| own(&msg.ws)).clone()
-                        }
+                        Transport::WebSocket => match conn.state.ws_deflate() {
+                            None => ws_frame.get_or_insert_with(|| own(&msg.ws)).clone(),
+                            Some(window) => {
+                                let frame = ws_deflated[window as usize]
+                                    .get_or_insert_with(|| own(self.ws_frame(&msg, Some(window))))
+                                    .clone();
+                                deflate_saved += (msg.ws.len() - frame.len()) as u64;
+                                frame
+                            }
+                        },
                         Transport::Sse => sse_bytes(
                             sse_frame.get_or_insert_with(|| own(&msg.sse)),
                             conn.sse_chunked(),
@@ -739,6 +772,9 @@ impl Core {
             }
         }
         self.stats.delivered(deliveries, delivered_bytes);
+        if deflate_saved > 0 {
+            self.stats.deflate_saved(deflate_saved);
+        }
         handled
     }
 
@@ -748,7 +784,7 @@ impl Core {
     /// take one now (between requests, closing).
     fn direct_frame(&self, conn: &mut Conn, key: u32, msg: &Message) -> Option<Bytes> {
         match conn.transport() {
-            Transport::WebSocket => Some(msg.ws.clone()),
+            Transport::WebSocket => Some(self.ws_frame(msg, conn.state.ws_deflate()).clone()),
             Transport::Sse => Some(sse_bytes(&msg.sse, conn.sse_chunked())),
             Transport::GrpcStream => Some(msg.grpc().clone()),
             Transport::LongPoll => {
@@ -790,8 +826,10 @@ impl Core {
         let mut silent = 0u64;
         let mut expired = 0u64;
         let mut by_transport = [0u64; crate::ops::metrics::TRANSPORTS.len()];
+        let mut deflating = 0;
         for (_, conn) in self.conns.borrow_mut().iter_mut() {
             by_transport[conn.transport().metrics_slot()] += 1;
+            deflating += u64::from(conn.state.ws_deflate().is_some());
             if conn.dead {
                 continue;
             }
@@ -852,7 +890,7 @@ impl Core {
                     continue;
                 }
             };
-            if let State::WebSocket { session } = &conn.state {
+            if let State::WebSocket { session, .. } = &conn.state {
                 if two_way::paused(session) {
                     // Not read while the hubs are behind: not silent.
                     conn.last_heard_s = now;
@@ -914,6 +952,7 @@ impl Core {
             .retain(|_, budget| !budget.is_full(now_ms));
         let mut snapshot = self.stats.snapshot(by_transport);
         snapshot.history_evictions = self.registry.borrow().evictions;
+        snapshot.ws_deflate_connections = deflating;
         crate::ops::metrics::publish(self.index, snapshot);
         if crate::ops::drain::draining() {
             self.drain_step();
@@ -1448,6 +1487,98 @@ mod tests {
             "{answer:?}"
         );
         assert!(core.poll_gaps.borrow().is_empty());
+    }
+
+    #[test]
+    fn a_message_is_compressed_once_for_every_subscriber_that_negotiated_deflate() {
+        let core = Core::lone(Box::leak(Box::default()), 7);
+        assert_eq!(core.cfg.ws_deflate_threshold_bytes, 256);
+        // Three clients with the full window, one that limited it, one
+        // without permessage-deflate; their sockets are full (blocked), so
+        // what each is given stays in its queue to be looked at.
+        let windows = [
+            Some(Window::Full),
+            Some(Window::Full),
+            Some(Window::Full),
+            Some(Window::Small),
+            None,
+        ];
+        let mut keys = Vec::new();
+        let mut peers = Vec::new();
+        for window in windows {
+            let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+            let key = core.register(a.as_raw_fd(), ([127, 0, 0, 1], 1).into());
+            let (ids, _) =
+                core.registry
+                    .borrow_mut()
+                    .subscribe(key, &["a".to_string()], None, 7, 100, 10);
+            let mut conns = core.conns.borrow_mut();
+            let c = &mut conns[key as usize];
+            c.channels = ids;
+            c.state = state_of(Transport::WebSocket);
+            if let Some(window) = window {
+                c.state.negotiated_deflate(window);
+            }
+            c.blocked = true;
+            keys.push(key);
+            peers.push((a, b));
+        }
+        let json = br#"{"symbol":"ACME","bid":101.25,"ask":101.5,"size":300}"#.repeat(20);
+        let big = Arc::new(Message::encode(8, "a", None, &json));
+        let small = Arc::new(Message::encode(9, "a", None, b"{\"short\":true}"));
+        let (tx, rx) = crossbeam_channel::unbounded();
+        for m in [&big, &small] {
+            tx.send(ToCore::Message(m.clone())).unwrap();
+        }
+        assert_eq!(core.dispatch(&rx), 2);
+        let conns = core.conns.borrow();
+        let queued =
+            |i: usize| -> Vec<Bytes> { conns[keys[i] as usize].queue.iter().cloned().collect() };
+        let full = big.ws_deflated(Window::Full, 256, &core.deflater).clone();
+        let narrow = big.ws_deflated(Window::Small, 256, &core.deflater).clone();
+        for i in 0..3 {
+            let got = queued(i);
+            // The same bytes, not a copy each: compressed once.
+            assert_eq!(got[0].as_ptr(), full.as_ptr(), "subscriber {i}");
+            assert_eq!(
+                got[1].as_ptr(),
+                small.ws.as_ptr(),
+                "under the threshold: plain"
+            );
+        }
+        assert_eq!(queued(3)[0].as_ptr(), narrow.as_ptr());
+        assert_ne!(full, narrow);
+        assert_eq!(queued(4)[0].as_ptr(), big.ws.as_ptr());
+        // What the clients read: RSV1 on a text frame, and the message once
+        // decompressed.
+        let payload = |frame: &Bytes| {
+            let head = match frame[1] {
+                126 => 4,
+                127 => 10,
+                _ => 2,
+            };
+            frame.slice(head..)
+        };
+        for frame in [&full, &narrow] {
+            assert_eq!(frame[0], 0xC1, "FIN, RSV1, text");
+            assert!(
+                frame.len() * 4 < big.ws.len(),
+                "{} of {}",
+                frame.len(),
+                big.ws.len()
+            );
+            let mut inflater = protocol::deflate::Inflater::default();
+            let inflated = inflater
+                .inflate(&payload(frame), 1 << 20)
+                .map(Bytes::copy_from_slice);
+            assert!(inflated == Ok(payload(&big.ws)), "{inflated:?}");
+        }
+        assert_eq!(
+            core.stats
+                .snapshot(Default::default())
+                .ws_deflate_saved_bytes,
+            (3 * (big.ws.len() - full.len()) + big.ws.len() - narrow.len()) as u64
+        );
     }
 
     /// A connection's state for a kind of traffic, as tests set it.

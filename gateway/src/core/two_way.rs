@@ -7,6 +7,7 @@
 use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
+use protocol::deflate::Window;
 use protocol::envelope;
 use protocol::token::Grant;
 use protocol::upstream::{self, ClientMessage, Kind, Ref, SendLimits, UpstreamMeta, USER_PREFIX};
@@ -35,21 +36,32 @@ pub trait Answers {
     fn message(&mut self, m: &Message);
 }
 
-/// Answers on the WebSocket subprotocol.
-pub struct WsAnswers<'a>(pub &'a mut Vec<u8>);
+/// Answers on the WebSocket subprotocol. Acks, errors and gaps are short
+/// and go uncompressed; a message (history replayed by a subscribe) is
+/// the frame every subscriber of its kind gets, compressed on a
+/// connection that negotiated permessage-deflate (`deflate`: its core and
+/// window).
+pub struct WsAnswers<'a> {
+    pub out: &'a mut Vec<u8>,
+    pub deflate: Option<(&'a Core, Window)>,
+}
 
 impl Answers for WsAnswers<'_> {
     fn ack(&mut self, reference: &Ref) {
-        upstream::encode_ack(reference, self.0);
+        upstream::encode_ack(reference, self.out);
     }
     fn error(&mut self, reference: Option<&Ref>, reason: &str, channel: Option<&str>) {
-        upstream::encode_error(reference, reason, channel, self.0);
+        upstream::encode_error(reference, reason, channel, self.out);
     }
     fn gap(&mut self, channel: &str) {
-        envelope::encode_ws_gap(channel, self.0);
+        envelope::encode_ws_gap(channel, self.out);
     }
     fn message(&mut self, m: &Message) {
-        self.0.extend_from_slice(&m.ws);
+        let frame = match self.deflate {
+            Some((core, window)) => core.ws_frame(m, Some(window)),
+            None => &m.ws,
+        };
+        self.out.extend_from_slice(frame);
     }
 }
 
@@ -142,7 +154,10 @@ impl Core {
     ) {
         let cfg = self.cfg;
         let parsed = upstream::parse_client_message(message, cfg.channel_name_bytes_max);
-        let out = &mut WsAnswers(out);
+        let out = &mut WsAnswers {
+            out,
+            deflate: c.state.ws_deflate().map(|window| (self, window)),
+        };
         match parsed {
             Err(e) => {
                 note_upstream_refused(0);
@@ -405,7 +420,7 @@ impl Core {
         };
         let Some(stream) = c.stream else { return };
         let two_way = match &c.state {
-            State::WebSocket { session } => session.two_way.as_deref(),
+            State::WebSocket { session, .. } => session.two_way.as_deref(),
             State::GrpcStream { two_way } => two_way.as_deref(),
             _ => None,
         };
@@ -482,7 +497,11 @@ impl Core {
             }
             let mut out = Vec::new();
             match c.transport() {
-                Transport::WebSocket => WsAnswers(&mut out).ack(&ack.reference),
+                Transport::WebSocket => WsAnswers {
+                    out: &mut out,
+                    deflate: None,
+                }
+                .ack(&ack.reference),
                 Transport::GrpcStream => GrpcAnswers(&mut out).ack(&ack.reference),
                 _ => continue,
             }
@@ -508,7 +527,7 @@ impl Core {
 /// A WebSocket's two-way state, if it speaks the subprotocol.
 pub fn two_way_of(c: &mut Conn) -> Option<&mut TwoWay> {
     match &mut c.state {
-        State::WebSocket { session } => session.two_way.as_deref_mut(),
+        State::WebSocket { session, .. } => session.two_way.as_deref_mut(),
         State::GrpcStream { two_way } => two_way.as_deref_mut(),
         _ => None,
     }

@@ -47,6 +47,11 @@ pub struct Snapshot {
     pub delivered_bytes: u64,
     pub slow_consumer_disconnects: u64,
     pub history_evictions: u64,
+    /// Open WebSockets that negotiated permessage-deflate.
+    pub ws_deflate_connections: u64,
+    /// Bytes compression kept off the wire: per delivery of a compressed
+    /// frame, the plain frame's size less its own.
+    pub ws_deflate_saved_bytes: u64,
     /// Non-cumulative counts per bucket of [`LATENCY_BUCKETS_S`], plus +Inf.
     pub latency_buckets: [u64; 15],
     pub latency_sum_ns: u64,
@@ -59,6 +64,7 @@ pub struct CoreStats {
     handshakes: RefCell<Vec<(&'static str, u64)>>,
     deliveries: Cell<u64>,
     delivered_bytes: Cell<u64>,
+    ws_deflate_saved_bytes: Cell<u64>,
     latency_buckets: [Cell<u64>; 15],
     latency_sum_ns: Cell<u64>,
     latency_count: Cell<u64>,
@@ -68,6 +74,15 @@ thread_local! {
     /// Slow consumers dropped by this thread (a core): counted where the
     /// connection is dropped, which does not know its core.
     static SLOW_CONSUMERS: Cell<u64> = const { Cell::new(0) };
+}
+
+/// Messages compressed for permessage-deflate (once per message and
+/// window, by whichever core did it).
+static WS_DEFLATED: AtomicU64 = AtomicU64::new(0);
+
+/// Counts a message compressed for permessage-deflate.
+pub fn note_ws_deflated() {
+    WS_DEFLATED.fetch_add(1, Ordering::Relaxed);
 }
 
 /// gRPC calls ended, by status code.
@@ -100,6 +115,12 @@ impl CoreStats {
         self.delivered_bytes.set(self.delivered_bytes.get() + bytes);
     }
 
+    /// Counts bytes a dispatch batch kept off the wire by compressing.
+    pub fn deflate_saved(&self, bytes: u64) {
+        self.ws_deflate_saved_bytes
+            .set(self.ws_deflate_saved_bytes.get() + bytes);
+    }
+
     /// One publish→send latency observation.
     pub fn observe_latency(&self, latency: Duration) {
         let s = latency.as_secs_f64();
@@ -122,8 +143,11 @@ impl CoreStats {
             deliveries: self.deliveries.get(),
             delivered_bytes: self.delivered_bytes.get(),
             slow_consumer_disconnects: SLOW_CONSUMERS.with(Cell::get),
-            // The core's registry counts these; the sweep fills them in.
+            // The core's registry counts these, its connections those; the
+            // sweep fills them in.
             history_evictions: 0,
+            ws_deflate_connections: 0,
+            ws_deflate_saved_bytes: self.ws_deflate_saved_bytes.get(),
             latency_buckets: std::array::from_fn(|i| self.latency_buckets[i].get()),
             latency_sum_ns: self.latency_sum_ns.get(),
             latency_count: self.latency_count.get(),
@@ -477,9 +501,27 @@ pub fn render() -> String {
             "Messages pushed out of a channel's history by history_messages, per core (up to 1 s old).",
             sum(|s| s.history_evictions),
         ),
+        (
+            "gateway_ws_deflate_saved_bytes_total",
+            "Bytes permessage-deflate kept off the wire: per compressed delivery, the plain frame's \
+             size less the compressed one's (up to 1 s old).",
+            sum(|s| s.ws_deflate_saved_bytes),
+        ),
+        (
+            "gateway_ws_deflate_messages_total",
+            "Messages compressed for permessage-deflate: once per message and window, whatever \
+             the number of subscribers.",
+            WS_DEFLATED.load(Ordering::Relaxed),
+        ),
     ] {
         families.push(family(name, help, MetricType::COUNTER, vec![counter(vec![], v)]));
     }
+    families.push(family(
+        "gateway_ws_deflate_connections",
+        "Open WebSockets that negotiated permessage-deflate (up to 1 s old).",
+        MetricType::GAUGE,
+        vec![gauge(vec![], sum(|s| s.ws_deflate_connections) as f64)],
+    ));
 
     families.push(family(
         "gateway_zmq_peers",

@@ -5,6 +5,7 @@ use testkit as common;
 
 mod auth;
 mod bad_input;
+mod deflate;
 mod drain;
 mod fanout;
 mod forwarder;

@@ -8,7 +8,7 @@ use crate::common::*;
 
 const MASK: [u8; 4] = [0x11, 0x22, 0x33, 0x44];
 
-fn frame(first_byte: u8, payload: &[u8], masked: bool) -> Vec<u8> {
+pub(crate) fn frame(first_byte: u8, payload: &[u8], masked: bool) -> Vec<u8> {
     let mut f = vec![first_byte];
     let mask_bit = if masked { 0x80 } else { 0 };
     match payload.len() {
@@ -51,7 +51,7 @@ fn upgrade(gw: &Gateway, path: &str) -> HttpConn {
 }
 
 /// Reads one unmasked server frame: (first byte, payload).
-fn read_frame(conn: &mut HttpConn) -> (u8, Vec<u8>) {
+pub(crate) fn read_frame(conn: &mut HttpConn) -> (u8, Vec<u8>) {
     let mut head = [0u8; 2];
     conn.reader.read_exact(&mut head).expect("frame head");
     assert_eq!(head[1] & 0x80, 0, "server frames are never masked");
@@ -73,7 +73,7 @@ fn read_frame(conn: &mut HttpConn) -> (u8, Vec<u8>) {
     (head[0], payload)
 }
 
-fn expect_close(conn: &mut HttpConn, code: u16, context: &str) {
+pub(crate) fn expect_close(conn: &mut HttpConn, code: u16, context: &str) {
     let (first, payload) = read_frame(conn);
     assert_eq!(
         first, 0x88,
