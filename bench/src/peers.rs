@@ -8,49 +8,14 @@
 use std::fs::{self, File};
 use std::io::Read as _;
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::gateway::Gateway;
 use crate::procfs;
 use crate::tls::TlsFiles;
-
-/// A directory of its own under the system's temporary directory, removed
-/// with everything in it when dropped.
-#[derive(Debug)]
-pub struct TempDir {
-    path: PathBuf,
-}
-
-impl TempDir {
-    /// `$TMPDIR/bench-{what}-{pid}-{n}`, created afresh (never one left over
-    /// from another run).
-    pub fn new(what: &str) -> Result<TempDir, String> {
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        loop {
-            let n = NEXT.fetch_add(1, Ordering::Relaxed);
-            let path =
-                std::env::temp_dir().join(format!("bench-{what}-{}-{n}", std::process::id()));
-            match fs::create_dir(&path) {
-                Ok(()) => return Ok(TempDir { path }),
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-                Err(e) => return Err(format!("create directory {}: {e}", path.display())),
-            }
-        }
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.path);
-    }
-}
+use crate::util::TempDir;
 
 /// A loopback port nothing listens on right now: bound to port 0, read,
 /// released. Another process could take it before the server binds it;

@@ -24,8 +24,8 @@ use rustls::client::Resumption;
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, ClientConnection, RootCertStore};
 
-use crate::peers::TempDir;
 use crate::sys;
+use crate::util::TempDir;
 
 /// The name the clients ask for (SNI) and check the certificate against.
 pub const SERVER_NAME: &str = "localhost";
@@ -188,7 +188,7 @@ impl TlsSetup {
                 let mut s = rustls::StreamOwned::new(conn, tcp);
                 let mut head = Vec::new();
                 let mut b = [0u8; 1024];
-                while crate::http::head_len(&head).is_none() {
+                while testkit::http::head_len(&head).is_none() {
                     match s.read(&mut b) {
                         Ok(k) if k > 0 => head.extend_from_slice(&b[..k]),
                         _ => break,

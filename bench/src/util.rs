@@ -1,6 +1,10 @@
 //! Small helpers the scenarios share: the monotonic clock in nanoseconds
 //! (what publishers stamp and receivers compare against), a tiny PRNG, and
-//! number formatting.
+//! number formatting, a temporary directory.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// CLOCK_MONOTONIC in nanoseconds: comparable across threads and processes
 /// on one host.
@@ -122,5 +126,40 @@ mod tests {
         assert_eq!(thousands(1_234_567), "1,234,567");
         assert_eq!(opt(None, 1), "-");
         assert_eq!(opt(Some(2.345), 1), "2.3");
+    }
+}
+
+/// A directory of its own under the system's temporary directory, removed
+/// with everything in it when dropped.
+#[derive(Debug)]
+pub struct TempDir {
+    path: PathBuf,
+}
+
+impl TempDir {
+    /// `$TMPDIR/bench-{what}-{pid}-{n}`, created afresh (never one left over
+    /// from another run).
+    pub fn new(what: &str) -> Result<TempDir, String> {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        loop {
+            let n = NEXT.fetch_add(1, Ordering::Relaxed);
+            let path =
+                std::env::temp_dir().join(format!("bench-{what}-{}-{n}", std::process::id()));
+            match fs::create_dir(&path) {
+                Ok(()) => return Ok(TempDir { path }),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(format!("create directory {}: {e}", path.display())),
+            }
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.path);
     }
 }
