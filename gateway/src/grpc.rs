@@ -49,8 +49,13 @@ const PENDING_RESET_STREAMS_MAX: usize = 20;
 const LOCAL_ERROR_RESETS_MAX: usize = 1024;
 
 /// Serves connection `key` of `core` as HTTP/2: `first_bytes` were read
-/// from it already (the preface, and what came with it).
-pub async fn serve(core: Rc<Core>, key: u32, first_bytes: Vec<u8>) {
+/// from it already (the preface, and what came with it). gRPC calls are
+/// served here, other requests by `http` (see `http2`).
+pub async fn serve<H, F>(core: Rc<Core>, key: u32, first_bytes: Vec<u8>, http: H)
+where
+    H: Fn(Rc<Core>, u32, Request<RecvStream>, SendResponse<Bytes>) -> F + Copy + 'static,
+    F: Future<Output = ()> + 'static,
+{
     let tls = core.with_conn(key, |c| {
         let session = c.take_tls();
         c.tls = false;
@@ -154,7 +159,13 @@ pub async fn serve(core: Rc<Core>, key: u32, first_bytes: Vec<u8>) {
                 shutting_down = true;
             }
             Step::Call(Some(Ok((request, respond)))) => {
-                drop(monoio::spawn(call(core.clone(), key, request, respond)));
+                drop(monoio::spawn(call(
+                    core.clone(),
+                    key,
+                    request,
+                    respond,
+                    http,
+                )));
             }
             Step::Call(Some(Err(e))) => {
                 let peer = core.with_conn(key, |c| c.client());
@@ -245,16 +256,17 @@ fn take_socket(
 }
 
 /// One call, from its request headers to its trailers.
-async fn call(
+async fn call<F: Future<Output = ()>>(
     core: Rc<Core>,
     conn_key: u32,
     request: Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
+    http: impl Fn(Rc<Core>, u32, Request<RecvStream>, SendResponse<Bytes>) -> F,
 ) {
     let content_type = request.headers().get("content-type");
     if !content_type.is_some_and(|t| grpc::is_grpc_content_type(t.as_bytes())) {
         // SSE, long-poll, publish, health: HTTP on HTTP/2.
-        crate::http2::serve(core, conn_key, request, respond).await;
+        http(core, conn_key, request, respond).await;
         return;
     }
     let client = core.with_conn(conn_key, |c| c.client());

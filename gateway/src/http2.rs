@@ -32,6 +32,19 @@ use crate::request::{Close, Io, Phase};
 /// gateway writes a dozen).
 const RESPONSE_HEADERS_MAX: usize = 32;
 
+/// Hands connection `key`, which opened with the HTTP/2 preface (in
+/// `first_bytes`, with what came after it), to a task of its own: gRPC
+/// calls and these requests. Passed to the request path (which does not
+/// know HTTP/2) as a function of no size.
+pub fn start(core: Rc<Core>, key: u32, first_bytes: Vec<u8>) {
+    drop(monoio::spawn(crate::grpc::serve(
+        core,
+        key,
+        first_bytes,
+        serve,
+    )));
+}
+
 /// Serves one non-gRPC request of HTTP/2 connection `conn_key`.
 pub async fn serve(
     core: Rc<Core>,

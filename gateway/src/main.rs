@@ -219,7 +219,7 @@ fn run(cfg: &'static Config) -> Result<(), String> {
                         }
                     };
                     monoio::spawn(core::events::event_loop(core.clone(), |core, key| {
-                        monoio::spawn(request::serve(core, key));
+                        monoio::spawn(request::serve(core, key, http2::start));
                     }));
                     monoio::spawn(core::doorbell_loop(core.clone(), rx, rung, doorbell));
                     monoio::spawn(core::sweep_loop(core.clone(), alive));
@@ -362,7 +362,7 @@ async fn accept_loop(core: Rc<Core>, listener: monoio::net::TcpListener, tls: bo
                                 core.with_conn(key, |c| c.put_tls(session));
                             }
                         }
-                        monoio::spawn(request::serve(core.clone(), key));
+                        monoio::spawn(request::serve(core.clone(), key, http2::start));
                     }
                     Err(refusal) => {
                         core.stats.handshake(refusal.reason());

@@ -51,7 +51,11 @@ const LINGER: Duration = Duration::from_secs(crate::core::events::LINGER_S as u6
 /// move` block rather than taken by an `async fn`, which would keep a
 /// second copy.
 #[allow(clippy::manual_async_fn)] // deliberate, see above
-pub fn serve(core: Rc<Core>, key: u32) -> impl Future<Output = ()> {
+pub fn serve(
+    core: Rc<Core>,
+    key: u32,
+    http2: impl FnOnce(Rc<Core>, u32, Vec<u8>) + 'static,
+) -> impl Future<Output = ()> {
     async move {
         let mut io = Io { core: &core, key };
         match io.http(|_| {}).await {
@@ -66,9 +70,7 @@ pub fn serve(core: Rc<Core>, key: u32) -> impl Future<Output = ()> {
             Phase::Close(Close::Now) => core.deregister(key),
             // Its own task from here: the connection's HTTP/2 state is two
             // orders larger than a request's.
-            Phase::Http2(first_bytes) => {
-                drop(monoio::spawn(crate::grpc::serve(core, key, first_bytes)));
-            }
+            Phase::Http2(first_bytes) => http2(core, key, first_bytes),
         }
     }
 }
@@ -1145,7 +1147,7 @@ mod tests {
             std::os::fd::IntoRawFd::into_raw_fd(a),
             ([127, 0, 0, 1], 1).into(),
         );
-        let task = serve(core, key);
+        let task = serve(core, key, crate::http2::start);
         let size = std::mem::size_of_val(&task);
         eprintln!(
             "SIZE serve task = {size} bytes, Conn = {} bytes",
