@@ -530,7 +530,7 @@ fn encode_compressed_frame(opcode: OpCode, compressed: &[u8], out: &mut Vec<u8>)
     head[0] |= RSV1;
     out.reserve(head_len + compressed.len());
     out.extend_from_slice(&head[..head_len]);
-    out.extend_from_slice(&compressed);
+    out.extend_from_slice(compressed);
 }
 
 /// The opcode and payload of a whole unfragmented server frame as
