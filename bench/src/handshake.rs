@@ -178,6 +178,8 @@ pub struct DialConfig {
     /// A WebSocket subprotocol to offer, which the 101 must then choose
     /// (the two-way `gateway.v1`); `None`: the plain subscription.
     pub subprotocol: Option<&'static str>,
+    /// Offer permessage-deflate (a server may decline it).
+    pub deflate: bool,
 }
 
 /// A connection whose handshake succeeded.
@@ -190,6 +192,8 @@ pub struct Opened {
     /// The head said `Transfer-Encoding: chunked` (what hyper-based servers
     /// do for an SSE stream): the body must be de-chunked before it is read.
     pub chunked: bool,
+    /// The 101 agreed to permessage-deflate.
+    pub deflate: bool,
     /// From the start of the successful attempt to its response head.
     pub latency: Duration,
     pub attempt: u32,
@@ -396,6 +400,7 @@ impl Dialer {
             &self.host,
             &channel,
             self.cfg.subprotocol,
+            self.cfg.deflate,
         );
         self.inflight.insert(
             local,
@@ -442,11 +447,13 @@ impl Dialer {
                     let _ = ep.delete(a.hs.fd);
                 }
                 let buf = a.hs.buf;
-                let chunked = chunked_body(&buf[..buf.len() - extra]);
+                let head = &buf[..buf.len() - extra];
+                let (chunked, deflate) = (chunked_body(head), http::deflate_agreed(head));
                 out.push(Outcome::Opened(Opened {
                     local,
                     fd: a.hs.fd,
                     chunked,
+                    deflate,
                     extra: buf[buf.len() - extra..].to_vec(),
                     latency: now.duration_since(a.started),
                     attempt: a.attempt,
@@ -560,6 +567,7 @@ mod tests {
             backoff_max: Duration::from_millis(40),
             keep_in_epoll: false,
             subprotocol: None,
+            deflate: false,
         }
     }
 

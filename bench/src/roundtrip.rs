@@ -2142,6 +2142,7 @@ pub fn run_one(
             backoff_max: Duration::from_secs(1),
             keep_in_epoll: true,
             subprotocol: Some(SUBPROTOCOL),
+            deflate: false,
         };
         let (cmd_tx, cmd_rx) = mpsc::channel();
         let wake = Arc::new(EventFd::new().map_err(|e| format!("eventfd: {e}"))?);

@@ -557,6 +557,7 @@ pub fn run_one(args: &StormArgs, kind: ServerKind, server: &Server) -> Result<St
                 backoff_max: Duration::from_secs(1).max(Duration::from_millis(args.backoff_ms)),
                 keep_in_epoll: false,
                 subprotocol: None,
+                deflate: false,
             },
             progress: progress.clone(),
         };
