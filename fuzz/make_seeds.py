@@ -8,6 +8,7 @@ the client stream)."""
 import os
 import shutil
 import struct
+import zlib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SEEDS = os.path.join(HERE, "seeds")
@@ -47,6 +48,12 @@ def request_head():
             "SEC-WEBSOCKET-VERSION: 13\r\n\r\n"
         ).encode(),
         "echo_upgrade": ws_head("/echo"),
+        "ws_deflate_offers": ws_head(
+            "/ws?channel=a",
+            "Sec-WebSocket-Extensions: permessage-deflate; server_max_window_bits=8, "
+            "permessage-deflate; server_max_window_bits=10; client_max_window_bits\r\n"
+            "Sec-WebSocket-Extensions: x-webkit-deflate-frame\r\n",
+        ),
         "sse": b"GET /events?channel=news HTTP/1.1\r\nAccept: text/event-stream\r\n"
         b"Last-Event-ID: 42\r\n\r\n",
         "sse_since_empty_last_event_id": b"GET /events?channel=news&since=7 HTTP/1.1\r\n"
@@ -151,12 +158,38 @@ def ws_frames():
     return seeds
 
 
+def deflated(payload):
+    """One message compressed on its own, as permessage-deflate sends it."""
+    c = zlib.compressobj(wbits=-15)
+    data = c.compress(payload) + c.flush(zlib.Z_SYNC_FLUSH)
+    assert data.endswith(b"\x00\x00\xff\xff")
+    return data[:-4]
+
+
 def ws_session():
-    # Byte 0: split point (mod len+1); byte 1: limit (3 = 64 KiB, 1 = 10).
+    # Byte 0: split point (mod len+1); byte 1: limit (3 = 64 KiB, 1 = 10)
+    # and permessage-deflate negotiated (4).
     seeds = {}
     for name, stream in frames().items():
         seeds[name] = bytes([len(stream) // 2 % 256, 3]) + stream
     seeds["fragments_over_limit_10"] = b"\x05\x01" + frames()["fragments_over_limit"]
+    text = ("caf\u00e9 " * 40).encode()
+    z = deflated(text)
+    compressed = {
+        # RFC 7692 §7.2.3.1.
+        "deflate_rfc_hello": masked(0xC1, bytes.fromhex("f248cdc9c90700")),
+        "deflate_fragmented_with_ping": masked(0x41, z[:5]) + masked(0x89, b"ping")
+        + masked(0x00, z[5:9]) + masked(0x80, z[9:]) + masked(0x82, b"plain"),
+        "deflate_binary": masked(0xC2, deflated(bytes(range(256)) * 4)),
+        "deflate_corrupt": masked(0xC2, b"\xff\xff\xff"),
+        "deflate_not_utf8": masked(0xC1, deflated(b"ok\xce\xba\xf4\x90")),
+        "deflate_rsv1_continuation": masked(0x41, z[:5]) + masked(0xC0, z[5:]),
+        "deflate_rsv1_ping": masked(0xC9, b""),
+    }
+    for name, stream in compressed.items():
+        seeds[name] = bytes([len(stream) // 2 % 256, 7]) + stream
+    # Decompressed past the 10-byte limit.
+    seeds["deflate_bomb_10"] = b"\x05\x05" + masked(0xC2, deflated(b"\x00" * 1000))
     return seeds
 
 

@@ -479,6 +479,11 @@ pub struct IdleArgs {
     /// welcome frame that follows is expected, not counted as data.
     #[arg(long, value_name = "NAME")]
     pub subprotocol: Option<String>,
+    /// WebSocket only: offer permessage-deflate as browsers do; the report
+    /// says how many 101s agreed (a server may decline and go on without
+    /// it).
+    #[arg(long)]
+    pub deflate: bool,
     /// Present a token with each connection, signed HS256 with this secret
     /// under kid `idle` (give the gateway `--auth --auth-hs256-secret
     /// idle=SECRET`): connection i is user `idle-{i}`, reading and sending
@@ -551,6 +556,16 @@ pub struct FanoutArgs {
     #[arg(long, default_value_t = crate::ws::TAIL_LEN as u64,
           value_parser = clap::value_parser!(u64).range(crate::ws::TAIL_LEN as u64..=crate::ws::PAYLOAD_BYTES_MAX as u64))]
     pub payload_bytes: u64,
+    /// What fills the payload before its tail: `filler` (dots), or `json`
+    /// (price-like records with varying numbers, as a busy JSON channel
+    /// carries: what permessage-deflate is for).
+    #[arg(long, value_enum, default_value_t = PayloadKind::Filler)]
+    pub payload_kind: PayloadKind,
+    /// WebSocket only: offer permessage-deflate as browsers do, and
+    /// decompress compressed messages before checking them (a server may
+    /// decline the offer; the report says how many agreed).
+    #[arg(long)]
+    pub deflate: bool,
     /// The subscription check (probes published to every channel until every
     /// subscriber has one) gives up after this long.
     #[arg(long, default_value_t = 30.0, value_parser = seconds)]
@@ -562,6 +577,22 @@ pub struct FanoutArgs {
     /// Handshake attempts per subscriber (1: no retry).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
     pub max_attempts: u32,
+}
+
+/// What fills a fan-out payload before its tail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PayloadKind {
+    Filler,
+    Json,
+}
+
+impl PayloadKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            PayloadKind::Filler => "filler",
+            PayloadKind::Json => "json",
+        }
+    }
 }
 
 /// How the storm drops its clients.

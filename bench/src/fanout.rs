@@ -26,7 +26,9 @@
 //!
 //! Per frame the receiver parses the header, reads 33 bytes at the end of
 //! the payload and updates a 24-byte tally: no allocation, no copy unless a
-//! frame is split across reads. An SSE event's data (its `data:` lines
+//! frame is split across reads. With `--deflate` a compressed message is
+//! decompressed first (into the thread's one buffer), as a browser would,
+//! so its check costs the client what it costs a real one. An SSE event's data (its `data:` lines
 //! joined, de-chunked first where the server uses chunked coding) is the
 //! same content as a WebSocket message and is measured the same way; see
 //! `sse.rs` for how it is cut out of the stream without allocating.
@@ -39,9 +41,10 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
+use protocol::deflate::Inflater;
 use serde_json::{json, Value};
 
-use crate::cli::{FanoutArgs, Server, ServerKind, Transport};
+use crate::cli::{FanoutArgs, PayloadKind, Server, ServerKind, Transport};
 use crate::handshake::{DialConfig, Dialer, Outcome};
 use crate::http;
 use crate::procfs;
@@ -145,6 +148,12 @@ pub struct Counters {
     /// Sockets the kernel would not stamp (SO_TIMESTAMPNS refused): their
     /// deliveries are missing from the socket latency.
     pub unstamped_sockets: u64,
+    /// Connections whose 101 agreed to permessage-deflate.
+    pub deflate_agreed: u64,
+    /// Data frames that came compressed (RSV1), and those of them that did
+    /// not decompress.
+    pub compressed: u64,
+    pub inflate_failed: u64,
 }
 
 impl Counters {
@@ -168,6 +177,9 @@ impl Counters {
         self.reads += o.reads;
         self.bytes += o.bytes;
         self.unstamped_sockets += o.unstamped_sockets;
+        self.deflate_agreed += o.deflate_agreed;
+        self.compressed += o.compressed;
+        self.inflate_failed += o.inflate_failed;
     }
 }
 
@@ -269,23 +281,37 @@ fn on_sse_item(
     }
 }
 
+/// What a client thread reads frames with: its histograms, counters, the
+/// state all threads share, and its decompressor.
+struct FrameCtx<'a> {
+    hists: &'a mut Hists,
+    c: &'a mut Counters,
+    shared: &'a Shared,
+    inflater: &'a mut Inflater,
+}
+
 /// Handles one frame for connection `conn`, read at `at`.
 #[inline]
-fn on_frame(
-    conn: &mut Conn,
-    h: &FrameHead,
-    payload: &[u8],
-    at: Arrival,
-    hists: &mut Hists,
-    c: &mut Counters,
-    shared: &Shared,
-) {
+fn on_frame(conn: &mut Conn, h: &FrameHead, payload: &[u8], at: Arrival, x: &mut FrameCtx<'_>) {
+    let FrameCtx {
+        hists,
+        c,
+        shared,
+        inflater,
+    } = x;
     c.frames += 1;
     if h.masked {
         c.masked += 1;
         return;
     }
     match h.opcode {
+        1 | 2 if h.fin && h.compressed => {
+            c.compressed += 1;
+            match inflater.inflate(payload, ws::READ_BUF_BYTES) {
+                Ok(message) => on_message(conn, message, at, hists, c, shared),
+                Err(_) => c.inflate_failed += 1,
+            }
+        }
         1 | 2 if h.fin => on_message(conn, payload, at, hists, c, shared),
         0..=2 => c.fragmented += 1,
         8 => {
@@ -344,6 +370,8 @@ struct Worker {
     clock_offset_ns: i64,
     counters: Counters,
     scratch: Vec<u8>,
+    /// Decompresses what came compressed (one buffer for the thread).
+    inflater: Inflater,
     opened: u64,
     closed: u64,
     connect_end: Option<Instant>,
@@ -384,6 +412,7 @@ impl Worker {
             clock_offset_ns: realtime_minus_monotonic_ns(),
             counters: Counters::default(),
             scratch: vec![0u8; ws::READ_BUF_BYTES],
+            inflater: Inflater::default(),
             opened: 0,
             closed: 0,
             connect_end: None,
@@ -399,6 +428,7 @@ impl Worker {
                     self.counters.unstamped_sockets += 1;
                 }
                 conn.opened = true;
+                self.counters.deflate_agreed += u64::from(o.deflate);
                 self.opened += 1;
                 self.shared.open.fetch_add(1, Relaxed);
                 self.connect_end = Some(Instant::now());
@@ -427,9 +457,14 @@ impl Worker {
                             self.drop_connection(o.local as usize);
                         }
                     } else {
-                        let used = ws::split_frames(&o.extra, |h, p| {
-                            on_frame(conn, h, p, at, hists, counters, shared)
-                        });
+                        let mut x = FrameCtx {
+                            hists,
+                            c: counters,
+                            shared,
+                            inflater: &mut self.inflater,
+                        };
+                        let used =
+                            ws::split_frames(&o.extra, |h, p| on_frame(conn, h, p, at, &mut x));
                         conn.carry.extend_from_slice(&o.extra[used..]);
                     }
                 }
@@ -483,8 +518,14 @@ impl Worker {
             conn.sse = state;
             end
         } else {
+            let mut x = FrameCtx {
+                hists,
+                c: counters,
+                shared,
+                inflater: &mut self.inflater,
+            };
             ws::read_frames(&mut carry, &mut self.scratch, read, |h, p| {
-                on_frame(conn, h, p, at.get(), hists, counters, shared)
+                on_frame(conn, h, p, at.get(), &mut x)
             })
         };
         conn.carry = carry;
@@ -620,6 +661,9 @@ pub struct FanoutReport {
     pub rate: f64,
     pub duration_s: f64,
     pub payload_bytes: u64,
+    pub payload_kind: PayloadKind,
+    /// The subscribers offered permessage-deflate.
+    pub deflate: bool,
     pub connect_s: f64,
     /// From the first probe until every open connection had one (or the
     /// timeout), and how many never got one.
@@ -724,6 +768,10 @@ impl FanoutReport {
             (c.fragmented, "fragmented frames"),
             (c.close_frames, "close frames from the server"),
             (c.oversized, oversized),
+            (
+                c.inflate_failed,
+                "compressed frames that did not decompress",
+            ),
         ] {
             if n > 0 {
                 e.push(format!("{n} {what}"));
@@ -783,12 +831,13 @@ impl FanoutReport {
             &mut t,
             "published",
             format!(
-                "{} messages in {:.3} s ({} msg/s, asked {}), {} B payloads",
+                "{} messages in {:.3} s ({} msg/s, asked {}), {} B payloads ({})",
                 thousands(self.published),
                 self.publish_s,
                 opt(self.publish_rate(), 1),
                 self.rate,
-                self.payload_bytes
+                self.payload_bytes,
+                self.payload_kind.name()
             ),
         );
         row(&mut t, "published by", self.publisher.clone());
@@ -874,10 +923,37 @@ impl FanoutReport {
                 ),
             },
         );
+        if self.deflate {
+            row(
+                &mut t,
+                "permessage-deflate",
+                format!(
+                    "agreed on {} of {} open, {} of {} frames compressed, {} B read per frame",
+                    thousands(c.deflate_agreed),
+                    thousands(self.open),
+                    thousands(c.compressed),
+                    thousands(c.frames),
+                    opt(self.bytes_per_frame(), 1)
+                ),
+            );
+        } else if self.transport == Transport::Ws {
+            row(
+                &mut t,
+                "bytes read per frame",
+                opt(self.bytes_per_frame(), 1),
+            );
+        }
         for e in self.errors() {
             let _ = writeln!(t, "  ERROR: {e}");
         }
         t
+    }
+
+    /// What the client read per frame (SSE: per event), on average: the
+    /// bandwidth a delivery costs, headers and compression included.
+    pub fn bytes_per_frame(&self) -> Option<f64> {
+        let c = &self.counters;
+        (c.frames > 0).then(|| c.bytes as f64 / c.frames as f64)
     }
 
     pub fn json(&self) -> Value {
@@ -899,6 +975,11 @@ impl FanoutReport {
             "rate": self.rate,
             "duration_s": self.duration_s,
             "payload_bytes": self.payload_bytes,
+            "payload_kind": self.payload_kind.name(),
+            "deflate_offered": self.deflate,
+            "deflate_agreed": c.deflate_agreed,
+            "compressed_frames": c.compressed,
+            "bytes_per_frame": self.bytes_per_frame().map(|b| (b * 10.0).round() / 10.0),
             "connect_s": round3(self.connect_s),
             "subscribe_s": round3(self.subscribe_s),
             "probe_rounds": self.probe_rounds,
@@ -1010,6 +1091,7 @@ pub fn run_one(
             keep_in_epoll: true,
             subprotocol: None,
             tls: None,
+            deflate: args.deflate,
         };
         let worker = Worker::new(t as usize, base, count, channels, cfg, shared.clone())?;
         let tx = result_tx.clone();
@@ -1076,6 +1158,11 @@ pub fn run_one(
     let subscribe_start = Instant::now();
     let subscribe_deadline = subscribe_start + Duration::from_secs_f64(args.subscribe_timeout_s);
     let mut payload = Vec::with_capacity(args.payload_bytes as usize);
+    let payload_bytes = args.payload_bytes as usize;
+    let encode = |out: &mut Vec<u8>, tail: &Tail| match args.payload_kind {
+        PayloadKind::Filler => ws::encode_payload(out, payload_bytes, tail),
+        PayloadKind::Json => ws::encode_json_payload(out, payload_bytes, tail),
+    };
     let mut probe_rounds = 0u64;
     let mut last = Instant::now();
     loop {
@@ -1093,7 +1180,7 @@ pub fn run_one(
                 seq: probe_rounds as u32,
                 sent_ns: monotonic_ns(),
             };
-            ws::encode_payload(&mut payload, args.payload_bytes as usize, &tail);
+            encode(&mut payload, &tail);
             publisher.publish(ch, &payload)?;
         }
         probe_rounds += 1;
@@ -1149,7 +1236,7 @@ pub fn run_one(
                 seq: (k / channels) as u32,
                 sent_ns: monotonic_ns(),
             };
-            ws::encode_payload(&mut payload, args.payload_bytes as usize, &tail);
+            encode(&mut payload, &tail);
             publisher.publish(&channel_names[c], &payload)?;
             sent_per_channel[c] += 1;
             k += 1;
@@ -1260,6 +1347,8 @@ pub fn run_one(
         rate: args.rate,
         duration_s: args.duration_s,
         payload_bytes: args.payload_bytes,
+        payload_kind: args.payload_kind,
+        deflate: args.deflate,
         connect_s: connect_end
             .map(|e| e.duration_since(connect_start).as_secs_f64())
             .unwrap_or(connect_s),
@@ -1307,6 +1396,7 @@ pub const COMPARED: &[(&str, &str)] = &[
     ("socket latency p99 (µs)", "socket_latency_us.p99"),
     ("server CPU (% of a core)", "server_cpu_pct"),
     ("bench CPU (% of a core)", "client_cpu_pct"),
+    ("bytes read per frame", "bytes_per_frame"),
     ("server RSS subscribed (B)", "rss_subscribed_bytes"),
     ("server RSS after (B)", "rss_after_bytes"),
 ];

@@ -350,6 +350,8 @@ pub struct DialConfig {
     /// connection's TLS state is dropped, so this is for clients that then
     /// read nothing, the storm's).
     pub tls: Option<ClientTls>,
+    /// Offer permessage-deflate (a server may decline it).
+    pub deflate: bool,
 }
 
 /// A connection whose handshake succeeded.
@@ -362,6 +364,8 @@ pub struct Opened {
     /// The head said `Transfer-Encoding: chunked` (what hyper-based servers
     /// do for an SSE stream): the body must be de-chunked before it is read.
     pub chunked: bool,
+    /// The 101 agreed to permessage-deflate.
+    pub deflate: bool,
     /// From the start of the successful attempt to its response head.
     pub latency: Duration,
     pub attempt: u32,
@@ -571,6 +575,7 @@ impl Dialer {
             &self.host,
             &channel,
             self.cfg.subprotocol,
+            self.cfg.deflate,
         );
         self.inflight.insert(
             local,
@@ -617,11 +622,13 @@ impl Dialer {
                     let _ = ep.delete(a.hs.fd);
                 }
                 let buf = a.hs.buf;
-                let chunked = chunked_body(&buf[..buf.len() - extra]);
+                let head = &buf[..buf.len() - extra];
+                let (chunked, deflate) = (chunked_body(head), http::deflate_agreed(head));
                 out.push(Outcome::Opened(Opened {
                     local,
                     fd: a.hs.fd,
                     chunked,
+                    deflate,
                     extra: buf[buf.len() - extra..].to_vec(),
                     latency: now.duration_since(a.started),
                     attempt: a.attempt,
@@ -736,6 +743,7 @@ mod tests {
             keep_in_epoll: false,
             subprotocol: None,
             tls: None,
+            deflate: false,
         }
     }
 

@@ -11,20 +11,31 @@ pub use testkit::http::{
     first_line, head_len, header, parse_health_body, status_code, WS_ACCEPT, WS_KEY,
 };
 
+/// What a browser offers for permessage-deflate (Chrome's and Firefox's
+/// offer), when the bench's WebSocket clients are told to.
+pub const DEFLATE_OFFER: &str = "permessage-deflate; client_max_window_bits";
+
 /// The request head that subscribes one connection to `channel`; a
 /// WebSocket one offers `subprotocol` (`Sec-WebSocket-Protocol`) when
-/// given: the gateway's two-way `gateway.v1`.
+/// given: the gateway's two-way `gateway.v1`; and permessage-deflate
+/// ([`DEFLATE_OFFER`]) when `deflate`.
 pub fn subscribe_request_with(
     transport: Transport,
     host: &str,
     channel: &str,
     subprotocol: Option<&str>,
+    deflate: bool,
 ) -> Vec<u8> {
     match transport {
         Transport::Ws => format!(
             "GET /ws?channel={channel} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\n\
-             Connection: Upgrade\r\nSec-WebSocket-Key: {WS_KEY}\r\nSec-WebSocket-Version: 13\r\n{}\r\n",
-            subprotocol.map_or(String::new(), |p| format!("Sec-WebSocket-Protocol: {p}\r\n"))
+             Connection: Upgrade\r\nSec-WebSocket-Key: {WS_KEY}\r\nSec-WebSocket-Version: 13\r\n{}{}\r\n",
+            subprotocol.map_or(String::new(), |p| format!("Sec-WebSocket-Protocol: {p}\r\n")),
+            if deflate {
+                format!("Sec-WebSocket-Extensions: {DEFLATE_OFFER}\r\n")
+            } else {
+                String::new()
+            }
         ),
         Transport::Sse => format!(
             "GET /events?channel={channel} HTTP/1.1\r\nHost: {host}\r\nAccept: text/event-stream\r\n\
@@ -58,6 +69,13 @@ pub fn check_subscribe_response(
         },
         _ => Ok(()),
     }
+}
+
+/// Whether a 101 agreed to permessage-deflate (the server may decline an
+/// offer and go on without it).
+pub fn deflate_agreed(head: &[u8]) -> bool {
+    header(head, "Sec-WebSocket-Extensions")
+        .is_some_and(|v| v.to_ascii_lowercase().starts_with("permessage-deflate"))
 }
 
 fn check_head(transport: Transport, head: &[u8]) -> Result<(), String> {
@@ -207,14 +225,21 @@ mod tests {
             "127.0.0.1:80",
             "idle-7",
             None,
+            false,
         ))
         .unwrap();
         assert!(ws.starts_with("GET /ws?channel=idle-7 HTTP/1.1\r\n"));
         assert!(ws.contains("\r\nUpgrade: websocket\r\n"));
         assert!(ws.contains("\r\nSec-WebSocket-Version: 13\r\n"));
         assert!(ws.ends_with("\r\n\r\n") && head_len(ws.as_bytes()) == Some(ws.len()));
-        let sse =
-            String::from_utf8(subscribe_request_with(Transport::Sse, "h", "idle-0", None)).unwrap();
+        let sse = String::from_utf8(subscribe_request_with(
+            Transport::Sse,
+            "h",
+            "idle-0",
+            None,
+            false,
+        ))
+        .unwrap();
         assert!(sse.starts_with("GET /events?channel=idle-0 HTTP/1.1\r\nHost: h\r\n"));
         assert!(sse.contains("\r\nAccept: text/event-stream\r\n"));
         assert_eq!(head_len(sse.as_bytes()), Some(sse.len()));
@@ -272,13 +297,14 @@ mod tests {
             "h",
             "rt.3",
             Some("gateway.v1"),
+            false,
         ))
         .unwrap();
         assert!(req.starts_with("GET /ws?channel=rt.3 HTTP/1.1\r\n"));
         assert!(req.contains("\r\nSec-WebSocket-Protocol: gateway.v1\r\n"));
         assert_eq!(head_len(req.as_bytes()), Some(req.len()));
         assert!(
-            !String::from_utf8(subscribe_request_with(Transport::Ws, "h", "x", None))
+            !String::from_utf8(subscribe_request_with(Transport::Ws, "h", "x", None, false))
                 .unwrap()
                 .contains("Protocol")
         );
@@ -296,6 +322,20 @@ mod tests {
             check_subscribe_response(Transport::Ws, chosen, None),
             Ok(())
         );
+    }
+
+    #[test]
+    fn permessage_deflate_is_offered_as_browsers_do_and_its_agreement_read() {
+        let req =
+            String::from_utf8(subscribe_request_with(Transport::Ws, "h", "x", None, true)).unwrap();
+        assert!(req.contains(
+            "\r\nSec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n"
+        ));
+        assert_eq!(head_len(req.as_bytes()), Some(req.len()));
+        let agreed = b"HTTP/1.1 101 Switching Protocols\r\n\
+            Sec-WebSocket-Extensions: permessage-deflate; server_no_context_takeover\r\n\r\n";
+        assert!(deflate_agreed(agreed));
+        assert!(!deflate_agreed(WS_OK));
     }
 
     #[test]

@@ -154,6 +154,7 @@ pub fn run(
         connections_source: source,
         rss_scope,
         closed_during_hold: hold.closed,
+        deflate_agreed: args.deflate.then(|| conns.deflate_agreed()),
         data_during_hold: hold.with_data,
         sse_comments_during_hold: hold.sse_comments_only,
         bytes_after_head: conns.bytes_after_head() + hold.bytes,
@@ -244,6 +245,14 @@ impl Held<'_> {
         }
     }
 
+    /// Connections whose 101 agreed to permessage-deflate.
+    fn deflate_agreed(&self) -> u64 {
+        match self {
+            Held::Http(c) => c.deflate_agreed,
+            Held::Grpc(_) => 0,
+        }
+    }
+
     /// Bytes that came with the response heads (gRPC: counted by the hold).
     fn bytes_after_head(&self) -> u64 {
         match self {
@@ -299,6 +308,8 @@ struct Connector<'a> {
     /// Failure category → (count, first example).
     pub failures: BTreeMap<String, (u64, String)>,
     pub bytes_after_head: u64,
+    /// Connections whose 101 agreed to permessage-deflate.
+    pub deflate_agreed: u64,
     first_start: Option<Instant>,
     last_done: Option<Instant>,
     /// No new connection is started after this (EMFILE and the like).
@@ -322,6 +333,7 @@ impl<'a> Connector<'a> {
             welcome_read: Vec::with_capacity(args.connections as usize),
             failures: BTreeMap::new(),
             bytes_after_head: 0,
+            deflate_agreed: 0,
             first_start: None,
             last_done: None,
             stop_starting: false,
@@ -392,6 +404,7 @@ impl<'a> Connector<'a> {
             &self.host,
             &channel,
             self.args.subprotocol.as_deref(),
+            self.args.deflate,
         );
         self.inflight
             .insert(i, Handshake::new(fd, buf, self.tls.as_ref()));
@@ -474,6 +487,8 @@ impl<'a> Connector<'a> {
                     Progress::Pending => {}
                     Progress::Done(extra) => {
                         let mut h = self.inflight.remove(&token).expect("present");
+                        let head = &h.buf[..h.buf.len() - extra];
+                        self.deflate_agreed += u64::from(http::deflate_agreed(head));
                         if let Some(conn) = h.take_tls() {
                             if self.negotiated.is_none() {
                                 self.negotiated = Some(tls::negotiated(&conn));

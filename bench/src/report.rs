@@ -124,6 +124,9 @@ pub struct IdleReport {
     pub sse_comments_during_hold: u64,
     /// Bytes received after response heads (idle connections should get none).
     pub bytes_after_head: u64,
+    /// With `--deflate`: the connections whose 101 agreed to
+    /// permessage-deflate (None: not offered).
+    pub deflate_agreed: Option<u64>,
     /// After the bench closed its connections: the count `/healthz` should
     /// return to (the baseline), and what it said last (`None`: not asked,
     /// or no answer).
@@ -285,6 +288,13 @@ impl IdleReport {
                 Health::Failed(why) => format!("FAILED: {why}"),
             };
         let _ = writeln!(t, "  {:<26} {health}", self.connections_source);
+        if let Some(n) = self.deflate_agreed {
+            let _ = writeln!(
+                t,
+                "  {:<26} {n} of {} open",
+                "permessage-deflate agreed", self.open
+            );
+        }
         let _ = writeln!(
             t,
             "  {:<26} {} closed, {} with data",
@@ -354,6 +364,7 @@ impl IdleReport {
             "healthz_expected": health_expected,
             "healthz_per_core": health_per_core,
             "closed_during_hold": self.closed_during_hold,
+            "deflate_agreed": self.deflate_agreed,
             "sse_comments_during_hold": self.sse_comments_during_hold,
             "healthz_after_close": self.healthz_after_close,
             "rss_after_close_bytes": self.rss_after_close,
@@ -593,6 +604,7 @@ mod tests {
             connections_source: "/healthz",
             rss_scope: "process".into(),
             closed_during_hold: 0,
+            deflate_agreed: None,
             data_during_hold: 0,
             sse_comments_during_hold: 0,
             bytes_after_head: 0,

@@ -2143,6 +2143,7 @@ pub fn run_one(
             keep_in_epoll: true,
             subprotocol: Some(SUBPROTOCOL),
             tls: None,
+            deflate: false,
         };
         let (cmd_tx, cmd_rx) = mpsc::channel();
         let wake = Arc::new(EventFd::new().map_err(|e| format!("eventfd: {e}"))?);

@@ -603,6 +603,7 @@ pub fn run_one(
                 keep_in_epoll: false,
                 subprotocol: None,
                 tls: target.tls.clone(),
+                deflate: false,
             },
             progress: progress.clone(),
         };

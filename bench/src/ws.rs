@@ -44,10 +44,56 @@ fn put_hex(out: &mut Vec<u8>, v: u64, digits: usize) {
 pub fn encode_payload(out: &mut Vec<u8>, payload_bytes: usize, tail: &Tail) {
     out.clear();
     out.resize(payload_bytes.saturating_sub(TAIL_LEN), b'.');
+    push_tail(out, tail);
+}
+
+fn push_tail(out: &mut Vec<u8>, tail: &Tail) {
     out.push(tail.kind);
     put_hex(out, tail.channel as u64, 8);
     put_hex(out, tail.seq as u64, 8);
     put_hex(out, tail.sent_ns, 16);
+}
+
+/// Like [`encode_payload`] with JSON before the tail instead of filler: an
+/// array of price-like records whose numbers vary from message to message
+/// (drawn from the tail's channel and sequence number), cut to size and
+/// padded with spaces. It compresses like the JSON of a busy channel, not
+/// like a run of one byte.
+pub fn encode_json_payload(out: &mut Vec<u8>, payload_bytes: usize, tail: &Tail) {
+    use std::io::Write as _;
+    out.clear();
+    let body = payload_bytes.saturating_sub(TAIL_LEN);
+    let mut x = (u64::from(tail.channel) << 32 | u64::from(tail.seq)) | 1;
+    let mut next = || {
+        // xorshift64
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    out.push(b'[');
+    while out.len() < body {
+        let (r, s) = (next(), next());
+        let bid = 10_000 + r % 90_000;
+        let _ = write!(
+            out,
+            "{{\"symbol\":\"SYM{:03}\",\"bid\":{}.{:02},\"ask\":{}.{:02},\"size\":{},\"venue\":\"{}\",\"ts\":{}}},",
+            r % 500,
+            bid / 100,
+            bid % 100,
+            (bid + 1 + s % 20) / 100,
+            (bid + 1 + s % 20) % 100,
+            100 * (1 + s % 50),
+            ["XNAS", "XNYS", "ARCX", "BATS"][(s >> 8) as usize % 4],
+            1_700_000_000_000 + (s >> 16) % 100_000_000,
+        );
+    }
+    out.truncate(body);
+    if let Some(last) = out.last_mut() {
+        *last = b']';
+    }
+    out.resize(body, b' ');
+    push_tail(out, tail);
 }
 
 #[inline]
@@ -118,6 +164,8 @@ pub fn append_client_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8], mask: 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FrameHead {
     pub fin: bool,
+    /// RSV1: a message compressed with permessage-deflate.
+    pub compressed: bool,
     pub opcode: u8,
     pub masked: bool,
     /// Header bytes, mask key included.
@@ -177,6 +225,7 @@ pub fn parse_head(buf: &[u8]) -> Parsed {
     }
     Parsed::Head(FrameHead {
         fin: b0 & 0x80 != 0,
+        compressed: b0 & 0x40 != 0,
         opcode: b0 & 0x0f,
         masked,
         header_len,
@@ -507,6 +556,43 @@ mod tests {
     }
 
     #[test]
+    fn a_json_payload_is_its_size_ends_with_its_tail_and_compresses_like_json() {
+        let tail = Tail {
+            kind: KIND_MEASURED,
+            channel: 3,
+            seq: 41,
+            sent_ns: 123_456_789,
+        };
+        let mut a = Vec::new();
+        let mut b = Vec::new();
+        encode_json_payload(&mut a, 1024, &tail);
+        encode_json_payload(&mut b, 1024, &Tail { seq: 42, ..tail });
+        assert_eq!(a.len(), 1024);
+        assert!(
+            a.starts_with(b"[{\"symbol\":\"SYM"),
+            "{}",
+            String::from_utf8_lossy(&a)
+        );
+        assert_eq!(decode_tail(&[b"{}\n", &a[..]].concat()), Some(tail));
+        assert_ne!(
+            a[..900],
+            b[..900],
+            "the numbers change from message to message"
+        );
+        let mut compressed = Vec::new();
+        protocol::deflate::Deflater::default().compress(
+            &a,
+            protocol::deflate::Window::Full,
+            &mut compressed,
+        );
+        assert!(
+            (300..600).contains(&compressed.len()),
+            "{} bytes compressed",
+            compressed.len()
+        );
+    }
+
+    #[test]
     fn headers_with_every_length_form() {
         assert_eq!(parse_head(&[]), Parsed::Incomplete);
         assert_eq!(parse_head(&[0x81]), Parsed::Incomplete);
@@ -515,6 +601,7 @@ mod tests {
             parse_head(&small),
             Parsed::Head(FrameHead {
                 fin: true,
+                compressed: false,
                 opcode: 1,
                 masked: false,
                 header_len: 2,
