@@ -728,6 +728,12 @@ struct Prefixed<T> {
 /// Ciphertext read from the socket at a time, on a TLS connection.
 const TLS_READ_BYTES: usize = 16 * 1024;
 
+thread_local! {
+    /// The ciphertext of one read of a TLS HTTP/2 connection, decrypted
+    /// in place: per thread (one core), not per connection.
+    static TLS_READ: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 impl<T: AsyncWrite + Unpin> Prefixed<T> {
     /// Sends what the TLS session holds (a record, a handshake answer).
     fn flush_sealed(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -768,19 +774,30 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for Prefixed<T> {
             return Pin::new(&mut this.inner).poll_read(cx, buf);
         }
         loop {
-            let mut raw = vec![0u8; TLS_READ_BYTES];
-            let mut read = ReadBuf::new(&mut raw);
-            match Pin::new(&mut this.inner).poll_read(cx, &mut read) {
-                Poll::Ready(Ok(())) => {}
-                other => return other,
-            }
-            let n = read.filled().len();
-            if n == 0 {
-                return Poll::Ready(Ok(()));
-            }
             let mut plain = Vec::new();
-            let tls = this.tls.as_mut().expect("checked above");
-            match tls.receive(&mut raw[..n], &mut |p| plain.extend_from_slice(p)) {
+            let received = TLS_READ.with(|raw| {
+                let mut raw = raw.borrow_mut();
+                raw.resize(TLS_READ_BYTES, 0);
+                let mut read = ReadBuf::new(&mut raw);
+                match Pin::new(&mut this.inner).poll_read(cx, &mut read) {
+                    Poll::Ready(Ok(())) => {}
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => return Poll::Pending,
+                }
+                let n = read.filled().len();
+                let tls = this.tls.as_mut().expect("checked above");
+                Poll::Ready(Ok((n > 0).then(|| {
+                    tls.receive(&mut raw[..n], &mut |p| plain.extend_from_slice(p))
+                })))
+            });
+            let received = match received {
+                Poll::Ready(Ok(Some(received))) => received,
+                // The end of the stream.
+                Poll::Ready(Ok(None)) => return Poll::Ready(Ok(())),
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            };
+            match received {
                 Ok(crate::tls::Received::Open) => {}
                 // close_notify: the end of the stream.
                 Ok(crate::tls::Received::Closed) => return Poll::Ready(Ok(())),
