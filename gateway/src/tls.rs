@@ -316,6 +316,16 @@ pub struct Failure {
     pub error: String,
 }
 
+impl Failure {
+    fn of(during_handshake: bool, e: &rustls::Error) -> Failure {
+        Failure {
+            during_handshake,
+            kind: Handshake::of(e),
+            error: e.to_string(),
+        }
+    }
+}
+
 /// What [`Session::receive`] found besides application data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Received {
@@ -393,7 +403,7 @@ impl Session {
         plain: &mut dyn FnMut(&mut [u8]),
     ) -> Result<Received, Failure> {
         if self.incoming.is_empty() {
-            let (used, received) = self.process(raw, plain, false)?;
+            let (used, received) = self.process(raw, plain)?;
             if used < raw.len() {
                 self.keep(&raw[used..])?;
             }
@@ -401,17 +411,12 @@ impl Session {
         } else {
             self.keep(raw)?;
             let mut incoming = std::mem::take(&mut self.incoming);
-            let result = self.process(&mut incoming, plain, true);
-            match result {
-                Ok((used, received)) => {
-                    incoming.drain(..used);
-                    if !incoming.is_empty() {
-                        self.incoming = incoming;
-                    }
-                    Ok(received)
-                }
-                Err(e) => Err(e),
+            let (used, received) = self.process(&mut incoming, plain)?;
+            incoming.drain(..used);
+            if !incoming.is_empty() {
+                self.incoming = incoming;
             }
+            Ok(received)
         }
     }
 
@@ -432,7 +437,6 @@ impl Session {
         &mut self,
         buf: &mut [u8],
         plain: &mut dyn FnMut(&mut [u8]),
-        _kept: bool,
     ) -> Result<(usize, Received), Failure> {
         let mut start = 0;
         let mut received = Received::Open;
@@ -441,23 +445,13 @@ impl Session {
                 self.conn.process_tls_records(&mut buf[start..]);
             let state = match state {
                 Ok(state) => state,
-                Err(e) => {
-                    return Err(Failure {
-                        during_handshake: self.handshaking,
-                        kind: Handshake::of(&e),
-                        error: e.to_string(),
-                    })
-                }
+                Err(e) => return Err(Failure::of(self.handshaking, &e)),
             };
             let mut done = false;
             match state {
                 ConnectionState::ReadTraffic(mut records) => {
                     while let Some(record) = records.next_record() {
-                        let record = record.map_err(|e| Failure {
-                            during_handshake: false,
-                            kind: Handshake::of(&e),
-                            error: e.to_string(),
-                        })?;
+                        let record = record.map_err(|e| Failure::of(false, &e))?;
                         discard += record.discard;
                         // The readers unmask WebSocket frames in place:
                         // the record's data is copied out of the read
@@ -472,12 +466,7 @@ impl Session {
                 }
                 ConnectionState::EncodeTlsData(mut encode) => {
                     let out = &mut self.outgoing;
-                    let result = grow_into(out, |spare| {
-                        encode.encode(spare).map_err(|e| match e {
-                            EncodeError::InsufficientSize(s) => Ok(s.required_size),
-                            other => Err(other.to_string()),
-                        })
-                    });
+                    let result = grow_into(out, |spare| encode.encode(spare));
                     if let Err(error) = result {
                         return Err(Failure {
                             during_handshake: self.handshaking,
@@ -539,20 +528,10 @@ impl Session {
             let UnbufferedStatus { state, .. } = self.conn.process_tls_records(&mut []);
             match state.map_err(|e| e.to_string())? {
                 ConnectionState::WriteTraffic(mut write) => {
-                    return grow_into(out, |spare| {
-                        write.encrypt(plain, spare).map_err(|e| match e {
-                            EncryptError::InsufficientSize(s) => Ok(s.required_size),
-                            other => Err(other.to_string()),
-                        })
-                    });
+                    return grow_into(out, |spare| write.encrypt(plain, spare));
                 }
                 ConnectionState::EncodeTlsData(mut encode) => {
-                    grow_into(&mut self.outgoing, |spare| {
-                        encode.encode(spare).map_err(|e| match e {
-                            EncodeError::InsufficientSize(s) => Ok(s.required_size),
-                            other => Err(other.to_string()),
-                        })
-                    })?;
+                    grow_into(&mut self.outgoing, |spare| encode.encode(spare))?;
                 }
                 ConnectionState::TransmitTlsData(transmit) => transmit.done(),
                 _ => return Err("the handshake is not done".into()),
@@ -570,12 +549,7 @@ impl Session {
         self.close_notify_sent = true;
         let UnbufferedStatus { state, .. } = self.conn.process_tls_records(&mut []);
         if let Ok(ConnectionState::WriteTraffic(mut write)) = state {
-            let _ = grow_into(&mut self.outgoing, |spare| {
-                write.queue_close_notify(spare).map_err(|e| match e {
-                    EncryptError::InsufficientSize(s) => Ok(s.required_size),
-                    other => Err(other.to_string()),
-                })
-            });
+            let _ = grow_into(&mut self.outgoing, |spare| write.queue_close_notify(spare));
         }
         true
     }
@@ -585,21 +559,39 @@ impl Session {
     pub fn alert_after_failure(&mut self) {
         let UnbufferedStatus { state, .. } = self.conn.process_tls_records(&mut []);
         if let Ok(ConnectionState::EncodeTlsData(mut encode)) = state {
-            let _ = grow_into(&mut self.outgoing, |spare| {
-                encode.encode(spare).map_err(|e| match e {
-                    EncodeError::InsufficientSize(s) => Ok(s.required_size),
-                    other => Err(other.to_string()),
-                })
-            });
+            let _ = grow_into(&mut self.outgoing, |spare| encode.encode(spare));
         }
     }
 }
 
-/// Appends what `f` writes to `out`, growing it as `f` asks (`Err(Ok(n))`:
-/// `n` bytes of room needed).
-fn grow_into(
+/// An error of rustls' unbuffered API that may only say the buffer was
+/// too small (and how much room it needs).
+trait TooSmall: fmt::Display {
+    fn room_needed(&self) -> Option<usize>;
+}
+
+impl TooSmall for EncodeError {
+    fn room_needed(&self) -> Option<usize> {
+        match self {
+            EncodeError::InsufficientSize(s) => Some(s.required_size),
+            _ => None,
+        }
+    }
+}
+
+impl TooSmall for EncryptError {
+    fn room_needed(&self) -> Option<usize> {
+        match self {
+            EncryptError::InsufficientSize(s) => Some(s.required_size),
+            _ => None,
+        }
+    }
+}
+
+/// Appends what `f` writes to `out`, growing it as `f` asks.
+fn grow_into<E: TooSmall>(
     out: &mut Vec<u8>,
-    mut f: impl FnMut(&mut [u8]) -> Result<usize, Result<usize, String>>,
+    mut f: impl FnMut(&mut [u8]) -> Result<usize, E>,
 ) -> Result<(), String> {
     let len = out.len();
     let mut room = 256;
@@ -610,15 +602,17 @@ fn grow_into(
                 out.truncate(len + n);
                 return Ok(());
             }
-            Err(Ok(need)) if need > room => room = need,
-            Err(Ok(_)) => {
-                out.truncate(len);
-                return Err("rustls asked for less room than it had".into());
-            }
-            Err(Err(e)) => {
-                out.truncate(len);
-                return Err(e);
-            }
+            Err(e) => match e.room_needed() {
+                Some(need) if need > room => room = need,
+                Some(_) => {
+                    out.truncate(len);
+                    return Err("rustls asked for less room than it had".into());
+                }
+                None => {
+                    out.truncate(len);
+                    return Err(e.to_string());
+                }
+            },
         }
     }
 }
