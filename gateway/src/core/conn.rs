@@ -620,11 +620,8 @@ impl Conn {
 
     /// Frees its TLS session (the entry is being removed).
     pub(super) fn drop_tls(&mut self) {
-        if self.tls {
-            self.tls = false;
-            let session = TLS_SESSIONS.with(|t| t.borrow_mut().get_mut(self.key as usize)?.take());
-            drop(session);
-        }
+        drop(self.take_tls());
+        self.tls = false;
     }
 
     /// Everything queued has reached the kernel (on a TLS connection, the

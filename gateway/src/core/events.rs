@@ -116,8 +116,8 @@ pub fn read_into(core: &Core, fd: RawFd, f: impl FnOnce(&mut [u8]), max: usize) 
 /// socket): `f` sees what the client sent, decrypted on a TLS connection
 /// (each record's data in turn; a read may bring none, only handshake
 /// bytes or part of a record). The handshake's answers are sent from
-/// here. A TLS failure is the connection's end (`Eof`), counted and
-/// logged.
+/// here (see [`receive_tls`]). A TLS failure is the connection's end
+/// (`Eof`), counted and logged.
 pub fn read_conn(
     core: &Core,
     c: &mut Conn,
@@ -139,16 +139,7 @@ pub fn read_conn(
         crate::tls::Handshake::Closed.count();
     }
     match result {
-        Ok(()) => {
-            // The handshake's answers, and anything queued while the
-            // session was out of the side table.
-            if !c.blocked
-                && (!c.queue.is_empty() || c.with_tls(|t| !t.pending().is_empty()) == Some(true))
-            {
-                write(c);
-            }
-            read
-        }
+        Ok(()) => read,
         Err(()) => Read::Eof,
     }
 }
@@ -171,8 +162,9 @@ pub fn receive_tls(
     c.put_tls(tls);
     match result {
         Ok(crate::tls::Received::Open) => {
-            if answer && !c.blocked {
-                // The handshake's next flight.
+            // The handshake's next flight, and anything queued while the
+            // session was out of the side table (no write could seal it).
+            if !c.blocked && (answer || !c.queue.is_empty()) {
                 write(c);
             }
             Ok(())
