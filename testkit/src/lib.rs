@@ -1832,3 +1832,45 @@ pub fn base64_decode(s: &str) -> Option<Vec<u8>> {
     use base64::Engine as _;
     base64::engine::general_purpose::STANDARD.decode(s).ok()
 }
+
+/// A client process of a test (a Python script, curl): its stdout read a
+/// line at a time as it comes (by a thread, into `lines`), its stderr
+/// gathered whole (joined once it has exited), its stdin kept for
+/// commands.
+pub struct LineChild {
+    pub child: Child,
+    pub stdin: Option<std::process::ChildStdin>,
+    pub lines: mpsc::Receiver<String>,
+    pub stderr: Option<thread::JoinHandle<String>>,
+}
+
+/// Starts `command` with its three streams piped (see [`LineChild`]).
+pub fn spawn_lines(command: &mut Command) -> io::Result<LineChild> {
+    let mut child = command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let stdout = child.stdout.take().expect("piped");
+    let (tx, lines) = mpsc::channel();
+    thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { return };
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let mut err_pipe = child.stderr.take().expect("piped");
+    let stderr = thread::spawn(move || {
+        let mut text = String::new();
+        let _ = err_pipe.read_to_string(&mut text);
+        text
+    });
+    Ok(LineChild {
+        stdin: child.stdin.take(),
+        child,
+        lines,
+        stderr: Some(stderr),
+    })
+}

@@ -12,10 +12,10 @@
 //! Python 3 with grpcio, grpcio-tools and h2 is a requirement of these
 //! tests: without it they fail, saying what to install.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{Child, ChildStdin, Command};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, OnceLock};
 use std::thread;
@@ -107,39 +107,26 @@ impl Py {
             "{script} {}",
             args.first().map(String::as_str).unwrap_or("")
         );
-        let mut child = Command::new("python3")
-            .arg(scripts_dir().join(script))
-            .args(args)
-            .env("GATEWAY_GRPC_STUBS", stubs())
-            // No __pycache__ next to the scripts.
-            .env("PYTHONDONTWRITEBYTECODE", "1")
-            .env("GRPC_VERBOSITY", "ERROR")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn python3 {script}: {e}; {INSTALL}"));
-        let stdout = child.stdout.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { return };
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
-        let mut err_pipe = child.stderr.take().unwrap();
-        let stderr = thread::spawn(move || {
-            let mut text = String::new();
-            let _ = err_pipe.read_to_string(&mut text);
-            text
-        });
+        let LineChild {
+            child,
+            stdin,
+            lines,
+            stderr,
+        } = spawn_lines(
+            Command::new("python3")
+                .arg(scripts_dir().join(script))
+                .args(args)
+                .env("GATEWAY_GRPC_STUBS", stubs())
+                // No __pycache__ next to the scripts.
+                .env("PYTHONDONTWRITEBYTECODE", "1")
+                .env("GRPC_VERBOSITY", "ERROR"),
+        )
+        .unwrap_or_else(|e| panic!("spawn python3 {script}: {e}; {INSTALL}"));
         Py {
-            stdin: child.stdin.take(),
+            stdin,
             child,
             lines,
-            stderr: Some(stderr),
+            stderr,
             what,
             recent: Vec::new(),
         }

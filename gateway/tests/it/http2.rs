@@ -12,7 +12,7 @@
 //! tests: without them they fail, saying what to install.
 
 use std::collections::{HashMap, VecDeque};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, Command, Stdio};
@@ -96,36 +96,23 @@ impl H2 {
         if let Some(w) = window {
             args.extend(["--window".to_string(), w.to_string()]);
         }
-        let mut child = Command::new("python3")
-            .arg(&script)
-            .args(&args)
-            .env("PYTHONDONTWRITEBYTECODE", "1")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn python3 {}: {e}; {INSTALL}", script.display()));
-        let stdout = child.stdout.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { return };
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
-        let mut err_pipe = child.stderr.take().unwrap();
-        let stderr = thread::spawn(move || {
-            let mut text = String::new();
-            let _ = err_pipe.read_to_string(&mut text);
-            text
-        });
+        let LineChild {
+            child,
+            stdin,
+            lines,
+            stderr,
+        } = spawn_lines(
+            Command::new("python3")
+                .arg(&script)
+                .args(&args)
+                .env("PYTHONDONTWRITEBYTECODE", "1"),
+        )
+        .unwrap_or_else(|e| panic!("spawn python3 {}: {e}; {INSTALL}", script.display()));
         H2 {
-            stdin: child.stdin.take(),
+            stdin,
             child,
             lines,
-            stderr: Some(stderr),
+            stderr,
             what: format!("http/2 client of {target} (stream window {window:?})"),
             recent: VecDeque::new(),
             next_id: 1,

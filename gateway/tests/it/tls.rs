@@ -9,10 +9,10 @@
 //! Python 3 with `websockets`, and curl, are requirements of these tests:
 //! without them they fail, saying what to install.
 
-use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{Child, ChildStdin, Command};
 use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -213,36 +213,23 @@ struct Proc {
 impl Proc {
     fn spawn(program: &str, args: &[String]) -> Proc {
         let what = format!("{program} {}", args.join(" "));
-        let mut child = Command::new(program)
-            .args(args)
-            // No __pycache__ next to the script.
-            .env("PYTHONDONTWRITEBYTECODE", "1")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {what}: {e}; these tests need: {INSTALL}"));
-        let stdout = child.stdout.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { return };
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
-        let mut err_pipe = child.stderr.take().unwrap();
-        let stderr = thread::spawn(move || {
-            let mut text = String::new();
-            let _ = err_pipe.read_to_string(&mut text);
-            text
-        });
+        let LineChild {
+            child,
+            stdin,
+            lines,
+            stderr,
+        } = spawn_lines(
+            Command::new(program)
+                .args(args)
+                // No __pycache__ next to the script.
+                .env("PYTHONDONTWRITEBYTECODE", "1"),
+        )
+        .unwrap_or_else(|e| panic!("spawn {what}: {e}; these tests need: {INSTALL}"));
         Proc {
-            stdin: child.stdin.take(),
+            stdin,
             child,
             lines,
-            stderr: Some(stderr),
+            stderr,
             what,
             recent: Vec::new(),
         }
