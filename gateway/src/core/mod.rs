@@ -1437,15 +1437,7 @@ mod tests {
         let core = Core::lone(Box::leak(Box::default()), 7);
         let mut peers = Vec::new();
         for transport in [Transport::WebSocket, Transport::Sse, Transport::LongPoll] {
-            let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
-            let key = core.register(a.as_raw_fd(), ([127, 0, 0, 1], 1).into());
-            let (ids, _) =
-                core.registry
-                    .borrow_mut()
-                    .subscribe(key, &["a".to_string()], None, 7, 100, 10);
-            let mut conns = core.conns.borrow_mut();
-            conns[key as usize].channels = ids;
-            conns[key as usize].state = state_of(transport);
+            let (_, a, b) = subscribed_to_a(&core, transport);
             b.set_nonblocking(true).unwrap();
             peers.push((a, b));
         }
@@ -1506,16 +1498,9 @@ mod tests {
         let mut keys = Vec::new();
         let mut peers = Vec::new();
         for window in windows {
-            let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
-            let key = core.register(a.as_raw_fd(), ([127, 0, 0, 1], 1).into());
-            let (ids, _) =
-                core.registry
-                    .borrow_mut()
-                    .subscribe(key, &["a".to_string()], None, 7, 100, 10);
+            let (key, a, b) = subscribed_to_a(&core, Transport::WebSocket);
             let mut conns = core.conns.borrow_mut();
             let c = &mut conns[key as usize];
-            c.channels = ids;
-            c.state = state_of(Transport::WebSocket);
             if let Some(window) = window {
                 c.state.negotiated_deflate(window);
             }
@@ -1582,6 +1567,28 @@ mod tests {
     }
 
     /// A connection's state for a kind of traffic, as tests set it.
+    /// A connection on one end of a socket pair, subscribed to channel
+    /// `a` as `transport`: its key and both ends.
+    fn subscribed_to_a(
+        core: &Core,
+        transport: Transport,
+    ) -> (
+        u32,
+        std::os::unix::net::UnixStream,
+        std::os::unix::net::UnixStream,
+    ) {
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let key = core.register(a.as_raw_fd(), ([127, 0, 0, 1], 1).into());
+        let (ids, _) =
+            core.registry
+                .borrow_mut()
+                .subscribe(key, &["a".to_string()], None, 7, 100, 10);
+        let mut conns = core.conns.borrow_mut();
+        conns[key as usize].channels = ids;
+        conns[key as usize].state = state_of(transport);
+        (key, a, b)
+    }
+
     fn state_of(transport: Transport) -> State {
         match transport {
             Transport::Http => State::Request,
