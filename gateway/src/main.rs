@@ -357,6 +357,7 @@ async fn accept_loop(core: Rc<Core>, listener: monoio::net::TcpListener, tls: bo
                             core.deregister(key);
                             continue;
                         }
+                        debug!(core = core.index, %peer, tls, "connection accepted");
                         if tls {
                             if let Some(session) = tls::Session::new() {
                                 core.with_conn(key, |c| c.put_tls(session));

@@ -197,10 +197,18 @@ impl<'a> Io<'a> {
                 }
             }
         }
+        // A task started again halfway through a TLS handshake or record
+        // (the connection parked between the client's flights) keeps the
+        // deadline it had: a client trickling bytes gets no more time.
+        let mut midway = self.with_conn(|c, _| {
+            c.deadline_s != 0 && c.with_tls(|t| t.is_handshaking() || t.holds_input()) == Some(true)
+        });
         loop {
             self.with_conn(|c, core| {
                 c.state = State::Request;
-                c.deadline_s = core.deadline_after_ms(core.cfg.head_timeout_ms);
+                if !std::mem::take(&mut midway) {
+                    c.deadline_s = core.deadline_after_ms(core.cfg.head_timeout_ms);
+                }
             });
             let (request, head_len, origin) = loop {
                 let opening = protocol::grpc::opening(&pending);

@@ -393,6 +393,11 @@ impl Session {
         self.handshaking
     }
 
+    /// Part of a record waits for the rest.
+    pub fn holds_input(&self) -> bool {
+        !self.incoming.is_empty()
+    }
+
     /// Takes ciphertext just read (`raw`, decrypted in place): `plain` gets
     /// each record's application data, in order; handshake messages are
     /// answered into [`Session::pending`]. An incomplete record waits in

@@ -157,7 +157,11 @@ pub fn receive_tls(
         f(c, raw);
         return Ok(());
     };
+    let handshaking = tls.is_handshaking();
     let result = tls.receive(raw, &mut |plain| f(c, plain));
+    if handshaking && !tls.is_handshaking() {
+        debug!(peer = %c.client(), "TLS handshake done");
+    }
     let answer = !tls.pending().is_empty();
     c.put_tls(tls);
     match result {

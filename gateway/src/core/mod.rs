@@ -940,7 +940,7 @@ impl Core {
                 core = self.index,
                 refused = count,
                 reason = refusal.reason(),
-                "new connections refused with 503 in the last second"
+                "new connections refused in the last second (503; on a TLS listener closed unanswered)"
             );
         }
         // An edge of the upstream socket's descriptor is not seen again

@@ -33,6 +33,7 @@ import socket
 import ssl
 import sys
 import threading
+import time
 
 SAFETY_NET_S = 10
 INSTALL = "python3 -m pip install websockets"
@@ -140,15 +141,27 @@ def ws(args):
     except ImportError as e:
         sys.stderr.write(f"missing Python package ({e}); install it with: {INSTALL}\n")
         sys.exit(3)
+    started = time.monotonic()
+
+    def stage(what):
+        # On stderr, which a failing test shows: where a stalled client got.
+        sys.stderr.write(f"{time.monotonic() - started:.3f}s {what}\n")
+        sys.stderr.flush()
+
     host, _, port = args.connect.rpartition(":")
     sock = socket.create_connection((host, int(port)), timeout=SAFETY_NET_S)
-    sock.settimeout(None)
+    stage("connected")
+    # The TLS handshake is done here rather than inside websockets' connect,
+    # so that a stall is told apart from one in the WebSocket handshake;
+    # websockets then speaks over the TLS socket as given (a ws:// URL, so
+    # that it does not wrap it again). The bytes on the wire are the same.
+    tls = context(args).wrap_socket(sock, server_hostname=args.sni)
+    stage(f"TLS handshake done ({tls.version()})")
+    tls.settimeout(None)
     headers = [("Authorization", f"Bearer {args.token}")] if args.token else None
     conn = connect(
-        args.url,
-        sock=sock,
-        ssl=context(args),
-        server_hostname=args.sni,
+        "ws://" + args.url.removeprefix("wss://"),
+        sock=tls,
         subprotocols=[args.subprotocol] if args.subprotocol else None,
         additional_headers=headers,
         compression=None,
@@ -157,7 +170,7 @@ def ws(args):
         ping_interval=None,
         close_timeout=SAFETY_NET_S,
     )
-    tls = conn.socket
+    stage("WebSocket open")
     emit({"type": "open", "subprotocol": conn.subprotocol, **session_json(tls)})
 
     def read():
