@@ -1844,6 +1844,27 @@ pub struct LineChild {
     pub stderr: Option<thread::JoinHandle<String>>,
 }
 
+impl LineChild {
+    /// Ends the process now: how it ended, and its stderr, whole.
+    pub fn end(&mut self) -> (Option<std::process::ExitStatus>, String) {
+        let _ = self.child.kill();
+        let status = self.child.wait().ok();
+        let stderr = match self.stderr.take().map(thread::JoinHandle::join) {
+            Some(Ok(text)) => text,
+            _ => String::new(),
+        };
+        (status, stderr)
+    }
+}
+
+/// Killed when dropped: no client outlives its test.
+impl Drop for LineChild {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// Starts `command` with its three streams piped (see [`LineChild`]).
 pub fn spawn_lines(command: &mut Command) -> io::Result<LineChild> {
     let mut child = command

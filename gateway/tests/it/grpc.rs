@@ -15,7 +15,7 @@
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, OnceLock};
 use std::thread;
@@ -91,11 +91,9 @@ fn generate_stubs() -> Result<PathBuf, String> {
 /// A Python client process: its stdout lines (JSON) as they come, its
 /// stdin for commands. Killed when dropped.
 struct Py {
-    child: Child,
-    stdin: Option<ChildStdin>,
-    lines: mpsc::Receiver<String>,
-    /// Its stderr, whole once it has exited.
-    stderr: Option<thread::JoinHandle<String>>,
+    /// The process, its stdin, stdout lines and stderr (whole once it
+    /// has exited).
+    io: LineChild,
     what: String,
     /// The last lines read, for failure messages.
     recent: Vec<String>,
@@ -107,12 +105,7 @@ impl Py {
             "{script} {}",
             args.first().map(String::as_str).unwrap_or("")
         );
-        let LineChild {
-            child,
-            stdin,
-            lines,
-            stderr,
-        } = spawn_lines(
+        let io = spawn_lines(
             Command::new("python3")
                 .arg(scripts_dir().join(script))
                 .args(args)
@@ -123,10 +116,7 @@ impl Py {
         )
         .unwrap_or_else(|e| panic!("spawn python3 {script}: {e}; {INSTALL}"));
         Py {
-            stdin,
-            child,
-            lines,
-            stderr,
+            io,
             what,
             recent: Vec::new(),
         }
@@ -134,12 +124,7 @@ impl Py {
 
     fn fail(&mut self, why: &str) -> ! {
         // Ended here, so that its stderr is whole.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let stderr = match self.stderr.take().map(thread::JoinHandle::join) {
-            Some(Ok(text)) => text,
-            _ => String::new(),
-        };
+        let (_, stderr) = self.io.end();
         panic!(
             "{}: {why}\nlast lines: {:#?}\nstderr:\n{stderr}",
             self.what, self.recent
@@ -148,7 +133,7 @@ impl Py {
 
     /// The next line, if one comes within `limit`.
     fn next_within(&mut self, limit: Duration) -> Option<Value> {
-        match self.lines.recv_timeout(limit) {
+        match self.io.lines.recv_timeout(limit) {
             Ok(line) => {
                 let v: Value = serde_json::from_str(&line)
                     .unwrap_or_else(|e| self.fail(&format!("not a JSON line ({e}): {line}")));
@@ -160,7 +145,7 @@ impl Py {
             }
             Err(mpsc::RecvTimeoutError::Timeout) => None,
             Err(mpsc::RecvTimeoutError::Disconnected) => {
-                if let Ok(Some(st)) = self.child.try_wait() {
+                if let Ok(Some(st)) = self.io.child.try_wait() {
                     if st.code() == Some(3) {
                         self.fail(&format!("Python packages missing: {INSTALL}"));
                     }
@@ -173,7 +158,7 @@ impl Py {
     /// A line already printed, if any (None too once the process is gone:
     /// the caller reads on with [`Py::next`] to learn how it ended).
     fn poll(&mut self) -> Option<Value> {
-        let line = self.lines.try_recv().ok()?;
+        let line = self.io.lines.try_recv().ok()?;
         self.recent.push(line.clone());
         if self.recent.len() > 8 {
             self.recent.remove(0);
@@ -192,7 +177,7 @@ impl Py {
 
     /// Sends a command line on stdin.
     fn send(&mut self, cmd: Value) {
-        let stdin = self.stdin.as_mut().expect("stdin still open");
+        let stdin = self.io.stdin.as_mut().expect("stdin still open");
         writeln!(stdin, "{cmd}")
             .and_then(|_| stdin.flush())
             .unwrap();
@@ -201,25 +186,18 @@ impl Py {
     /// Closes stdin: a subscribe client cancels its calls, a connect
     /// client half-closes its call.
     fn close_stdin(&mut self) {
-        self.stdin = None;
+        self.io.stdin = None;
     }
 
     /// Waits (safety net only) for the process to exit.
     fn wait_exit(&mut self) {
         let deadline = Instant::now() + IO_TIMEOUT;
-        while self.child.try_wait().unwrap().is_none() {
+        while self.io.child.try_wait().unwrap().is_none() {
             if Instant::now() > deadline {
                 self.fail("still running");
             }
             thread::sleep(Duration::from_millis(10));
         }
-    }
-}
-
-impl Drop for Py {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

@@ -12,10 +12,10 @@
 //! tests: without them they fail, saying what to install.
 
 use std::collections::{HashMap, VecDeque};
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::Command;
 use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -69,11 +69,9 @@ struct Stream {
 /// One HTTP/2 connection of `client.py`, its streams as they are told.
 /// The process is killed (and the connection with it) when dropped.
 struct H2 {
-    child: Child,
-    stdin: Option<ChildStdin>,
-    lines: mpsc::Receiver<String>,
-    /// Its stderr, whole once it has exited.
-    stderr: Option<thread::JoinHandle<String>>,
+    /// The process, its stdin, stdout lines and stderr (whole once it
+    /// has exited).
+    io: LineChild,
     what: String,
     /// The last lines read, for failure messages.
     recent: VecDeque<String>,
@@ -96,12 +94,7 @@ impl H2 {
         if let Some(w) = window {
             args.extend(["--window".to_string(), w.to_string()]);
         }
-        let LineChild {
-            child,
-            stdin,
-            lines,
-            stderr,
-        } = spawn_lines(
+        let io = spawn_lines(
             Command::new("python3")
                 .arg(&script)
                 .args(&args)
@@ -109,10 +102,7 @@ impl H2 {
         )
         .unwrap_or_else(|e| panic!("spawn python3 {}: {e}; {INSTALL}", script.display()));
         H2 {
-            stdin,
-            child,
-            lines,
-            stderr,
+            io,
             what: format!("http/2 client of {target} (stream window {window:?})"),
             recent: VecDeque::new(),
             next_id: 1,
@@ -124,12 +114,7 @@ impl H2 {
 
     fn fail(&mut self, why: &str) -> ! {
         // Ended here, so that its stderr is whole.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let stderr = match self.stderr.take().map(thread::JoinHandle::join) {
-            Some(Ok(text)) => text,
-            _ => String::new(),
-        };
+        let (_, stderr) = self.io.end();
         panic!(
             "{}: {why}\nlast lines: {:#?}\nstderr:\n{stderr}",
             self.what, self.recent
@@ -137,7 +122,7 @@ impl H2 {
     }
 
     fn send(&mut self, cmd: Value) {
-        let Some(stdin) = self.stdin.as_mut() else {
+        let Some(stdin) = self.io.stdin.as_mut() else {
             self.fail("a command after stdin was closed");
         };
         if let Err(e) = writeln!(stdin, "{cmd}").and_then(|_| stdin.flush()) {
@@ -204,7 +189,7 @@ impl H2 {
 
     /// Closes stdin: the client closes its socket and exits.
     fn close(&mut self) {
-        self.stdin = None;
+        self.io.stdin = None;
     }
 
     /// Takes the next line the client prints; fails after the safety net
@@ -217,11 +202,11 @@ impl H2 {
 
     /// Takes the next line the client prints, if one comes within `limit`.
     fn pump_within(&mut self, limit: Duration) -> bool {
-        let line = match self.lines.recv_timeout(limit) {
+        let line = match self.io.lines.recv_timeout(limit) {
             Ok(line) => line,
             Err(mpsc::RecvTimeoutError::Timeout) => return false,
             Err(mpsc::RecvTimeoutError::Disconnected) => {
-                if let Ok(st) = self.child.wait() {
+                if let Ok(st) = self.io.child.wait() {
                     if st.code() == Some(3) {
                         self.fail(&format!("the Python package h2 is missing: {INSTALL}"));
                     }
@@ -432,13 +417,6 @@ impl H2 {
             }
             self.pump();
         }
-    }
-}
-
-impl Drop for H2 {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -1449,28 +1427,19 @@ fn curl_reads_health_checks_a_long_poll_and_an_sse_stream_over_http2() {
     assert_eq!(poll.cursor, seen.id.unwrap());
 
     // An SSE stream, printed as it comes.
-    let mut child = curl()
-        .args(["--no-buffer", "--header", "accept: text/event-stream"])
-        .arg(format!("{base}/events?channel=curl"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("run curl");
-    let (tx, lines) = mpsc::channel();
-    let stdout = child.stdout.take().unwrap();
-    thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { return };
-            // curl ends its status line with a space.
-            if tx.send(line.trim_end().to_string()).is_err() {
-                return;
-            }
-        }
-    });
+    let curl = spawn_lines(
+        curl()
+            .args(["--no-buffer", "--header", "accept: text/event-stream"])
+            .arg(format!("{base}/events?channel=curl")),
+    )
+    .expect("run curl");
     let next = || {
-        lines
+        let line = curl
+            .lines
             .recv_timeout(IO_TIMEOUT)
-            .unwrap_or_else(|_| panic!("curl printed nothing more within {IO_TIMEOUT:?}"))
+            .unwrap_or_else(|_| panic!("curl printed nothing more within {IO_TIMEOUT:?}"));
+        // curl ends its status line with a space.
+        line.trim_end().to_string()
     };
     assert_eq!(next(), "HTTP/2 200");
     let mut head = Vec::new();
@@ -1512,6 +1481,4 @@ fn curl_reads_health_checks_a_long_poll_and_an_sse_stream_over_http2() {
     let d = sse_event_to_delivery(&ev, "curl");
     assert_eq!((d.channel.as_str(), d.text().as_str()), ("curl", "live"));
     assert!(d.id > seen.id, "{ev:?} after {seen:?}");
-    let _ = child.kill();
-    let _ = child.wait();
 }

@@ -12,7 +12,7 @@
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command};
+use std::process::Command;
 use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -203,11 +203,9 @@ fn script() -> PathBuf {
 /// A client process: its stdout lines as they come, its stdin for
 /// commands. Killed when dropped.
 struct Proc {
-    child: Child,
-    stdin: Option<ChildStdin>,
-    lines: mpsc::Receiver<String>,
-    /// Its stderr, whole once it has exited.
-    stderr: Option<thread::JoinHandle<String>>,
+    /// The process, its stdin, stdout lines and stderr (whole once it
+    /// has exited).
+    io: LineChild,
     what: String,
     /// The last lines read, for failure messages.
     recent: Vec<String>,
@@ -216,12 +214,7 @@ struct Proc {
 impl Proc {
     fn spawn(program: &str, args: &[String]) -> Proc {
         let what = format!("{program} {}", args.join(" "));
-        let LineChild {
-            child,
-            stdin,
-            lines,
-            stderr,
-        } = spawn_lines(
+        let io = spawn_lines(
             Command::new(program)
                 .args(args)
                 // No __pycache__ next to the script.
@@ -229,10 +222,7 @@ impl Proc {
         )
         .unwrap_or_else(|e| panic!("spawn {what}: {e}; these tests need: {INSTALL}"));
         Proc {
-            stdin,
-            child,
-            lines,
-            stderr,
+            io,
             what,
             recent: Vec::new(),
         }
@@ -247,12 +237,7 @@ impl Proc {
 
     fn fail(&mut self, why: &str) -> ! {
         // Ended here, so that its stderr is whole.
-        let _ = self.child.kill();
-        let status = self.child.wait().ok();
-        let stderr = match self.stderr.take().map(thread::JoinHandle::join) {
-            Some(Ok(text)) => text,
-            _ => String::new(),
-        };
+        let (status, stderr) = self.io.end();
         let missing = if status.and_then(|s| s.code()) == Some(3) {
             format!(" (a package is missing: {INSTALL})")
         } else {
@@ -274,7 +259,7 @@ impl Proc {
     /// The next line if one comes within `limit`; `Err` once stdout has
     /// ended.
     fn line_within(&mut self, limit: Duration) -> Result<Option<String>, ()> {
-        match self.lines.recv_timeout(limit) {
+        match self.io.lines.recv_timeout(limit) {
             Ok(line) => {
                 self.keep(&line);
                 Ok(Some(line))
@@ -318,7 +303,7 @@ impl Proc {
         }
         let deadline = Instant::now() + IO_TIMEOUT;
         loop {
-            match self.child.try_wait().unwrap() {
+            match self.io.child.try_wait().unwrap() {
                 Some(status) if status.success() => return out,
                 Some(status) => self.fail(&format!("exited with {status}")),
                 None if Instant::now() > deadline => self.fail("still running"),
@@ -329,17 +314,10 @@ impl Proc {
 
     /// Sends a command line on stdin.
     fn send(&mut self, cmd: Value) {
-        let stdin = self.stdin.as_mut().expect("stdin still open");
+        let stdin = self.io.stdin.as_mut().expect("stdin still open");
         writeln!(stdin, "{cmd}")
             .and_then(|_| stdin.flush())
             .unwrap();
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
